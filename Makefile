@@ -1,0 +1,40 @@
+# The two set-up commands are `make dev` and `make test`; both create .venv on their own.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: dev test test-unit test-integration lint bench proto clean
+
+$(STAMP): setup.cfg setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+dev: $(STAMP)
+	$(BIN)/weft dev
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -q tests/integration
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy weft catalog ca policies sidecar benchmarks
+	$(BIN)/lint-imports --config setup.cfg
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+# Regenerates the gRPC modules from the .proto files (the generated files are committed).
+proto: $(STAMP)
+	$(BIN)/python -m weft.protogen
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache
