@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-PACKAGES = ("catalog", "ca", "policies", "sidecar", "weft")
+PACKAGES = ("catalog", "ca", "policies", "sidecar", "weft", "tests", "benchmarks")
 
 
 def main() -> int:
