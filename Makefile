@@ -27,7 +27,7 @@ test-integration: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy weft catalog ca policies sidecar benchmarks
-	$(BIN)/lint-imports --config setup.cfg
+	$(BIN)/lint-imports setup.cfg
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

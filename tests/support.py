@@ -59,7 +59,7 @@ class Proc:
                  cwd: Path | None = None) -> None:
         self.args = list(args)
         self.log_path = log or Path(os.environ.get("TMPDIR", "/tmp")) / f"weft-test-{os.getpid()}-{id(self)}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "wb")  # closed in stop()
         full_env = dict(os.environ)
         full_env.setdefault("PYTHONUNBUFFERED", "1")
         if env:
