@@ -1,0 +1,1 @@
+"""The gRPC echo test app (`python -m tests.apps.echo --port N [--name NAME]`)."""
