@@ -1,0 +1,5 @@
+import sys
+
+from tests.apps.httpecho.server import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The TCP echo test app (`python -m tests.apps.tcpecho --port N [--banner NAME]`)."""

@@ -1,0 +1,5 @@
+import sys
+
+from tests.apps.tcpecho.server import main
+
+sys.exit(main())
