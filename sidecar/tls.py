@@ -188,9 +188,9 @@ def check_server_identity(der: bytes | None, service: str, trust_domain: str) ->
     if ident.service != service:
         raise PeerIdentityError("wrong_identity", f"expected upstream {service} but the server is {ident.uri}")
     assert der is not None
-    if expected_server_name(service, trust_domain) not in dns_names_of(der):
-        raise PeerIdentityError("wrong_identity",
-                                f"the server certificate lacks the DNS SAN {expected_server_name(service, trust_domain)}")
+    want = expected_server_name(service, trust_domain)
+    if want not in dns_names_of(der):
+        raise PeerIdentityError("wrong_identity", f"the server certificate lacks the DNS SAN {want}")
     return ident
 
 

@@ -38,13 +38,14 @@ class Authority:
     @classmethod
     def root(cls, name: str = "Test Root", trust_domain: str = TD) -> Authority:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=30))
                 .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+                .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                               critical=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                 .add_extension(x509.SubjectAlternativeName(
                     [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]), critical=False)
@@ -55,7 +56,7 @@ class Authority:
              trust_domain: str | None = None, dns: str | None = None) -> Credentials:
         td = trust_domain or self.trust_domain
         key = ec.generate_private_key(ec.SECP256R1())
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         if expired:
             start, end = now - dt.timedelta(hours=3), now - dt.timedelta(hours=1)
         else:
