@@ -1,0 +1,477 @@
+"""Intentions and compiled decision tables: the data types of Weft's access policy (pure: no I/O).
+
+Three groups of types live here:
+
+* The **document** model: Consul's ``service-intentions`` config entry (one per destination), as
+  operators write it in KV under ``weft/intentions/<destination>`` or in Consul itself (the UI's
+  native intentions). :class:`IntentionsEntry` holds ``Kind``, ``Name`` (the destination),
+  ``Sources`` (each an L4 ``Action`` or a list of L7 ``Permissions``), ``Description`` and ``Meta``,
+  plus Weft's one extension ``Mode: enforce | audit`` on the entry or on a source. Documents are
+  parsed and validated by :mod:`policies.compile`.
+
+* The **compiled table**: one :class:`CompiledTable` per destination, written by the policy service
+  to ``weft/policy/compiled/<destination>`` and read by sidecars. It carries a content-hash
+  ``version``, the ``default_policy`` (allow/deny), the default ``Mode``, and the rules that apply to
+  that destination (its own and the wildcard destination's) sorted by precedence, each remembering
+  its :class:`Origin` (the KV key, or the native config entry / intention ID).
+
+  The table ``weft/policy/compiled/*`` (destination :data:`WILDCARD`) always exists while a policy
+  service runs: it holds only the wildcard-destination rules and the default policy. A destination
+  that has no table of its own is governed by it: :func:`table_key_candidates` gives the keys to try,
+  in order.
+
+* The **decision**: :class:`Decision`, what :func:`policies.evaluate.authorize` returns for one
+  connection or request: allowed, audited (a would-be denial let through by audit mode), the
+  deciding rule (``None`` when the default policy decided) and a human-readable reason.
+
+Everything is immutable; tables serialise to and from JSON with :meth:`CompiledTable.to_json` /
+:meth:`CompiledTable.from_json` (Consul-style CamelCase keys).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+KIND = "service-intentions"
+WILDCARD = "*"
+INTENTIONS_PREFIX = "weft/intentions/"
+COMPILED_PREFIX = "weft/policy/compiled/"
+LEADER_KEY = "weft/policy/leader"
+SERVICE_NAME = "weft-policy"
+TABLE_FORMAT = 1
+
+Action = Literal["allow", "deny"]
+Mode = Literal["enforce", "audit"]
+OriginKind = Literal["kv", "native"]
+ACTIONS: tuple[Action, ...] = ("allow", "deny")
+MODES: tuple[Mode, ...] = ("enforce", "audit")
+
+# Consul's precedence in the default namespace (agent/structs: computeIntentionPrecedence).
+PRECEDENCE_EXACT_EXACT = 9  # web -> db
+PRECEDENCE_ANY_EXACT = 8  # *   -> db
+PRECEDENCE_EXACT_ANY = 6  # web -> *
+PRECEDENCE_ANY_ANY = 5  # *   -> *
+
+
+def precedence(source: str, destination: str) -> int:
+    """Consul's precedence of an intention ``source -> destination`` in the default namespace."""
+    if destination == WILDCARD:
+        return PRECEDENCE_ANY_ANY if source == WILDCARD else PRECEDENCE_EXACT_ANY
+    return PRECEDENCE_ANY_EXACT if source == WILDCARD else PRECEDENCE_EXACT_EXACT
+
+
+def intentions_key(destination: str) -> str:
+    """The KV key of a destination's intentions document."""
+    return INTENTIONS_PREFIX + destination
+
+
+def table_key(destination: str) -> str:
+    """The KV key of a destination's compiled table."""
+    return COMPILED_PREFIX + destination
+
+
+def table_key_candidates(destination: str) -> tuple[str, ...]:
+    """The keys a sidecar of ``destination`` reads, first found wins: its own table, then ``*``.
+
+    When neither exists (no policy service has ever run) a sidecar must fail closed (deny).
+    """
+    if destination == WILDCARD:
+        return (table_key(WILDCARD),)
+    return (table_key(destination), table_key(WILDCARD))
+
+
+# --------------------------------------------------------------------------------------------
+# Documents: the service-intentions config entry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """One ``Header`` condition of an L7 permission: exactly one of present/exact/prefix/suffix/regex."""
+
+    name: str
+    present: bool = False
+    exact: str = ""
+    prefix: str = ""
+    suffix: str = ""
+    regex: str = ""
+    invert: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"Name": self.name}
+        if self.present:
+            out["Present"] = True
+        for key, value in (("Exact", self.exact), ("Prefix", self.prefix), ("Suffix", self.suffix),
+                           ("Regex", self.regex)):
+            if value:
+                out[key] = value
+        if self.invert:
+            out["Invert"] = True
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class HttpMatch:
+    """The ``HTTP`` block of a permission; all given conditions must hold (AND)."""
+
+    path_exact: str = ""
+    path_prefix: str = ""
+    path_regex: str = ""
+    methods: tuple[str, ...] = ()
+    headers: tuple[HeaderMatch, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in (("PathExact", self.path_exact), ("PathPrefix", self.path_prefix),
+                           ("PathRegex", self.path_regex)):
+            if value:
+                out[key] = value
+        if self.methods:
+            out["Methods"] = list(self.methods)
+        if self.headers:
+            out["Header"] = [h.to_json() for h in self.headers]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Permission:
+    """One L7 permission: ``Action`` taken when ``HTTP`` matches the request."""
+
+    action: Action
+    http: HttpMatch
+
+    def to_json(self) -> dict[str, Any]:
+        return {"Action": self.action, "HTTP": self.http.to_json()}
+
+
+@dataclass(frozen=True, slots=True)
+class SourceIntention:
+    """One entry of ``Sources``: an L4 ``action`` or L7 ``permissions``, never both."""
+
+    name: str
+    action: Action | None = None
+    permissions: tuple[Permission, ...] = ()
+    description: str = ""
+    mode: Mode | None = None  # Weft extension; None: the entry's mode
+    legacy_id: str = ""  # the native intention's ID where Consul has one (pre-1.9 intentions)
+
+    @property
+    def is_l7(self) -> bool:
+        return bool(self.permissions)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"Name": self.name}
+        if self.permissions:
+            out["Permissions"] = [p.to_json() for p in self.permissions]
+        elif self.action is not None:
+            out["Action"] = self.action
+        if self.description:
+            out["Description"] = self.description
+        if self.mode is not None:
+            out["Mode"] = self.mode
+        if self.legacy_id:
+            out["LegacyID"] = self.legacy_id
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class IntentionsEntry:
+    """A ``service-intentions`` config entry: every intention whose destination is ``name``."""
+
+    name: str
+    sources: tuple[SourceIntention, ...]
+    description: str = ""
+    meta: tuple[tuple[str, str], ...] = ()
+    mode: Mode | None = None  # Weft extension; None: enforce
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"Kind": KIND, "Name": self.name, "Sources": [s.to_json() for s in self.sources]}
+        if self.description:
+            out["Description"] = self.description
+        if self.meta:
+            out["Meta"] = dict(self.meta)
+        if self.mode is not None:
+            out["Mode"] = self.mode
+        return out
+
+    def source(self, name: str) -> SourceIntention | None:
+        for src in self.sources:
+            if src.name == name:
+                return src
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled tables
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a compiled rule came from.
+
+    ``kind`` is ``kv`` (``ref`` is the KV key, e.g. ``weft/intentions/db``) or ``native`` (``ref`` is
+    the config entry, ``service-intentions/db``; ``intention_id`` is the native intention's ID when
+    Consul has one). ``index`` is the position in ``Sources``.
+    """
+
+    kind: OriginKind
+    ref: str
+    index: int = 0
+    intention_id: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "kv":
+            return f"KV {self.ref} Sources[{self.index}]"
+        if self.intention_id:
+            return f"native intention {self.intention_id} ({self.ref} Sources[{self.index}])"
+        return f"native {self.ref} Sources[{self.index}]"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"Kind": self.kind, "Ref": self.ref, "Index": self.index}
+        if self.intention_id:
+            out["ID"] = self.intention_id
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Origin:
+        kind = data["Kind"]
+        if kind not in ("kv", "native"):
+            raise ValueError(f"Origin.Kind must be 'kv' or 'native', not {kind!r}")
+        return cls(kind=kind, ref=str(data["Ref"]), index=int(data.get("Index", 0)),
+                   intention_id=str(data.get("ID", "")))
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRule:
+    """One intention as the evaluator uses it.
+
+    ``rule_id`` is ``"<source> -> <destination>"`` plus the origin, unique in its table, and is what
+    decisions, logs and metrics name. ``permissions`` is non-empty for an L7 rule (``action`` is then
+    None). ``mode`` is resolved (source mode, else entry mode, else enforce).
+    """
+
+    source: str
+    destination: str
+    precedence: int
+    origin: Origin
+    action: Action | None = None
+    permissions: tuple[Permission, ...] = ()
+    mode: Mode = "enforce"
+    description: str = ""
+
+    @property
+    def is_l7(self) -> bool:
+        return bool(self.permissions)
+
+    @property
+    def pair(self) -> str:
+        return f"{self.source} -> {self.destination}"
+
+    @property
+    def rule_id(self) -> str:
+        return f"{self.source} -> {self.destination} ({self.origin})"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "Source": self.source,
+            "Destination": self.destination,
+            "Precedence": self.precedence,
+            "Origin": self.origin.to_json(),
+            "Mode": self.mode,
+        }
+        if self.permissions:
+            out["Permissions"] = [p.to_json() for p in self.permissions]
+        else:
+            out["Action"] = self.action
+        if self.description:
+            out["Description"] = self.description
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledTable:
+    """The decision table of one destination (or of ``*``, for destinations without their own).
+
+    ``rules`` are sorted by precedence, highest first, then by source and origin. ``version`` is a
+    content hash of everything else (:func:`table_version`), so an unchanged policy keeps its
+    version and the policy service writes only real changes. ``warnings`` carries compile-time
+    notes that did not reject anything (e.g. a pair defined in both sources).
+    """
+
+    destination: str
+    default_policy: Action
+    rules: tuple[CompiledRule, ...]
+    default_mode: Mode = "enforce"
+    warnings: tuple[str, ...] = ()
+    version: str = ""
+    # Evaluator's precomputed index (policies.evaluate); not part of equality or JSON.
+    _prepared: Any = field(default=None, compare=False, repr=False, hash=False)
+
+    def content_json(self) -> dict[str, Any]:
+        """Everything but the version: what the version hashes."""
+        return {
+            "Format": TABLE_FORMAT,
+            "Destination": self.destination,
+            "DefaultPolicy": self.default_policy,
+            "DefaultMode": self.default_mode,
+            "Rules": [r.to_json() for r in self.rules],
+            "Warnings": list(self.warnings),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.content_json()
+        out["Version"] = self.version or table_version(out)
+        return out
+
+    def dumps(self) -> str:
+        """The canonical JSON text written to KV."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CompiledTable:
+        """Rebuild a table from :meth:`to_json` output; raises ValueError/KeyError on a malformed one."""
+        from policies.compile import parse_permissions  # local: compile imports this module
+
+        if not isinstance(data, dict):
+            raise ValueError("a compiled table must be a JSON object")
+        fmt = data.get("Format", TABLE_FORMAT)
+        if fmt != TABLE_FORMAT:
+            raise ValueError(f"compiled table format {fmt!r} is not supported (expected {TABLE_FORMAT})")
+        rules = []
+        for i, raw in enumerate(data.get("Rules") or []):
+            perms = parse_permissions(raw.get("Permissions"), where=f"Rules[{i}]") if raw.get("Permissions") else ()
+            action = raw.get("Action")
+            if not perms and action not in ACTIONS:
+                raise ValueError(f"Rules[{i}].Action must be 'allow' or 'deny', not {action!r}")
+            mode = raw.get("Mode", "enforce")
+            if mode not in MODES:
+                raise ValueError(f"Rules[{i}].Mode must be 'enforce' or 'audit', not {mode!r}")
+            rules.append(CompiledRule(
+                source=str(raw["Source"]), destination=str(raw["Destination"]),
+                precedence=int(raw["Precedence"]), origin=Origin.from_json(raw["Origin"]),
+                action=None if perms else action, permissions=perms, mode=mode,
+                description=str(raw.get("Description", "")),
+            ))
+        default_policy = data.get("DefaultPolicy")
+        if default_policy not in ACTIONS:
+            raise ValueError(f"DefaultPolicy must be 'allow' or 'deny', not {default_policy!r}")
+        default_mode = data.get("DefaultMode", "enforce")
+        if default_mode not in MODES:
+            raise ValueError(f"DefaultMode must be 'enforce' or 'audit', not {default_mode!r}")
+        table = cls(destination=str(data["Destination"]), default_policy=default_policy, rules=tuple(rules),
+                    default_mode=default_mode, warnings=tuple(str(w) for w in data.get("Warnings") or ()))
+        computed = table_version(table.content_json())
+        version = str(data.get("Version") or computed)
+        if version != computed:
+            raise ValueError(f"compiled table version {version!r} does not match its content ({computed!r})")
+        return table.with_version()
+
+    @classmethod
+    def loads(cls, text: str | bytes) -> CompiledTable:
+        return cls.from_json(json.loads(text))
+
+    def with_version(self) -> CompiledTable:
+        """This table with ``version`` set to its content hash."""
+        version = table_version(self.content_json())
+        if version == self.version:
+            return self
+        return CompiledTable(destination=self.destination, default_policy=self.default_policy, rules=self.rules,
+                             default_mode=self.default_mode, warnings=self.warnings, version=version)
+
+    def rules_for(self, source: str) -> tuple[CompiledRule, ...]:
+        """Rules naming ``source`` exactly or ``*`` (every candidate, highest precedence first)."""
+        return tuple(r for r in self.rules if r.source in (source, WILDCARD))
+
+
+def table_version(content: dict[str, Any]) -> str:
+    """Content hash of a table's JSON (without its ``Version``): 16 hex digits of SHA-256."""
+    body = {k: v for k, v in content.items() if k != "Version"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Requests and decisions (the evaluator's input and output)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TcpRequest:
+    """A new connection: only L4 rules can decide it (an L7 rule denies it, as Consul's check does)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """One HTTP request. ``headers`` keys must be lowercase (use :meth:`of` to normalise)."""
+
+    method: str
+    path: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, method: str, path: str, headers: dict[str, str] | None = None) -> HttpRequest:
+        return cls(method=method.upper(), path=path,
+                   headers={k.lower(): v for k, v in (headers or {}).items()})
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcRequest:
+    """One gRPC call ``/pkg.Service/Method``; matched as an HTTP POST of that path, as in Consul.
+
+    ``metadata`` keys must be lowercase (gRPC metadata keys always are).
+    """
+
+    method: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+Request = TcpRequest | HttpRequest | GrpcRequest
+TCP = TcpRequest()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one authorization.
+
+    ``allowed`` is what the sidecar does. ``audited`` is True when the call would have been denied
+    but the deciding rule (or the default) is in audit mode: it is allowed, and must be logged and
+    counted as a would-be denial. ``rule`` is the deciding rule, None when the default policy
+    decided. ``permission`` is the index of the deciding L7 permission, or None. ``reason`` says why,
+    naming the rule and its origin. ``per_request`` is True when the deciding rule is L7 (a
+    connection from this source must be authorized per request, never passed through).
+    """
+
+    allowed: bool
+    reason: str
+    rule: CompiledRule | None = None
+    audited: bool = False
+    permission: int | None = None
+    per_request: bool = False
+
+    @property
+    def denied(self) -> bool:
+        return not self.allowed
+
+    @property
+    def rule_label(self) -> str:
+        """A short stable label for metrics and logs: the rule's id, or ``default-policy``."""
+        if self.rule is None:
+            return "default-policy"
+        if self.permission is not None:
+            return f"{self.rule.rule_id} Permissions[{self.permission}]"
+        return self.rule.rule_id
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "Allowed": self.allowed,
+            "Audited": self.audited,
+            "Reason": self.reason,
+            "Rule": self.rule.to_json() if self.rule is not None else None,
+            "RuleLabel": self.rule_label,
+            "Permission": self.permission,
+            "PerRequest": self.per_request,
+        }
