@@ -75,11 +75,13 @@ CASES: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]], str,
         ("api", "db", TCP, False, None),
         ("web", "cache", TCP, False, None),
     ]),
-    ("9 beats 8: exact allow over wildcard-source deny", [entry("db", l4("web", "allow"), l4("*", "deny"))], [], "allow", [
+    ("9 beats 8: exact allow over wildcard-source deny",
+     [entry("db", l4("web", "allow"), l4("*", "deny"))], [], "allow", [
         ("web", "db", TCP, True, "web -> db"),
         ("api", "db", TCP, False, "* -> db"),
     ]),
-    ("9 beats 8: exact deny over wildcard-source allow", [entry("db", l4("web", "deny"), l4("*", "allow"))], [], "deny", [
+    ("9 beats 8: exact deny over wildcard-source allow",
+     [entry("db", l4("web", "deny"), l4("*", "allow"))], [], "deny", [
         ("web", "db", TCP, False, "web -> db"),
         ("api", "db", TCP, True, "* -> db"),
     ]),
@@ -102,7 +104,8 @@ CASES: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]], str,
         ("api", "db", TCP, True, None),
     ]),
     ("only the highest precedence decides (lower allow is not consulted)",
-     [entry("db", l4("web", "deny"), l4("*", "allow")), entry("*", l4("web", "allow"), l4("*", "allow"))], [], "allow", [
+     [entry("db", l4("web", "deny"), l4("*", "allow")), entry("*", l4("web", "allow"), l4("*", "allow"))],
+     [], "allow", [
          ("web", "db", TCP, False, "web -> db"),
          ("web", "other", TCP, True, "web -> *"),
      ]),
@@ -304,4 +307,4 @@ def test_per_request_flag_and_table_reuse_after_json_roundtrip() -> None:
 def test_unknown_request_type_is_an_error() -> None:
     tables = build([entry("api", l7("web", perm("allow", PathPrefix="/")))])
     with pytest.raises(TypeError):
-        authorize(tables["api"], "web", "GET /" )  # type: ignore[arg-type]
+        authorize(tables["api"], "web", "GET /")  # type: ignore[arg-type]
