@@ -1,0 +1,107 @@
+"""`weft systemd-unit`: pure text generation of systemd units."""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import shlex
+
+import pytest
+
+from weft import cmd_systemd
+from weft.cmd_systemd import UnitError, UnitSpec, render, unit_name
+
+
+def _parse_unit(text: str) -> configparser.RawConfigParser:
+    cp = configparser.RawConfigParser(strict=False, comment_prefixes=("#",), interpolation=None)
+    cp.optionxform = str  # type: ignore[assignment, method-assign]
+    cp.read_string(text)
+    return cp
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cmd_systemd.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_ca_unit_runs_ca_serve_with_the_kek_file_and_consul_settings() -> None:
+    spec = cmd_systemd.spec_from_args(_args("ca", "-weft", "/opt/weft/bin/weft", "-kek-file", "/etc/weft/kek",
+                                            "-consul-addr", "10.0.0.5:8500", "-token-file", "/etc/weft/token"))
+    unit = _parse_unit(render(spec))
+    exec_start = unit["Service"]["ExecStart"]
+    assert shlex.split(exec_start) == ["/opt/weft/bin/weft", "ca", "serve", "--kek-file", "/etc/weft/kek"]
+    text = render(spec)
+    assert "Environment=CONSUL_HTTP_ADDR=10.0.0.5:8500" in text
+    assert "Environment=CONSUL_HTTP_TOKEN_FILE=/etc/weft/token" in text
+    assert unit["Service"]["User"] == "weft"
+    assert unit["Service"]["KillSignal"] == "SIGTERM"
+    assert unit["Service"]["Restart"] == "on-failure"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    assert unit_name(spec) == "weft-ca.service"
+
+
+def test_sidecar_without_an_id_is_a_template_unit() -> None:
+    spec = UnitSpec(process="sidecar", admin_port=19000)
+    text = render(spec)
+    assert unit_name(spec) == "weft-sidecar@.service"
+    exec_start = _parse_unit(text)["Service"]["ExecStart"]
+    assert shlex.split(exec_start)[1:] == ["sidecar", "--sidecar-for", "%i", "--admin-port", "19000"]
+    assert "Description=Weft sidecar for %i" in text
+
+
+def test_sidecar_for_one_service_starts_before_its_app_and_stops_with_it() -> None:
+    spec = UnitSpec(process="sidecar", sidecar_for="web-1", app_unit="web.service")
+    unit = _parse_unit(render(spec))
+    assert unit["Unit"]["Before"] == "web.service"
+    assert unit["Unit"]["PartOf"] == "web.service"
+    assert "--sidecar-for web-1" in unit["Service"]["ExecStart"]
+    assert unit_name(spec) == "weft-sidecar-web-1.service"
+
+
+def test_agent_and_policy_command_lines() -> None:
+    agent = _parse_unit(render(UnitSpec(process="agent", http_port=8500, client="0.0.0.0",
+                                        data_dir="/var/lib/weft")))
+    assert shlex.split(agent["Service"]["ExecStart"])[1:] == [
+        "agent", "-dev", "-http-port", "8500", "-client", "0.0.0.0", "-data-dir", "/var/lib/weft"]
+    assert agent["Service"]["ReadWritePaths"] == "/var/lib/weft"
+    policy = _parse_unit(render(UnitSpec(process="policy", extra_args=("-default-policy", "deny"))))
+    assert shlex.split(policy["Service"]["ExecStart"])[1:] == ["policy", "serve", "-default-policy", "deny"]
+
+
+def test_specifiers_and_variables_are_escaped() -> None:
+    text = render(UnitSpec(process="policy", env=(("GREETING", "50% $off"),), extra_args=("a b", "$HOME", "x%y")))
+    assert 'Environment="GREETING=50%% $off"' in text
+    assert 'ExecStart=/usr/local/bin/weft policy serve "a b" $$HOME x%%y' in text
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    (UnitSpec(process="ca"), "-kek-file: the CA refuses to start"),
+    (UnitSpec(process="agent", kek_file="/k"), "-kek-file: only for `weft systemd-unit ca`"),
+    (UnitSpec(process="policy", sidecar_for="x"), "-sidecar-for: only for"),
+    (UnitSpec(process="nope"), "process: expected one of"),
+    (UnitSpec(process="policy", weft="weft"), "-weft: must be an absolute path"),
+    (UnitSpec(process="policy", token_file="token"), "-token-file: must be an absolute path"),
+    (UnitSpec(process="policy", env=(("CONSUL_HTTP_TOKEN", "s3cret"),)), "-env: CONSUL_HTTP_TOKEN is a secret"),
+    (UnitSpec(process="policy", env=(("1BAD", "x"),)), "not a valid environment variable name"),
+    (UnitSpec(process="policy", extra_args=("a\nb",)), "line breaks"),
+    (UnitSpec(process="sidecar", admin_port=70000), "-admin-port: must be 1..65535"),
+    (UnitSpec(process="sidecar", app_unit="web"), "-app-unit: expected a unit name"),
+    (UnitSpec(process="sidecar", sidecar_for="a b"), "is not a service ID"),
+    (UnitSpec(process="policy", user="Root User"), "-user"),
+])
+def test_bad_options_are_refused_naming_the_option(spec: UnitSpec, words: str) -> None:
+    with pytest.raises(UnitError, match=words.replace("(", r"\(").replace("`", "`")):
+        render(spec)
+
+
+def test_secret_never_lands_in_the_unit() -> None:
+    text = render(UnitSpec(process="ca", kek_file="/etc/weft/kek", token_file="/etc/weft/token",
+                           env_file="/etc/weft/ca.env"))
+    assert "EnvironmentFile=/etc/weft/ca.env" in text
+    assert "CONSUL_HTTP_TOKEN=" not in text
+
+
+def test_env_option_needs_key_value() -> None:
+    with pytest.raises(UnitError, match="expected KEY=VALUE"):
+        cmd_systemd.spec_from_args(_args("policy", "-env", "NOEQUALS"))
