@@ -184,13 +184,16 @@ class _Obj:
         return dict(v)
 
 
-def _freeze(value: JSON) -> JSON:
+def freeze_json(value: JSON) -> JSON:
     """A hashable, order-stable copy of a JSON value (objects become sorted tuples of pairs)."""
     if isinstance(value, Mapping):
-        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+        return tuple(sorted((str(k), freeze_json(v)) for k, v in value.items()))
     if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
+        return tuple(freeze_json(v) for v in value)
     return value
+
+
+_freeze = freeze_json
 
 
 def _thaw(value: JSON) -> JSON:
