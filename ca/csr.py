@@ -8,13 +8,17 @@ SPIFFE ID of this trust domain (plus, optionally, that identity's own DNS SAN). 
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from ca.identity import IdentityError, SpiffeId
-from ca.provider import InvalidRequest, SignRequest
+from ca.provider import InvalidRequest, NotAuthorized, SignRequest
 
 MAX_CSR_BYTES = 16 * 1024
 _ALLOWED_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
@@ -110,3 +114,66 @@ def make_csr(key: ec.EllipticCurvePrivateKey, identity: SpiffeId) -> bytes:
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
+
+
+# -- renewal with the current certificate ---------------------------------------------------------
+
+RENEWAL_CONTEXT = b"weft-ca-renew\x00"
+
+
+def _csr_der(csr_pem: bytes) -> bytes:
+    raw = csr_pem if not csr_pem.lstrip().startswith(b"-----BEGIN") else \
+        x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER)
+    return raw
+
+
+def make_renewal_proof(current_key: ec.EllipticCurvePrivateKey, csr_pem: bytes) -> bytes:
+    """Signature by the current leaf's key over the new CSR: proves possession for a renewal."""
+    return current_key.sign(RENEWAL_CONTEXT + _csr_der(csr_pem), ec.ECDSA(hashes.SHA256()))
+
+
+def _load_chain(pem: bytes) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise InvalidRequest(f"the certificate offered for renewal cannot be parsed: {exc}") from None
+    if not certs:
+        raise InvalidRequest("the certificate offered for renewal is empty")
+    return certs
+
+
+def verify_renewal(request: SignRequest, current_chain_pem: bytes, proof: bytes, roots_pem: str,
+                   now: datetime) -> None:
+    """Check that the caller holds a current, valid leaf of the same identity issued by this CA.
+
+    Raises :class:`InvalidRequest` for unreadable input and :class:`NotAuthorized` naming the reason.
+    """
+    chain = _load_chain(current_chain_pem)
+    leaf = chain[0]
+    if now < leaf.not_valid_before_utc:
+        raise NotAuthorized(f"the certificate offered for renewal is not valid before {leaf.not_valid_before_utc}")
+    if now >= leaf.not_valid_after_utc:
+        raise NotAuthorized(f"the certificate offered for renewal expired at {leaf.not_valid_after_utc}; "
+                            "request a new one with an ACL token")
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if uris != [request.identity.uri]:
+        raise NotAuthorized(f"the certificate offered for renewal is for {uris or 'no identity'}, "
+                            f"not for {request.identity.uri}")
+    try:
+        store = Store(x509.load_pem_x509_certificates(roots_pem.encode()))
+        verifier = PolicyBuilder().store(store).time(now).build_client_verifier()
+        verifier.verify(leaf, chain[1:])
+    except (VerificationError, ValueError) as exc:
+        raise NotAuthorized(f"the certificate offered for renewal was not issued by this CA's roots: {exc}") from None
+    public_key = leaf.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise NotAuthorized("the certificate offered for renewal does not carry an EC key")
+    try:
+        public_key.verify(proof, RENEWAL_CONTEXT + _csr_der(request.csr_pem), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise NotAuthorized("the renewal proof does not verify with the key of the certificate offered "
+                            "for renewal") from None

@@ -208,3 +208,39 @@ def test_intermediate_renewed_near_expiry() -> None:
     # a leaf never outlives its intermediate
     leaf = p.sign(parse_csr(make_csr(new_key(), spiffe("web")), TD), timedelta(days=1), NOW + timedelta(days=8))
     assert leaf.not_after <= p.generations[0].inter_cert.not_valid_after_utc
+
+
+# -- renewal with the current certificate --------------------------------------------------------
+
+
+def test_renewal_proof() -> None:
+    from ca.csr import make_renewal_proof, verify_renewal
+    from ca.provider import NotAuthorized
+
+    p = BuiltinProvider()
+    now = datetime.now(UTC)
+    p.configure(CAConfig(), TD, None, now)
+    old_key = new_key()
+    leaf = p.sign(parse_csr(make_csr(old_key, spiffe("web")), TD), timedelta(hours=1), now)
+    current = (leaf.cert_pem + "".join(leaf.chain_pem)).encode()
+    roots = p.bundle(1).roots_pem
+    new_csr = make_csr(new_key(), spiffe("web"))
+    req = parse_csr(new_csr, TD)
+    verify_renewal(req, current, make_renewal_proof(old_key, new_csr), roots, now)
+    # after a rotation the old leaf still renews (its root is still in the bundle)
+    p.rotate(now)
+    verify_renewal(req, current, make_renewal_proof(old_key, new_csr), p.bundle(2).roots_pem, now)
+
+    with pytest.raises(NotAuthorized, match="expired"):
+        verify_renewal(req, current, make_renewal_proof(old_key, new_csr), roots, now + timedelta(hours=2))
+    with pytest.raises(NotAuthorized, match="proof does not verify"):
+        verify_renewal(req, current, make_renewal_proof(new_key(), new_csr), roots, now)
+    other = parse_csr(make_csr(new_key(), spiffe("api")), TD)
+    with pytest.raises(NotAuthorized, match="not for"):
+        verify_renewal(other, current, make_renewal_proof(old_key, new_csr), roots, now)
+    stranger = BuiltinProvider()
+    stranger.configure(CAConfig(), TD, None, now)
+    with pytest.raises(NotAuthorized, match="not issued by"):
+        verify_renewal(req, current, make_renewal_proof(old_key, new_csr), stranger.bundle(1).roots_pem, now)
+    with pytest.raises(InvalidRequest, match="cannot be parsed|empty"):
+        verify_renewal(req, b"junk", b"", roots, now)
