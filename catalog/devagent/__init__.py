@@ -1,0 +1,74 @@
+"""The embedded Consul-compatible dev agent (``weft agent -dev``).
+
+How the pieces fit (read this before adding an endpoint group):
+
+Modules
+    ``state.py``    the in-memory store: tables of rows in Consul's JSON shapes, ONE global modify
+                    index, per-topic last indexes, push-based watches (pure, no I/O).
+    ``codec.py``    Go durations (``parse_duration``/``format_duration``), Consul-style body decoding
+                    (``decode_struct`` with a spec, ``lookup``, ``fold``: keys match
+                    case-insensitively and snake_case == CamelCase), ``DecodeError`` (-> 400).
+    ``acl.py``      ``Authorizer`` (allow-all when ACLs are off), Consul's rule engine.
+    ``agent.py``    ``Agent``: config, store, ACL resolution, background tasks, the local node.
+    ``http.py``     ``Endpoint``, ``Req``, ``HTTPError``, ``QueryResult``, ``blocking_query``,
+                    ``hash_blocking``, ``json_response``, ``meta_headers``, ``query_response``.
+    ``server.py``   discovers endpoint modules, builds the aiohttp app, ``serve``.
+    ``persist.py``  ``-data-dir``: journal + snapshot of the whole store (every table, yours too).
+    ``api_*.py``    endpoint groups (``api_kv``, ``api_session``, ``api_txn``, ``api_event``,
+                    ``api_status``, ``api_agent_core``, ``api_acl`` are the core ones).
+
+Adding an endpoint group
+    Create ``catalog/devagent/api_<group>.py``; the server imports every ``api_*`` module and calls:
+
+    - ``routes(agent: Agent) -> list[Endpoint]`` (required): ``Endpoint(path, {"GET": h, "PUT": h})``;
+      ``path`` is an aiohttp pattern (``/v1/health/service/{service}``). Methods not listed answer
+      405 with ``Allow`` as Consul does; unknown paths answer 404. A path may be served by one module.
+    - ``setup(agent: Agent) -> None`` (optional): runs before the data dir is loaded; define extra
+      tables (``agent.store.define_table``), secondary indexes (``agent.store.add_index``) and
+      triggers (``agent.store.on_put/on_delete``) here.
+    - ``async start(agent: Agent) -> None`` (optional): after load and after the local node exists;
+      start background work with ``agent.spawn(coro, name=...)`` (cancelled at shutdown) and
+      register cleanup with ``agent.on_stop(async_fn)``.
+
+Handlers
+    ``async def handler(r: Req) -> web.StreamResponse``. ``r.agent``, ``r.token``, ``r.authz``
+    (raises ``acl.ACLNotFound`` -> 403 for an unknown token), ``r.has("passing")``,
+    ``r.param``, ``r.uint_param``, ``r.match("service")``, ``await r.json(required=True)`` (bad
+    JSON -> 400 ``Request decode failed: ...``), ``r.check_dc()`` (foreign ``?dc`` -> 500 "No path
+    to datacenter"). Errors: raise ``HTTPError(status, text)`` (plain-text body), ``DecodeError``
+    (400), ``r.authz.check("service:write", name)`` raises Consul's 403. Any other exception is a
+    500 carrying its message; the process keeps serving.
+
+Reads and blocking queries
+    Write a function returning ``QueryResult(index, value, topics)`` and pass it to
+    ``await blocking_query(r, run)``; answer with ``query_response(r, result)`` (sets
+    X-Consul-Index, X-Consul-KnownLeader, X-Consul-LastContact, X-Consul-Effective-Consistency).
+    ``index`` must be the index of the data read (e.g. ``store.topic_index("services", ...)`` or
+    the max ModifyIndex of the rows); ``topics`` what to watch; the helper re-runs ``run`` whenever a
+    topic fires and answers when the index exceeds ``?index`` or at ``wait`` (Consul's rules).
+    Agent-local endpoints use ``hash_blocking(r, run)`` where ``run`` returns (value, topics) and send
+    the returned hash as ``X-Consul-ContentHash``.
+
+Writes
+    ``with agent.store.write() as tx:`` then ``tx.put(table, key, row)``, ``tx.delete(table, key)``,
+    ``tx.touch(topic, ...)``; ``tx.index`` is the index this transaction commits at (use it for
+    CreateIndex/ModifyIndex). Commit journals (with ``-data-dir``), bumps the global index and wakes
+    every watcher of the touched topics in one pass. An exception in the block rolls everything back.
+    Rows are shared: never mutate a row you read; put a new dict.
+    Every put/delete touches the table topic (``"services"``) and ``(table, key)``; extra topics such
+    as ``("service", name)`` are yours to touch and to read with ``store.topic_index(...)``.
+
+Tables (``state.TABLES``) and what the core puts there
+    ``nodes``      key node name, catalog Node shape. At start-up the agent writes its own node
+                   (``agent.node_name``, ID ``agent.node_id``, Address ``agent.config.advertise_addr``).
+    ``checks``     key ``"<node>/<CheckID>"``, HealthCheck shape. At start-up the agent writes
+                   ``"<node>/serfHealth"`` (Name "Serf Health Status", Status passing). Sessions
+                   watch this table: a put with Status "critical" or a delete of a check that a
+                   session lists in NodeChecks/ServiceChecks invalidates that session (as Consul).
+                   Index ``node`` (value: node name) is defined by the core.
+    ``services``   key ``"<node>/<ServiceID>"``; shape is the services module's (Consul's). Index
+                   ``node`` is defined by the core; add your own (by name, by connect destination).
+    ``config_entries`` key ``"<Kind>/<Name>"``; ``intentions`` key intention ID (free for you).
+    ``kvs``, ``kv_tombstones``, ``sessions``, ``acl_tokens``, ``acl_policies``, ``meta``: core-owned.
+    Deleting a node (``tx.delete("nodes", name)``) invalidates that node's sessions.
+"""

@@ -1,0 +1,291 @@
+"""The HTTP toolkit endpoint modules use: ``Endpoint``, ``Req``, errors, responses, blocking queries.
+
+A handler is ``async def handler(r: Req) -> web.StreamResponse``. Raise ``HTTPError(status, text)``
+for a Consul-style error (plain-text body), ``DecodeError`` for a 400, ``acl.PermissionDenied`` for
+a 403; anything else becomes a 500 with the exception's message, and the agent keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from catalog.devagent import acl
+from catalog.devagent.codec import SECOND, DecodeError, parse_duration, parse_uint
+from catalog.devagent.state import Topic
+
+if TYPE_CHECKING:
+    from catalog.devagent.agent import Agent
+
+Handler = Callable[["Req"], "asyncio.Future[web.StreamResponse] | Any"]
+
+DEFAULT_WAIT = 300 * SECOND  # Consul's default blocking wait (5m)
+MAX_WAIT = 600 * SECOND  # and its cap (10m)
+JITTER_FRACTION = 16
+MAX_BODY = 512 * 1024  # Consul's kv_max_value_size and txn_max_req_len default
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One path and its handlers by HTTP method (``{"GET": get, "PUT": put}``).
+
+    ``path`` is an aiohttp pattern: ``/v1/kv/{key:.*}``, ``/v1/session/info/{id}``. A method not in
+    ``methods`` answers 405 with ``Allow`` as Consul does; OPTIONS answers 200 with ``Allow``.
+    """
+
+    path: str
+    methods: Mapping[str, Handler]
+
+
+class HTTPError(Exception):
+    """An error answer: ``status`` with ``reason`` as the plain-text body (Consul's HTTPError)."""
+
+    def __init__(self, status: int, reason: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = dict(headers or {})
+
+
+class ACLDisabled(HTTPError):
+    def __init__(self) -> None:
+        super().__init__(401, "ACL support disabled")
+
+
+@dataclass
+class QueryResult:
+    """What a query function returns to the blocking helper.
+
+    ``index``: the X-Consul-Index of this answer (the index of the data it read);
+    ``value``: the JSON-able answer (or None); ``topics``: what to watch for a change.
+    """
+
+    index: int
+    value: Any
+    topics: Collection[Topic]
+
+
+class Req:
+    """A request as endpoint handlers see it (wraps aiohttp's request)."""
+
+    def __init__(self, raw: web.Request, agent: Agent) -> None:
+        self.raw = raw
+        self.agent = agent
+        self.query = raw.query
+        self.token = _token(raw)
+        self._authz: acl.Authorizer | None = None
+
+    # ----- parameters -----
+    def has(self, name: str) -> bool:
+        """True when the query string has ``name`` at all (``?recurse``), as Consul tests flags."""
+        return name in self.query
+
+    def param(self, name: str, default: str = "") -> str:
+        return self.query.get(name, default)
+
+    def uint_param(self, name: str, default: int = 0) -> int:
+        text = self.query.get(name)
+        if text is None:
+            return default
+        return parse_uint(text, name)
+
+    def match(self, name: str) -> str:
+        return self.raw.match_info.get(name, "")
+
+    @property
+    def method(self) -> str:
+        return self.raw.method
+
+    # ----- ACLs -----
+    @property
+    def authz(self) -> acl.Authorizer:
+        """The caller's authorizer (allow-all when ACLs are off). Raises ACLNotFound for an unknown token."""
+        if self._authz is None:
+            self._authz = self.agent.authorizer(self.token)
+        return self._authz
+
+    # ----- bodies -----
+    async def body(self, limit: int = MAX_BODY, *, too_large: str | None = None) -> bytes:
+        """The raw body; over ``limit`` bytes answers 413."""
+        length = self.raw.content_length
+        if length is not None and length > limit:
+            raise HTTPError(413, too_large or f"Request body({length} bytes) too large, max size: {limit} bytes.")
+        data = await self.raw.content.read(limit + 1)
+        if len(data) > limit:
+            raise HTTPError(413, too_large or f"Request body too large, max size: {limit} bytes.")
+        return data
+
+    async def json(self, *, required: bool = False, limit: int = MAX_BODY) -> Any:
+        """The JSON body (None when empty and not ``required``). Bad JSON answers 400
+        ``Request decode failed: ...``."""
+        data = await self.body(limit)
+        if not data.strip():
+            if required:
+                raise HTTPError(400, "Request decode failed: EOF")
+            return None
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HTTPError(400, f"Request decode failed: {exc}") from None
+
+    # ----- blocking options -----
+    def blocking_options(self) -> tuple[int, float]:
+        """(min index, wait seconds including jitter) from ``?index`` and ``?wait`` (Consul's rules)."""
+        index = 0
+        text = self.query.get("index")
+        if text:
+            try:
+                index = parse_uint(text, "index")
+            except DecodeError:
+                raise HTTPError(400, "Invalid index") from None
+        wait_ns = 0
+        text = self.query.get("wait")
+        if text:
+            try:
+                wait_ns = parse_duration(text)
+            except DecodeError:
+                raise HTTPError(400, "Invalid wait time") from None
+        if wait_ns <= 0:
+            wait_ns = DEFAULT_WAIT
+        wait_ns = min(wait_ns, MAX_WAIT)
+        wait_ns += int(random.random() * (wait_ns / JITTER_FRACTION))
+        return index, wait_ns / SECOND
+
+    def consistency(self) -> str:
+        stale, consistent = self.has("stale"), self.has("consistent")
+        if stale and consistent:
+            raise HTTPError(400, "Cannot specify ?stale with ?consistent, conflicting semantics.")
+        return "stale" if stale else "consistent" if consistent else "leader"
+
+    def check_dc(self) -> None:
+        dc = self.query.get("dc")
+        if dc and dc != self.agent.datacenter:
+            raise HTTPError(500, "No path to datacenter")
+
+
+def _token(raw: web.Request) -> str:
+    """Consul's order: ?token=, then X-Consul-Token, then Authorization: Bearer."""
+    tok = raw.query.get("token", "")
+    if tok:
+        return tok
+    tok = raw.headers.get("X-Consul-Token", "")
+    if tok:
+        return tok
+    auth = raw.headers.get("Authorization", "")
+    parts = auth.split(" ")
+    if len(parts) > 1 and parts[0].lower() == "bearer":
+        value = " ".join(parts[1:]).strip()
+        return value.split(" ")[0].strip()
+    return ""
+
+
+# ----- responses -----
+def _dumps(value: Any, pretty: bool) -> bytes:
+    if pretty:
+        return (json.dumps(value, indent=4) + "\n").encode()
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def json_response(r: Req, value: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=_dumps(value, r.has("pretty")), content_type="application/json",
+                        headers=headers)
+
+
+def text_response(text: str, status: int, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=text, content_type="text/plain", charset="utf-8", headers=headers)
+
+
+def meta_headers(r: Req, index: int) -> dict[str, str]:
+    """The QueryMeta headers Consul sets on every read endpoint (setMeta)."""
+    return {
+        "X-Consul-Index": str(max(index, 1)),
+        "X-Consul-KnownLeader": "true",
+        "X-Consul-LastContact": "0",
+        "X-Consul-Effective-Consistency": r.consistency(),
+        "X-Consul-Query-Backend": "blocking-query",
+    }
+
+
+def query_response(r: Req, result: QueryResult, *, not_found_when_none: bool = False) -> web.Response:
+    """A read answer with Consul's meta headers; ``None`` with ``not_found_when_none`` answers an empty 404."""
+    headers = meta_headers(r, result.index)
+    if result.value is None and not_found_when_none:
+        return web.Response(status=404, headers=headers)
+    return json_response(r, result.value, headers=headers)
+
+
+async def blocking_query(r: Req, run: Callable[[], QueryResult]) -> QueryResult:
+    """Run ``run`` under Consul's blocking rules and return the result to answer with.
+
+    Without ``?index`` (or with 0) it answers at once. Otherwise it waits until the result's index
+    exceeds the given one, re-running ``run`` each time a watched topic changes, or until ``wait``
+    (default 5m, capped at 10m, plus up to wait/16 jitter) passes, then answers the current result.
+    The result index is never below 1.
+    """
+    r.check_dc()
+    r.consistency()
+    min_index, wait = r.blocking_options()
+    result = run()
+    result.index = max(result.index, 1)
+    if min_index == 0 or result.index > min_index:
+        return result
+    store = r.agent.store
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return result
+        topics = list(result.topics)
+        fut = store.watch(topics)
+        try:
+            await asyncio.wait((fut,), timeout=remaining)
+        finally:
+            store.unwatch(fut, topics)
+            if not fut.done():
+                fut.cancel()
+        result = run()
+        result.index = max(result.index, 1)
+        if result.index > min_index:
+            return result
+
+
+def content_hash(value: Any) -> str:
+    """A stable 16-hex-digit hash of a JSON-able value (for ``X-Consul-ContentHash``)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+async def hash_blocking(r: Req, run: Callable[[], tuple[Any, Collection[Topic]]]) -> tuple[Any, str]:
+    """Agent-local blocking on a content hash: with ``?hash=H`` wait until the answer's hash differs
+    from H (or ``wait`` passes). Returns (value, hash); send the hash as ``X-Consul-ContentHash``."""
+    want = r.param("hash")
+    _, wait = r.blocking_options()
+    value, topics = run()
+    digest = content_hash(value)
+    if not want or digest != want:
+        return value, digest
+    store = r.agent.store
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while digest == want:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        topic_list = list(topics)
+        fut = store.watch(topic_list)
+        try:
+            await asyncio.wait((fut,), timeout=remaining)
+        finally:
+            store.unwatch(fut, topic_list)
+            if not fut.done():
+                fut.cancel()
+        value, topics = run()
+        digest = content_hash(value)
+    return value, digest

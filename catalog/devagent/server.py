@@ -1,0 +1,154 @@
+"""The dev agent's aiohttp application: endpoint discovery, Consul's error and header conventions, run.
+
+Endpoint modules are the ``catalog/devagent/api_*.py`` files, found at start-up (see the package
+docstring). Every answer goes through ``_dispatch``, which turns exceptions into Consul's plain-text
+error answers, so a bad request ends only that request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import pkgutil
+import traceback
+from collections.abc import Awaitable, Callable
+from types import ModuleType
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from catalog import devagent
+from catalog.devagent import acl
+from catalog.devagent.agent import Agent, AgentConfig
+from catalog.devagent.codec import DecodeError
+from catalog.devagent.http import Endpoint, HTTPError, Req, text_response
+
+log = structlog.get_logger("weft.devagent")
+
+AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent", Agent)
+UI_DISABLED = ("Consul Agent: UI disabled. To enable, set ui_config.enabled=true in the agent configuration "
+               "and restart.")
+
+
+def endpoint_modules() -> list[ModuleType]:
+    """Every ``catalog.devagent.api_*`` module, sorted by name."""
+    mods = []
+    for info in sorted(pkgutil.iter_modules(devagent.__path__), key=lambda i: i.name):
+        if info.name.startswith("api_"):
+            mods.append(importlib.import_module(f"catalog.devagent.{info.name}"))
+    return mods
+
+
+def _make_dispatch(agent: Agent, endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    methods = {m.upper(): h for m, h in endpoint.methods.items()}
+    allow = ",".join(["OPTIONS", *methods])
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        if request.method == "OPTIONS":
+            return web.Response(status=200, headers={"Allow": allow})
+        handler = methods.get(request.method)
+        if handler is None:
+            return text_response(f"method {request.method} not allowed", 405, {"Allow": allow})
+        r = Req(request, agent)
+        try:
+            resp = await handler(r)
+            if not isinstance(resp, web.StreamResponse):
+                raise TypeError(f"handler for {endpoint.path} returned {type(resp).__name__}")
+            return resp
+        except HTTPError as exc:
+            return text_response(exc.reason, exc.status, exc.headers)
+        except DecodeError as exc:
+            return text_response(str(exc), 400)
+        except (acl.PermissionDenied, acl.ACLNotFound) as exc:
+            return text_response(str(exc), 403)
+        except (asyncio.CancelledError, web.HTTPException):
+            raise
+        except Exception as exc:
+            log.error("request failed", method=request.method, path=request.path, error=repr(exc),
+                      trace=traceback.format_exc(limit=8))
+            return text_response(str(exc) or type(exc).__name__, 500)
+
+    return dispatch
+
+
+@web.middleware
+async def consul_headers(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+    """Unknown paths answer an empty 404 as Consul's index handler does; every answer carries
+    ``X-Consul-Default-ACL-Policy``."""
+    agent = request.app[AGENT_KEY]
+    try:
+        resp = await handler(request)
+    except web.HTTPNotFound:
+        resp = web.Response(status=404)
+    except web.HTTPMethodNotAllowed as exc:
+        resp = text_response(f"method {request.method} not allowed", 405, {"Allow": ",".join(exc.allowed_methods)})
+    policy = agent.config.acl_default_policy if agent.config.acl_enabled else "allow"
+    resp.headers.setdefault("X-Consul-Default-Acl-Policy", policy)
+    return resp
+
+
+async def _index(request: web.Request) -> web.StreamResponse:
+    return text_response(UI_DISABLED, 200)
+
+
+def make_app(agent: Agent, modules: list[ModuleType] | None = None) -> web.Application:
+    """The aiohttp application serving every endpoint module's routes for ``agent``."""
+    app = web.Application(middlewares=[consul_headers], client_max_size=64 * 1024 * 1024)
+    app[AGENT_KEY] = agent
+    seen: dict[str, str] = {}
+    for mod in modules if modules is not None else endpoint_modules():
+        routes = getattr(mod, "routes", None)
+        if routes is None:
+            continue
+        for endpoint in routes(agent):
+            if endpoint.path in seen:
+                raise RuntimeError(f"{endpoint.path} is served by both {seen[endpoint.path]} and {mod.__name__}")
+            seen[endpoint.path] = mod.__name__
+            app.router.add_route("*", endpoint.path, _make_dispatch(agent, endpoint))
+    app.router.add_route("GET", "/", _index)
+    return app
+
+
+async def start(config: AgentConfig) -> tuple[Agent, web.AppRunner]:
+    """Build the agent, load its data dir, start its modules and serve HTTP; returns (agent, runner)."""
+    from catalog.devagent import persist  # local: persistence is optional
+
+    modules = endpoint_modules()
+    agent = Agent(config)
+    for mod in modules:
+        setup: Callable[[Agent], None] | None = getattr(mod, "setup", None)
+        if setup is not None:
+            setup(agent)
+    if config.data_dir:
+        persist.attach(agent, config.data_dir)
+    agent.ensure_local_node()
+    for mod in modules:
+        start_fn: Callable[[Agent], Awaitable[None]] | None = getattr(mod, "start", None)
+        if start_fn is not None:
+            await start_fn(agent)
+    app = make_app(agent, modules)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.client_addr, config.http_port, reuse_address=True)
+    await site.start()
+    return agent, runner
+
+
+async def serve(config: AgentConfig, stop: asyncio.Event, on_ready: Callable[[int], Any] | None = None) -> int:
+    """Serve until ``stop`` is set. ``on_ready(port)`` runs once the HTTP port accepts connections."""
+    agent, runner = await start(config)
+    port = config.http_port
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            port = int(server.sockets[0].getsockname()[1])
+    if on_ready is not None:
+        on_ready(port)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await agent.stop()
+    return 0

@@ -1,0 +1,105 @@
+"""The state store: global index, topic indexes, watches, rollback, journal replay."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from catalog.devagent import kv
+from catalog.devagent.state import Store
+
+
+def test_global_index_moves_only_on_change() -> None:
+    s = Store()
+    assert s.current_index() == 1
+    with s.write() as tx:
+        tx.put("kvs", "a", kv.entry("a", None, 0, tx.index, tx.index))
+    assert s.index == 1
+    with s.write():
+        pass
+    assert s.index == 1
+    with s.write() as tx:
+        tx.put("kvs", "b", kv.entry("b", None, 0, tx.index, tx.index))
+    assert s.index == 2
+    assert s.topic_index("kvs") == 2
+    assert s.topic_index("nodes") == 0
+
+
+def test_rollback_on_exception() -> None:
+    s = Store()
+    with s.write() as tx:
+        tx.put("kvs", "a", kv.entry("a", "MQ==", 0, tx.index, tx.index))
+    with pytest.raises(RuntimeError), s.write() as tx:
+        tx.put("kvs", "a", kv.entry("a", "Mg==", 0, 1, tx.index))
+        tx.put("kvs", "b", kv.entry("b", None, 0, tx.index, tx.index))
+        raise RuntimeError("boom")
+    assert s.get("kvs", "a")["Value"] == "MQ=="  # type: ignore[index]
+    assert s.get("kvs", "b") is None
+    assert s.index == 1
+
+
+def test_watch_fires_for_key_table_and_prefix_only() -> None:
+    async def main() -> None:
+        s = Store()
+        key_w = s.watch([("kvs", "a/b")])
+        other_w = s.watch([("kvs", "zzz")])
+        prefix_w = s.watch([("kvs", "prefix", "a/")])
+        miss_prefix = s.watch([("kvs", "prefix", "b/")])
+        table_w = s.watch(["kvs"])
+        with s.write() as tx:
+            tx.put("kvs", "a/b", kv.entry("a/b", None, 0, tx.index, tx.index))
+        assert key_w.done() and prefix_w.done() and table_w.done()
+        assert not other_w.done() and not miss_prefix.done()
+        s.unwatch(other_w, [("kvs", "zzz")])
+        s.unwatch(miss_prefix, [("kvs", "prefix", "b/")])
+        assert s.watcher_count() == 0
+
+    asyncio.run(main())
+
+
+def test_thousand_watchers_woken_by_one_write() -> None:
+    async def main() -> None:
+        s = Store()
+        futs = [s.watch([("kvs", "k")]) for _ in range(1000)]
+        with s.write() as tx:
+            tx.put("kvs", "k", kv.entry("k", None, 0, tx.index, tx.index))
+        assert all(f.done() for f in futs)
+
+    asyncio.run(main())
+
+
+def test_journal_replay_and_snapshot_round_trip() -> None:
+    records: list[dict[str, Any]] = []
+    s = Store()
+    s.journal = records.append
+    s.add_index("kvs", "session", lambda r: [r["Session"]] if r.get("Session") else [])
+    with s.write() as tx:
+        tx.put("kvs", "a", kv.entry("a", None, 0, tx.index, tx.index, 1, "sess"))
+        tx.touch(("service", "web"))
+    with s.write() as tx:
+        kv.kv_delete(tx, "a")
+        tx.put("kvs", "b", kv.entry("b", None, 0, tx.index, tx.index))
+    t = Store()
+    t.add_index("kvs", "session", lambda r: [r["Session"]] if r.get("Session") else [])
+    for rec in records:
+        t.replay(rec)
+    assert t.dump() == s.dump()
+    assert t.topic_index(("service", "web")) == 1
+    assert t.by_index("kvs", "session", "sess") == []
+    u = Store()
+    u.load(s.dump())
+    assert u.dump() == s.dump()
+
+
+def test_failed_journal_write_is_not_visible() -> None:
+    s = Store()
+
+    def refuse(_: dict[str, Any]) -> None:
+        raise OSError("disk full")
+
+    s.journal = refuse
+    with pytest.raises(OSError), s.write() as tx:
+        tx.put("kvs", "a", kv.entry("a", None, 0, tx.index, tx.index))
+    assert s.get("kvs", "a") is None and s.index == 0
