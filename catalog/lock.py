@@ -136,6 +136,20 @@ class LeaderLock:
         self._held = False
         self.lost.set()
 
+    # Aliases, so that a LeaderLock satisfies `ca.backend.LeaderLock` (acquire / wait_lost / release).
+
+    async def acquire(self) -> None:
+        """Start campaigning (if not yet) and wait until held; same as `acquired()`."""
+        await self.acquired()
+
+    async def wait_lost(self) -> None:
+        """Return when leadership has ended (lost, or stopped)."""
+        await self.lost.wait()
+
+    async def release(self) -> None:
+        """Same as `stop()`."""
+        await self.stop()
+
     async def __aenter__(self) -> LeaderLock:
         self.start()
         return self

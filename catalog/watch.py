@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,6 +190,7 @@ class _WatchBase(Generic[T]):
         self._healthy = False
         self._has_value = False
         self._last: T | None = None
+        self._inflight: asyncio.Future[Any] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -205,9 +207,12 @@ class _WatchBase(Generic[T]):
         return self._last
 
     def close(self) -> None:
-        """End the iteration (a pending `__anext__` raises StopAsyncIteration)."""
+        """End the iteration: a pending `__anext__` (even one inside a blocking call) raises
+        StopAsyncIteration."""
         self._closed = True
         self._task_wakeup.set()
+        if self._inflight is not None:
+            self._inflight.cancel()
 
     async def _sleep(self, seconds: float) -> None:
         if seconds <= 0:
@@ -231,6 +236,24 @@ class _WatchBase(Generic[T]):
         self.last_error = None
         self.last_success_time = time.time()
 
+    async def _call(self, call: Awaitable[C]) -> C | None:
+        """Run one fetch; None on error (recorded: fail static) or when `close()` cancelled it."""
+        task = asyncio.ensure_future(call)
+        self._inflight = task
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            if self._closed and task.cancelled():
+                return None
+            raise
+        except Exception as exc:  # fail static: keep the last value, back off, retry
+            self._record_error(exc)
+            return None
+        finally:
+            self._inflight = None
+        self._record_success()
+        return result
+
     def __aiter__(self) -> _WatchBase[T]:
         return self
 
@@ -252,8 +275,8 @@ class Watch(_WatchBase[T]):
                  policy: WatchPolicy | None = None, clock: Callable[[], float] | None = None,
                  rand: Callable[[], float] | None = None) -> None:
         super().__init__(name, policy, clock, rand)
-        self._fetch = fetch
         self.plan: IndexPlan[T] = IndexPlan(self.policy)
+        self._fetch_index = fetch
 
     @property
     def index(self) -> int:
@@ -266,15 +289,11 @@ class Watch(_WatchBase[T]):
                 break
             index, wait = self.plan.request()
             self.plan.started(self._clock())
-            try:
-                got, value = await self._fetch(index, wait)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # fail static: keep the last value, back off, retry
-                self._record_error(exc)
+            result = await self._call(self._fetch_index(index, wait))
+            if result is None:
                 self.plan.on_error(self._clock(), self._rand())
                 continue
-            self._record_success()
+            got, value = result
             if self.plan.on_answer(got, value):
                 self._last, self._has_value = value, True
                 return value
@@ -288,8 +307,8 @@ class HashWatch(_WatchBase[T]):
                  policy: WatchPolicy | None = None, clock: Callable[[], float] | None = None,
                  rand: Callable[[], float] | None = None) -> None:
         super().__init__(name, policy, clock, rand)
-        self._fetch = fetch
         self.plan: HashPlan[T] = HashPlan(self.policy)
+        self._fetch_hash = fetch
 
     @property
     def hash(self) -> str:
@@ -302,15 +321,11 @@ class HashWatch(_WatchBase[T]):
                 break
             h, wait = self.plan.request()
             self.plan.started(self._clock())
-            try:
-                got, value = await self._fetch(h, wait)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._record_error(exc)
+            result = await self._call(self._fetch_hash(h, wait))
+            if result is None:
                 self.plan.on_error(self._clock(), self._rand())
                 continue
-            self._record_success()
+            got, value = result
             if self.plan.on_answer(got, value):
                 self._last, self._has_value = value, True
                 return value
