@@ -362,11 +362,19 @@ class CAServer:
         self.ready = asyncio.Event()
         self.address = ""
         self.service_id = ""
+        self._served: ServingCert | None = None
 
-    def _cert_config(self) -> grpc.ServerCertificateConfiguration:
+    def _initial_cert_config(self) -> grpc.ServerCertificateConfiguration:
+        serving = self.service.serving or self.service.issue_serving_cert()
+        self._served = serving
+        return grpc.ssl_server_certificate_configuration([(serving.key_pem, serving.chain_pem)])
+
+    def _cert_config(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's certificate fetcher (runs on a gRPC thread): a new configuration when the leaf changed."""
         serving = self.service.serving
-        if serving is None or self.service.serving_cert_due():
-            serving = self.service.issue_serving_cert()
+        if serving is None or serving is self._served:
+            return None
+        self._served = serving
         return grpc.ssl_server_certificate_configuration([(serving.key_pem, serving.chain_pem)])
 
     async def _initial_state(self, stop: asyncio.Event) -> bool:
@@ -397,7 +405,8 @@ class CAServer:
         if not await self._initial_state(stop):
             return False
         self.service.issue_serving_cert()
-        creds = grpc.dynamic_ssl_server_credentials(self._cert_config(), self._cert_config,
+        creds = grpc.dynamic_ssl_server_credentials(self._initial_cert_config(),
+                                                    self._cert_config,  # type: ignore[arg-type]
                                                     require_client_authentication=False)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         ca_pb2_grpc.add_CAServicer_to_server(CAServicer(self.service), server)  # type: ignore[no-untyped-call]
