@@ -1,0 +1,286 @@
+"""The policy service against an in-memory fake of the Consul calls it makes (no sockets).
+
+The fake implements blocking KV recurse reads, config-entry lists and `/v1/txn` with `cas`,
+`delete-cas` and `check-session`, all or nothing, as Consul documents them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from policies.compile import Compiler, Document
+from policies.evaluate import authorize
+from policies.model import COMPILED_PREFIX, LEADER_KEY, TCP, CompiledTable
+from policies.server import PolicyService, plan_ops, request_from_proto
+from policies.v1 import policy_pb2
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: bytes | None
+    modify_index: int
+    session: str = ""
+
+
+class TxnFailed(Exception):
+    pass
+
+
+class FakeConsul:
+    def __init__(self) -> None:
+        self.index = 1
+        self.kv: dict[str, Entry] = {}
+        self.config: dict[str, tuple[int, dict[str, Any]]] = {}
+        self.changed = asyncio.Condition()
+        self.txns: list[list[Mapping[str, Any]]] = []
+        self.fail_next_txn = False
+
+    async def _bump(self) -> None:
+        self.index += 1
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def put(self, key: str, value: str, session: str = "") -> None:
+        self.kv[key] = Entry(key, value.encode(), self.index + 1, session)
+        await self._bump()
+
+    async def delete(self, key: str) -> None:
+        self.kv.pop(key, None)
+        await self._bump()
+
+    async def put_config(self, entry: dict[str, Any]) -> None:
+        self.config[entry["Name"]] = (self.index + 1, entry)
+        await self._bump()
+
+    def _prefix_index(self, prefix: str) -> int:
+        return max([e.modify_index for k, e in self.kv.items() if k.startswith(prefix)], default=1)
+
+    async def _block(self, index: int, wait: float | None, current: Any) -> None:
+        if index and current() <= index:
+            async with self.changed:
+                try:
+                    await asyncio.wait_for(self.changed.wait_for(lambda: current() > index), timeout=wait or 1)
+                except TimeoutError:
+                    pass
+
+    async def kv_get_recurse(self, prefix: str, *, index: int = 0, wait: float | None = None,
+                             token: str | None = None) -> tuple[int, Sequence[Entry]]:
+        await self._block(index, wait, lambda: self.index)
+        return self.index, tuple(sorted((e for k, e in self.kv.items() if k.startswith(prefix)),
+                                        key=lambda e: e.key))
+
+    async def config_list(self, kind: str, *, index: int = 0, wait: float | None = None,
+                          token: str | None = None) -> tuple[int, Sequence[dict[str, Any]]]:
+        await self._block(index, wait, lambda: self.index)
+        return self.index, tuple(e for _, e in self.config.values())
+
+    async def txn(self, ops: Sequence[Mapping[str, Any]], *, token: str | None = None) -> Sequence[Any]:
+        self.txns.append(list(ops))
+        if self.fail_next_txn:
+            self.fail_next_txn = False
+            raise TxnFailed("injected")
+        for op in ops:  # check everything first: all or nothing
+            kv = op["KV"]
+            cur = self.kv.get(kv["Key"])
+            if kv["Verb"] == "check-session" and (cur is None or cur.session != kv["Session"]):
+                raise TxnFailed(f"lock not held by {kv['Session']}")
+            if kv["Verb"] in ("cas", "delete-cas"):
+                have = cur.modify_index if cur is not None else 0
+                if have != kv["Index"]:
+                    raise TxnFailed(f"cas {kv['Key']}: index {kv['Index']} != {have}")
+        self.index += 1
+        for op in ops:
+            kv = op["KV"]
+            if kv["Verb"] == "cas":
+                self.kv[kv["Key"]] = Entry(kv["Key"], base64.b64decode(kv["Value"]), self.index)
+            elif kv["Verb"] == "delete-cas":
+                del self.kv[kv["Key"]]
+        async with self.changed:
+            self.changed.notify_all()
+        return []
+
+
+class FakeLock:
+    """A lock whose ownership the test controls through the fake's leader key."""
+
+    def __init__(self, consul: FakeConsul, session: str) -> None:
+        self.consul = consul
+        self.session_id = session
+        self.lost = asyncio.Event()
+        self._held = False
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def start(self) -> None:
+        pass
+
+    async def acquired(self) -> None:
+        while True:
+            cur = self.consul.kv.get(LEADER_KEY)
+            if cur is None or not cur.session:
+                await self.consul.put(LEADER_KEY, "x", session=self.session_id)
+                self._held = True
+                return
+            await asyncio.sleep(0.01)
+
+    def lose(self) -> None:
+        self._held = False
+        self.lost.set()
+
+    async def stop(self) -> None:
+        if self._held:
+            await self.consul.put(LEADER_KEY, "", session="")
+        self._held = False
+        self.lost.set()
+
+
+def doc(name: str, *sources: tuple[str, str]) -> str:
+    return json.dumps({"Kind": "service-intentions", "Name": name,
+                       "Sources": [{"Name": s, "Action": a} for s, a in sources]})
+
+
+async def wait_until(pred: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.01)
+
+
+def compiled(consul: FakeConsul) -> dict[str, CompiledTable]:
+    return {k[len(COMPILED_PREFIX):]: CompiledTable.loads(e.value or b"")
+            for k, e in consul.kv.items() if k.startswith(COMPILED_PREFIX)}
+
+
+@pytest.fixture
+async def running() -> Any:
+    consul = FakeConsul()
+    locks: list[FakeLock] = []
+
+    def factory() -> FakeLock:
+        lock = FakeLock(consul, f"session-{len(locks)}")
+        locks.append(lock)
+        return lock
+
+    service = PolicyService(consul, default_policy="deny", lock_factory=factory, wait=1.0)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    yield consul, service, locks
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_publishes_tables_and_only_real_changes(running: Any) -> None:
+    consul, _, _ = running
+    await consul.put("weft/intentions/db", doc("db", ("web", "allow")))
+    await wait_until(lambda: "db" in compiled(consul) and "*" in compiled(consul))
+    t = compiled(consul)["db"]
+    assert authorize(t, "web", TCP).allowed and not authorize(t, "api", TCP).allowed
+    writes = len(consul.txns)
+    # an unrelated change (a new native entry for another destination) does not rewrite db's table
+    await consul.put_config({"Kind": "service-intentions", "Name": "cache", "Sources": [{"Name": "web",
+                                                                                        "Action": "allow"}]})
+    await wait_until(lambda: "cache" in compiled(consul))
+    assert compiled(consul)["db"].version == t.version
+    assert all(op["KV"]["Key"] != "weft/policy/compiled/db" for txn in consul.txns[writes:] for op in txn)
+    # every txn is guarded by the leader's session
+    assert all(txn[0]["KV"]["Verb"] == "check-session" for txn in consul.txns)
+
+
+async def test_deletes_tables_of_destinations_without_intentions(running: Any) -> None:
+    consul, _, _ = running
+    await consul.put("weft/intentions/db", doc("db", ("web", "allow")))
+    await wait_until(lambda: "db" in compiled(consul))
+    await consul.delete("weft/intentions/db")
+    await wait_until(lambda: "db" not in compiled(consul))
+    assert set(compiled(consul)) == {"*"}
+
+
+async def test_bad_document_keeps_last_good_table(running: Any) -> None:
+    consul, service, _ = running
+    await consul.put("weft/intentions/db", doc("db", ("web", "allow")))
+    await wait_until(lambda: "db" in compiled(consul))
+    good = compiled(consul)["db"]
+    await consul.put("weft/intentions/db", '{"Kind": "service-intentions", "Name": "db", "Sources": "web"}')
+    await wait_until(lambda: service.result is not None and service.result.errors)
+    await asyncio.sleep(0.1)
+    assert compiled(consul)["db"] == good
+    assert "Sources" in str(service.result.errors[0])
+
+
+async def test_frozen_destination_table_left_untouched_on_restart() -> None:
+    consul = FakeConsul()
+    # a table published by an earlier leader, and a document that is now broken
+    old = Compiler("deny").compile([Document.kv("weft/intentions/db", doc("db", ("web", "allow")))]).tables
+    await consul.put(COMPILED_PREFIX + "db", old["db"].dumps())
+    await consul.put("weft/intentions/db", "{broken")
+    lock = FakeLock(consul, "s1")
+    service = PolicyService(consul, lock_factory=lambda: lock, wait=1.0)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await wait_until(lambda: "*" in compiled(consul))
+    assert compiled(consul)["db"] == old["db"]
+    decision, table = service.check("web", "db", TCP)
+    assert decision.allowed and table == old["db"]
+    stop.set()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_lost_leadership_stops_writes_and_new_term_reconciles(running: Any) -> None:
+    consul, _, locks = running
+    await consul.put("weft/intentions/db", doc("db", ("web", "allow")))
+    await wait_until(lambda: "db" in compiled(consul))
+    # someone else takes the lock: our session no longer holds it
+    await consul.put(LEADER_KEY, "other", session="other-session")
+    locks[0].lose()
+    await consul.put("weft/intentions/db", doc("db", ("web", "deny")))
+    await asyncio.sleep(0.2)
+    assert authorize(compiled(consul)["db"], "web", TCP).allowed  # not written by the ex-leader
+    # the other holder goes away: a new term starts and publishes the current state
+    await consul.put(LEADER_KEY, "", session="")
+    await wait_until(lambda: len(locks) >= 2 and locks[1].held)
+    await wait_until(lambda: not authorize(compiled(consul)["db"], "web", TCP).allowed)
+
+
+async def test_failed_txn_is_retried(running: Any) -> None:
+    consul, _, _ = running
+    consul.fail_next_txn = True
+    await consul.put("weft/intentions/db", doc("db", ("web", "allow")))
+    await wait_until(lambda: "db" in compiled(consul))
+
+
+def test_plan_ops_writes_changed_deletes_orphans_and_respects_frozen() -> None:
+    result = Compiler("deny").compile([Document.kv("weft/intentions/db", doc("db", ("web", "allow"))),
+                                       Document.kv("weft/intentions/bad", "{")])
+    same = Entry(COMPILED_PREFIX + "*", result.tables["*"].dumps().encode(), 5)
+    stale = Entry(COMPILED_PREFIX + "db", b"{}", 6)
+    orphan = Entry(COMPILED_PREFIX + "gone", b"{}", 7)
+    frozen = Entry(COMPILED_PREFIX + "bad", b"{}", 8)
+    current = {e.key: e for e in (same, stale, orphan, frozen)}
+    ops, unchanged = plan_ops(result, current)
+    assert unchanged == 1
+    assert [(o["KV"]["Verb"], o["KV"]["Key"], o["KV"]["Index"]) for o in ops] == [
+        ("cas", COMPILED_PREFIX + "db", 6), ("delete-cas", COMPILED_PREFIX + "gone", 7)]
+
+
+def test_request_from_proto() -> None:
+    assert request_from_proto(policy_pb2.CheckRequest(source="a", destination="b")) is TCP
+    g = request_from_proto(policy_pb2.CheckRequest(grpc=policy_pb2.GrpcRequest(
+        method="/p.S/M", metadata=[policy_pb2.Header(name="X-A", value="1")])))
+    assert g.method == "/p.S/M" and g.metadata == {"x-a": "1"}  # type: ignore[union-attr]
+    h = request_from_proto(policy_pb2.CheckRequest(http=policy_pb2.HttpRequest(method="get", path="/x")))
+    assert h.method == "GET" and h.path == "/x"  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match=r"grpc\.method"):
+        request_from_proto(policy_pb2.CheckRequest(grpc=policy_pb2.GrpcRequest(method="Svc.Method")))
+    with pytest.raises(ValueError, match=r"http\.path"):
+        request_from_proto(policy_pb2.CheckRequest(http=policy_pb2.HttpRequest(method="GET", path="x")))
