@@ -1,0 +1,328 @@
+"""`weft status`: services, instances and their health, sidecars, certificates and policy versions.
+
+Reads everything from Consul (at `CONSUL_HTTP_ADDR`) and from the sidecars' admin `/metrics`:
+
+- every service in the catalog with its instances and their aggregated health (worst check), and
+  for each instance its sidecar (the connect-proxy whose `Proxy.DestinationServiceID` names it) with
+  the sidecar's health, public port, admin URL, leaf certificate expiry
+  (`weft_cert_expiry_timestamp_seconds`) and the policy version it enforces
+  (`weft_policy_version_info`);
+- the trust bundle the CA publishes in KV `weft/ca/roots` (trust domain, roots and their expiry);
+- the compiled policy tables in KV `weft/policy/compiled/<destination>` (version, default policy,
+  number of rules) and how many sidecars of that destination enforce the current version.
+
+`-json` prints the same as JSON. Rendering is pure (`render`) and unit-tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+ROOTS_KEY = "weft/ca/roots"
+COMPILED_PREFIX = "weft/policy/compiled/"
+_RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure: the report and its rendering
+
+
+@dataclass(frozen=True)
+class SidecarRow:
+    id: str
+    port: int
+    health: str
+    admin: str = ""
+    cert_expiry: float | None = None  # Unix time
+    policy_version: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    service: str
+    id: str
+    address: str
+    port: int
+    health: str
+    protocol: str = ""
+    sidecars: tuple[SidecarRow, ...] = ()
+
+
+@dataclass(frozen=True)
+class RootRow:
+    id: str
+    name: str
+    not_after: str
+    active: bool
+
+
+@dataclass(frozen=True)
+class PolicyRow:
+    destination: str
+    version: str
+    default_policy: str
+    rules: int
+    error: str = ""
+
+
+@dataclass
+class StatusReport:
+    consul: str
+    instances: list[InstanceRow] = field(default_factory=list)
+    trust_domain: str = ""
+    roots: list[RootRow] = field(default_factory=list)
+    roots_error: str = ""
+    policies: list[PolicyRow] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def worst_health(statuses: Iterable[str]) -> str:
+    """The aggregate health of checks as Consul's `?passing` sees it (no checks: passing)."""
+    worst = "passing"
+    for s in statuses:
+        if _RANK.get(s, 2) > _RANK.get(worst, 0):
+            worst = s if s in _RANK else "critical"
+    return worst
+
+
+def parse_roots(raw: bytes | None) -> tuple[str, list[RootRow]]:
+    """KV `weft/ca/roots` (Consul's /v1/connect/ca/roots shape) -> (trust domain, roots)."""
+    if raw is None:
+        raise ValueError("no trust bundle yet (is `weft ca serve` running?)")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{ROOTS_KEY} is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("Roots"), list):
+        raise ValueError(f"{ROOTS_KEY} has no Roots list")
+    active_id = str(doc.get("ActiveRootID", ""))
+    rows = []
+    for r in doc["Roots"]:
+        if not isinstance(r, dict):
+            continue
+        rid = str(r.get("ID", ""))
+        rows.append(RootRow(id=rid, name=str(r.get("Name", "")), not_after=str(r.get("NotAfter", "")),
+                            active=bool(r.get("Active", rid == active_id))))
+    return str(doc.get("TrustDomain", "")), rows
+
+
+def parse_policy(key: str, raw: bytes | None) -> PolicyRow:
+    """One compiled table from KV (only the fields `weft status` shows)."""
+    dest = key.removeprefix(COMPILED_PREFIX)
+    try:
+        doc = json.loads(raw or b"")
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        return PolicyRow(destination=str(doc.get("Destination", dest)), version=str(doc.get("Version", "")),
+                         default_policy=str(doc.get("DefaultPolicy", "")), rules=len(doc.get("Rules") or []))
+    except (ValueError, UnicodeDecodeError) as exc:
+        return PolicyRow(destination=dest, version="", default_policy="", rules=0, error=f"unreadable: {exc}")
+
+
+def metrics_facts(samples: Iterable[tuple[str, Mapping[str, str], float]]) -> tuple[float | None, str]:
+    """(leaf expiry, policy version in force) from a sidecar's metrics samples."""
+    expiry: float | None = None
+    version = ""
+    for name, labels, value in samples:
+        if name == "weft_cert_expiry_timestamp_seconds" and value > 0:
+            expiry = value
+        elif name == "weft_policy_version_info" and value >= 1:
+            version = labels.get("version", "")
+    return expiry, version
+
+
+def format_remaining(until: float | None, now: float) -> str:
+    if until is None:
+        return "-"
+    left = until - now
+    if left <= 0:
+        return "EXPIRED"
+    d, rem = divmod(int(left), 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    if d:
+        return f"{d}d{h}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{s:02d}s"
+
+
+def _short(version: str) -> str:
+    return version[:12] if version else "-"
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows]]
+
+
+def policy_for(destination: str, policies: Sequence[PolicyRow]) -> PolicyRow | None:
+    """The table a destination's sidecars enforce: its own, else the `*` table."""
+    by_dest = {p.destination: p for p in policies}
+    return by_dest.get(destination) or by_dest.get("*")
+
+
+def render(report: StatusReport, now: float) -> str:
+    lines = [f"Consul: {report.consul}", ""]
+    rows: list[list[str]] = []
+    for inst in sorted(report.instances, key=lambda i: (i.service, i.id)):
+        base = [inst.service, inst.id, f"{inst.address}:{inst.port}", inst.health, inst.protocol or "-"]
+        table = policy_for(inst.service, report.policies)
+        if not inst.sidecars:
+            rows.append([*base, "-", "-", "-", "-", "-"])
+        for sc in inst.sidecars:
+            version = _short(sc.policy_version)
+            if sc.policy_version and table is not None and table.version and sc.policy_version != table.version:
+                version += " (stale)"
+            rows.append([*base, f"{sc.id}:{sc.port}", sc.health, format_remaining(sc.cert_expiry, now), version,
+                         sc.admin or "-"])
+            base = ["", "", "", "", ""]
+    lines.append("Services")
+    if rows:
+        lines += ["  " + line for line in _table(
+            ["SERVICE", "INSTANCE", "ADDRESS", "HEALTH", "PROTO", "SIDECAR", "SIDECAR HEALTH", "CERT EXPIRES",
+             "POLICY", "ADMIN"], rows)]
+    else:
+        lines.append("  (no services registered)")
+    lines.append("")
+    domain = f": trust domain {report.trust_domain}" if report.trust_domain else ""
+    lines.append(f"Trust bundle ({ROOTS_KEY}){domain}")
+    if report.roots_error:
+        lines.append(f"  {report.roots_error}")
+    elif report.roots:
+        lines += ["  " + line for line in _table(
+            ["ROOT", "NAME", "ACTIVE", "EXPIRES"],
+            [[r.id[:23], r.name, "yes" if r.active else "no", _root_expiry(r.not_after, now)] for r in report.roots])]
+    lines.append("")
+    lines.append(f"Policy tables ({COMPILED_PREFIX}<destination>)")
+    if report.policies:
+        sync_rows = []
+        for p in sorted(report.policies, key=lambda p: p.destination):
+            enforcing = [sc for inst in report.instances for sc in inst.sidecars
+                         if policy_for(inst.service, report.policies) is p]
+            current = sum(1 for sc in enforcing if sc.policy_version == p.version)
+            sync = f"{current}/{len(enforcing)}" if enforcing else "-"
+            sync_rows.append([p.destination, _short(p.version) if not p.error else p.error, p.default_policy or "-",
+                              str(p.rules), sync])
+        lines += ["  " + line for line in _table(["DESTINATION", "VERSION", "DEFAULT", "RULES", "SIDECARS CURRENT"],
+                                                 sync_rows)]
+    else:
+        lines.append("  (none yet: is `weft policy serve` running?)")
+    if report.problems:
+        lines.append("")
+        lines.append("Problems")
+        lines += [f"  ! {p}" for p in report.problems]
+    return "\n".join(lines) + "\n"
+
+
+def _root_expiry(not_after: str, now: float) -> str:
+    try:
+        ts = datetime.fromisoformat(not_after.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return not_after or "-"
+    return f"{not_after[:10]} (in {format_remaining(ts, now)})"
+
+
+def report_json(report: StatusReport) -> dict[str, Any]:
+    return asdict(report)
+
+
+# ---------------------------------------------------------------------------------------------------
+# I/O: collecting the report
+
+
+async def _sidecar_metrics(session: Any, url: str) -> tuple[float | None, str, str]:
+    import aiohttp
+
+    from weft.cmd_top import parse_metrics
+
+    try:
+        async with session.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=3)) as resp:
+            if resp.status != 200:
+                return None, "", f"/metrics answered {resp.status}"
+            text = await resp.text()
+        expiry, version = metrics_facts((s.name, s.labels, s.value) for s in parse_metrics(text))
+        return expiry, version, ""
+    except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
+        return None, "", f"{type(exc).__name__}: {exc}"
+
+
+async def collect() -> StatusReport:
+    import aiohttp
+
+    from catalog.client import ConsulClient, ConsulError
+    from weft.cmd_top import admin_url
+
+    async with ConsulClient.from_env() as consul:
+        report = StatusReport(consul=consul.address)
+        _, services = await consul.catalog_services()
+        proxies: dict[str, list[Any]] = {}
+        by_service: dict[str, tuple[Any, ...]] = {}
+        for name in sorted(services):
+            _, by_service[name] = await consul.health_service(name, passing=False)
+            for inst in by_service[name]:
+                if inst.kind == "connect-proxy" and inst.proxy is not None:
+                    key = inst.proxy.destination_service_id or inst.proxy.destination_service_name
+                    proxies.setdefault(key, []).append(inst)
+        async with aiohttp.ClientSession() as session:
+            for name in sorted(services):
+                for inst in by_service[name]:
+                    if inst.kind == "connect-proxy":
+                        continue
+                    meta = dict(inst.meta)
+                    sidecars = []
+                    for sc in proxies.get(inst.service_id, []) + proxies.get(inst.service, []):
+                        admin = admin_url(sc.address or sc.node_address, dict(sc.meta)) or ""
+                        expiry, version, err = (None, "", "")
+                        if admin:
+                            expiry, version, err = await _sidecar_metrics(session, admin)
+                            if err:
+                                report.problems.append(f"sidecar {sc.service_id}: {admin}: {err}")
+                        sidecars.append(SidecarRow(id=sc.service_id, port=sc.port,
+                                                   health=worst_health(c.status for c in sc.checks), admin=admin,
+                                                   cert_expiry=expiry, policy_version=version, error=err))
+                    report.instances.append(InstanceRow(
+                        service=inst.service, id=inst.service_id, address=inst.address or inst.node_address,
+                        port=inst.port, health=worst_health(c.status for c in inst.checks),
+                        protocol=meta.get("protocol", ""), sidecars=tuple(sidecars)))
+        try:
+            _, entry = await consul.kv_get(ROOTS_KEY)
+            report.trust_domain, report.roots = parse_roots(entry.value if entry is not None else None)
+        except ValueError as exc:
+            report.roots_error = str(exc)
+        except ConsulError as exc:
+            report.roots_error = f"cannot read: {exc}"
+        try:
+            _, entries = await consul.kv_get_recurse(COMPILED_PREFIX)
+            report.policies = [parse_policy(e.key, e.value) for e in entries]
+        except ConsulError as exc:
+            report.problems.append(f"cannot read {COMPILED_PREFIX}: {exc}")
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-json", "--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from catalog.client import ConsulError
+
+    try:
+        report = asyncio.run(collect())
+    except (ConsulError, ValueError) as exc:
+        print(f"weft status: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report_json(report), indent=2))
+    else:
+        sys.stdout.write(render(report, time.time()))
+    return 0
