@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from typing import cast
 
 _BUFFER = 256 * 1024
 
@@ -23,8 +24,7 @@ class EchoProtocol(asyncio.BufferedProtocol):
         self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         if self.banner is not None:
             transport.write(self.banner)
 

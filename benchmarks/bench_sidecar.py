@@ -1,0 +1,298 @@
+"""Sidecar benchmark: direct vs the Weft sidecar pair vs an HAProxy mTLS pair, in one run.
+
+Scenarios (each on every path, interleaved so that machine noise hits them alike):
+  unary_c32  gRPC unary, 100-byte payload, 32 calls in flight
+  unary_c1   gRPC unary, one call at a time (latency)
+  bidi       bidirectional streams, 4 streams x 16 messages in flight
+  tcp        raw TCP bulk echo through the TCP pair
+  memory     Weft only: client sidecar RSS after N calls spread over 10 upstreams, and growth over N more
+
+The load generator (`benchmarks/load.py`) is a separate process; proxy CPU is read from
+/proc/<pid>/stat (utime+stime of both proxies of a pair and their children) before and after each
+load run, and divided by all calls of that run. Everything runs on 127.0.0.1 and is stopped at the end.
+Environment knobs: WEFT_BENCH_SECONDS (measured seconds per run, default 5), WEFT_BENCH_MEMORY_CALLS
+(default 100000), WEFT_BENCH_MEMORY_SECONDS (time bound per memory phase, default 150).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import haproxy, pki, weft_pair
+from tests.support import REPO, Proc, free_port, wait_for
+
+PY = sys.executable
+TARGETS = {
+    "cpu_per_unary_call_vs_haproxy": 3.5,    # Weft proxy CPU per unary call <= 3.5x HAProxy's
+    "added_p50_c1_vs_haproxy": 3.0,          # added p50 over direct at concurrency 1 <= 3x HAProxy's
+    "bidi_msgs_vs_direct": 0.40,             # bidi messages/s >= 40% of direct
+    "tcp_throughput_vs_haproxy": 0.80,       # TCP MB/s >= 80% of HAProxy's
+    "rss_mb_after_first": 80.0,              # sidecar RSS <= 80 MB after the first N calls
+    "rss_growth_after_second": 0.05,         # and grows < 5% over the next N
+}
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# -- /proc ------------------------------------------------------------------------------------------
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+    return out
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime+stime of these processes and their live descendants, in seconds."""
+    ticks = 0
+    for root in pids:
+        for p in _descendants(root):
+            with contextlib.suppress(OSError), open(f"/proc/{p}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return ticks / _CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * _PAGE / 1e6
+
+
+# -- paths and load ---------------------------------------------------------------------------------
+
+@dataclass
+class Route:
+    name: str
+    grpc: str                  # host:port the load generator calls for gRPC
+    tcp: str | None            # host:port for TCP bulk
+    proxy_pids: list[int] = field(default_factory=list)
+    tcp_proxy_pids: list[int] = field(default_factory=list)
+
+
+def load(mode: str, targets: Sequence[str], *extra: str, timeout: float = 300) -> dict[str, Any]:
+    args = [PY, "-m", "benchmarks.load", mode, *(a for t in targets for a in ("--target", t)), *extra]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed ({' '.join(args[3:])}):\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def measure(path: Route, mode: str, pids: list[int], *extra: str, target: str | None = None) -> dict[str, Any]:
+    before = cpu_seconds(pids) if pids else 0.0
+    result = load(mode, [target or path.grpc], *extra)
+    used = cpu_seconds(pids) - before if pids else 0.0
+    if pids:
+        if mode == "tcp":
+            result["proxy_cpu_us_per_mb"] = round(used / max(result["mb_total"], 1e-9) * 1e6, 1)
+        else:
+            result["proxy_cpu_us_per_call"] = round(used / max(result["calls_total"], 1) * 1e6, 1)
+    return result
+
+
+def _ready_grpc(target: str) -> Callable[[], bool]:
+    def check() -> bool:
+        import grpc
+
+        from tests.apps.echo import echo_pb2, echo_pb2_grpc
+
+        with grpc.insecure_channel(target) as channel:
+            echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.EchoRequest(payload=b"ping"), timeout=2)  # type: ignore[no-untyped-call]
+        return True
+    return check
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 3)
+
+
+def evaluate(results: dict[str, dict[str, dict[str, Any]]], memory: dict[str, Any] | None) -> dict[str, Any]:
+    """Ratios of Weft against the baselines and whether each target is met (None: not measured)."""
+    def get(scenario: str, path: str, key: str) -> float | None:
+        value = results.get(scenario, {}).get(path, {}).get(key)
+        return float(value) if isinstance(value, int | float) else None
+
+    out: dict[str, Any] = {}
+    cpu = _ratio(get("unary_c32", "weft", "proxy_cpu_us_per_call"),
+                 get("unary_c32", "haproxy", "proxy_cpu_us_per_call"))
+    out["cpu_per_unary_call_vs_haproxy"] = {
+        "value": cpu, "target": "<= 3.5",
+        "met": None if cpu is None else cpu <= TARGETS["cpu_per_unary_call_vs_haproxy"]}
+    def added(path: str) -> float | None:
+        direct, proxied = get("unary_c1", "direct", "p50_ms"), get("unary_c1", path, "p50_ms")
+        return None if direct is None or proxied is None else proxied - direct
+
+    added_weft, added_ha = added("weft"), added("haproxy")
+    lat = _ratio(added_weft, added_ha)
+    out["added_p50_c1_vs_haproxy"] = {"value": lat, "target": "<= 3.0",
+                                      "weft_added_ms": None if added_weft is None else round(added_weft, 4),
+                                      "haproxy_added_ms": None if added_ha is None else round(added_ha, 4),
+                                      "met": None if lat is None else lat <= TARGETS["added_p50_c1_vs_haproxy"]}
+    bidi = _ratio(get("bidi", "weft", "msgs_per_s"), get("bidi", "direct", "msgs_per_s"))
+    out["bidi_msgs_vs_direct"] = {"value": bidi, "target": ">= 0.40",
+                                  "met": None if bidi is None else bidi >= TARGETS["bidi_msgs_vs_direct"]}
+    tcp = _ratio(get("tcp", "weft", "mb_per_s"), get("tcp", "haproxy", "mb_per_s"))
+    out["tcp_throughput_vs_haproxy"] = {"value": tcp, "target": ">= 0.80",
+                                        "met": None if tcp is None else tcp >= TARGETS["tcp_throughput_vs_haproxy"]}
+    if memory and "rss_mb_after_first" in memory:
+        first, growth = memory["rss_mb_after_first"], memory["rss_growth_after_second"]
+        out["rss_mb_after_first"] = {"value": first, "target": "<= 80", "met": first <= TARGETS["rss_mb_after_first"]}
+        out["rss_growth_after_second"] = {"value": growth, "target": "< 0.05",
+                                          "met": growth < TARGETS["rss_growth_after_second"]}
+    else:
+        out["rss_mb_after_first"] = {"value": None, "target": "<= 80", "met": None}
+        out["rss_growth_after_second"] = {"value": None, "target": "< 0.05", "met": None}
+    return out
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]], targets: dict[str, Any],
+          memory: dict[str, Any] | None) -> str:
+    lines = [f"{'scenario':<10} {'path':<8} {'rate':>14} {'p50 ms':>9} {'p99 ms':>9} {'proxy CPU':>16}"
+             f" {'loadgen CPU':>14}"]
+    for scenario, paths in results.items():
+        for path, r in paths.items():
+            if "error" in r or "skipped" in r:
+                lines.append(f"{scenario:<10} {path:<8} {r.get('error') or r.get('skipped')}")
+                continue
+            if scenario == "tcp":
+                rate = f"{r['mb_per_s']} MB/s"
+                cpu = f"{r.get('proxy_cpu_us_per_mb', '-')} us/MB"
+                lg = f"{r.get('loadgen_cpu_us_per_mb', '-')} us/MB"
+                p50 = p99 = "-"
+            else:
+                rate = f"{r.get('rps', r.get('msgs_per_s'))} {'rps' if 'rps' in r else 'msg/s'}"
+                cpu = f"{r.get('proxy_cpu_us_per_call', '-')} us/call"
+                lg = f"{r.get('loadgen_cpu_us_per_call', '-')} us"
+                p50, p99 = str(r["p50_ms"]), str(r["p99_ms"])
+            lines.append(f"{scenario:<10} {path:<8} {rate:>14} {p50:>9} {p99:>9} {cpu:>16} {lg:>14}")
+    if memory:
+        lines.append(f"memory     weft     {json.dumps(memory)}")
+    lines.append("")
+    lines.append(f"{'target':<32} {'value':>8} {'goal':>8}  met")
+    for name, t in targets.items():
+        met = {True: "yes", False: "NO", None: "n/a"}[t["met"]]
+        lines.append(f"{name:<32} {t['value']!s:>8} {t['target']:>8}  {met}")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _processes() -> Iterator[list[Any]]:
+    """Everything started goes on this list; all of it is stopped, last first, whatever happens."""
+    started: list[Any] = []
+    try:
+        yield started
+    finally:
+        for thing in reversed(started):
+            with contextlib.suppress(Exception):
+                thing.stop()
+
+
+def _start_app(module: str, port: int, workdir: Path, *extra: str) -> Proc:
+    log = workdir / f"{module.rsplit('.', 1)[-1]}-{port}.log"
+    return Proc([PY, "-m", module, "--port", str(port), *extra], log=log)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def run() -> dict[str, Any]:
+    seconds = os.environ.get("WEFT_BENCH_SECONDS", "5")
+    mem_calls = int(os.environ.get("WEFT_BENCH_MEMORY_CALLS", "100000"))
+    mem_seconds = float(os.environ.get("WEFT_BENCH_MEMORY_SECONDS", "150"))
+    began = time.monotonic()
+    out: dict[str, Any] = {"payload_bytes": 100, "seconds_per_run": float(seconds), "notes": []}
+    with tempfile.TemporaryDirectory(prefix="weft-bench-") as tmp, _processes() as started:
+        workdir = Path(tmp)
+        app_port, tcp_port = free_port(), free_port()
+        started.append(_start_app("tests.apps.echo", app_port, workdir, "--name", "bench-echo"))
+        started.append(_start_app("tests.apps.tcpecho", tcp_port, workdir))
+        wait_for(_ready_grpc(f"127.0.0.1:{app_port}"), timeout=30, what="echo app")
+        wait_for(lambda: _listening(tcp_port), timeout=30, what="tcp echo app")
+        paths: list[Route] = [Route("direct", f"127.0.0.1:{app_port}", f"127.0.0.1:{tcp_port}")]
+
+        binary = haproxy.ensure_installed()
+        skipped: dict[str, str] = {}
+        if binary is None:
+            skipped["haproxy"] = "haproxy not installed and apt-get install haproxy failed (not root or no network)"
+        else:
+            out["haproxy_version"] = haproxy.version(binary)
+            try:
+                files = pki.make(workdir / "pki")
+                pair = haproxy.start_pair(binary, workdir, files, app_port, tcp_port)
+                started.append(pair)
+                wait_for(_ready_grpc(f"127.0.0.1:{pair.grpc_port}"), timeout=30, what="haproxy pair")
+                paths.append(Route("haproxy", f"127.0.0.1:{pair.grpc_port}", f"127.0.0.1:{pair.tcp_port}",
+                                   pair.pids, pair.pids))
+            except Exception as exc:
+                skipped["haproxy"] = f"haproxy pair did not start: {exc!r}"[:2000]
+
+        weft_stack: Any = None
+        try:
+            weft_stack = weft_pair.Stack(workdir, app_port, tcp_port)
+            started.append(weft_stack)
+            weft_stack.start()
+            paths.append(Route("weft", weft_stack.grpc_target, weft_stack.tcp_target,
+                               weft_stack.grpc_pids, weft_stack.tcp_pids))
+        except Exception as exc:  # the sidecar may not run end to end yet: say why, measure the rest
+            skipped["weft"] = f"weft sidecar pair did not start: {exc!r}"[:2000]
+        out["skipped"] = skipped
+
+        scenarios: dict[str, tuple[str, list[str]]] = {
+            "unary_c32": ("unary", ["--concurrency", "32", "--duration", seconds]),
+            "unary_c1": ("unary", ["--concurrency", "1", "--duration", seconds]),
+            "bidi": ("bidi", ["--streams", "4", "--window", "16", "--duration", seconds]),
+            "tcp": ("tcp", ["--connections", "2", "--duration", seconds]),
+        }
+        results: dict[str, dict[str, dict[str, Any]]] = {}
+        for scenario, (mode, extra) in scenarios.items():
+            results[scenario] = {}
+            for path in paths:
+                pids = path.tcp_proxy_pids if mode == "tcp" else path.proxy_pids
+                target = path.tcp if mode == "tcp" else None
+                if mode == "tcp" and target is None:
+                    results[scenario][path.name] = {"skipped": "no TCP path"}
+                    continue
+                try:
+                    results[scenario][path.name] = measure(path, mode, pids, *extra, target=target)
+                except Exception as exc:
+                    results[scenario][path.name] = {"error": repr(exc)[:1000]}
+                print(f"   {scenario:<10} {path.name:<8} {json.dumps(results[scenario][path.name])}", flush=True)
+            for name, why in skipped.items():
+                results[scenario][name] = {"skipped": why}
+
+        memory: dict[str, Any] | None = None
+        if weft_stack is not None and "weft" not in skipped:
+            try:
+                memory = weft_stack.memory(mem_calls, mem_seconds)
+            except Exception as exc:
+                memory = {"error": repr(exc)[:2000]}
+            print(f"   memory     weft     {json.dumps(memory)}", flush=True)
+
+        targets = evaluate(results, memory)
+        out.update(scenarios=results, memory=memory, targets=targets, wall_seconds=round(time.monotonic() - began, 1))
+        print(table(results, targets, memory), flush=True)
+    return out

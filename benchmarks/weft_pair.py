@@ -1,0 +1,163 @@
+"""The Weft side of the sidecar benchmark, started for real on loopback.
+
+dev agent (`weft agent -dev`), CA (`weft ca serve -dev`), policy service (`weft policy serve`),
+the echo app registered as service `echo` (gRPC) and the TCP echo app as `tcpecho` (TCP), a
+`client` service whose sidecar has both as upstreams, an intention allowing `client` -> each, and
+one sidecar per service (`weft sidecar --sidecar-for ID`). For the memory scenario: a `memclient`
+service with ten upstreams `mem0`..`mem9` (ten more sidecars, all in front of the same echo app).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.support import WEFT, DevAgent, Proc, free_port, http_ok, wait_for
+
+MEM_UPSTREAMS = 10
+
+
+class Stack:
+    def __init__(self, workdir: Path, app_port: int, tcp_port: int) -> None:
+        self.workdir = workdir
+        self.app_port = app_port
+        self.tcp_port = tcp_port
+        self.agent: DevAgent | None = None
+        self.procs: list[Proc] = []
+        self.sidecars: dict[str, tuple[Proc, int]] = {}  # service id -> (process, admin port)
+        self.grpc_local = free_port()
+        self.tcp_local = free_port()
+
+    # -- helpers ------------------------------------------------------------------------------------
+    @property
+    def env(self) -> dict[str, str]:
+        assert self.agent is not None
+        return {**self.agent.env, "WEFT_LOG_LEVEL": "warn"}
+
+    def _consul(self, method: str, path: str, body: Any = None) -> Any:
+        assert self.agent is not None
+        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        req = urllib.request.Request(self.agent.url + path, data=data, method=method)
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw.strip() else None
+
+    def _proc(self, name: str, args: list[str]) -> Proc:
+        proc = Proc(args, env=self.env, log=self.workdir / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def _register(self, name: str, port: int, protocol: str, upstreams: list[tuple[str, int]]) -> None:
+        self._consul("PUT", "/v1/agent/service/register", {
+            "ID": name, "Name": name, "Address": "127.0.0.1", "Port": port, "Meta": {"protocol": protocol},
+            "Connect": {"SidecarService": {"Proxy": {"Upstreams": [
+                {"DestinationName": dest, "LocalBindPort": local, "LocalBindAddress": "127.0.0.1"}
+                for dest, local in upstreams]}}},
+        })
+
+    def _allow(self, source: str, destination: str) -> None:
+        doc = {"Kind": "service-intentions", "Name": destination,
+               "Sources": [{"Name": source, "Action": "allow"}]}
+        self._consul("PUT", f"/v1/kv/weft/intentions/{destination}", json.dumps(doc).encode())
+
+    def _sidecar(self, service_id: str) -> None:
+        admin = free_port()
+        proc = self._proc(f"sidecar-{service_id}",
+                          [*WEFT, "sidecar", "--sidecar-for", service_id, "--admin-port", str(admin)])
+        self.sidecars[service_id] = (proc, admin)
+
+    def _wait_ready(self, ids: list[str], timeout: float = 90) -> None:
+        def ready() -> bool:
+            for sid in ids:
+                proc = self.sidecars[sid][0]
+                if not proc.alive():
+                    raise RuntimeError(f"sidecar {sid} exited:\n{proc.output()[-3000:]}")
+            return all(http_ok(f"http://127.0.0.1:{self.sidecars[s][1]}/ready") for s in ids)
+        try:
+            wait_for(ready, timeout=timeout, interval=0.2, what=f"sidecars {ids} ready")
+        except TimeoutError as exc:
+            logs = "\n".join(f"--- {s}\n{self.sidecars[s][0].output()[-1500:]}" for s in ids)
+            raise RuntimeError(f"{exc}\n{logs}") from None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        from benchmarks.bench_sidecar import _ready_grpc
+
+        self.agent = DevAgent()
+        ca = self._proc("ca", [*WEFT, "ca", "serve", "-dev", "-grpc-addr", f"127.0.0.1:{free_port()}"])
+        policy = self._proc("policy", [*WEFT, "policy", "serve", "-grpc-addr", f"127.0.0.1:{free_port()}"])
+        self._register("echo", self.app_port, "grpc", [])
+        self._register("tcpecho", self.tcp_port, "tcp", [])
+        self._register("client", free_port(), "grpc", [("echo", self.grpc_local), ("tcpecho", self.tcp_local)])
+        self._allow("client", "echo")
+        self._allow("client", "tcpecho")
+        for sid in ("echo", "tcpecho", "client"):
+            self._sidecar(sid)
+        for proc, what in ((ca, "CA"), (policy, "policy service")):
+            if not proc.alive():
+                raise RuntimeError(f"{what} exited:\n{proc.output()[-3000:]}")
+        self._wait_ready(["echo", "tcpecho", "client"])
+        wait_for(_ready_grpc(self.grpc_target), timeout=60, interval=0.5, what="a call through the weft pair")
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_local}"
+
+    @property
+    def tcp_target(self) -> str:
+        return f"127.0.0.1:{self.tcp_local}"
+
+    @property
+    def grpc_pids(self) -> list[int]:
+        return [self.sidecars["client"][0].pid, self.sidecars["echo"][0].pid]
+
+    @property
+    def tcp_pids(self) -> list[int]:
+        return [self.sidecars["client"][0].pid, self.sidecars["tcpecho"][0].pid]
+
+    def metrics(self, service_id: str) -> str:
+        admin = self.sidecars[service_id][1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as resp:
+            return str(resp.read().decode())
+
+    def memory(self, calls: int, max_seconds: float) -> dict[str, Any]:
+        """RSS of a sidecar with ten upstreams after `calls` calls spread over them, and after as many more."""
+        from benchmarks.bench_sidecar import load, rss_mb
+
+        locals_ = [free_port() for _ in range(MEM_UPSTREAMS)]
+        names = [f"mem{i}" for i in range(MEM_UPSTREAMS)]
+        for name in names:
+            self._register(name, self.app_port, "grpc", [])
+            self._allow("memclient", name)
+        self._register("memclient", free_port(), "grpc", list(zip(names, locals_, strict=True)))
+        for sid in (*names, "memclient"):
+            self._sidecar(sid)
+        self._wait_ready([*names, "memclient"], timeout=180)
+        targets = [f"127.0.0.1:{p}" for p in locals_]
+        pid = self.sidecars["memclient"][0].pid
+        out: dict[str, Any] = {"upstreams": MEM_UPSTREAMS, "rss_mb_start": round(rss_mb(pid), 1)}
+        phases = []
+        for label in ("first", "second"):
+            t0 = time.monotonic()
+            result = load("unary", targets, "--calls", str(calls), "--concurrency", "32",
+                          "--max-seconds", str(max_seconds), timeout=max_seconds + 120)
+            phases.append(result)
+            out[f"calls_{label}"] = result["calls"]
+            out[f"errors_{label}"] = result["errors"]
+            out[f"seconds_{label}"] = round(time.monotonic() - t0, 1)
+            out[f"rps_{label}"] = result["rps"]
+            out[f"rss_mb_after_{label}"] = round(rss_mb(pid), 1)
+        out["rss_growth_after_second"] = round(out["rss_mb_after_second"] / out["rss_mb_after_first"] - 1, 4)
+        out["completed"] = all(p["calls"] >= calls for p in phases)
+        out["server_sidecar_rss_mb_max"] = round(max(rss_mb(self.sidecars[n][0].pid) for n in names), 1)
+        out["rss_mb"] = out["rss_mb_after_second"]
+        return out
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        if self.agent is not None:
+            self.agent.stop()
