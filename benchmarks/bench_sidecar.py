@@ -174,7 +174,7 @@ def table(results: dict[str, dict[str, dict[str, Any]]], targets: dict[str, Any]
                 lines.append(f"{scenario:<10} {path:<8} {r.get('error') or r.get('skipped')}")
                 continue
             if scenario == "tcp":
-                rate = f"{r['mb_per_s']} MB/s"
+                rate = f"{r.get('mb_per_s')} MB/s"
                 cpu = f"{r.get('proxy_cpu_us_per_mb', '-')} us/MB"
                 lg = f"{r.get('loadgen_cpu_us_per_mb', '-')} us/MB"
                 p50 = p99 = "-"
@@ -182,7 +182,7 @@ def table(results: dict[str, dict[str, dict[str, Any]]], targets: dict[str, Any]
                 rate = f"{r.get('rps', r.get('msgs_per_s'))} {'rps' if 'rps' in r else 'msg/s'}"
                 cpu = f"{r.get('proxy_cpu_us_per_call', '-')} us/call"
                 lg = f"{r.get('loadgen_cpu_us_per_call', '-')} us"
-                p50, p99 = str(r["p50_ms"]), str(r["p99_ms"])
+                p50, p99 = str(r.get("p50_ms", "-")), str(r.get("p99_ms", "-"))
             lines.append(f"{scenario:<10} {path:<8} {rate:>14} {p50:>9} {p99:>9} {cpu:>16} {lg:>14}")
     if memory:
         lines.append(f"memory     weft     {json.dumps(memory)}")

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import collections
 import json
+import math
 import resource
 import sys
 import time
@@ -34,7 +35,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     """The q-quantile (0..1) of already sorted values by the nearest-rank method; 0.0 when empty."""
     if not sorted_values:
         return 0.0
-    rank = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values) + 0.5) - 1))
+    rank = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
     return float(sorted_values[rank])
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,11 @@ class Stack:
         assert self.agent is not None
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
         req = urllib.request.Request(self.agent.url + path, data=data, method=method)
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            raw = resp.read()
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"{method} {path}: HTTP {exc.code}: {exc.read()[:500]!r}") from None
         return json.loads(raw) if raw.strip() else None
 
     def _proc(self, name: str, args: list[str]) -> Proc:
@@ -87,7 +91,7 @@ class Stack:
         from benchmarks.bench_sidecar import _ready_grpc
 
         self.agent = DevAgent()
-        ca = self._proc("ca", [*WEFT, "ca", "serve", "-dev", "-grpc-addr", f"127.0.0.1:{free_port()}"])
+        ca = self._proc("ca", [*WEFT, "ca", "serve", "-dev", "--listen", f"127.0.0.1:{free_port()}"])
         policy = self._proc("policy", [*WEFT, "policy", "serve", "-grpc-addr", f"127.0.0.1:{free_port()}"])
         self._register("echo", self.app_port, "grpc", [])
         self._register("tcpecho", self.tcp_port, "tcp", [])

@@ -51,3 +51,22 @@ async def test_tcp_echo_with_and_without_banner() -> None:
     finally:
         server.close()
         plain.close()
+
+
+def test_tcp_echo_on_uvloop() -> None:
+    """The apps run on uvloop, whose transports are not asyncio.Transport subclasses."""
+    import uvloop
+
+    async def scenario() -> bytes:
+        server, port = await tcpecho.start(0, banner="u")
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"abc")
+            data = await reader.readexactly(5)
+            writer.close()
+            return data
+        finally:
+            server.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(scenario()) == b"u\nabc"
