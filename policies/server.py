@@ -130,11 +130,15 @@ class PolicyService:
 
     def __init__(self, api: PublishAPI, *, default_policy: Action = "deny",
                  lock_factory: Callable[[], LockLike] | None = None, wait: float = 30.0,
-                 on_leadership: Callable[[bool], None] | None = None) -> None:
+                 on_leadership: Callable[[bool], None] | None = None,
+                 sources: Sequence[str] = ("kv", "native")) -> None:
+        unknown = set(sources) - {"kv", "native"}
+        if unknown:
+            raise ValueError(f"unknown intention source(s) {sorted(unknown)}; use kv and/or native")
         self.api = api
         self.compiler = Compiler(default_policy)
         self.default_policy: Action = default_policy
-        self.watcher = SourceWatcher(api, wait=wait)
+        self.watcher = SourceWatcher(api, wait=wait, kv="kv" in sources, native="native" in sources)
         self.lock_factory = lock_factory
         self.on_leadership = on_leadership
         self.lock: LockLike | None = None

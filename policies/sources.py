@@ -83,15 +83,19 @@ class SourceWatcher:
     """Runs both watches; ``snapshot()`` is the latest state and ``changed`` fires on any change."""
 
     def __init__(self, api: SourcesAPI, *, wait: float = 30.0, min_interval: float = 0.02,
-                 max_backoff: float = 5.0) -> None:
+                 max_backoff: float = 5.0, kv: bool = True, native: bool = True) -> None:
+        if not kv and not native:
+            raise ValueError("at least one intention source (kv, native) must be watched")
         self._api = api
+        self._watch_kv = kv
+        self._watch_native = native
         self._wait = wait
         self._min_interval = min_interval
         self._max_backoff = max_backoff
         self._kv: dict[str, bytes] = {}
         self._native: tuple[dict[str, Any], ...] = ()
-        self._kv_ready = False
-        self._native_ready = False
+        self._kv_ready = not kv  # a source that is not watched counts as ready and empty
+        self._native_ready = not native
         self.changed = asyncio.Event()
         self.errors = 0
 
@@ -100,8 +104,11 @@ class SourceWatcher:
                         native_ready=self._native_ready)
 
     async def run(self, stop: asyncio.Event) -> None:
-        tasks = [asyncio.create_task(self._loop("kv", self._poll_kv, stop)),
-                 asyncio.create_task(self._loop("native", self._poll_native, stop))]
+        tasks = []
+        if self._watch_kv:
+            tasks.append(asyncio.create_task(self._loop("kv", self._poll_kv, stop)))
+        if self._watch_native:
+            tasks.append(asyncio.create_task(self._loop("native", self._poll_native, stop)))
         try:
             await stop.wait()
         finally:

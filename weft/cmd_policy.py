@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="do not register the weft-policy service in Consul")
     serve.add_argument("-standby-only", "--standby-only", action="store_true",
                        help="never campaign for leadership: compile and answer Check, never write")
+    serve.add_argument("-sources", "--sources", default="kv,native",
+                       help="intention sources to watch: kv, native or both (default kv,native). Until every "
+                            "watched source has answered once, nothing is published")
     serve.add_argument("-log-level", "--log-level", default="info", help="debug, info, warn or error")
 
 
@@ -72,7 +75,8 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
                               value=service_id_holder.get("id", ""), session_name="weft-policy leader")
 
         service = PolicyService(consul, default_policy=args.default_policy, wait=wait,
-                                lock_factory=None if args.standby_only else make_lock, on_leadership=on_leadership)
+                                lock_factory=None if args.standby_only else make_lock, on_leadership=on_leadership,
+                                sources=[x.strip() for x in args.sources.split(",") if x.strip()])
         server, port = await start_grpc(service, args.grpc_addr)
         host = args.grpc_addr.rsplit(":", 1)[0] or "127.0.0.1"
         service_id = args.service_id or f"{SERVICE_NAME}-{socket.gethostname()}-{port}"
