@@ -198,7 +198,7 @@ def tls_error_reason(exc: BaseException) -> str:
     """A short, bounded reason for a failed handshake."""
     if isinstance(exc, PeerIdentityError):
         return exc.reason
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError) or "taking longer" in str(exc):
         return "timeout"
     if isinstance(exc, ssl.SSLCertVerificationError):
         code = getattr(exc, "verify_code", None)

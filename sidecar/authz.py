@@ -1,0 +1,51 @@
+"""Authorization as the sidecar applies it: the policy evaluator plus fail-closed and pass-through rules.
+
+``policies.evaluate.authorize`` decides; this module adds what the sidecar needs around it:
+
+- no compiled table yet (no policy service has ever run): every caller is denied, fail closed;
+- :func:`passthrough` says whether a connection's decision holds for every call on it (an L4
+  allow in enforce mode), so the inbound side may pass its bytes straight to the app;
+- :func:`denial_message` is what a denied caller reads: the rule that decided and why.
+"""
+
+from __future__ import annotations
+
+from policies.evaluate import authorize
+from policies.model import TCP, CompiledTable, Decision, GrpcRequest, HttpRequest, TcpRequest
+
+NO_TABLE = Decision(allowed=False, reason="no compiled policy is available for this service yet (fail closed)")
+
+__all__ = [
+    "TCP",
+    "Decision",
+    "GrpcRequest",
+    "HttpRequest",
+    "TcpRequest",
+    "decide",
+    "decision_label",
+    "denial_message",
+    "passthrough",
+]
+
+
+def decide(table: CompiledTable | None, source: str, request: TcpRequest | HttpRequest | GrpcRequest) -> Decision:
+    if table is None:
+        return NO_TABLE
+    return authorize(table, source, request)
+
+
+def passthrough(decision: Decision) -> bool:
+    """True when every call on a connection with this decision is allowed without looking at it."""
+    return decision.allowed and not decision.audited and not decision.per_request
+
+
+def decision_label(decision: Decision) -> str:
+    """``allow``, ``deny`` or ``audit`` (a would-be denial let through by audit mode)."""
+    if decision.audited:
+        return "audit"
+    return "allow" if decision.allowed else "deny"
+
+
+def denial_message(decision: Decision, source: str, destination: str, what: str = "") -> str:
+    target = f"{destination}{what}" if what else destination
+    return f"weft: {source} -> {target} denied by {decision.rule_label}: {decision.reason}"

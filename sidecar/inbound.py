@@ -1,0 +1,291 @@
+"""The public port: mTLS only, the caller's identity from its certificate, every call authorized.
+
+Each accepted connection goes through a TLS handshake with the context of the *current* snapshot
+(a rotated leaf or trust bundle applies to the next handshake), with ALPN ``h2`` for gRPC services
+and ``http/1.1`` for HTTP ones. A failed handshake (plaintext, foreign CA, expired or absent
+client certificate) or a certificate without a SPIFFE identity of this trust domain is counted in
+``weft_tls_handshake_errors_total`` by reason and closed; other connections are not affected.
+
+Then the caller's identity is authorized for the connection (``policies.evaluate``):
+
+- an L4 allow in enforce mode ("pass-through"): every call on the connection would be allowed, so
+  its bytes go straight to the app; per-call metrics come from the caller's outbound side;
+- otherwise, for gRPC and HTTP services ("full path"): the decrypted connection is spliced into an
+  internal grpc.aio server (or aiohttp server) on loopback that authorizes every call with the
+  caller's identity and answers PERMISSION_DENIED / 403 naming the deciding rule, or forwards the
+  call to the app; the internal server learns the caller's identity from the local port of the
+  splice connection;
+- for TCP services a denied connection is closed (and counted and logged with its rule).
+
+When the policy changes, open pass-through connections (and TCP connections) are re-decided and
+closed if their pair is no longer allowed that way; gRPC clients reconnect and come back through
+the path that now applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+
+from ca.identity import SpiffeId
+from sidecar import authz
+from sidecar.grpc_proxy import ProxyHandler, Refusal, Target, UpstreamChannel, message_options
+from sidecar.snapshot import Snapshot
+from sidecar.tcp_proxy import Pipe, TlsServerConnection
+from sidecar.telemetry import Telemetry
+from sidecar.tls import PeerIdentityError, TlsContexts, peer_identity, tls_error_reason
+
+log = structlog.get_logger("weft.sidecar.inbound")
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+def _port_of_peer(peer: str) -> int:
+    """The port of a grpc peer string ``ipv4:127.0.0.1:PORT`` / ``ipv6:[::1]:PORT``."""
+    try:
+        return int(peer.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+class _GrpcRouter:
+    """Routes full-path gRPC calls: authorize by the caller's identity, then the local app."""
+
+    def __init__(self, inbound: Inbound) -> None:
+        self._in = inbound
+
+    def route(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Target:
+        inbound = self._in
+        snap = inbound.snapshot()
+        ident = inbound.identities.get(_port_of_peer(context.peer()))
+        if ident is None:
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, "weft: the caller's identity is unknown")
+        if inbound.draining:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, "weft: the sidecar is shutting down")
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        decision = authz.decide(snap.policy, ident.uri, authz.GrpcRequest(method, metadata))
+        inbound.telemetry.decision(authz.decision_label(decision), decision.rule_label)
+        if not decision.allowed:
+            message = authz.denial_message(decision, ident.service, snap.registration.service, method)
+            log.info("denied", source=ident.service, destination=snap.registration.service, method=method,
+                     rule=decision.rule_label, reason=decision.reason)
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, message)
+        if decision.audited:
+            log.warning("audit_would_deny", source=ident.service, destination=snap.registration.service,
+                        method=method, rule=decision.rule_label, reason=decision.reason)
+        return Target(inbound.app_channel())
+
+    def retry_target(self, method: str, failed: Target) -> Target | None:
+        return None
+
+    def record(self, method: str, code: grpc.StatusCode, seconds: float,
+               context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        inbound = self._in
+        ident = inbound.identities.get(_port_of_peer(context.peer()))
+        source = ident.service if ident is not None else "unknown"
+        snap = inbound.snapshot()
+        dest = snap.registration.service
+        label = inbound.telemetry.method_label(dest, method, snap.local_methods)
+        inbound.telemetry.request("inbound", source, dest, label, code.name, seconds)
+        inbound.telemetry.access.line(time.monotonic(), direction="inbound", source=source, destination=dest,
+                                      method=method, status=code.name, duration_ms=round(seconds * 1000, 3))
+
+
+class Inbound:
+    """The public listener and the internal full-path servers of one sidecar."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot], telemetry: Telemetry, tls: TlsContexts, *,
+                 max_message_bytes: int = 4 * 1024 * 1024, passthrough_enabled: bool = True) -> None:
+        self.snapshot = snapshot
+        self.telemetry = telemetry
+        self.tls = tls
+        self.max_message_bytes = max_message_bytes
+        self.passthrough_enabled = passthrough_enabled
+        self.identities: dict[int, SpiffeId] = {}
+        self.draining = False
+        self._server: asyncio.AbstractServer | None = None
+        self._grpc_server: grpc.aio.Server | None = None
+        self._grpc_port = 0
+        self._http: Any = None  # sidecar.http_proxy.InboundHttp
+        self._app_channel: UpstreamChannel | None = None
+        self._app_target = ""
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # open connections by (caller service, mode): re-decided when the policy changes
+        self.connections: dict[Pipe, tuple[SpiffeId, str]] = {}
+        self._policy_version = ""
+        self.port = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self, host: str, port: int) -> int:
+        snap = self.snapshot()
+        self._policy_version = snap.policy_version
+        protocol = snap.registration.protocol
+        if protocol == "grpc":
+            server = grpc.aio.server(options=message_options(self.max_message_bytes))
+            server.add_generic_rpc_handlers((ProxyHandler(_GrpcRouter(self), lambda: self.snapshot().local_methods),))
+            self._grpc_port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            self._grpc_server = server
+        elif protocol == "http":
+            from sidecar.http_proxy import InboundHttp
+
+            self._http = InboundHttp(self)
+            await self._http.start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._accept, host, port, reuse_address=True, backlog=1024)
+        sock = self._server.sockets[0]
+        self.port = int(sock.getsockname()[1])
+        log.info("inbound_listening", address=f"{host}:{self.port}", protocol=protocol)
+        return self.port
+
+    def stop_accepting(self) -> None:
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+
+    async def close(self, grace: float = 5.0) -> None:
+        self.stop_accepting()
+        if self._grpc_server is not None:
+            await self._grpc_server.stop(grace)
+        if self._http is not None:
+            await self._http.close()
+        deadline = time.monotonic() + grace
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for pipe in list(self.connections):
+            pipe.close(abort=True)
+        if self._app_channel is not None:
+            await self._app_channel.channel.close(None)
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def app_channel(self) -> UpstreamChannel:
+        snap = self.snapshot()
+        target = f"{snap.registration.local_service_address}:{snap.registration.local_service_port}"
+        ch = self._app_channel
+        if ch is None or self._app_target != target:
+            ch = UpstreamChannel(grpc.aio.insecure_channel(target, options=message_options(self.max_message_bytes)),
+                                 target)
+            self._app_channel = ch
+            self._app_target = target
+        return ch
+
+    # -- one connection ------------------------------------------------------------------------
+    def _accept(self) -> asyncio.BaseProtocol:
+        pipe = Pipe(on_close=self._closed)
+        return TlsServerConnection(pipe, self._context, self._handshaken, self._tls_failed, HANDSHAKE_TIMEOUT)
+
+    def _context(self) -> ssl.SSLContext:
+        snap = self.snapshot()
+        return self.tls.server(snap.credentials, snap.registration.protocol)
+
+    def _handshaken(self, conn: TlsServerConnection) -> None:
+        snap = self.snapshot()
+        try:
+            der = conn.sslobj.getpeercert(binary_form=True)
+            ident = peer_identity(der, snap.credentials.trust_domain)
+        except PeerIdentityError as exc:
+            self._tls_failed(conn, exc)
+            conn.raw.abort()
+            return
+        if self.draining:
+            conn.raw.abort()
+            return
+        self._spawn(self._route(conn, ident, snap))
+
+    async def _route(self, conn: TlsServerConnection, ident: SpiffeId, snap: Snapshot) -> None:
+        pipe = conn.pipe
+        protocol = snap.registration.protocol
+        decision = authz.decide(snap.policy, ident.uri, authz.TCP)
+        app = (snap.registration.local_service_address, snap.registration.local_service_port)
+        try:
+            if protocol == "tcp":
+                self.telemetry.decision(authz.decision_label(decision), decision.rule_label)
+                if not decision.allowed:
+                    self.telemetry.inbound_connections.labels("denied").inc()
+                    self.telemetry.request("inbound", ident.service, snap.registration.service, "tcp", "denied", 0.0)
+                    log.info("denied", source=ident.service, destination=snap.registration.service,
+                             rule=decision.rule_label, reason=decision.reason)
+                    conn.close()
+                    return
+                if decision.audited:
+                    log.warning("audit_would_deny", source=ident.service, destination=snap.registration.service,
+                                rule=decision.rule_label, reason=decision.reason)
+                pipe.info.update(source=ident.service, mode="tcp")
+                self.connections[pipe] = (ident, "tcp")
+                await pipe.connect_b(*app)
+                self.telemetry.inbound_connections.labels("passthrough").inc()
+            elif self.passthrough_enabled and authz.passthrough(decision):
+                self.telemetry.decision("allow", decision.rule_label)
+                pipe.info.update(source=ident.service, mode="passthrough")
+                self.connections[pipe] = (ident, "passthrough")
+                await pipe.connect_b(*app)
+                self.telemetry.inbound_connections.labels("passthrough").inc()
+            else:
+                pipe.info.update(source=ident.service, mode="full")
+                internal = self._internal_port(protocol)
+                transport = await pipe.connect_b("127.0.0.1", internal)
+                local_port = int(transport.get_extra_info("sockname")[1])
+                self.identities[local_port] = ident
+                pipe.info["local_port"] = local_port
+                self.telemetry.inbound_connections.labels("full").inc()
+            pipe.start()
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            log.warning("app_connect_failed", app=f"{app[0]}:{app[1]}", error=str(exc))
+            self.connections.pop(pipe, None)
+            pipe.close(abort=True)
+
+    def _internal_port(self, protocol: str) -> int:
+        if protocol == "grpc" and self._grpc_port:
+            return self._grpc_port
+        if protocol == "http" and self._http is not None:
+            return int(self._http.port)
+        raise ConnectionRefusedError(f"no internal server for protocol {protocol}")
+
+    def _tls_failed(self, conn: TlsServerConnection, exc: BaseException) -> None:
+        reason = tls_error_reason(exc)
+        self.telemetry.tls_errors.labels("inbound", reason).inc()
+        peer = conn.raw.get_extra_info("peername") if conn.raw is not None else None
+        log.info("tls_refused", reason=reason, peer=f"{peer[0]}:{peer[1]}" if peer else "", error=str(exc)[:200])
+
+    def _closed(self, pipe: Pipe) -> None:
+        entry = self.connections.pop(pipe, None)
+        port = pipe.info.get("local_port")
+        if port is not None:
+            self.identities.pop(port, None)
+        if entry is not None and entry[1] == "tcp":
+            snap = self.snapshot()
+            self.telemetry.request("inbound", entry[0].service, snap.registration.service, "tcp", "closed",
+                                   time.monotonic() - pipe.started)
+
+    # -- policy changes ------------------------------------------------------------------------
+    def on_snapshot(self, snap: Snapshot) -> None:
+        """Re-decide open pass-through and TCP connections when the policy changed."""
+        if snap.policy_version == self._policy_version:
+            return
+        self._policy_version = snap.policy_version
+        closed = 0
+        for pipe, (ident, mode) in list(self.connections.items()):
+            decision = authz.decide(snap.policy, ident.uri, authz.TCP)
+            keep = decision.allowed if mode == "tcp" else authz.passthrough(decision)
+            if not keep:
+                closed += 1
+                self.telemetry.inbound_connections.labels("closed_by_policy").inc()
+                log.info("connection_closed_by_policy", source=ident.service,
+                         destination=snap.registration.service, rule=decision.rule_label, mode=mode)
+                self.connections.pop(pipe, None)
+                pipe.close(abort=True)
+        if closed:
+            log.info("policy_change_closed_connections", count=closed, policy_version=snap.policy_version)

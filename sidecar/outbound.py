@@ -1,0 +1,221 @@
+"""The outbound side: one local listener per upstream, an endpoint picked per call or connection.
+
+For each upstream declared in the registration, a listener on ``LocalBindAddress:LocalBindPort``
+speaks the upstream's protocol: a grpc.aio server (gRPC, see ``sidecar.grpc_proxy``), an aiohttp
+server (HTTP, ``sidecar.http_proxy``) or a byte pipe (TCP, ``sidecar.tcp_proxy``). Every call (or
+TCP connection) picks a healthy endpoint of the current snapshot with power of two choices over a
+latency EWMA (``sidecar.balance``) and goes there over mTLS, checking that the server is the
+upstream (DNS SAN ``<service>.svc.default.<trust-domain>`` as the TLS host name; URI SAN for TCP
+and HTTP). gRPC keeps one HTTP/2 channel per endpoint.
+
+Endpoint changes apply to new calls at once; channels of endpoints that left, or built from a
+previous certificate, are closed with a grace period so that calls in flight finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+
+from sidecar.balance import Balancer
+from sidecar.grpc_proxy import ProxyHandler, Refusal, Target, UpstreamChannel, message_options
+from sidecar.snapshot import Endpoint, Snapshot, UpstreamState
+from sidecar.telemetry import Telemetry
+from sidecar.tls import TlsContexts, expected_server_name
+
+log = structlog.get_logger("weft.sidecar.outbound")
+
+RETIRE_GRACE = 30.0
+
+
+class EndpointPool:
+    """Endpoints of one upstream: the balancer, and one gRPC channel per endpoint."""
+
+    def __init__(self, name: str, telemetry: Telemetry, tls: TlsContexts, max_message_bytes: int) -> None:
+        self.name = name
+        self.telemetry = telemetry
+        self.tls = tls
+        self.max_message_bytes = max_message_bytes
+        self.balancer: Balancer[str] = Balancer()
+        self.endpoints: dict[str, Endpoint] = {}
+        self._channels: dict[str, UpstreamChannel] = {}
+        self._generation = ""
+        self._done: dict[str, Callable[[grpc.StatusCode, float], None]] = {}
+        self._retiring: set[asyncio.Task[Any]] = set()
+
+    def update(self, up: UpstreamState, snap: Snapshot) -> None:
+        now = time.monotonic()
+        self.endpoints = {e.key: e for e in up.endpoints}
+        self.balancer.set_endpoints(self.endpoints, now)
+        generation = snap.credentials.generation
+        stale = [k for k in self._channels if k not in self.endpoints or generation != self._generation]
+        self._generation = generation
+        for key in stale:
+            self._retire(self._channels.pop(key))
+        self.telemetry.set_endpoints(self.name, len(self.endpoints))
+
+    def _retire(self, ch: UpstreamChannel) -> None:
+        ch.closing = True
+        task = asyncio.ensure_future(ch.channel.close(grace=RETIRE_GRACE))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def pick(self, exclude: str = "") -> str | None:
+        now = time.monotonic()
+        key = self.balancer.pick(now)
+        if key is not None and key == exclude and len(self.endpoints) > 1:
+            for _ in range(4):
+                key = self.balancer.pick(now)
+                if key != exclude:
+                    break
+        if key is not None:
+            self.balancer.start(key)
+        return key
+
+    def observe(self, key: str, ok: bool, seconds: float) -> None:
+        before = self.balancer.ejected(time.monotonic()) if not ok else ()
+        now = time.monotonic()
+        self.balancer.observe(key, seconds, now, ok=ok)
+        if not ok and key not in before and key in self.balancer.ejected(now):
+            self.telemetry.ejections.labels(self.name).inc()
+            log.warning("endpoint_ejected", upstream=self.name, endpoint=key)
+
+    def channel(self, key: str, snap: Snapshot) -> UpstreamChannel:
+        ch = self._channels.get(key)
+        if ch is None:
+            creds = self.tls.grpc_credentials(snap.credentials)
+            name = expected_server_name(self.name, snap.credentials.trust_domain)
+            options = [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name),
+                       *message_options(self.max_message_bytes)]
+            ch = UpstreamChannel(grpc.aio.secure_channel(key, creds, options=options), key)
+            self._channels[key] = ch
+        return ch
+
+    def done_callback(self, key: str) -> Callable[[grpc.StatusCode, float], None]:
+        cb = self._done.get(key)
+        if cb is None:
+            def cb(code: grpc.StatusCode, seconds: float, key: str = key) -> None:
+                self.observe(key, code is not grpc.StatusCode.UNAVAILABLE, seconds)
+            if len(self._done) > 1024:
+                self._done.clear()
+            self._done[key] = cb
+        return cb
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.channel.close(None)
+        self._channels.clear()
+        for task in list(self._retiring):
+            task.cancel()
+
+
+class _GrpcRouter:
+    def __init__(self, outbound: Outbound, pool: EndpointPool) -> None:
+        self._out = outbound
+        self._pool = pool
+
+    def route(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Target:
+        if self._out.draining:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, "weft: the sidecar is shutting down")
+        pool = self._pool
+        key = pool.pick()
+        if key is None:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, f"weft: no healthy endpoint of upstream {pool.name}")
+        return Target(pool.channel(key, self._out.snapshot()), pool.done_callback(key))
+
+    def retry_target(self, method: str, failed: Target) -> Target | None:
+        pool = self._pool
+        if len(pool.endpoints) < 2 or self._out.draining:
+            return None
+        key = pool.pick(exclude=failed.channel.key)
+        if key is None or key == failed.channel.key:
+            return None
+        pool.telemetry.retries.labels(pool.name).inc()
+        return Target(pool.channel(key, self._out.snapshot()), pool.done_callback(key))
+
+    def record(self, method: str, code: grpc.StatusCode, seconds: float,
+               context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        out = self._out
+        snap = out.snapshot()
+        up = snap.upstreams.get(self._pool.name)
+        source = snap.registration.service
+        label = out.telemetry.method_label(self._pool.name, method, up.methods if up is not None else None)
+        out.telemetry.request("outbound", source, self._pool.name, label, code.name, seconds)
+        out.telemetry.access.line(time.monotonic(), direction="outbound", source=source, destination=self._pool.name,
+                                  method=method, status=code.name, duration_ms=round(seconds * 1000, 3))
+
+
+class Outbound:
+    """All upstream listeners of one sidecar."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot], telemetry: Telemetry, tls: TlsContexts, *,
+                 max_message_bytes: int = 4 * 1024 * 1024) -> None:
+        self.snapshot = snapshot
+        self.telemetry = telemetry
+        self.tls = tls
+        self.max_message_bytes = max_message_bytes
+        self.pools: dict[str, EndpointPool] = {}
+        self._listeners: dict[str, Any] = {}
+        self.draining = False
+
+    async def start(self) -> None:
+        snap = self.snapshot()
+        for name, up in snap.upstreams.items():
+            await self._start_upstream(name, up, snap)
+
+    async def _start_upstream(self, name: str, up: UpstreamState, snap: Snapshot) -> None:
+        pool = EndpointPool(name, self.telemetry, self.tls, self.max_message_bytes)
+        pool.update(up, snap)
+        self.pools[name] = pool
+        addr = f"{up.config.local_bind_address}:{up.config.local_bind_port}"
+        if up.protocol == "grpc":
+            server = grpc.aio.server(options=message_options(self.max_message_bytes))
+
+            def kinds(name: str = name) -> Any:
+                u = self.snapshot().upstreams.get(name)
+                return u.methods if u is not None else {}
+
+            server.add_generic_rpc_handlers((ProxyHandler(_GrpcRouter(self, pool), kinds),))
+            if server.add_insecure_port(addr) == 0:
+                raise OSError(f"cannot listen on {addr} for upstream {name}")
+            await server.start()
+            self._listeners[name] = server
+        elif up.protocol == "http":
+            from sidecar.http_proxy import OutboundHttp
+
+            listener = OutboundHttp(self, pool)
+            await listener.start(up.config.local_bind_address, up.config.local_bind_port)
+            self._listeners[name] = listener
+        else:
+            from sidecar.tcp_proxy import OutboundTcp
+
+            tcp = OutboundTcp(self, pool)
+            await tcp.start(up.config.local_bind_address, up.config.local_bind_port)
+            self._listeners[name] = tcp
+        log.info("outbound_listening", upstream=name, address=addr, protocol=up.protocol,
+                 endpoints=len(up.endpoints))
+
+    def on_snapshot(self, snap: Snapshot) -> None:
+        for name, up in snap.upstreams.items():
+            pool = self.pools.get(name)
+            if pool is not None:
+                pool.update(up, snap)
+
+    def stop_accepting(self) -> None:
+        self.draining = True
+
+    async def close(self, grace: float = 5.0) -> None:
+        self.draining = True
+        for listener in self._listeners.values():
+            if isinstance(listener, grpc.aio.Server):
+                await listener.stop(grace)
+            else:
+                await listener.close(grace)
+        for pool in self.pools.values():
+            await pool.close()

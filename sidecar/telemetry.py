@@ -1,0 +1,162 @@
+"""Metrics and logs of a sidecar: Prometheus series with bounded labels, structlog access lines.
+
+Metric names (all on the admin port's ``/metrics``):
+
+- ``weft_requests_total`` and ``weft_request_duration_seconds`` {direction, source, destination,
+  method, status}: one observation per gRPC call, HTTP request or TCP connection. ``direction`` is
+  ``outbound`` (measured by the caller's sidecar) or ``inbound``; ``method`` is the gRPC method
+  path, the HTTP route (method and first path segment) or ``tcp``; ``status`` the gRPC status name,
+  the HTTP status code or ``closed``.
+- ``weft_authz_decisions_total`` {decision, rule}: ``allow``, ``deny`` or ``audit`` (would have been
+  denied, allowed in audit mode), and the deciding rule.
+- ``weft_tls_handshake_errors_total`` {direction, reason}.
+- ``weft_inbound_connections_total`` {mode}: how the public port handled each authenticated
+  connection: ``passthrough`` (L4-allowed caller, bytes passed to the app), ``full`` (per-call
+  path), ``denied`` (TCP service, closed), ``closed_by_policy`` (closed by a policy change).
+- ``weft_upstream_endpoints`` {upstream}, ``weft_upstream_ejections_total`` {upstream},
+  ``weft_retries_total`` {upstream}.
+- ``weft_cert_expiry_timestamp_seconds``, ``weft_policy_version_info`` {version},
+  ``weft_snapshot_version``.
+
+Cardinality: labelled children are cached (no ``.labels()`` per call); ``source`` and
+``destination`` take at most :data:`MAX_SERVICES` values and ``method`` at most
+:data:`MAX_METHODS` per destination, beyond which they fold into ``other`` / ``unknown``; a method
+not in the destination's published method table (when it has one) is ``unknown`` at once.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Collection
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+MAX_SERVICES = 256
+MAX_METHODS = 64
+UNKNOWN_METHOD = "unknown"
+OTHER = "other"
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class AccessLog:
+    """Access lines: every line while under ``per_second``, then a ``sample`` fraction of the rest."""
+
+    def __init__(self, per_second: float = 20.0, sample: float = 0.01, rng: random.Random | None = None) -> None:
+        if per_second < 0 or not 0.0 <= sample <= 1.0:
+            raise ValueError("access log rate must be >= 0 and sample within [0, 1]")
+        self.per_second = per_second
+        self.sample = sample
+        self._rng = rng or random.Random()
+        self._tokens = per_second
+        self._last = time.monotonic()
+        self._log = structlog.get_logger("weft.access")
+
+    def admit(self, now: float) -> bool:
+        if self.per_second > 0:
+            self._tokens = min(self.per_second, self._tokens + (now - self._last) * self.per_second)
+            self._last = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return True
+        return self.sample > 0 and self._rng.random() < self.sample
+
+    def line(self, now: float, **fields: Any) -> None:
+        if self.admit(now):
+            self._log.info("access", **fields)
+
+
+class Telemetry:
+    """All of a sidecar's metrics in one registry, with cached children for the hot path."""
+
+    def __init__(self, *, access_per_second: float = 20.0, access_sample: float = 0.01) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ("direction", "source", "destination", "method", "status")
+        self.requests = Counter("weft_requests_total", "Calls, HTTP requests and TCP connections proxied",
+                                labels, registry=self.registry)
+        self.duration = Histogram("weft_request_duration_seconds", "Duration of proxied calls as seen by the sidecar",
+                                  labels, buckets=_BUCKETS, registry=self.registry)
+        self.authz = Counter("weft_authz_decisions_total", "Authorization decisions by the deciding rule",
+                             ("decision", "rule"), registry=self.registry)
+        self.tls_errors = Counter("weft_tls_handshake_errors_total", "Failed TLS handshakes by reason",
+                                  ("direction", "reason"), registry=self.registry)
+        self.inbound_connections = Counter("weft_inbound_connections_total",
+                                           "Authenticated connections on the public port by handling mode",
+                                           ("mode",), registry=self.registry)
+        self.endpoints = Gauge("weft_upstream_endpoints", "Healthy endpoints per upstream", ("upstream",),
+                               registry=self.registry)
+        self.ejections = Counter("weft_upstream_ejections_total", "Endpoints ejected after consecutive failures",
+                                 ("upstream",), registry=self.registry)
+        self.retries = Counter("weft_retries_total", "Calls retried on another endpoint after a connect failure",
+                               ("upstream",), registry=self.registry)
+        self.cert_expiry = Gauge("weft_cert_expiry_timestamp_seconds", "Expiry (Unix time) of the current leaf",
+                                 registry=self.registry)
+        self.policy_version = Gauge("weft_policy_version_info", "The compiled policy version in force (value 1)",
+                                    ("version",), registry=self.registry)
+        self.snapshot_version = Gauge("weft_snapshot_version", "Publications of the configuration snapshot",
+                                      registry=self.registry)
+        self._children: dict[tuple[str, str, str, str, str], tuple[Any, Any]] = {}
+        self._authz_children: dict[tuple[str, str], Any] = {}
+        self._services: set[str] = set()
+        self._methods: dict[str, set[str]] = {}
+        self._policy_label: str | None = None
+        self.access = AccessLog(access_per_second, access_sample)
+
+    # -- label folding -------------------------------------------------------------------------
+    def service_label(self, name: str) -> str:
+        if name in self._services:
+            return name
+        if len(self._services) >= MAX_SERVICES:
+            return OTHER
+        self._services.add(name)
+        return name
+
+    def method_label(self, destination: str, method: str, known: Collection[str] | None = None) -> str:
+        if known:
+            return method if method in known else UNKNOWN_METHOD
+        seen = self._methods.setdefault(destination, set())
+        if method in seen:
+            return method
+        if len(seen) >= MAX_METHODS:
+            return UNKNOWN_METHOD
+        seen.add(method)
+        return method
+
+    # -- hot path ------------------------------------------------------------------------------
+    def request(self, direction: str, source: str, destination: str, method: str, status: str,
+                seconds: float) -> None:
+        if source not in self._services:
+            source = self.service_label(source)
+        if destination not in self._services:
+            destination = self.service_label(destination)
+        key = (direction, source, destination, method, status)
+        pair = self._children.get(key)
+        if pair is None:
+            pair = (self.requests.labels(*key), self.duration.labels(*key))
+            self._children[key] = pair
+        pair[0].inc()
+        pair[1].observe(seconds)
+
+    def decision(self, decision: str, rule: str) -> None:
+        key = (decision, rule)
+        child = self._authz_children.get(key)
+        if child is None:
+            child = self.authz.labels(decision, rule)
+            self._authz_children[key] = child
+        child.inc()
+
+    # -- configuration -------------------------------------------------------------------------
+    def set_policy_version(self, version: str) -> None:
+        if self._policy_label is not None and self._policy_label != version:
+            self.policy_version.remove(self._policy_label)
+        self.policy_version.labels(version).set(1)
+        self._policy_label = version
+
+    def set_endpoints(self, upstream: str, count: int) -> None:
+        self.endpoints.labels(upstream).set(count)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
