@@ -185,8 +185,8 @@ async def test_rotation_drops_no_handshake(running_ca: RunningCA) -> None:
                 t.join(10)
             for s in socks:
                 s.close()
-            for t in tasks:
-                await t
+            for task in tasks:
+                await task
 
     records = [r for p in peers for r in p.records]
     failures = [r.error for r in records if not r.ok]
