@@ -62,8 +62,9 @@ class LeaderLock:
         self.client = client
         self.key = key
         self.ttl = parse_duration(ttl, "ttl")
-        if not 10 <= self.ttl <= 86400:
-            raise ValueError(f"ttl: Consul accepts session TTLs from 10s to 86400s, got {ttl!r}")
+        if not 0 < self.ttl <= 86400:
+            # Consul's lower bound is its session_ttl_min (10s by default); the server checks it
+            raise ValueError(f"ttl: a session TTL must be between 0 and 86400s, got {ttl!r}")
         self.lock_delay = parse_duration(lock_delay, "lock_delay")
         self.behavior = behavior
         self.value = value.encode() if isinstance(value, str) else value

@@ -73,7 +73,7 @@ async def test_loss_is_detected_when_another_session_takes_the_key() -> None:
 async def test_renew_at_half_ttl_and_loss_when_renew_answers_404() -> None:
     fake = FakeConsul()
     a = make(fake, b"A")
-    a.ttl = 0.2  # Consul's minimum is 10s; shortened here so renewals happen within the test
+    a.ttl = 0.2  # shorter than any Consul session TTL, so that renewals happen within the test
     async with a:
         await a.acquired()
         sid = a.session_id
@@ -143,7 +143,7 @@ async def test_stop_before_acquired_raises_lock_stopped() -> None:
 def test_bad_arguments() -> None:
     fake = FakeConsul()
     with pytest.raises(ValueError, match="ttl"):
-        LeaderLock(fake, KEY, ttl="5s")  # type: ignore[arg-type]
+        LeaderLock(fake, KEY, ttl="0s")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="behavior"):
         LeaderLock(fake, KEY, behavior="keep")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="key"):
