@@ -79,6 +79,9 @@ def kv_set(tx: Tx, key: str, value: str | None, flags: int, *, session: str | No
         session = str(existing.get("Session", "")) if existing else ""
     if lock_index is None:
         lock_index = int(existing["LockIndex"]) if existing else 0
+    if (existing is not None and existing.get("Value") == value and existing["Flags"] == flags
+            and existing.get("Session", "") == session and existing["LockIndex"] == lock_index):
+        return existing  # Consul skips writing an unchanged entry: its ModifyIndex stays, nobody wakes
     row = entry(key, value, flags, create, tx.index, lock_index, session)
     tx.put("kvs", key, row)
     return row

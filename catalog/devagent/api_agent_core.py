@@ -1,0 +1,134 @@
+"""``/v1/agent/self``, ``/v1/agent/members``, ``/v1/agent/version``: the agent describing itself.
+
+The dev agent is a single server that is its own leader; its one LAN member is itself.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+from aiohttp import web
+
+from catalog.devagent.agent import CONSUL_VERSION, REVISION, Agent
+from catalog.devagent.http import Endpoint, Req, json_response
+
+SERF_LAN_PORT = 8301
+SERVER_PORT = 8300
+BUILD_DATE = "2025-01-01T00:00:00Z"
+
+
+def routes(agent: Agent) -> list[Endpoint]:
+    return [
+        Endpoint("/v1/agent/self", {"GET": self_}),
+        Endpoint("/v1/agent/members", {"GET": members}),
+        Endpoint("/v1/agent/version", {"GET": version}),
+    ]
+
+
+def member(agent: Agent) -> dict[str, Any]:
+    cfg = agent.config
+    return {
+        "Name": agent.node_name,
+        "Addr": cfg.advertise_addr,
+        "Port": SERF_LAN_PORT,
+        "Tags": {
+            "acls": "1" if cfg.acl_enabled else "0",
+            "bootstrap": "1",
+            "build": f"{CONSUL_VERSION}:{REVISION}",
+            "dc": agent.datacenter,
+            "ft_fs": "1",
+            "ft_si": "1",
+            "grpc_port": "8502",
+            "id": agent.node_id,
+            "port": str(SERVER_PORT),
+            "raft_vsn": "3",
+            "role": "consul",
+            "segment": "",
+            "vsn": "2",
+            "vsn_max": "3",
+            "vsn_min": "2",
+            "wan_join_port": "8302",
+        },
+        "Status": 1,
+        "ProtocolMin": 1,
+        "ProtocolMax": 5,
+        "ProtocolCur": 2,
+        "DelegateMin": 2,
+        "DelegateMax": 5,
+        "DelegateCur": 4,
+    }
+
+
+async def self_(r: Req) -> web.StreamResponse:
+    agent = r.agent
+    r.authz.check("agent:read", agent.node_name)
+    cfg = agent.config
+    node = agent.store.get("nodes", agent.node_name) or {}
+    body = {
+        "Config": {
+            "Datacenter": agent.datacenter,
+            "PrimaryDatacenter": agent.datacenter,
+            "NodeName": agent.node_name,
+            "NodeID": agent.node_id,
+            "Partition": "",
+            "Revision": REVISION,
+            "Server": True,
+            "Version": CONSUL_VERSION,
+            "BuildDate": BUILD_DATE,
+        },
+        "DebugConfig": {
+            "ACLsEnabled": cfg.acl_enabled,
+            "ACLResolverSettings": {"ACLDefaultPolicy": cfg.acl_default_policy if cfg.acl_enabled else "allow"},
+            "ClientAddrs": [cfg.client_addr],
+            "DataDir": cfg.data_dir or "",
+            "Datacenter": agent.datacenter,
+            "DevMode": True,
+            "HTTPPort": cfg.http_port,
+            "LogLevel": cfg.log_level.upper(),
+            "NodeName": agent.node_name,
+            "ServerMode": True,
+            "SessionTTLMin": f"{cfg.session_ttl_min_ns // 1_000_000_000}s",
+        },
+        "Coord": {"Vec": [0, 0, 0, 0, 0, 0, 0, 0], "Error": 1.5, "Adjustment": 0, "Height": 1e-05},
+        "Member": member(agent),
+        "Stats": {
+            "agent": {"check_monitors": "0", "check_ttls": "0", "checks": "0", "services": "0"},
+            "build": {"prerelease": "", "revision": REVISION, "version": CONSUL_VERSION,
+                      "version_metadata": ""},
+            "consul": {"acl": "enabled" if cfg.acl_enabled else "disabled", "bootstrap": "true",
+                       "known_datacenters": "1", "leader": "true",
+                       "leader_addr": f"{cfg.advertise_addr}:{SERVER_PORT}", "server": "true"},
+            "raft": {"applied_index": str(agent.store.current_index()), "state": "Leader",
+                     "last_log_index": str(agent.store.current_index()), "num_peers": "0"},
+            "runtime": {"arch": platform.machine(), "os": platform.system().lower(),
+                        "version": f"python{platform.python_version()}"},
+        },
+        "Meta": dict(node.get("Meta") or {}),
+        "xDS": {"SupportedProxies": {}, "Port": -1, "Ports": {"Plaintext": -1, "TLS": -1}},
+    }
+    return json_response(r, body)
+
+
+async def members(r: Req) -> web.StreamResponse:
+    segment = r.param("segment")
+    if r.has("wan") and r.param("wan") not in ("", "0", "false"):
+        m = member(r.agent)
+        wan = {**m, "Name": f"{m['Name']}.{r.agent.datacenter}", "Port": 8302}
+        return json_response(r, [wan] if r.authz.node_read(r.agent.node_name) else [])
+    if segment not in ("", "_all"):  # the dev agent has only the default segment
+        return json_response(r, [])
+    m = member(r.agent)
+    return json_response(r, [m] if r.authz.node_read(m["Name"]) else [])
+
+
+async def version(r: Req) -> web.StreamResponse:
+    return json_response(r, {
+        "SCADA": None,
+        "HumanVersion": CONSUL_VERSION,
+        "BuildDate": BUILD_DATE,
+        "Version": CONSUL_VERSION,
+        "Revision": REVISION,
+        "FIPS": "",
+    })
+
