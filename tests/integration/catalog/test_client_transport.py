@@ -1,0 +1,158 @@
+"""ConsulClient's transport and error mapping against a scripted HTTP server (unix socket and TCP):
+address forms, token header, typed errors, malformed bodies. The server here is not Consul; it answers
+what each test scripts, so that every status Consul can send is covered."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from catalog.client import (
+    ConsulACLDisabled,
+    ConsulBadRequest,
+    ConsulClient,
+    ConsulError,
+    ConsulInvalidResponse,
+    ConsulNotFound,
+    ConsulPermissionDenied,
+    ConsulTxnConflict,
+    ConsulUnavailable,
+)
+from catalog.models import ConsulSettings, KVTxnOp
+from tests.support import free_port
+
+pytestmark = pytest.mark.integration
+
+
+class Scripted:
+    def __init__(self) -> None:
+        self.requests: list[web.Request] = []
+        self.bodies: list[bytes] = []
+        self.answer: tuple[int, str, dict[str, str]] = (200, "null", {})
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append(request)
+        self.bodies.append(await request.read())
+        status, body, headers = self.answer
+        return web.Response(status=status, text=body, headers=headers, content_type="application/json")
+
+
+@pytest.fixture
+async def unix_server(tmp_path: Path) -> AsyncIterator[tuple[Scripted, str]]:
+    s = Scripted()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", s.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = str(tmp_path / "consul.sock")
+    site = web.UnixSite(runner, sock)
+    await site.start()
+    try:
+        yield s, sock
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def tcp_server() -> AsyncIterator[tuple[Scripted, int]]:
+    s = Scripted()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", s.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield s, port
+    finally:
+        await runner.cleanup()
+
+
+async def test_unix_socket_token_and_blocking_params(unix_server: tuple[Scripted, str]) -> None:
+    s, sock = unix_server
+    s.answer = (200, json.dumps([{"Key": "a b", "Value": None, "ModifyIndex": 7}]),
+                {"X-Consul-Index": "7", "X-Consul-KnownLeader": "true"})
+    env = {"CONSUL_HTTP_ADDR": f"unix://{sock}", "CONSUL_HTTP_TOKEN": "tok-1"}
+    async with ConsulClient(ConsulSettings.from_env(env)) as c:
+        index, e = await c.kv_get("a b", index=5, wait=2.5)
+        assert index == 7 and e is not None and e.key == "a b"
+        await c.kv_get("a b", token="other")
+    first, second = s.requests
+    assert first.path == "/v1/kv/a b"
+    assert first.query["index"] == "5" and first.query["wait"] == "2500ms"
+    assert first.headers["X-Consul-Token"] == "tok-1"
+    assert second.headers["X-Consul-Token"] == "other"
+    assert "index" not in second.query           # index 0: a plain read
+
+
+async def test_token_file(tcp_server: tuple[Scripted, int], tmp_path: Path) -> None:
+    s, port = tcp_server
+    tf = tmp_path / "token"
+    tf.write_text("from-file\n")
+    s.answer = (200, "true", {})
+    async with ConsulClient.from_env({"CONSUL_HTTP_ADDR": f"http://127.0.0.1:{port}",
+                                      "CONSUL_HTTP_TOKEN_FILE": str(tf)}) as c:
+        assert await c.kv_put("k", b"v", flags=3, cas=0)
+    r = s.requests[0]
+    assert r.headers["X-Consul-Token"] == "from-file"
+    assert r.method == "PUT" and r.query["flags"] == "3" and r.query["cas"] == "0"
+    assert s.bodies[0] == b"v"
+
+
+@pytest.mark.parametrize(("status", "exc"), [
+    (400, ConsulBadRequest), (413, ConsulBadRequest), (401, ConsulACLDisabled), (403, ConsulPermissionDenied),
+    (404, ConsulNotFound), (429, ConsulUnavailable), (500, ConsulUnavailable), (503, ConsulUnavailable),
+])
+async def test_status_mapping(tcp_server: tuple[Scripted, int], status: int, exc: type[ConsulError]) -> None:
+    s, port = tcp_server
+    s.answer = (status, "Consul says no", {})
+    async with ConsulClient.from_env({"CONSUL_HTTP_ADDR": f"127.0.0.1:{port}"}) as c:
+        with pytest.raises(exc) as err:
+            await c.agent_service_deregister("svc-1")
+    assert "Consul says no" in str(err.value)
+    assert err.value.status == status
+
+
+async def test_missing_key_is_none_with_index_and_bad_body_is_invalid(tcp_server: tuple[Scripted, int]) -> None:
+    s, port = tcp_server
+    async with ConsulClient.from_env({"CONSUL_HTTP_ADDR": f"127.0.0.1:{port}"}) as c:
+        s.answer = (404, "", {"X-Consul-Index": "12"})
+        assert await c.kv_get("nope") == (12, None)
+        s.answer = (200, "{not json", {"X-Consul-Index": "12"})
+        with pytest.raises(ConsulInvalidResponse):
+            await c.kv_get("k")
+        s.answer = (200, json.dumps([{"Node": {"Node": "n"}, "Service": {"ID": "x", "Service": "x", "Port": "80"}}]),
+                    {"X-Consul-Index": "3"})
+        with pytest.raises(ConsulInvalidResponse, match=r"Service\.Port"):
+            await c.health_connect("x")
+
+
+async def test_txn_conflict_carries_operation_errors(tcp_server: tuple[Scripted, int]) -> None:
+    s, port = tcp_server
+    s.answer = (409, json.dumps({"Results": None, "Errors": [{"OpIndex": 0, "What": "failed to lock key"}]}), {})
+    async with ConsulClient.from_env({"CONSUL_HTTP_ADDR": f"127.0.0.1:{port}"}) as c:
+        with pytest.raises(ConsulTxnConflict) as err:
+            await c.txn([KVTxnOp("lock", "k", b"v", session="s1")])
+    assert err.value.errors[0].what == "failed to lock key"
+    sent: Any = json.loads(s.bodies[0])
+    assert sent == [{"KV": {"Verb": "lock", "Key": "k", "Value": "dg==", "Session": "s1"}}]
+
+
+async def test_health_and_hash_params(tcp_server: tuple[Scripted, int]) -> None:
+    s, port = tcp_server
+    async with ConsulClient.from_env({"CONSUL_HTTP_ADDR": f"127.0.0.1:{port}"}) as c:
+        s.answer = (200, "[]", {"X-Consul-Index": "4"})
+        assert await c.health_connect("api", index=3, wait=1) == (4, ())
+        s.answer = (200, json.dumps({"ID": "web-1", "Service": "web", "Port": 1, "ContentHash": "h2"}),
+                    {"X-Consul-ContentHash": "h2"})
+        h, reg = await c.agent_service("web-1", hash="h1", wait=5)
+        assert h == "h2" and reg is not None and reg.name == "web"
+    health, agent = s.requests
+    assert health.path == "/v1/health/connect/api" and "passing" in health.query and health.query["index"] == "3"
+    assert agent.path == "/v1/agent/service/web-1" and agent.query["hash"] == "h1" and agent.query["wait"] == "5s"
