@@ -117,6 +117,7 @@ class Inbound:
         self._app_channel: UpstreamChannel | None = None
         self._app_target = ""
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._internal_lock = asyncio.Lock()
         # open connections by (caller service, mode): re-decided when the policy changes
         self.connections: dict[Pipe, tuple[SpiffeId, str]] = {}
         self._policy_version = ""
@@ -127,17 +128,8 @@ class Inbound:
         snap = self.snapshot()
         self._policy_version = snap.policy_version
         protocol = snap.registration.protocol
-        if protocol == "grpc":
-            server = grpc.aio.server(options=message_options(self.max_message_bytes))
-            server.add_generic_rpc_handlers((ProxyHandler(_GrpcRouter(self), lambda: self.snapshot().local_methods),))
-            self._grpc_port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            self._grpc_server = server
-        elif protocol == "http":
-            from sidecar.http_proxy import InboundHttp
-
-            self._http = InboundHttp(self)
-            await self._http.start()
+        if protocol in ("grpc", "http"):
+            await self._internal(protocol)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._accept, host, port, reuse_address=True, backlog=1024)
         sock = self._server.sockets[0]
@@ -235,7 +227,7 @@ class Inbound:
                 self.telemetry.inbound_connections.labels("passthrough").inc()
             else:
                 pipe.info.update(source=ident.service, mode="full")
-                internal = self._internal_port(protocol)
+                internal = await self._internal(protocol)
                 transport = await pipe.connect_b("127.0.0.1", internal)
                 local_port = int(transport.get_extra_info("sockname")[1])
                 self.identities[local_port] = ident
@@ -247,11 +239,26 @@ class Inbound:
             self.connections.pop(pipe, None)
             pipe.close(abort=True)
 
-    def _internal_port(self, protocol: str) -> int:
-        if protocol == "grpc" and self._grpc_port:
-            return self._grpc_port
-        if protocol == "http" and self._http is not None:
-            return int(self._http.port)
+    async def _internal(self, protocol: str) -> int:
+        """The port of the internal full-path server for ``protocol`` (started on first use)."""
+        async with self._internal_lock:
+            if protocol == "grpc":
+                if self._grpc_server is None:
+                    server = grpc.aio.server(options=message_options(self.max_message_bytes))
+                    server.add_generic_rpc_handlers(
+                        (ProxyHandler(_GrpcRouter(self), lambda: self.snapshot().local_methods),))
+                    self._grpc_port = server.add_insecure_port("127.0.0.1:0")
+                    await server.start()
+                    self._grpc_server = server
+                return self._grpc_port
+            if protocol == "http":
+                if self._http is None:
+                    from sidecar.http_proxy import InboundHttp
+
+                    http = InboundHttp(self)
+                    await http.start()
+                    self._http = http
+                return int(self._http.port)
         raise ConnectionRefusedError(f"no internal server for protocol {protocol}")
 
     def _tls_failed(self, conn: TlsServerConnection, exc: BaseException) -> None:

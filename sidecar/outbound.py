@@ -162,17 +162,22 @@ class Outbound:
         self.max_message_bytes = max_message_bytes
         self.pools: dict[str, EndpointPool] = {}
         self._listeners: dict[str, Any] = {}
+        self._protocols: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
 
     async def start(self) -> None:
-        snap = self.snapshot()
-        for name, up in snap.upstreams.items():
-            await self._start_upstream(name, up, snap)
+        async with self._lock:
+            snap = self.snapshot()
+            for name, up in snap.upstreams.items():
+                await self._start_upstream(name, up, snap)
 
     async def _start_upstream(self, name: str, up: UpstreamState, snap: Snapshot) -> None:
         pool = EndpointPool(name, self.telemetry, self.tls, self.max_message_bytes)
         pool.update(up, snap)
         self.pools[name] = pool
+        self._protocols[name] = up.protocol
         addr = f"{up.config.local_bind_address}:{up.config.local_bind_port}"
         if up.protocol == "grpc":
             server = grpc.aio.server(options=message_options(self.max_message_bytes))
@@ -202,20 +207,52 @@ class Outbound:
                  endpoints=len(up.endpoints))
 
     def on_snapshot(self, snap: Snapshot) -> None:
+        reconfigure = False
         for name, up in snap.upstreams.items():
             pool = self.pools.get(name)
-            if pool is not None:
+            if pool is None or self._protocols.get(name) != up.protocol:
+                reconfigure = True
+            else:
                 pool.update(up, snap)
+        if set(self.pools) - set(snap.upstreams):
+            reconfigure = True
+        if reconfigure and not self.draining:
+            task = asyncio.ensure_future(self._reconfigure())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _reconfigure(self) -> None:
+        """Start listeners of new upstreams, restart those whose protocol changed, stop removed ones."""
+        async with self._lock:
+            snap = self.snapshot()
+            for name in list(self.pools):
+                up = snap.upstreams.get(name)
+                if up is None or self._protocols.get(name) != up.protocol:
+                    log.info("outbound_listener_stopping", upstream=name,
+                             reason="removed" if up is None else f"protocol is now {up.protocol}")
+                    await self._stop_upstream(name, grace=1.0)
+            for name, up in snap.upstreams.items():
+                if name not in self.pools:
+                    try:
+                        await self._start_upstream(name, up, snap)
+                    except OSError as exc:
+                        log.error("outbound_listen_failed", upstream=name, error=str(exc))
+
+    async def _stop_upstream(self, name: str, grace: float) -> None:
+        listener = self._listeners.pop(name, None)
+        pool = self.pools.pop(name, None)
+        self._protocols.pop(name, None)
+        if isinstance(listener, grpc.aio.Server):
+            await listener.stop(grace)
+        elif listener is not None:
+            await listener.close(grace)
+        if pool is not None:
+            await pool.close()
 
     def stop_accepting(self) -> None:
         self.draining = True
 
     async def close(self, grace: float = 5.0) -> None:
         self.draining = True
-        for listener in self._listeners.values():
-            if isinstance(listener, grpc.aio.Server):
-                await listener.stop(grace)
-            else:
-                await listener.close(grace)
-        for pool in self.pools.values():
-            await pool.close()
+        async with self._lock:
+            await asyncio.gather(*(self._stop_upstream(name, grace) for name in list(self.pools)))

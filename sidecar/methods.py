@@ -1,0 +1,147 @@
+"""Learning the app's gRPC methods, and sharing them through Consul KV ``weft/methods/<service>``.
+
+A sidecar asks its app through gRPC server reflection (``grpc.reflection.v1alpha``) which services it
+offers and reads their file descriptors for each method's streaming kind; or it reads a
+``FileDescriptorSet`` its owner points to (``--descriptor-set FILE``, as ``protoc
+--descriptor_set_out`` writes). It publishes ``{"Service": ..., "Methods": {"/pkg.Svc/M": kind}}``
+under ``weft/methods/<service>`` whenever that changes, so callers' sidecars can use unary handlers
+for unary methods. Reflection's own service and health checks are included like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+from google.protobuf import descriptor_pb2
+
+from sidecar.snapshot import kind_of, validate_methods
+
+log = structlog.get_logger("weft.sidecar.methods")
+
+METHODS_PREFIX = "weft/methods/"
+_REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+
+
+def methods_key(service: str) -> str:
+    return METHODS_PREFIX + service
+
+
+def methods_of_files(files: list[descriptor_pb2.FileDescriptorProto]) -> dict[str, str]:
+    """``{"/pkg.Service/Method": kind}`` for every service in these file descriptors."""
+    out: dict[str, str] = {}
+    for fd in files:
+        prefix = f"{fd.package}." if fd.package else ""
+        for svc in fd.service:
+            for m in svc.method:
+                out[f"/{prefix}{svc.name}/{m.name}"] = kind_of(m.client_streaming, m.server_streaming)
+    return out
+
+
+def methods_of_descriptor_set(data: bytes) -> dict[str, str]:
+    """Methods of a serialized ``FileDescriptorSet`` (raises ValueError when it is not one)."""
+    fds = descriptor_pb2.FileDescriptorSet()
+    try:
+        fds.ParseFromString(data)
+    except Exception as exc:  # protobuf's DecodeError
+        raise ValueError(f"not a FileDescriptorSet: {exc}") from None
+    return methods_of_files(list(fds.file))
+
+
+def encode(service: str, methods: dict[str, str]) -> bytes:
+    return json.dumps({"Service": service, "Methods": dict(sorted(methods.items()))}, sort_keys=True).encode()
+
+
+def decode(value: bytes | str | None, *, key: str = "") -> dict[str, str]:
+    """The methods of a ``weft/methods/<service>`` value; raises ValueError naming what is wrong."""
+    if not value:
+        return {}
+    try:
+        doc = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"{key}: not JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("Methods"), dict):
+        raise ValueError(f"{key}: expected an object with a Methods object")
+    return validate_methods(doc["Methods"], what=key or "methods")
+
+
+# -- reflection client (raw bytes over a generic stream, no generated stubs needed) ---------------
+
+def _request(**fields: Any) -> bytes:
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    return bytes(reflection_pb2.ServerReflectionRequest(**fields).SerializeToString())
+
+
+def _response(data: bytes) -> Any:
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    resp = reflection_pb2.ServerReflectionResponse()
+    resp.ParseFromString(data)
+    return resp
+
+
+async def reflect(target: str, timeout: float = 5.0) -> dict[str, str]:
+    """Ask the app at ``target`` (host:port, plaintext) for its methods by server reflection.
+
+    Raises grpc.aio.AioRpcError (UNIMPLEMENTED when the app has no reflection) or TimeoutError.
+    """
+    async with grpc.aio.insecure_channel(target) as channel:
+        stream = channel.stream_stream(_REFLECTION, None, None)
+
+        async def one(request: bytes) -> Any:
+            async def single() -> AsyncIterator[bytes]:
+                yield request
+
+            call = stream(single(), timeout=timeout)
+            async for data in call:
+                return _response(data)
+            raise ValueError("the reflection service sent no answer")
+
+        listing = await one(_request(list_services=""))
+        names = [s.name for s in listing.list_services_response.service]
+        files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+        for name in names:
+            resp = await one(_request(file_containing_symbol=name))
+            if resp.HasField("error_response"):
+                log.debug("reflection_symbol_failed", symbol=name, error=resp.error_response.error_message)
+                continue
+            for raw in resp.file_descriptor_response.file_descriptor_proto:
+                fd = descriptor_pb2.FileDescriptorProto()
+                fd.ParseFromString(raw)
+                files[fd.name] = fd
+        methods = methods_of_files(list(files.values()))
+        # keep only services the server says it offers (a file may declare others)
+        offered = set(names)
+        return {p: k for p, k in methods.items() if p.split("/")[1] in offered}
+
+
+async def learn(target: str, *, stop: asyncio.Event, attempts: int | None = None,
+                interval: float = 1.0) -> dict[str, str] | None:
+    """Reflect until it answers (the app may start after its sidecar); None when it has no reflection."""
+    n = 0
+    delay = interval
+    while not stop.is_set():
+        n += 1
+        try:
+            return await reflect(target)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                log.info("reflection_unavailable", app=target, note="methods stay unknown: generic path")
+                return None
+            log.debug("reflection_failed", app=target, code=exc.code().name)
+        except (TimeoutError, ValueError, OSError) as exc:
+            log.debug("reflection_failed", app=target, error=str(exc))
+        if attempts is not None and n >= attempts:
+            return None
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+        except TimeoutError:
+            pass
+        delay = min(delay * 2, 15.0)
+    return None

@@ -1,0 +1,315 @@
+"""Watches to snapshot: the sidecar's configuration kept current from Consul, the CA and the policy service.
+
+:class:`SidecarState` runs one task per watch (``catalog.watch``; every watch fails static: while
+Consul is unreachable it keeps its last answer and nothing changes here):
+
+- the sidecar's own registration (``/v1/agent/service/<proxy id>``, content-hash blocking) for its
+  upstreams;
+- the leaf certificate and roots, from the embedded ``ca.client.LeafManager`` (which keeps serving
+  the current leaf while the CA is down);
+- the compiled policy: KV ``weft/policy/compiled/<service>``, else ``weft/policy/compiled/*``;
+  neither present means "no table" and every caller is denied (fail closed);
+- per upstream: its healthy sidecars (``/v1/health/connect/<upstream>?passing``), its protocol
+  (``service-defaults`` Protocol, else the ``protocol`` meta its sidecars publish) and its methods
+  (KV ``weft/methods/<upstream>``);
+- the own service's protocol (``service-defaults``, else the app's meta ``protocol``).
+
+Every change goes into a :class:`~sidecar.snapshot.SnapshotBuilder`; when the builder is complete,
+the new snapshot is swapped in atomically (one attribute assignment), a line per change is logged,
+and listeners (inbound, outbound, telemetry) are told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from ca.client import Credentials as LeafCredentials
+from ca.client import LeafManager
+from catalog.client import ConsulClient
+from catalog.models import ServiceInstance, ServiceRegistration
+from catalog.watch import WatchPolicy, agent_service_watch, config_entry_watch, health_connect_watch, kv_watch
+from policies.model import WILDCARD, CompiledTable, table_key
+from sidecar import methods as methods_mod
+from sidecar.snapshot import (
+    Credentials,
+    Endpoint,
+    Registration,
+    Snapshot,
+    SnapshotBuilder,
+    SnapshotError,
+    UpstreamConfig,
+    diff,
+    normalize_protocol,
+)
+
+log = structlog.get_logger("weft.sidecar.state")
+config_log = structlog.get_logger("weft.sidecar.config")
+
+
+def credentials_of(c: LeafCredentials) -> Credentials:
+    bundle = c.bundle
+    return Credentials(
+        cert_pem=c.cert_pem.decode(), key_pem=c.key_pem.decode(), chain_pem=c.chain_pem.decode(),
+        roots_pem=bundle.roots_pem, spiffe_id=str(c.identity), serial=f"{c.serial:x}",
+        not_after=c.not_after.timestamp(), trust_domain=c.identity.trust_domain,
+        roots_version=f"{bundle.active_root_id} [{', '.join(bundle.root_ids)}]",
+    )
+
+
+def registration_of(proxy: ServiceRegistration, app: ServiceRegistration, *, protocol: str,
+                    datacenter: str = "dc1") -> Registration:
+    """The snapshot's registration from the sidecar's connect-proxy registration and the app's."""
+    p = proxy.proxy
+    if p is None:
+        raise SnapshotError(f"{proxy.service_id} has no Proxy block")
+    ups = tuple(UpstreamConfig(u.destination_name, u.local_bind_port, u.local_bind_address or "127.0.0.1")
+                for u in p.upstreams if (u.destination_type or "service") == "service")
+    return Registration(
+        service=p.destination_service_name or app.name, service_id=p.destination_service_id or app.service_id,
+        proxy_id=proxy.service_id, public_address=proxy.address or "0.0.0.0", public_port=proxy.port,
+        local_service_address=p.local_service_address or "127.0.0.1",
+        local_service_port=p.local_service_port or app.port, upstreams=ups, protocol=protocol,
+        datacenter=datacenter)
+
+
+def protocol_of_meta(meta: dict[str, str]) -> str | None:
+    value = meta.get("protocol")
+    if not value:
+        return None
+    try:
+        return normalize_protocol(value)
+    except SnapshotError:
+        return None
+
+
+class SidecarState:
+    """Keeps the current :class:`Snapshot`; ``current`` is read by listeners per connection or call."""
+
+    def __init__(self, client: ConsulClient, leaf: LeafManager, registration: Registration, *,
+                 app_protocol_meta: str | None, watch_policy: WatchPolicy | None = None,
+                 descriptor_methods: dict[str, str] | None = None, reflect: bool = True) -> None:
+        self.client = client
+        self.leaf = leaf
+        self.builder = SnapshotBuilder()
+        self.builder.set_registration(registration)
+        self.service = registration.service
+        self.current: Snapshot | None = None
+        self.listeners: list[Callable[[Snapshot], None]] = []
+        self.ready = asyncio.Event()
+        self._policy = watch_policy or WatchPolicy(wait=60.0)
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._policy_tables: dict[str, CompiledTable | None] = {}
+        self._sd_protocol: dict[str, str | None] = {}
+        self._meta_protocol: dict[str, str | None] = {registration.service: app_protocol_meta}
+        self._descriptor_methods = descriptor_methods
+        self._reflect = reflect
+        self._stop = asyncio.Event()
+        self._watches: list[Any] = []
+        self.last_change = time.time()
+        self._apply_protocol(registration.service)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        reg = self.builder.registration
+        assert reg is not None
+        self._spawn("credentials", self._credentials())
+        self._spawn("registration", self._registration(reg.proxy_id))
+        for key in (table_key(self.service), table_key(WILDCARD)):
+            self._spawn(f"policy:{key}", self._policy_watch(key))
+        self._spawn(f"protocol:{self.service}", self._protocol_watch(self.service))
+        self._spawn("methods:local", self._local_methods())
+        self._ensure_upstreams(reg)
+
+    async def close(self) -> None:
+        self._stop.set()
+        for w in self._watches:
+            w.close()
+        for task in self._tasks.values():
+            task.cancel()
+        for task in self._tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _spawn(self, name: str, coro: Awaitable[Any]) -> None:
+        if name in self._tasks and not self._tasks[name].done():
+            return
+        self._tasks[name] = asyncio.ensure_future(coro)
+
+    def _ensure_upstreams(self, reg: Registration) -> None:
+        for u in reg.upstreams:
+            name = u.destination_name
+            self._spawn(f"endpoints:{name}", self._endpoints_watch(name))
+            self._spawn(f"protocol:{name}", self._protocol_watch(name))
+            self._spawn(f"methods:{name}", self._methods_watch(name))
+
+    # -- publishing ----------------------------------------------------------------------------
+    def _changed(self) -> None:
+        snap = self.builder.build()
+        if snap is None:
+            log.debug("snapshot_incomplete", missing=self.builder.missing())
+            return
+        old = self.current
+        self.current = snap
+        self.last_change = time.time()
+        for change in diff(old, snap):
+            config_log.info("config_change", **change)
+        for cb in self.listeners:
+            try:
+                cb(snap)
+            except Exception:  # one listener's bug must not stop the others
+                log.exception("snapshot_listener_failed")
+        if old is None:
+            self.ready.set()
+
+    def snapshot(self) -> Snapshot:
+        snap = self.current
+        if snap is None:
+            raise RuntimeError("no complete snapshot yet")
+        return snap
+
+    # -- watches -------------------------------------------------------------------------------
+    async def _credentials(self) -> None:
+        def on_leaf(c: LeafCredentials) -> None:
+            try:
+                if self.builder.set_credentials(credentials_of(c)):
+                    self._changed()
+            except SnapshotError as exc:
+                log.error("leaf_unusable", error=str(exc))
+
+        unsubscribe = self.leaf.subscribe(on_leaf)
+        try:
+            await self._stop.wait()
+        finally:
+            unsubscribe()
+
+    async def _registration(self, proxy_id: str) -> None:
+        watch = agent_service_watch(self.client, proxy_id, policy=self._policy)
+        self._watches.append(watch)
+        async for proxy in watch:
+            if proxy is None or proxy.proxy is None:
+                continue  # deregistered (e.g. during shutdown, or an agent restart): keep what we have
+            current = self.builder.registration
+            assert current is not None
+            ups = tuple(UpstreamConfig(u.destination_name, u.local_bind_port, u.local_bind_address or "127.0.0.1")
+                        for u in proxy.proxy.upstreams if (u.destination_type or "service") == "service")
+            if ups == current.upstreams:
+                continue
+            try:
+                new = Registration(**{**{f: getattr(current, f) for f in current.__dataclass_fields__},
+                                      "upstreams": ups})
+            except SnapshotError as exc:
+                log.error("registration_unusable", error=str(exc))
+                continue
+            self.builder.set_registration(new)
+            self._ensure_upstreams(new)
+            self._changed()
+
+    async def _policy_watch(self, key: str) -> None:
+        watch = kv_watch(self.client, key, policy=self._policy)
+        self._watches.append(watch)
+        async for entry in watch:
+            if entry is None or not entry.value:
+                self._policy_tables[key] = None
+            else:
+                try:
+                    self._policy_tables[key] = CompiledTable.loads(entry.value)
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.error("policy_table_unusable", key=key, error=str(exc)[:300], note="keeping the last good one")
+                    continue
+            self._apply_policy()
+
+    def _apply_policy(self) -> None:
+        own, wild = table_key(self.service), table_key(WILDCARD)
+        if own not in self._policy_tables or wild not in self._policy_tables:
+            if self._policy_tables.get(own) is None:
+                return  # wait for both first answers unless our own table is there
+        table = self._policy_tables.get(own) or self._policy_tables.get(wild)
+        version = (table.version or "unversioned") if table is not None else "none (deny all)"
+        if self.builder.set_policy(table, version):
+            self._changed()
+
+    async def _endpoints_watch(self, name: str) -> None:
+        watch = health_connect_watch(self.client, name, policy=self._policy)
+        self._watches.append(watch)
+        async for instances in watch:
+            self._meta_protocol[name] = _instances_protocol(instances)
+            changed = self._apply_protocol(name)
+            endpoints = [Endpoint(i.address, i.port, i.service_id, i.node) for i in instances if i.port]
+            if self.builder.set_endpoints(name, endpoints) or changed:
+                self._changed()
+
+    async def _protocol_watch(self, name: str) -> None:
+        watch = config_entry_watch(self.client, "service-defaults", name, policy=self._policy)
+        self._watches.append(watch)
+        async for entry in watch:
+            value = (entry or {}).get("Protocol") if isinstance(entry, dict) else None
+            try:
+                self._sd_protocol[name] = normalize_protocol(value) if value else None
+            except SnapshotError as exc:
+                log.error("service_defaults_unusable", service=name, error=str(exc))
+                continue
+            if self._apply_protocol(name):
+                self._changed()
+
+    def _apply_protocol(self, name: str) -> bool:
+        proto = self._sd_protocol.get(name) or self._meta_protocol.get(name) or "tcp"
+        return self.builder.set_protocol(name, proto)
+
+    async def _methods_watch(self, name: str) -> None:
+        key = methods_mod.methods_key(name)
+        watch = kv_watch(self.client, key, policy=self._policy)
+        self._watches.append(watch)
+        async for entry in watch:
+            try:
+                found = methods_mod.decode(entry.value if entry is not None else None, key=key)
+            except (ValueError, SnapshotError) as exc:
+                log.error("methods_unusable", key=key, error=str(exc))
+                continue
+            if self.builder.set_methods(name, found):
+                self._changed()
+
+    async def _local_methods(self) -> None:
+        found: dict[str, str] | None = self._descriptor_methods
+        if found is None and self._reflect:
+            await self.ready.wait()
+            snap = self.snapshot()
+            if snap.registration.protocol != "grpc":
+                return
+            reg = snap.registration
+            found = await methods_mod.learn(f"{reg.local_service_address}:{reg.local_service_port}", stop=self._stop)
+        if not found:
+            return
+        if self.builder.set_local_methods(found):
+            self._changed()
+        await self.publish_methods(found)
+
+    async def publish_methods(self, found: dict[str, str]) -> None:
+        from catalog.client import ConsulError
+
+        key = methods_mod.methods_key(self.service)
+        body = methods_mod.encode(self.service, found)
+        for attempt in range(10):
+            try:
+                _, entry = await self.client.kv_get(key)
+                if entry is not None and entry.value == body:
+                    return
+                await self.client.kv_put(key, body)
+                log.info("methods_published", key=key, count=len(found))
+                return
+            except ConsulError as exc:
+                log.warning("methods_publish_failed", key=key, error=str(exc), attempt=attempt)
+                await asyncio.sleep(min(2.0 ** attempt, 30.0))
+
+
+def _instances_protocol(instances: tuple[ServiceInstance, ...]) -> str | None:
+    for inst in instances:
+        p = protocol_of_meta(dict(inst.meta))
+        if p is not None:
+            return p
+    return None
