@@ -217,7 +217,7 @@ class BuiltinProvider:
             .subject_name(subject)
             .issuer_name(issuer)
             .public_key(public_key)
-            .serial_number(x509.random_serial_number())
+            .serial_number(secrets.randbits(62) | (1 << 62))  # fits Consul's uint64 SerialNumber
             .not_valid_before(not_before)
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)

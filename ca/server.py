@@ -59,7 +59,7 @@ def bundle_to_pb(bundle: TrustBundle) -> ca_pb2.TrustBundle:
         cluster_id=bundle.cluster_id,
         roots=[
             ca_pb2.Root(
-                id=r["ID"], name=r["Name"], serial_number=r["SerialNumber"] & (2**64 - 1),
+                id=r["ID"], name=r["Name"], serial_number=r["SerialNumber"],
                 signing_key_id=r["SigningKeyID"], not_before=r["NotBefore"], not_after=r["NotAfter"],
                 root_cert=r["RootCert"], intermediate_certs=r["IntermediateCerts"], active=r["Active"],
                 private_key_type=r["PrivateKeyType"], private_key_bits=r["PrivateKeyBits"],

@@ -111,10 +111,14 @@ class ConsulAcl:
     async def token_self(self, token: str) -> dict[str, Any] | None:
         try:
             r = await self._c.request("GET", "/v1/acl/token/self", token=token)
-        except ConsulACLDisabled:
+        except ConsulACLDisabled:  # 401: ACL support disabled
             return None
-        except (ConsulPermissionDenied, ConsulNotFound) as exc:
+        except ConsulPermissionDenied as exc:  # 403: ACL not found, or expired
             raise TokenRejected(exc.message) from None
+        except ConsulNotFound as exc:
+            if "acl not found" in exc.message.lower():
+                raise TokenRejected(exc.message) from None
+            return None  # no ACL endpoint at all: an agent without an ACL system
         doc = r.json()
         if not isinstance(doc, dict):
             raise TokenRejected("token lookup answered no object")
