@@ -246,6 +246,15 @@ def _start_time(pid: int) -> str:
     return stat.rsplit(")", 1)[-1].split()[19]
 
 
+def _running(pid: int, started: str) -> bool:
+    """The recorded process still runs (same pid, same start time, not a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z" and fields[19] == started
+
+
 @dataclass
 class Child:
     name: str
@@ -337,15 +346,15 @@ def reap_stale(state_dir: Path, timeout: float = 5.0) -> list[str]:
     stale = []
     for entry in state.get("children", []):
         pid, started = int(entry.get("pid", 0)), str(entry.get("started", ""))
-        if pid > 0 and started and _start_time(pid) == started:
+        if pid > 0 and started and _running(pid, started):
             stale.append((str(entry.get("name", pid)), pid, started))
     for _, pid, _ in stale:
         _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_start_time(pid) == st for _, pid, st in stale):
+    while time.monotonic() < deadline and any(_running(pid, st) for _, pid, st in stale):
         time.sleep(0.05)
     for _, pid, st in stale:
-        if _start_time(pid) == st:
+        if _running(pid, st):
             _signal_group(pid, signal.SIGKILL)
     with contextlib.suppress(OSError):
         path.unlink()
