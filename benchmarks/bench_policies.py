@@ -155,7 +155,7 @@ def bench_latency(rounds: int = 15) -> dict[str, Any]:
 
         def has_wildcard_table() -> bool:
             try:
-                _http("GET", kv + "weft/policy/compiled/*")
+                _http("GET", kv + "weft/policy/compiled/_wildcard")
                 return True
             except urllib.error.HTTPError:
                 return False

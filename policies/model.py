@@ -15,10 +15,10 @@ Three groups of types live here:
   that destination (its own and the wildcard destination's) sorted by precedence, each remembering
   its :class:`Origin` (the KV key, or the native config entry / intention ID).
 
-  The table ``weft/policy/compiled/*`` (destination :data:`WILDCARD`) always exists while a policy
-  service runs: it holds only the wildcard-destination rules and the default policy. A destination
-  that has no table of its own is governed by it: :func:`table_key_candidates` gives the keys to try,
-  in order.
+  The wildcard table (destination :data:`WILDCARD`, stored at ``weft/policy/compiled/_wildcard``:
+  a key without ``*``, which some KV tooling treats as a glob) always exists while a policy service
+  runs: it holds only the wildcard-destination rules and the default policy. A destination that has
+  no table of its own is governed by it: :func:`table_key_candidates` gives the keys to try, in order.
 
 * The **decision**: :class:`Decision`, what :func:`policies.evaluate.authorize` returns for one
   connection or request: allowed, audited (a would-be denial let through by audit mode), the
@@ -68,13 +68,24 @@ def intentions_key(destination: str) -> str:
     return INTENTIONS_PREFIX + destination
 
 
+WILDCARD_TABLE_NAME = "_wildcard"  # cannot be a service name (those start with a letter or digit)
+
+
 def table_key(destination: str) -> str:
-    """The KV key of a destination's compiled table."""
-    return COMPILED_PREFIX + destination
+    """The KV key of a destination's compiled table (``*`` is stored as ``_wildcard``)."""
+    return COMPILED_PREFIX + (WILDCARD_TABLE_NAME if destination == WILDCARD else destination)
+
+
+def destination_of_key(key: str) -> str | None:
+    """The destination whose compiled table ``key`` holds, or None for a key outside the prefix."""
+    if not key.startswith(COMPILED_PREFIX) or key == COMPILED_PREFIX:
+        return None
+    name = key[len(COMPILED_PREFIX):]
+    return WILDCARD if name == WILDCARD_TABLE_NAME else name
 
 
 def table_key_candidates(destination: str) -> tuple[str, ...]:
-    """The keys a sidecar of ``destination`` reads, first found wins: its own table, then ``*``.
+    """The keys a sidecar of ``destination`` reads, first found wins: its own table, then the wildcard one.
 
     When neither exists (no policy service has ever run) a sidecar must fail closed (deny).
     """

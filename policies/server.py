@@ -5,7 +5,8 @@ Every replica watches both intention sources (:mod:`policies.sources`), compiles
 (``Check``, ``Validate``). One replica at a time, the holder of the session lock on
 ``weft/policy/leader``, publishes: it writes ``weft/policy/compiled/<destination>`` for every
 destination whose table changed, and deletes the tables of destinations that no longer have
-intentions (their sidecars then fall back to ``weft/policy/compiled/*``, which holds exactly the
+intentions (their sidecars then fall back to the wildcard table ``weft/policy/compiled/_wildcard``,
+which holds exactly the
 rules that still apply to them: the wildcard-destination ones and the default policy).
 
 Publishing is done with ``PUT /v1/txn``: each transaction starts with ``check-session`` on the leader
@@ -48,6 +49,7 @@ from policies.model import (
     GrpcRequest,
     HttpRequest,
     Request,
+    destination_of_key,
     table_key,
 )
 from policies.sources import KVEntryLike, SourcesAPI, SourceWatcher
@@ -114,8 +116,8 @@ def plan_ops(result: CompileResult, current: Mapping[str, KVEntryLike]) -> tuple
         ops.append({"KV": {"Verb": "cas", "Key": key, "Value": _b64(text),
                            "Index": cur.modify_index if cur is not None else 0}})
     for key in sorted(current):
-        dest = key[len(COMPILED_PREFIX):]
-        if not dest or dest in result.tables or result.is_frozen(dest):
+        gone = destination_of_key(key)
+        if gone is None or gone in result.tables or result.is_frozen(gone):
             continue
         ops.append({"KV": {"Verb": "delete-cas", "Key": key, "Index": current[key].modify_index}})
     return ops, unchanged
@@ -235,7 +237,9 @@ class PolicyService:
             return
         tables = {}
         for e in entries:
-            dest = e.key[len(COMPILED_PREFIX):]
+            dest = destination_of_key(e.key)
+            if dest is None:
+                continue
             try:
                 tables[dest] = CompiledTable.loads(e.value or b"")
             except (ValueError, KeyError, TypeError) as exc:
@@ -312,7 +316,7 @@ class PolicyService:
                 else:
                     self.stats.deleted += 1
                 log.info("compiled table " + ("written" if kv["Verb"] == "cas" else "deleted"), key=kv["Key"],
-                         version=result.tables[kv["Key"][len(COMPILED_PREFIX):]].version
+                         version=result.tables[destination_of_key(kv["Key"]) or ""].version
                          if kv["Verb"] == "cas" else None)
         self.stats.last_publish = time.time()
         self.stats.versions = {d: t.version for d, t in result.tables.items()}

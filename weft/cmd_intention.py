@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from catalog.client import ConsulClient, ConsulError
+from catalog.client import ConsulClient, ConsulError, ConsulNotFound
 from policies.compile import Compiler, Document, DocumentError, parse_entry, validate_document
 from policies.evaluate import authorize
 from policies.model import (
@@ -193,7 +193,12 @@ async def delete_native(consul: ConsulClient, source: str, destination: str) -> 
 async def read_sources(consul: ConsulClient) -> list[Document]:
     _, entries = await consul.kv_get_recurse(INTENTIONS_PREFIX)
     docs = [Document.kv(e.key, e.value or b"") for e in entries if not e.key.endswith("/")]
-    _, native = await consul.config_list(KIND)
+    try:
+        _, native = await consul.config_list(KIND)
+    except ConsulNotFound:  # an agent without config entries: say so, show the KV documents
+        print("weft intention: this agent does not serve native intentions (/v1/config/service-intentions); "
+              "showing KV documents only", file=sys.stderr)
+        native = ()
     docs += [Document.native(dict(e)) for e in native]
     return docs
 

@@ -19,7 +19,7 @@ import sys
 
 import structlog
 
-from catalog.client import ConsulClient
+from catalog.client import ConsulClient, ConsulError
 from catalog.lock import LeaderLock
 from catalog.models import parse_duration
 from catalog.registration import Registered, service_registration
@@ -91,8 +91,16 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
                                            address=args.advertise_addr or host, ttl="15s",
                                            meta={"default_policy": args.default_policy})
                 registered = Registered(consul, reg, note="standby")
-                async with registered:
+                try:
+                    await registered.register()
+                except ConsulError as exc:  # publishing policy matters more than being discoverable
+                    log.error("could not register the weft-policy service; running unregistered",
+                              error=str(exc))
+                    registered = None
                     await service.run(stop)
+                else:
+                    async with registered:
+                        await service.run(stop)
         finally:
             await server.stop(grace=1)
     return 0

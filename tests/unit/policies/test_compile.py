@@ -9,7 +9,7 @@ import pytest
 
 from policies.compile import Compiler, Document, DocumentError, compile_tables, parse_entry, validate_document
 from policies.evaluate import authorize
-from policies.model import TCP, WILDCARD, CompiledTable, precedence, table_key_candidates
+from policies.model import TCP, WILDCARD, CompiledTable, destination_of_key, precedence, table_key_candidates
 
 KEY = "weft/intentions/db"
 
@@ -213,7 +213,10 @@ def test_wildcard_table_always_exists_and_carries_the_default() -> None:
     tables, _ = compile_tables([], "allow")
     assert set(tables) == {WILDCARD}
     assert tables[WILDCARD].default_policy == "allow" and tables[WILDCARD].rules == ()
-    assert table_key_candidates("db") == ("weft/policy/compiled/db", "weft/policy/compiled/*")
+    assert table_key_candidates("db") == ("weft/policy/compiled/db", "weft/policy/compiled/_wildcard")
+    assert destination_of_key("weft/policy/compiled/_wildcard") == WILDCARD
+    assert destination_of_key("weft/policy/compiled/db") == "db"
+    assert destination_of_key("weft/policy/compiled/") is None
     with pytest.raises(ValueError):
         compile_tables([], "permit")  # type: ignore[arg-type]
 

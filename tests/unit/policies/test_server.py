@@ -17,7 +17,7 @@ import pytest
 
 from policies.compile import Compiler, Document
 from policies.evaluate import authorize
-from policies.model import COMPILED_PREFIX, LEADER_KEY, TCP, CompiledTable
+from policies.model import COMPILED_PREFIX, LEADER_KEY, TCP, CompiledTable, destination_of_key
 from policies.server import PolicyService, plan_ops, request_from_proto
 from policies.v1 import policy_pb2
 
@@ -158,7 +158,7 @@ async def wait_until(pred: Any, timeout: float = 10.0) -> None:
 
 
 def compiled(consul: FakeConsul) -> dict[str, CompiledTable]:
-    return {k[len(COMPILED_PREFIX):]: CompiledTable.loads(e.value or b"")
+    return {destination_of_key(k) or "": CompiledTable.loads(e.value or b"")
             for k, e in consul.kv.items() if k.startswith(COMPILED_PREFIX)}
 
 
@@ -262,7 +262,7 @@ async def test_failed_txn_is_retried(running: Any) -> None:
 def test_plan_ops_writes_changed_deletes_orphans_and_respects_frozen() -> None:
     result = Compiler("deny").compile([Document.kv("weft/intentions/db", doc("db", ("web", "allow"))),
                                        Document.kv("weft/intentions/bad", "{")])
-    same = Entry(COMPILED_PREFIX + "*", result.tables["*"].dumps().encode(), 5)
+    same = Entry(COMPILED_PREFIX + "_wildcard", result.tables["*"].dumps().encode(), 5)
     stale = Entry(COMPILED_PREFIX + "db", b"{}", 6)
     orphan = Entry(COMPILED_PREFIX + "gone", b"{}", 7)
     frozen = Entry(COMPILED_PREFIX + "bad", b"{}", 8)
