@@ -1,0 +1,324 @@
+"""`weft sidecar --sidecar-for SERVICE_ID [--admin-port N] ...`: run a sidecar proxy next to a service.
+
+Start-up:
+1. reads the service's registration from the local agent (`/v1/agent/service/:id`) and the sidecar's
+   connect-proxy registration `<id>-sidecar-proxy` when the agent made one from
+   `Connect.SidecarService` (public port, upstreams, local service port); without one, it uses
+   `--public-port` (or a free port in 21000-21255) and `--upstream NAME:PORT` flags;
+2. reads the trust bundle from KV `weft/ca/roots`, gets a leaf for `spiffe://<td>/ns/default/dc/<dc>/svc/<service>`
+   from the CA (found as Consul service `weft-ca`, or `--ca-addr`) through `ca.client.LeafManager`;
+3. assembles the first complete snapshot (`sidecar.state`), opens the public mTLS listener, one local
+   listener per upstream and the admin API, then registers itself as Consul registers a sidecar
+   (Kind connect-proxy, `<service>-sidecar-proxy`, Proxy.DestinationServiceName/ID, LocalServicePort,
+   Upstreams, Meta `protocol`), with a TTL check kept passing while ready, an alias check of the app,
+   and DeregisterCriticalServiceAfter.
+
+SIGTERM/SIGINT: stop taking new calls, mark the TTL check critical, let in-flight calls finish (at
+most `--drain-timeout`), deregister, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+from datetime import timedelta
+from typing import Any
+
+import structlog
+
+from weft import logsetup, runner
+
+log = structlog.get_logger("weft.sidecar")
+
+PORT_RANGE = (21000, 21255)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--sidecar-for", "-sidecar-for", required=True, metavar="SERVICE_ID",
+      help="ID of the local service this sidecar fronts (as registered with the local Consul agent)")
+    a("--admin-port", "-admin-port", type=int, default=19000, help="admin API port (/ready /live /metrics /config); "
+      "0 picks a free port")
+    a("--admin-bind", "-admin-bind", default="127.0.0.1", help="admin API bind address (default loopback)")
+    a("--ca-addr", "-ca-addr", default="", help="CA address host:port (default: Consul service weft-ca)")
+    a("--public-port", "-public-port", type=int, default=0,
+      help="public mTLS port when no <id>-sidecar-proxy registration gives one (default: free port in 21000-21255)")
+    a("--bind", "-bind", default="", help="public listener bind address (default: the proxy's address, else 0.0.0.0)")
+    a("--upstream", "-upstream", action="append", default=[], metavar="NAME:PORT",
+      help="an upstream when no proxy registration declares them (repeatable)")
+    a("--token", "-token", default=None, help="Consul ACL token for the CA (default CONSUL_HTTP_TOKEN)")
+    a("--ttl", "-ttl", default="10s", help="TTL of the sidecar's health check (kept passing while ready)")
+    a("--deregister-after", "-deregister-after", default="1m",
+      help="DeregisterCriticalServiceAfter of the TTL check (Consul's minimum is 1m)")
+    a("--drain-timeout", "-drain-timeout", type=float, default=10.0,
+      help="seconds in-flight calls get to finish on SIGTERM")
+    a("--max-message-bytes", "-max-message-bytes", type=int, default=4 * 1024 * 1024,
+      help="largest gRPC message proxied, both directions")
+    a("--access-log-rate", "-access-log-rate", type=float, default=20.0,
+      help="access lines per second logged in full before sampling starts")
+    a("--access-log-sample", "-access-log-sample", type=float, default=0.01,
+      help="fraction of calls logged above the rate (0..1)")
+    a("--descriptor-set", "-descriptor-set", default="",
+      help="FileDescriptorSet of the app (protoc --descriptor_set_out) when it offers no reflection")
+    a("--no-reflection", "-no-reflection", action="store_true", help="do not ask the app for its methods")
+    a("--no-passthrough", "-no-passthrough", action="store_true",
+      help="authorize every call on the full path even for L4-allowed callers (slower; per-call inbound metrics)")
+    a("--leaf-ttl", "-leaf-ttl", type=float, default=0.0,
+      help="leaf certificate TTL to ask for, seconds (0: CA default)")
+    a("--watch-wait", "-watch-wait", type=float, default=60.0, help="blocking query wait, seconds")
+    a("--log-level", "-log-level", default=os.environ.get("WEFT_LOG_LEVEL", "info"),
+      help="debug, info, warn or error")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        logsetup.configure(args.log_level)
+    except ValueError as exc:
+        print(f"weft sidecar: {exc}", file=sys.stderr)
+        return 2
+    if args.max_message_bytes <= 0:
+        print("weft sidecar: --max-message-bytes must be positive", file=sys.stderr)
+        return 2
+    if not 0.0 <= args.access_log_sample <= 1.0 or args.access_log_rate < 0:
+        print("weft sidecar: --access-log-sample must be within 0..1 and --access-log-rate >= 0", file=sys.stderr)
+        return 2
+    upstreams: list[tuple[str, int]] = []
+    for spec in args.upstream:
+        name, _, port = spec.partition(":")
+        if not name or not port.isdigit() or not 0 < int(port) < 65536:
+            print(f"weft sidecar: --upstream {spec!r}: expected NAME:PORT", file=sys.stderr)
+            return 2
+        upstreams.append((name, int(port)))
+    descriptor_methods = None
+    if args.descriptor_set:
+        from sidecar.methods import methods_of_descriptor_set
+
+        try:
+            with open(args.descriptor_set, "rb") as f:
+                descriptor_methods = methods_of_descriptor_set(f.read())
+        except (OSError, ValueError) as exc:
+            print(f"weft sidecar: --descriptor-set {args.descriptor_set}: {exc}", file=sys.stderr)
+            return 2
+    return runner.run(lambda stop: _main(args, stop, upstreams, descriptor_methods))
+
+
+def _free_port_in_range() -> int:
+    for port in range(*PORT_RANGE):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+                return port
+            except OSError:
+                continue
+    raise OSError(f"no free port in {PORT_RANGE[0]}-{PORT_RANGE[1]}")
+
+
+async def _until(stop: asyncio.Event, what: str, attempt: Any, interval: float = 1.0) -> Any:
+    """Call ``attempt()`` until it returns non-None; None if ``stop`` is set first."""
+    from catalog.client import ConsulError
+
+    warned = False
+    while not stop.is_set():
+        try:
+            result = await attempt()
+            if result is not None:
+                return result
+            why = "not there yet"
+        except (ConsulError, OSError) as exc:
+            why = str(exc)
+        if not warned:
+            log.info("waiting", what=what, why=why)
+            warned = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+    return None
+
+
+async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: list[tuple[str, int]],
+                descriptor_methods: dict[str, str] | None) -> int:
+    from ca.client import GrpcCA, LeafManager, fixed_resolver
+    from ca.identity import SpiffeId
+    from catalog.client import ConsulClient, ConsulError
+    from catalog.models import ServiceRegistration, Upstream, parse_duration
+    from catalog.registration import Registered, sidecar_registration
+    from catalog.watch import WatchPolicy
+    from sidecar.admin import Admin
+    from sidecar.inbound import Inbound
+    from sidecar.outbound import Outbound
+    from sidecar.snapshot import Snapshot, SnapshotError
+    from sidecar.state import SidecarState, protocol_of_meta, registration_of
+    from sidecar.telemetry import Telemetry
+    from sidecar.tls import TlsContexts
+    from weft.cmd_ca import _datacenter, _own_token, _read_bundle, consul_resolver
+
+    sid = args.sidecar_for
+    client = ConsulClient.from_env()
+    cleanup: list[Any] = []
+    try:
+        # 1. the app's registration, and the proxy's
+        async def get_app() -> ServiceRegistration | None:
+            return (await client.agent_service(sid))[1]
+
+        app = await _until(stop, f"service {sid} registered with the local agent", get_app)
+        if app is None:
+            return 0
+        proxy_id = f"{sid}-sidecar-proxy"
+        _, proxy = await client.agent_service(proxy_id)
+        if proxy is not None and proxy.kind == "connect-proxy" and proxy.proxy is not None:
+            port = args.public_port or proxy.port or _free_port_in_range()
+            p = proxy.proxy
+            ups = list(p.upstreams)
+            local_port = p.local_service_port or app.port
+            local_addr = p.local_service_address or "127.0.0.1"
+            address = proxy.address
+        else:
+            port = args.public_port or _free_port_in_range()
+            ups = [Upstream(name, bind) for name, bind in flag_upstreams]
+            local_port, local_addr, address = app.port, "127.0.0.1", ""
+        app_protocol = protocol_of_meta(app.meta_dict())
+        try:
+            parse_duration(args.ttl, "--ttl")
+            reg = sidecar_registration(
+                service_id=sid, service_name=app.name, port=port, local_service_port=local_port,
+                local_service_address=local_addr, address=address, upstreams=ups,
+                meta={"protocol": app_protocol or "tcp", "weft-sidecar": "1"}, ttl=args.ttl,
+                deregister_critical_after=args.deregister_after)
+            dc = await _datacenter(client, "")
+            registration = registration_of(reg, app, protocol=app_protocol or "tcp", datacenter=dc)
+        except (ValueError, SnapshotError) as exc:
+            print(f"weft sidecar: {exc}", file=sys.stderr)
+            return 2
+
+        # 2. trust bundle and leaf
+        bundle = await _until(stop, "the trust bundle in KV weft/ca/roots", lambda: _read_bundle(client))
+        if bundle is None:
+            return 0
+        identity = SpiffeId.for_service(bundle.trust_domain, app.name, datacenter=dc)
+        token = args.token if args.token is not None else _own_token(client)
+        ca = GrpcCA(fixed_resolver(args.ca_addr) if args.ca_addr else consul_resolver(client))
+        cleanup.append(ca.close)
+
+        async def bundle_source() -> Any:
+            try:
+                return await _read_bundle(client)
+            except ConsulError:
+                return None
+
+        leaf = LeafManager(identity, ca, token=token, bundle=bundle, bundle_source=bundle_source,
+                           ttl=timedelta(seconds=args.leaf_ttl) if args.leaf_ttl else None)
+        leaf_stop = asyncio.Event()
+        leaf_task = leaf.start(leaf_stop)
+
+        async def leaf_cleanup() -> None:
+            leaf_stop.set()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await leaf_task
+
+        cleanup.append(leaf_cleanup)
+
+        # 3. snapshot
+        telemetry = Telemetry(access_per_second=args.access_log_rate, access_sample=args.access_log_sample)
+        state = SidecarState(client, leaf, registration, app_protocol_meta=app_protocol,
+                             watch_policy=WatchPolicy(wait=args.watch_wait), descriptor_methods=descriptor_methods,
+                             reflect=not args.no_reflection)
+        cleanup.append(state.close)
+
+        def on_snapshot(snap: Snapshot) -> None:
+            telemetry.cert_expiry.set(snap.credentials.not_after)
+            telemetry.set_policy_version(snap.policy_version)
+            telemetry.snapshot_version.set(snap.version)
+
+        state.listeners.append(on_snapshot)
+        state.start()
+        log.info("starting", service=app.name, service_id=sid, identity=str(identity), public_port=port)
+        waiter = asyncio.ensure_future(state.ready.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopper.cancel()
+        if stop.is_set():
+            return 0
+
+        # listeners
+        tls = TlsContexts()
+        listening = {"up": False, "draining": False}
+        inbound = Inbound(state.snapshot, telemetry, tls, max_message_bytes=args.max_message_bytes,
+                          passthrough_enabled=not args.no_passthrough)
+        outbound = Outbound(state.snapshot, telemetry, tls, max_message_bytes=args.max_message_bytes)
+        bind = args.bind or (address if address else "0.0.0.0")
+        try:
+            await inbound.start(bind, port)
+            await outbound.start()
+        except OSError as exc:
+            print(f"weft sidecar: cannot listen: {exc}", file=sys.stderr)
+            await inbound.close(0)
+            await outbound.close(0)
+            return 1
+        state.listeners.extend([inbound.on_snapshot, outbound.on_snapshot])
+        current = state.snapshot()
+        inbound.on_snapshot(current)
+        outbound.on_snapshot(current)
+        listening["up"] = True
+
+        def ready() -> tuple[bool, str]:
+            if listening["draining"]:
+                return False, "draining"
+            if state.current is None:
+                return False, "waiting for a complete snapshot: " + ", ".join(state.builder.missing())
+            if not listening["up"]:
+                return False, "listeners not up"
+            return True, "ready"
+
+        def extra() -> dict[str, Any]:
+            return {"ready": ready()[1], "leaf": {"renewals": leaf.renewals, "failures": leaf.failures,
+                                                   "last_error": leaf.last_error}}
+
+        admin = Admin(lambda: state.current, telemetry, ready, extra)
+        try:
+            admin_port = await admin.start(args.admin_bind, args.admin_port)
+        except OSError as exc:
+            print(f"weft sidecar: cannot listen on admin port {args.admin_bind}:{args.admin_port}: {exc}",
+                  file=sys.stderr)
+            await inbound.close(0)
+            await outbound.close(0)
+            return 1
+        cleanup.append(admin.close)
+
+        # 4. register, keep the TTL check passing while ready
+        registered = Registered(client, reg, note="ready")
+        try:
+            await registered.register()
+        except ConsulError as exc:
+            log.warning("register_failed", error=str(exc), note="will retry through the TTL keeper")
+        if registered.keeper is not None:
+            registered.keeper.start()
+        log.info("ready", service=app.name, public=f"{bind}:{inbound.port}", admin=f"{args.admin_bind}:{admin_port}",
+                 upstreams={u.destination_name: u.local_bind_port for u in registration.upstreams})
+        print(f"weft sidecar for {sid}: public {bind}:{inbound.port}, admin http://{args.admin_bind}:{admin_port}",
+              flush=True)
+
+        await stop.wait()
+
+        # 5. drain
+        log.info("draining", timeout=args.drain_timeout)
+        listening["draining"] = True
+        if registered.keeper is not None:
+            registered.keeper.set_status("critical", "draining")
+            with contextlib.suppress(ConsulError):
+                await registered.keeper.report()
+        inbound.stop_accepting()
+        await asyncio.gather(inbound.close(args.drain_timeout), outbound.close(args.drain_timeout))
+        if registered.keeper is not None:
+            await registered.keeper.stop("shut down")
+        await registered.deregister()
+        log.info("stopped")
+        return 0
+    finally:
+        for fn in reversed(cleanup):
+            with contextlib.suppress(Exception):
+                await fn()
+        await client.close()
