@@ -133,7 +133,7 @@ async def test_rotation_of_leaf_and_roots_under_traffic(api: Api) -> None:
             try:
                 await call_with(api, client)
                 calls += 1
-            except Exception as exc:  # noqa: BLE001 - counted
+            except Exception as exc:
                 failures.append(exc)
 
     task = asyncio.ensure_future(traffic())
