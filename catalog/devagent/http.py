@@ -122,18 +122,19 @@ class Req:
             raise HTTPError(413, too_large or f"Request body too large, max size: {limit} bytes.")
         return data
 
-    async def json(self, *, required: bool = False, limit: int = MAX_BODY) -> Any:
+    async def json(self, *, required: bool = False, limit: int = MAX_BODY,
+                   failed: str = "Request decode failed") -> Any:
         """The JSON body (None when empty and not ``required``). Bad JSON answers 400
-        ``Request decode failed: ...``."""
+        ``Request decode failed: ...`` (``failed`` changes the prefix, as some Consul endpoints do)."""
         data = await self.body(limit)
         if not data.strip():
             if required:
-                raise HTTPError(400, "Request decode failed: EOF")
+                raise HTTPError(400, f"{failed}: EOF")
             return None
         try:
             return json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise HTTPError(400, f"Request decode failed: {exc}") from None
+            raise HTTPError(400, f"{failed}: {exc}") from None
 
     # ----- blocking options -----
     def blocking_options(self) -> tuple[int, float]:
