@@ -27,7 +27,6 @@ not in the destination's published method table (when it has one) is ``unknown``
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Collection
 from typing import Any
 
@@ -52,12 +51,13 @@ class AccessLog:
         self.sample = sample
         self._rng = rng or random.Random()
         self._tokens = per_second
-        self._last = time.monotonic()
+        self._last: float | None = None
         self._log = structlog.get_logger("weft.access")
 
     def admit(self, now: float) -> bool:
         if self.per_second > 0:
-            self._tokens = min(self.per_second, self._tokens + (now - self._last) * self.per_second)
+            last = now if self._last is None else self._last
+            self._tokens = min(self.per_second, self._tokens + max(0.0, now - last) * self.per_second)
             self._last = now
             if self._tokens >= 1.0:
                 self._tokens -= 1.0
