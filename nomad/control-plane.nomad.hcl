@@ -1,0 +1,212 @@
+# Weft's control plane on Nomad: the CA and the policy service, two replicas each.
+#
+# One replica of each is active at a time (a Consul session lock on weft/ca/leader and
+# weft/policy/leader); the other takes over within the lock TTL when the active one dies.
+# Both read CONSUL_HTTP_ADDR / CONSUL_HTTP_TOKEN like Consul's own tools.
+#
+# Before the first run, store the CA's key-encryption key and a Consul token as Nomad variables:
+#   nomad var put nomad/jobs/weft-control-plane ca_kek="$(head -c 32 /dev/urandom | base64)" consul_token=...
+# Runtime settings come from Consul KV (keyOrDefault: the job starts with defaults when a key is absent):
+#   weft/config/ca/leaf-ttl            leaf certificate lifetime (default 72h)
+#   weft/config/policy/default-policy  allow | deny (default deny)
+#   weft/config/log-level              debug | info | warn | error (default info)
+
+variable "weft" {
+  type        = string
+  default     = "/opt/weft/.venv/bin/weft"
+  description = "absolute path of the weft executable on every client"
+}
+
+variable "datacenters" {
+  type    = list(string)
+  default = ["dc1"]
+}
+
+variable "consul_addr" {
+  type        = string
+  default     = "127.0.0.1:8500"
+  description = "the local Consul agent, as seen from the client"
+}
+
+job "weft-control-plane" {
+  datacenters = var.datacenters
+  type        = "service"
+
+  group "ca" {
+    count = 2
+
+    constraint {
+      operator = "distinct_hosts"
+      value    = "true"
+    }
+
+    network {
+      port "grpc" {}
+    }
+
+    # Nomad registers the replicas (the CA's own registration is turned off with -no-register).
+    service {
+      name     = "weft-ca"
+      provider = "consul"
+      port     = "grpc"
+      tags     = ["weft", "ca"]
+      meta = {
+        weft = "ca"
+      }
+
+      check {
+        name     = "weft-ca gRPC port"
+        type     = "tcp"
+        port     = "grpc"
+        interval = "10s"
+        timeout  = "2s"
+      }
+    }
+
+    restart {
+      attempts = 10
+      interval = "5m"
+      delay    = "5s"
+      mode     = "delay"
+    }
+
+    task "ca" {
+      driver       = "raw_exec"
+      kill_signal  = "SIGTERM"
+      kill_timeout = "20s"
+
+      config {
+        command = var.weft
+        args = [
+          "ca", "serve",
+          "--listen", "${NOMAD_IP_grpc}:${NOMAD_PORT_grpc}",
+          "--kek-file", "${NOMAD_SECRETS_DIR}/kek",
+          "--leaf-ttl", "${WEFT_LEAF_TTL}",
+          "--log-level", "${WEFT_LOG_LEVEL}",
+          "--no-register",
+        ]
+      }
+
+      env {
+        CONSUL_HTTP_ADDR = var.consul_addr
+        PYTHONUNBUFFERED = "1"
+      }
+
+      template {
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/weft-control-plane" }}{{ .ca_kek }}{{ end }}
+        EOT
+        destination = "secrets/kek"
+        perms       = "0600"
+        change_mode = "restart"
+      }
+
+      template {
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/weft-control-plane" }}CONSUL_HTTP_TOKEN={{ .consul_token }}{{ end }}
+        EOT
+        destination = "secrets/consul.env"
+        env         = true
+        perms       = "0600"
+        change_mode = "restart"
+      }
+
+      template {
+        data        = <<-EOT
+          WEFT_LEAF_TTL={{ keyOrDefault "weft/config/ca/leaf-ttl" "72h" }}
+          WEFT_LOG_LEVEL={{ keyOrDefault "weft/config/log-level" "info" }}
+        EOT
+        destination = "local/ca.env"
+        env         = true
+        change_mode = "restart"
+      }
+
+      resources {
+        cpu    = 200
+        memory = 256
+      }
+    }
+  }
+
+  group "policy" {
+    count = 2
+
+    constraint {
+      operator = "distinct_hosts"
+      value    = "true"
+    }
+
+    network {
+      port "grpc" {}
+    }
+
+    service {
+      name     = "weft-policy"
+      provider = "consul"
+      port     = "grpc"
+      tags     = ["weft", "policy"]
+
+      check {
+        name     = "weft-policy gRPC port"
+        type     = "tcp"
+        port     = "grpc"
+        interval = "10s"
+        timeout  = "2s"
+      }
+    }
+
+    restart {
+      attempts = 10
+      interval = "5m"
+      delay    = "5s"
+      mode     = "delay"
+    }
+
+    task "policy" {
+      driver       = "raw_exec"
+      kill_signal  = "SIGTERM"
+      kill_timeout = "20s"
+
+      config {
+        command = var.weft
+        args = [
+          "policy", "serve",
+          "-grpc-addr", "${NOMAD_IP_grpc}:${NOMAD_PORT_grpc}",
+          "-default-policy", "${WEFT_DEFAULT_POLICY}",
+          "-log-level", "${WEFT_LOG_LEVEL}",
+          "-no-register",
+        ]
+      }
+
+      env {
+        CONSUL_HTTP_ADDR = var.consul_addr
+        PYTHONUNBUFFERED = "1"
+      }
+
+      template {
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/weft-control-plane" }}CONSUL_HTTP_TOKEN={{ .consul_token }}{{ end }}
+        EOT
+        destination = "secrets/consul.env"
+        env         = true
+        perms       = "0600"
+        change_mode = "restart"
+      }
+
+      template {
+        data        = <<-EOT
+          WEFT_DEFAULT_POLICY={{ keyOrDefault "weft/config/policy/default-policy" "deny" }}
+          WEFT_LOG_LEVEL={{ keyOrDefault "weft/config/log-level" "info" }}
+        EOT
+        destination = "local/policy.env"
+        env         = true
+        change_mode = "restart"
+      }
+
+      resources {
+        cpu    = 200
+        memory = 256
+      }
+    }
+  }
+}
