@@ -256,11 +256,13 @@ async def _sidecar_metrics(session: Any, url: str) -> tuple[float | None, str, s
         return None, "", f"{type(exc).__name__}: {exc}"
 
 
-async def collect() -> StatusReport:
+async def collect(state_dir: str = ".weft-dev") -> StatusReport:
     import aiohttp
 
     from catalog.client import ConsulClient, ConsulError
-    from weft.cmd_top import admin_url
+    from weft.cmd_top import admin_url, dev_admin_urls
+
+    dev_admin = dev_admin_urls(state_dir)
 
     async with ConsulClient.from_env() as consul:
         report = StatusReport(consul=consul.address)
@@ -281,7 +283,8 @@ async def collect() -> StatusReport:
                     meta = dict(inst.meta)
                     sidecars = []
                     for sc in proxies.get(inst.service_id, []) + proxies.get(inst.service, []):
-                        admin = admin_url(sc.address or sc.node_address, dict(sc.meta)) or ""
+                        admin = (admin_url(sc.address or sc.node_address, dict(sc.meta))
+                                 or dev_admin.get(inst.service, ""))
                         expiry, version, err = (None, "", "")
                         if admin:
                             expiry, version, err = await _sidecar_metrics(session, admin)
@@ -311,13 +314,15 @@ async def collect() -> StatusReport:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-json", "--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("-state-dir", "--state-dir", default=".weft-dev",
+                        help="a running `weft dev`'s state dir: admin URLs of sidecars that publish none")
 
 
 def run(args: argparse.Namespace) -> int:
     from catalog.client import ConsulError
 
     try:
-        report = asyncio.run(collect())
+        report = asyncio.run(collect(args.state_dir))
     except (ConsulError, ValueError) as exc:
         print(f"weft status: {exc}", file=sys.stderr)
         return 1

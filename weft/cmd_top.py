@@ -2,12 +2,13 @@
 
 Every `-interval` seconds it scrapes `/metrics` on the admin port of every sidecar it finds in
 Consul (connect-proxy instances; the admin address comes from the registration's Meta, see
-`admin_url`) or of the `-target` URLs given, and shows per edge: requests per second, success rate,
-p50 and p99 latency. Rates and quantiles come from the *differences* between two scrapes of the
-`weft_requests_total` counters and `weft_request_duration_seconds` histogram buckets, so they
-describe the last interval, not the process's lifetime. Edges are measured on the caller's side
-(`direction="outbound"`, which sees every call); an edge seen only inbound is shown from the
-callee's side. Success: gRPC status OK, HTTP status below 500, a TCP connection that closed normally.
+`admin_url`, or from a running `weft dev`'s state file) or of the `-target` URLs given, and shows
+per edge: requests per second, success rate, p50 and p99 latency. Rates and quantiles come from the
+*differences* between two scrapes of the `weft_requests_total` counters and
+`weft_request_duration_seconds` histogram buckets, so they describe the last interval, not the
+process's lifetime. Edges are measured on the caller's side (`direction="outbound"`, which sees
+every call); an edge seen only inbound is shown from the callee's side. Success: gRPC status OK,
+HTTP status below 500, a TCP connection that closed normally.
 
 `-once` takes two scrapes `-interval` apart, prints one table (or `-json`) and exits.
 
@@ -25,6 +26,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # ---------------------------------------------------------------------------------------------------
@@ -260,6 +262,18 @@ def admin_url(address: str, meta: Mapping[str, str]) -> str | None:
     return None
 
 
+def dev_admin_urls(state_dir: str | Path = ".weft-dev") -> dict[str, str]:
+    """Admin URLs by service name that a running `weft dev` recorded in its state file (empty if none).
+
+    A fallback for sidecars whose registrations publish no admin address."""
+    try:
+        state = json.loads((Path(state_dir) / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    admin = state.get("admin") if isinstance(state, dict) else None
+    return {str(k): str(v) for k, v in admin.items()} if isinstance(admin, dict) else {}
+
+
 @dataclass(frozen=True)
 class SidecarTarget:
     service: str  # the service the sidecar fronts
@@ -267,10 +281,12 @@ class SidecarTarget:
     url: str  # admin base URL
 
 
-async def discover_targets() -> tuple[list[SidecarTarget], list[str]]:
-    """Every connect-proxy instance in the catalog that publishes an admin address (and the problems)."""
+async def discover_targets(fallback: Mapping[str, str] | None = None) -> tuple[list[SidecarTarget], list[str]]:
+    """Every connect-proxy instance in the catalog with its admin address: from its registration's Meta,
+    else from `fallback` (service name -> admin URL); and the problems met."""
     from catalog.client import ConsulClient
 
+    fallback = fallback or {}
     targets: list[SidecarTarget] = []
     problems: list[str] = []
     async with ConsulClient.from_env() as consul:
@@ -280,8 +296,9 @@ async def discover_targets() -> tuple[list[SidecarTarget], list[str]]:
                 continue
             _, instances = await consul.health_service(name, passing=False)
             for inst in instances:
-                url = admin_url(inst.address or inst.node_address, dict(inst.meta))
                 dest = inst.proxy.destination_service_name if inst.proxy is not None else ""
+                url = admin_url(inst.address or inst.node_address, dict(inst.meta)) or fallback.get(
+                    dest or name.removesuffix("-sidecar-proxy"))
                 if url is None:
                     problems.append(f"{inst.service_id}: publishes no admin address in its Meta "
                                     f"({ADMIN_META_KEYS[0]})")
@@ -323,6 +340,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between scrapes (default 2)")
     parser.add_argument("-target", "--target", action="append", default=[], metavar="URL",
                         help="a sidecar admin URL to scrape (repeatable); default: every sidecar found in Consul")
+    parser.add_argument("-state-dir", "--state-dir", default=".weft-dev",
+                        help="a running `weft dev`'s state dir: admin URLs of sidecars that publish none")
     parser.add_argument("-once", "--once", action="store_true", help="print one snapshot (two scrapes) and exit")
     parser.add_argument("-json", "--json", action="store_true", help="with -once: print JSON instead of a table")
 
@@ -330,7 +349,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def _targets(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if args.target:
         return [t.rstrip("/") for t in args.target], []
-    found, problems = await discover_targets()
+    found, problems = await discover_targets(dev_admin_urls(args.state_dir))
     return [t.url for t in found], problems
 
 
