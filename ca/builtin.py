@@ -184,6 +184,11 @@ class BuiltinProvider:
         return self._trust_domain
 
     @property
+    def state_index(self) -> int:
+        """Grows with every change of the roots or chains; kept in the state, so it survives failover."""
+        return self._index
+
+    @property
     def generations(self) -> tuple[Generation, ...]:
         return tuple(self._generations)
 
@@ -350,6 +355,7 @@ class BuiltinProvider:
         if dropped:
             self._generations = keep
             changed = True
+            self._next_index()
             dropped_subjects = {g.root_cert.subject for g in dropped}
             for g in keep:
                 before = len(g.cross_signed)

@@ -241,6 +241,7 @@ class LeafManager:
         self._ready = threading.Event()
         self._subscribers: list[Callable[[Credentials], None]] = []
         self._wake = asyncio.Event()
+        self._stream_index = 0
         self.renewals = 0
         self.failures = 0
         self.last_error = ""
@@ -325,8 +326,6 @@ class LeafManager:
     def _set_bundle(self, bundle: TrustBundle) -> bool:
         """Adopt a newer bundle; True when the set of roots changed (renew at once)."""
         old = self._bundle
-        if old is not None and bundle.index and old.index and bundle.index < old.index:
-            return False
         self._bundle = bundle
         changed = old is None or old.root_ids != bundle.root_ids or old.active_root_id != bundle.active_root_id
         cur = self._current
@@ -426,9 +425,10 @@ class LeafManager:
         while not stop.is_set():
             try:
                 await self._bootstrap_bundle()
-                known = self._bundle.index if self._bundle is not None else 0
-                async for bundle in self._ca.watch_roots(known, self._bundle):
+                # the CA's bundle index (not Consul's KV index): survives failover between replicas
+                async for bundle in self._ca.watch_roots(self._stream_index, self._bundle):
                     attempt = 0
+                    self._stream_index = bundle.index
                     if self._set_bundle(bundle) and self._current is not None:
                         log.info("ca_client.roots_changed", roots=list(bundle.root_ids), action="renew now")
                         self._wake.set()
@@ -438,9 +438,23 @@ class LeafManager:
                 raise
             except Exception as exc:
                 log.debug("ca_client.roots_watch_failed", error=str(exc))
+                await self._poll_bundle_source()
             wait = self._backoff.delay(attempt, self._rng.random())
             attempt += 1
             await self._sleep_or_wake_stop(wait, stop)
+
+    async def _poll_bundle_source(self) -> None:
+        """While the CA's stream is down, follow the bundle published in Consul KV instead."""
+        if self._bundle_source is None:
+            return
+        try:
+            bundle = await self._bundle_source()
+        except Exception as exc:
+            log.debug("ca_client.bundle_source_failed", error=str(exc))
+            return
+        if bundle is not None and self._set_bundle(bundle) and self._current is not None:
+            log.info("ca_client.roots_changed", roots=list(bundle.root_ids), source="kv", action="renew now")
+            self._wake.set()
 
     async def _sleep_or_wake_stop(self, seconds: float, stop: asyncio.Event) -> None:
         with contextlib.suppress(TimeoutError):

@@ -115,7 +115,6 @@ class CAService:
         self._mutex = asyncio.Lock()
         self._bundle: TrustBundle | None = None
         self._bundle_changed = asyncio.Condition()
-        self._version = 0
         self.serving: ServingCert | None = None
         self.signed = 0
 
@@ -140,7 +139,7 @@ class CAService:
             if state is None:
                 return False
             self.provider.configure(self.config, self.trust_domain, state, self.clock())
-            await self._set_bundle(self.provider.bundle(self._version + 1), publish=False)
+            await self._set_bundle(self.provider.bundle(self.provider.state_index), publish=False)
             return True
 
     async def become_active(self) -> None:
@@ -155,7 +154,7 @@ class CAService:
                 if not await self.store.save_state(self.trust_domain, self.provider.state()):
                     raise NotActive("another replica wrote the CA state while this one took over")
             self.active = True
-            await self._set_bundle(self.provider.bundle(self._version + 1), publish=True)
+            await self._set_bundle(self.provider.bundle(self.provider.state_index), publish=True)
         log.info("ca.active", trust_domain=self.trust_domain, created=created,
                  active_root=self._bundle.active_root_id if self._bundle else None)
 
@@ -168,7 +167,6 @@ class CAService:
         if publish:
             await self.store.publish_roots(bundle)
         async with self._bundle_changed:
-            self._version = bundle.index
             self._bundle = bundle
             self._bundle_changed.notify_all()
 
@@ -176,7 +174,7 @@ class CAService:
         if not await self.store.save_state(self.trust_domain, self.provider.state()):
             self.active = False
             raise NotActive("the CA state changed under this replica; it steps down")
-        await self._set_bundle(self.provider.bundle(self._version + 1), publish=True)
+        await self._set_bundle(self.provider.bundle(self.provider.state_index), publish=True)
 
     async def maintain(self) -> bool:
         if not self.active:
