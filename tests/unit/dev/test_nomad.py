@@ -235,3 +235,17 @@ def test_every_demo_group_has_a_sidecar_that_agrees_with_the_service_definition(
         for up in upstreams_of(definition):
             assert env[f"{up['DestinationName'].upper()}_ADDR"] == f"127.0.0.1:{up['LocalBindPort']}", where
     assert seen == set(defs), "every demo service runs on Nomad"
+
+
+def test_demo_sidecar_args_are_accepted_by_weft_sidecar() -> None:
+    from weft import cmd_sidecar
+
+    _, job = job_of(NOMAD / "demo.nomad.hcl")
+    for group_name, group in named(job["group"]).items():
+        found = sidecar_task(group)
+        assert found is not None, group_name
+        args = [_placeholder(a) for a in one(found[1], "config")["args"]]
+        parser = argparse.ArgumentParser()
+        cmd_sidecar.add_arguments(parser)
+        ns = _parse(parser, args[1:])
+        assert ns.sidecar_for == "x"

@@ -105,3 +105,24 @@ def test_secret_never_lands_in_the_unit() -> None:
 def test_env_option_needs_key_value() -> None:
     with pytest.raises(UnitError, match="expected KEY=VALUE"):
         cmd_systemd.spec_from_args(_args("policy", "-env", "NOEQUALS"))
+
+
+@pytest.mark.parametrize(("spec", "module_name"), [
+    (UnitSpec(process="agent", http_port=8500, client="0.0.0.0", data_dir="/var/lib/weft"), "cmd_agent"),
+    (UnitSpec(process="ca", kek_file="/etc/weft/kek"), "cmd_ca"),
+    (UnitSpec(process="ca", dev=True), "cmd_ca"),
+    (UnitSpec(process="policy"), "cmd_policy"),
+    (UnitSpec(process="sidecar", sidecar_for="web-1", admin_port=19000), "cmd_sidecar"),
+    (UnitSpec(process="sidecar"), "cmd_sidecar"),
+])
+def test_generated_command_lines_are_accepted_by_the_real_commands(spec: UnitSpec, module_name: str) -> None:
+    import importlib
+
+    module = importlib.import_module(f"weft.{module_name}")
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    words = shlex.split(_parse_unit(render(spec))["Service"]["ExecStart"])
+    try:
+        parser.parse_args(words[2:])  # after `weft <process>`
+    except SystemExit as exc:
+        raise AssertionError(f"`weft {spec.process}` rejects {words}") from exc
