@@ -34,7 +34,7 @@ bench: $(STAMP)
 
 # Regenerates the gRPC modules from the .proto files (the generated files are committed).
 proto: $(STAMP)
-	$(BIN)/python -m weft.protogen
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m weft.protogen
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .pytest_cache .ruff_cache
