@@ -564,7 +564,8 @@ class _Dev:
             self.sup.start(s.name, app_command(sys.executable, s, self.args.log_level))
         for s in plan.services:
             self.sup.start(f"{s.name}-sidecar", [*self.weft, "sidecar", "--sidecar-for", s.id,
-                                                 "--admin-port", str(s.admin_port)])
+                                                 "--admin-port", str(s.admin_port), "--bind", "127.0.0.1",
+                                                 "--log-level", self.args.log_level])
         for s in plan.services:
             self.wait_for(f"{s.name} on port {s.port}", functools.partial(_tcp_open, "127.0.0.1", s.port))
         for s in plan.services:
