@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -118,12 +119,12 @@ class SidecarState:
     def start(self) -> None:
         reg = self.builder.registration
         assert reg is not None
-        self._spawn("credentials", self._credentials())
-        self._spawn("registration", self._registration(reg.proxy_id))
+        self._spawn("credentials", self._credentials)
+        self._spawn("registration", functools.partial(self._registration, reg.proxy_id))
         for key in (table_key(self.service), table_key(WILDCARD)):
-            self._spawn(f"policy:{key}", self._policy_watch(key))
-        self._spawn(f"protocol:{self.service}", self._protocol_watch(self.service))
-        self._spawn("methods:local", self._local_methods())
+            self._spawn(f"policy:{key}", functools.partial(self._policy_watch, key))
+        self._spawn(f"protocol:{self.service}", functools.partial(self._protocol_watch, self.service))
+        self._spawn("methods:local", self._local_methods)
         self._ensure_upstreams(reg)
 
     async def close(self) -> None:
@@ -136,17 +137,17 @@ class SidecarState:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    def _spawn(self, name: str, coro: Awaitable[Any]) -> None:
+    def _spawn(self, name: str, make: Callable[[], Awaitable[Any]]) -> None:
         if name in self._tasks and not self._tasks[name].done():
             return
-        self._tasks[name] = asyncio.ensure_future(coro)
+        self._tasks[name] = asyncio.ensure_future(make())
 
     def _ensure_upstreams(self, reg: Registration) -> None:
         for u in reg.upstreams:
             name = u.destination_name
-            self._spawn(f"endpoints:{name}", self._endpoints_watch(name))
-            self._spawn(f"protocol:{name}", self._protocol_watch(name))
-            self._spawn(f"methods:{name}", self._methods_watch(name))
+            self._spawn(f"endpoints:{name}", functools.partial(self._endpoints_watch, name))
+            self._spawn(f"protocol:{name}", functools.partial(self._protocol_watch, name))
+            self._spawn(f"methods:{name}", functools.partial(self._methods_watch, name))
 
     # -- publishing ----------------------------------------------------------------------------
     def _changed(self) -> None:
