@@ -38,7 +38,7 @@ import structlog
 
 from catalog.client import ConsulError, ConsulNotFound
 from catalog.models import parse_duration
-from catalog.watch import WatchPolicy, backoff_delay
+from catalog.watch import WatchPolicy, backoff_delay, wait_event
 
 if TYPE_CHECKING:
     from catalog.client import ConsulClient
@@ -168,9 +168,7 @@ class LeaderLock:
         self.lost.set()
 
     async def _sleep(self, seconds: float) -> None:
-        if seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), timeout=seconds)
+        await wait_event(self._stopped, seconds)
 
     async def _ensure_session(self) -> str:
         if self.session_id:
@@ -241,21 +239,36 @@ class LeaderLock:
                 return
             # not acquired: someone holds it, or lock-delay is in effect
             index, entry = await self.client.kv_get(self.key)
+            if entry is None or not entry.session:
+                # free, yet our acquire failed just now: lock-delay is in effect; wait before the next try
+                await self._sleep(self.retry_interval)
+                continue
             while entry is not None and entry.session and not self._stopped.is_set():
                 self.leader_value = entry.value
-                index, entry = await self.client.kv_get(self.key, index=max(index, 1), wait=self.wait)
-            if entry is None or not entry.session:
-                # free, but our acquire failed just now: lock-delay; wait before the next try
-                await self._sleep(self.retry_interval)
+                sent = max(index, 1)
+                started = time.monotonic()
+                got, entry = await self.client.kv_get(self.key, index=sent, wait=self.wait)
+                # the index went backwards (a restarted server): do not block on the old one
+                index = 0 if got < sent else got
+                await self._sleep(started + self._policy.min_interval - time.monotonic())  # rate limit
+            # the holder let go: try again at once
 
     async def _monitor(self) -> None:
         """While held: block on the key; lost when its Session is no longer ours."""
         index = 0
         failures = 0
         sid = self.session_id
+        last_start = 0.0
         while not self._stopped.is_set() and self._held:
+            await self._sleep(last_start + self._policy.min_interval - time.monotonic())  # rate limit
+            if self._stopped.is_set():
+                return
+            last_start = time.monotonic()
             try:
-                index, entry = await self.client.kv_get(self.key, index=index, wait=self.wait)
+                sent = index
+                got, entry = await self.client.kv_get(self.key, index=sent, wait=self.wait)
+                got = max(got, 1)
+                index = 0 if got < sent else got  # backwards: start over
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -265,7 +278,6 @@ class LeaderLock:
                 if time.monotonic() - self._last_renew >= self.ttl:
                     self._mark_lost(f"Consul unreachable for a whole TTL: {exc}")
                 continue
-            index = max(index, 1)
             if entry is None or entry.session != sid or sid != self.session_id:
                 self._mark_lost("key no longer held by our session")
                 return

@@ -38,7 +38,7 @@ from catalog.models import (
     freeze_json,
     parse_duration,
 )
-from catalog.watch import WatchPolicy, backoff_delay
+from catalog.watch import WatchPolicy, backoff_delay, wait_event
 
 if TYPE_CHECKING:
     from catalog.client import ConsulClient
@@ -194,18 +194,17 @@ class TtlKeeper:
                     log.warning("ttl_check_missing_reregistering", check=self.check_id)
                     try:
                         await self.on_missing()
-                        continue
                     except ConsulError as exc2:
                         self.last_error = exc2
-                delay = backoff_delay(failures, self._policy, random.random())
+                # report again at once after a re-registration, but never spin if it did not help
+                delay = 0.0 if failures == 1 else backoff_delay(failures - 1, self._policy, random.random())
             except ConsulError as exc:
                 self.last_error = exc
                 failures += 1
                 if failures == 1:
                     log.warning("ttl_check_report_failed", check=self.check_id, error=str(exc))
                 delay = backoff_delay(failures, self._policy, random.random())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=delay)
+            await wait_event(self._changed, delay)
 
     async def stop(self, note: str = "shutting down", *, fail: bool = True) -> None:
         """Stop reporting; with `fail`, mark the check critical with `note` (best effort)."""

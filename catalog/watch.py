@@ -78,6 +78,21 @@ class WatchPolicy:
             raise ValueError(f"WatchPolicy.wait: Consul caps wait at 600s, got {self.wait!r}")
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait until `event` is set or `timeout` seconds pass; True if set. Unlike `asyncio.wait_for`, a
+    cancellation arriving as the event is set is never swallowed (Python 3.11's wait_for can lose it)."""
+    if event.is_set():
+        return True
+    if timeout <= 0:
+        return False
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return event.is_set()
+
+
 def backoff_delay(attempt: int, policy: WatchPolicy, u: float) -> float:
     """Delay before retry number `attempt` (1 for the first retry) with jitter draw `u` in [0, 1)."""
     if attempt < 1:
@@ -215,12 +230,7 @@ class _WatchBase(Generic[T]):
             self._inflight.cancel()
 
     async def _sleep(self, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        try:
-            await asyncio.wait_for(self._task_wakeup.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
+        await wait_event(self._task_wakeup, seconds)
 
     def _record_error(self, exc: BaseException) -> None:
         was_healthy = self._healthy or self.last_error is None

@@ -148,3 +148,15 @@ def test_bad_arguments() -> None:
         LeaderLock(fake, KEY, behavior="keep")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="key"):
         LeaderLock(fake, "/abs")  # type: ignore[arg-type]
+
+
+async def test_stop_is_prompt_even_inside_a_long_blocking_read() -> None:
+    # regression: a cancellation arriving as the stop event was set used to be swallowed by
+    # asyncio.wait_for (Python 3.11), leaving stop() waiting for a whole blocking query
+    fake = FakeConsul()
+    for _ in range(20):
+        a = LeaderLock(fake, KEY, ttl="10s", lock_delay="0s", wait=60)  # type: ignore[arg-type]
+        await a.acquired()
+        await asyncio.sleep(0.11)   # into the monitor's blocking read (or its rate-limit pause)
+        await asyncio.wait_for(a.stop(), 5)
+        assert fake.kv[KEY].session == ""
