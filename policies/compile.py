@@ -490,47 +490,69 @@ def _same_definition(a: CompiledRule, b: CompiledRule) -> bool:
     return a.action == b.action and a.permissions == b.permissions and a.mode == b.mode
 
 
-def compile_tables(entries: Iterable[tuple[Document, IntentionsEntry]], default_policy: Action) -> tuple[
-        dict[str, CompiledTable], list[str]]:
+def _pair_warnings(dest: str, rules: list[CompiledRule]) -> list[str]:
+    by_pair: dict[str, list[CompiledRule]] = {}
+    for r in rules:
+        by_pair.setdefault(r.source, []).append(r)
+    warnings = []
+    for src, defs in sorted(by_pair.items()):
+        if len(defs) > 1:
+            origins = " and ".join(str(d.origin) for d in sorted(defs, key=_sort_key))
+            same = all(_same_definition(defs[0], d) for d in defs[1:])
+            warnings.append(
+                f"intention {src} -> {dest} is defined in both {origins}"
+                + (" (identically)" if same else "; they differ, so a request is allowed only when every "
+                   "definition allows it (deny wins)")
+            )
+    return warnings
+
+
+_Group = tuple[tuple[OriginKind, str, IntentionsEntry], ...]
+_TableCache = dict[str, tuple[tuple[_Group, _Group, str], CompiledTable]]
+
+
+def compile_tables(entries: Iterable[tuple[Document, IntentionsEntry]], default_policy: Action, *,
+                   cache: _TableCache | None = None) -> tuple[dict[str, CompiledTable], list[str]]:
     """Compile valid entries (from both sources) into tables; returns (tables, warnings).
 
-    Always returns the ``*`` table. Raises ValueError for a bad ``default_policy``.
+    Always returns the ``*`` table. ``cache`` (owned by a :class:`Compiler`) reuses the table of a
+    destination whose documents (and the wildcard documents) are unchanged, so a change to one
+    destination costs one table, not all of them. Raises ValueError for a bad ``default_policy``.
     """
     if default_policy not in ACTIONS:
         raise ValueError(f"default policy must be 'allow' or 'deny', not {default_policy!r}")
-    by_dest: dict[str, list[CompiledRule]] = {}
-    modes: dict[str, list[Mode]] = {}
+    groups: dict[str, list[tuple[OriginKind, str, IntentionsEntry]]] = {}
     for doc, entry in entries:
-        by_dest.setdefault(entry.name, []).extend(_rules_of(entry, doc.kind, doc.ref))
-        if entry.mode is not None:
-            modes.setdefault(entry.name, []).append(entry.mode)
-    warnings: list[str] = []
-    for dest, rules in by_dest.items():
-        by_pair: dict[str, list[CompiledRule]] = {}
-        for r in rules:
-            by_pair.setdefault(r.source, []).append(r)
-        for src, defs in sorted(by_pair.items()):
-            if len(defs) > 1:
-                origins = " and ".join(str(d.origin) for d in sorted(defs, key=_sort_key))
-                same = all(_same_definition(defs[0], d) for d in defs[1:])
-                warnings.append(
-                    f"intention {src} -> {dest} is defined in both {origins}"
-                    + (" (identically)" if same else "; they differ, so a request is allowed only when every "
-                       "definition allows it (deny wins)")
-                )
-
-    def mode_of(dest: str) -> Mode:
-        found = modes.get(dest) or modes.get(WILDCARD) or []
-        return "enforce" if not found or "enforce" in found else "audit"
-
-    wild_rules = by_dest.get(WILDCARD, [])
+        groups.setdefault(entry.name, []).append((doc.kind, doc.ref, entry))
+    frozen_groups = {d: tuple(sorted(g, key=lambda x: (x[0], x[1]))) for d, g in groups.items()}
+    wild_group = frozen_groups.get(WILDCARD, ())
+    wild_rules = [r for kind, ref, e in wild_group for r in _rules_of(e, kind, ref)]
+    wild_warnings = _pair_warnings(WILDCARD, wild_rules)
+    wild_modes = [e.mode for _, _, e in wild_group if e.mode is not None]
+    warnings: list[str] = list(wild_warnings)
     tables: dict[str, CompiledTable] = {}
-    for dest in set(by_dest) | {WILDCARD}:
-        own = by_dest.get(dest, []) if dest != WILDCARD else []
-        rules = sorted(own + wild_rules, key=_sort_key)
-        table_warnings = tuple(w for w in warnings if f" -> {dest} " in w or f" -> {WILDCARD} " in w)
-        tables[dest] = CompiledTable(destination=dest, default_policy=default_policy, rules=tuple(rules),
-                                     default_mode=mode_of(dest), warnings=table_warnings).with_version()
+    for dest in sorted(set(frozen_groups) | {WILDCARD}):
+        own_group = frozen_groups.get(dest, ()) if dest != WILDCARD else ()
+        key = (own_group, wild_group, default_policy)
+        cached = cache.get(dest) if cache is not None else None
+        if cached is not None and cached[0] == key:
+            tables[dest] = cached[1]
+            warnings.extend(w for w in cached[1].warnings if w not in wild_warnings)
+            continue
+        own_rules = [r for kind, ref, e in own_group for r in _rules_of(e, kind, ref)]
+        own_warnings = _pair_warnings(dest, own_rules) if dest != WILDCARD else []
+        warnings.extend(own_warnings)
+        modes = [e.mode for _, _, e in own_group if e.mode is not None] or wild_modes
+        mode: Mode = "enforce" if not modes or "enforce" in modes else "audit"
+        table = CompiledTable(destination=dest, default_policy=default_policy,
+                              rules=tuple(sorted(own_rules + wild_rules, key=_sort_key)), default_mode=mode,
+                              warnings=tuple(own_warnings + wild_warnings)).with_version()
+        tables[dest] = table
+        if cache is not None:
+            cache[dest] = (key, table)
+    if cache is not None:
+        for dest in set(cache) - set(tables):
+            del cache[dest]
     return tables, warnings
 
 
@@ -546,6 +568,7 @@ class Compiler:
             raise ValueError(f"default policy must be 'allow' or 'deny', not {default_policy!r}")
         self.default_policy: Action = default_policy
         self._last_good: dict[str, tuple[Any, IntentionsEntry]] = {}
+        self._tables: _TableCache = {}
 
     def compile(self, documents: Iterable[Document]) -> CompileResult:
         good: list[tuple[Document, IntentionsEntry]] = []
@@ -556,6 +579,10 @@ class Compiler:
         seen_refs: set[str] = set()
         for doc in documents:
             seen_refs.add(doc.ref)
+            last = self._last_good.get(doc.ref)
+            if last is not None and last[0] == doc.body:  # unchanged since it was last parsed
+                good.append((doc, last[1]))
+                continue
             try:
                 entry = parse_entry(doc.body, doc.ref,
                                     expect_name=doc.destination if doc.kind == "kv" else None)
@@ -575,7 +602,7 @@ class Compiler:
         for ref in list(self._last_good):
             if ref not in seen_refs:  # the document was deleted: forget it
                 del self._last_good[ref]
-        tables, warnings = compile_tables(good, self.default_policy)
+        tables, warnings = compile_tables(good, self.default_policy, cache=self._tables)
         for ref in used_last_good:
             warnings.append(f"{ref}: rejected; its last good version stays in force")
         return CompileResult(tables=tables, errors=errors, warnings=warnings, frozen=frozen,

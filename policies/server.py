@@ -51,8 +51,9 @@ from policies.model import (
     Request,
     destination_of_key,
     table_key,
+    table_version,
 )
-from policies.sources import KVEntryLike, SourcesAPI, SourceWatcher
+from policies.sources import SourcesAPI, SourceWatcher
 from policies.v1 import policy_pb2, policy_pb2_grpc
 
 log = structlog.get_logger("policies.server")
@@ -97,10 +98,11 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode("ascii")
 
 
-def plan_ops(result: CompileResult, current: Mapping[str, KVEntryLike]) -> tuple[list[dict[str, Any]], int]:
+def plan_ops(result: CompileResult, current: Mapping[str, tuple[int, str]]) -> tuple[list[dict[str, Any]], int]:
     """The txn operations that bring KV's compiled tables to ``result`` (pure); and how many are unchanged.
 
-    ``current``: key -> KV entry under ``weft/policy/compiled/``.
+    ``current``: key -> (modify index, version of the stored table; "" when unreadable) for every key
+    under ``weft/policy/compiled/``. Versions are content hashes, so equal versions mean equal tables.
     """
     ops: list[dict[str, Any]] = []
     unchanged = 0
@@ -108,19 +110,31 @@ def plan_ops(result: CompileResult, current: Mapping[str, KVEntryLike]) -> tuple
         if result.is_frozen(dest):
             continue
         key = table_key(dest)
-        text = result.tables[dest].dumps()
+        table = result.tables[dest]
         cur = current.get(key)
-        if cur is not None and (cur.value or b"") == text.encode():
+        if cur is not None and cur[1] == table.version:
             unchanged += 1
             continue
-        ops.append({"KV": {"Verb": "cas", "Key": key, "Value": _b64(text),
-                           "Index": cur.modify_index if cur is not None else 0}})
+        ops.append({"KV": {"Verb": "cas", "Key": key, "Value": _b64(table.dumps()),
+                           "Index": cur[0] if cur is not None else 0}})
     for key in sorted(current):
         gone = destination_of_key(key)
         if gone is None or gone in result.tables or result.is_frozen(gone):
             continue
-        ops.append({"KV": {"Verb": "delete-cas", "Key": key, "Index": current[key].modify_index}})
+        ops.append({"KV": {"Verb": "delete-cas", "Key": key, "Index": current[key][0]}})
     return ops, unchanged
+
+
+def stored_version(value: bytes | None) -> str:
+    """The version of a stored table, recomputed from its content ("" when it is not a readable table)."""
+    try:
+        data = json.loads(value or b"")
+        if not isinstance(data, dict):
+            return ""
+        version = table_version(data)
+        return version if data.get("Version") == version else ""
+    except (ValueError, TypeError):
+        return ""
 
 
 class PolicyService:
@@ -150,6 +164,9 @@ class PolicyService:
         self.compiled = asyncio.Event()
         self._publish_needed = asyncio.Event()
         self._last_error_text: dict[str, str] = {}
+        # what this leader knows KV holds under weft/policy/compiled/: key -> (modify index, version);
+        # None: unknown, read it all before the next publish (new term, or after a failed txn)
+        self._mirror: dict[str, tuple[int, str]] | None = None
 
     @property
     def is_leader(self) -> bool:
@@ -209,7 +226,7 @@ class PolicyService:
             result = self.compiler.compile(snap.documents())
             self._log_result(result, time.perf_counter() - started)
             self.result = result
-            await self._refresh_kv_tables()
+            await self._refresh_kv_tables(result)
             self.compiled.set()
             self._publish_needed.set()
 
@@ -228,8 +245,11 @@ class PolicyService:
         log.info("intentions compiled", tables=len(result.tables), rejected=len(result.errors),
                  frozen="all" if result.frozen_all else sorted(result.frozen), ms=round(seconds * 1000, 2))
 
-    async def _refresh_kv_tables(self) -> None:
-        """Read the compiled tables in KV (for frozen destinations and for Check on standbys)."""
+    async def _refresh_kv_tables(self, result: CompileResult) -> None:
+        """Read the tables KV holds for frozen destinations: those stay in force and answer Check."""
+        if not result.frozen and not result.frozen_all:
+            self.kv_tables = {}
+            return
         try:
             _, entries = await self.api.kv_get_recurse(COMPILED_PREFIX)
         except Exception as exc:
@@ -238,7 +258,7 @@ class PolicyService:
         tables = {}
         for e in entries:
             dest = destination_of_key(e.key)
-            if dest is None:
+            if dest is None or not result.is_frozen(dest):
                 continue
             try:
                 tables[dest] = CompiledTable.loads(e.value or b"")
@@ -274,6 +294,7 @@ class PolicyService:
                 await lock.stop()
 
     async def _publish_loop(self, lock: LockLike, stop: asyncio.Event) -> None:
+        self._mirror = None
         self._publish_needed.set()  # a new leader reconciles KV at once
         failures = 0
         while not stop.is_set() and lock.held:
@@ -297,9 +318,11 @@ class PolicyService:
 
     async def publish(self, result: CompileResult, session_id: str) -> None:
         """Bring KV's compiled tables to ``result`` with check-session-guarded txns (see module doc)."""
-        _, entries = await self.api.kv_get_recurse(COMPILED_PREFIX)
-        current = {e.key: e for e in entries if e.key != COMPILED_PREFIX}
-        ops, unchanged = plan_ops(result, current)
+        if self._mirror is None:
+            _, entries = await self.api.kv_get_recurse(COMPILED_PREFIX)
+            self._mirror = {e.key: (e.modify_index, stored_version(e.value)) for e in entries
+                            if destination_of_key(e.key) is not None}
+        ops, unchanged = plan_ops(result, self._mirror)
         self.stats.unchanged = unchanged
         if not ops:
             return
@@ -307,17 +330,29 @@ class PolicyService:
         step = TXN_MAX_OPS - 1
         for i in range(0, len(ops), step):
             batch = ops[i:i + step]
-            await self.api.txn([guard, *batch])
+            try:
+                results = await self.api.txn([guard, *batch])
+            except BaseException:
+                self._mirror = None  # we no longer know what KV holds
+                raise
             self.stats.txns += 1
+            indexes = {getattr(r, "key", None): getattr(r, "modify_index", None) for r in results or ()}
             for op in batch:
                 kv = op["KV"]
+                dest = destination_of_key(kv["Key"]) or ""
                 if kv["Verb"] == "cas":
                     self.stats.written += 1
+                    index = indexes.get(kv["Key"])
+                    if self._mirror is not None and isinstance(index, int):
+                        self._mirror[kv["Key"]] = (index, result.tables[dest].version)
+                    else:
+                        self._mirror = None
+                    log.info("compiled table written", key=kv["Key"], version=result.tables[dest].version)
                 else:
                     self.stats.deleted += 1
-                log.info("compiled table " + ("written" if kv["Verb"] == "cas" else "deleted"), key=kv["Key"],
-                         version=result.tables[destination_of_key(kv["Key"]) or ""].version
-                         if kv["Verb"] == "cas" else None)
+                    if self._mirror is not None:
+                        self._mirror.pop(kv["Key"], None)
+                    log.info("compiled table deleted", key=kv["Key"])
         self.stats.last_publish = time.time()
         self.stats.versions = {d: t.version for d, t in result.tables.items()}
 

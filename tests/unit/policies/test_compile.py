@@ -231,3 +231,20 @@ def test_tampered_table_is_refused() -> None:
     data["Rules"][0]["Action"] = "perhaps"
     with pytest.raises(ValueError, match="Action"):
         CompiledTable.from_json(data)
+
+
+def test_incremental_compile_reuses_unchanged_tables() -> None:
+    compiler = Compiler("deny")
+    docs = {d: Document.kv(f"weft/intentions/{d}", json.dumps(doc(Name=d))) for d in ("db", "cache", "queue")}
+    first = compiler.compile(docs.values())
+    docs["db"] = Document.kv("weft/intentions/db", json.dumps(doc(Sources=[{"Name": "web", "Action": "deny"}])))
+    second = compiler.compile(docs.values())
+    assert second.tables["cache"] is first.tables["cache"] and second.tables["queue"] is first.tables["queue"]
+    assert second.tables["db"] != first.tables["db"]
+    # a wildcard-destination change touches every table
+    docs["*"] = Document.kv("weft/intentions/*", json.dumps(doc(Name="*", Sources=[{"Name": "*", "Action": "deny"}])))
+    third = compiler.compile(docs.values())
+    assert all(third.tables[d] != second.tables[d] for d in ("db", "cache", "queue", WILDCARD))
+    # the result is the same as compiling from scratch
+    fresh = Compiler("deny").compile(docs.values())
+    assert fresh.tables == third.tables

@@ -18,7 +18,7 @@ import pytest
 from policies.compile import Compiler, Document
 from policies.evaluate import authorize
 from policies.model import COMPILED_PREFIX, LEADER_KEY, TCP, CompiledTable, destination_of_key
-from policies.server import PolicyService, plan_ops, request_from_proto
+from policies.server import PolicyService, plan_ops, request_from_proto, stored_version
 from policies.v1 import policy_pb2
 
 
@@ -97,15 +97,18 @@ class FakeConsul:
                 if have != kv["Index"]:
                     raise TxnFailed(f"cas {kv['Key']}: index {kv['Index']} != {have}")
         self.index += 1
+        results = []
         for op in ops:
             kv = op["KV"]
             if kv["Verb"] == "cas":
+                self.kv[kv["Key"]] = Entry(kv["Key"], None, self.index)  # Consul answers without the value
+                results.append(self.kv[kv["Key"]])
                 self.kv[kv["Key"]] = Entry(kv["Key"], base64.b64decode(kv["Value"]), self.index)
             elif kv["Verb"] == "delete-cas":
                 del self.kv[kv["Key"]]
         async with self.changed:
             self.changed.notify_all()
-        return []
+        return results
 
 
 class FakeLock:
@@ -262,15 +265,38 @@ async def test_failed_txn_is_retried(running: Any) -> None:
 def test_plan_ops_writes_changed_deletes_orphans_and_respects_frozen() -> None:
     result = Compiler("deny").compile([Document.kv("weft/intentions/db", doc("db", ("web", "allow"))),
                                        Document.kv("weft/intentions/bad", "{")])
-    same = Entry(COMPILED_PREFIX + "_wildcard", result.tables["*"].dumps().encode(), 5)
-    stale = Entry(COMPILED_PREFIX + "db", b"{}", 6)
-    orphan = Entry(COMPILED_PREFIX + "gone", b"{}", 7)
-    frozen = Entry(COMPILED_PREFIX + "bad", b"{}", 8)
-    current = {e.key: e for e in (same, stale, orphan, frozen)}
+    current = {COMPILED_PREFIX + "_wildcard": (5, result.tables["*"].version),  # unchanged
+               COMPILED_PREFIX + "db": (6, "stale"),
+               COMPILED_PREFIX + "gone": (7, "x"),  # no intentions any more
+               COMPILED_PREFIX + "bad": (8, "y")}  # frozen: left alone
     ops, unchanged = plan_ops(result, current)
     assert unchanged == 1
     assert [(o["KV"]["Verb"], o["KV"]["Key"], o["KV"]["Index"]) for o in ops] == [
         ("cas", COMPILED_PREFIX + "db", 6), ("delete-cas", COMPILED_PREFIX + "gone", 7)]
+    assert CompiledTable.loads(base64.b64decode(ops[0]["KV"]["Value"])) == result.tables["db"]
+
+
+def test_stored_version_detects_tampering() -> None:
+    t = Compiler("deny").compile([Document.kv("weft/intentions/db", doc("db", ("web", "allow")))]).tables["db"]
+    assert stored_version(t.dumps().encode()) == t.version
+    tampered = t.to_json()
+    tampered["DefaultPolicy"] = "allow"
+    assert stored_version(json.dumps(tampered).encode()) == ""
+    assert stored_version(b"{not json") == "" and stored_version(None) == ""
+
+
+async def test_external_change_to_a_table_is_repaired_after_a_failed_txn(running: Any) -> None:
+    consul, _, _ = running
+    await consul.put("weft/intentions/db", doc("db", ("web", "allow")))
+    await wait_until(lambda: "db" in compiled(consul))
+    good = compiled(consul)["db"]
+    # someone overwrites the table behind the leader's back; the next publish's cas fails, the
+    # leader re-reads KV and writes the right table again
+    bad = CompiledTable(destination="db", default_policy="allow", rules=()).with_version()
+    await consul.put(COMPILED_PREFIX + "db", bad.dumps())
+    await consul.put("weft/intentions/db", doc("db", ("web", "allow"), ("api", "deny")))
+    await wait_until(lambda: len(compiled(consul)["db"].rules) == 2)
+    assert compiled(consul)["db"].default_policy == "deny" and compiled(consul)["db"] != good
 
 
 def test_request_from_proto() -> None:
