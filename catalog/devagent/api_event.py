@@ -15,7 +15,7 @@ from aiohttp import web
 
 from catalog.devagent.agent import Agent
 from catalog.devagent.codec import b64, new_uuid, uuid_to_uint64
-from catalog.devagent.http import Endpoint, HTTPError, Req, json_response
+from catalog.devagent.http import Endpoint, HTTPError, Req, json_response, wait_for_change
 
 USER_EVENT_SIZE_LIMIT = 512  # Serf's default user event size limit, in bytes, before encoding
 EVENTS_TOPIC = ("agent", "events")
@@ -114,12 +114,6 @@ async def list_events(r: Req) -> web.StreamResponse:
         remaining = deadline - loop.time()
         if remaining <= 0:
             break
-        fut = agent.store.watch([EVENTS_TOPIC])
-        try:
-            await asyncio.wait((fut,), timeout=remaining)
-        finally:
-            agent.store.unwatch(fut, [EVENTS_TOPIC])
-            if not fut.done():
-                fut.cancel()
+        await wait_for_change(agent.store, [EVENTS_TOPIC], remaining)
         index, events = run()
     return json_response(r, events, headers={"X-Consul-Index": str(index)})

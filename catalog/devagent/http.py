@@ -19,7 +19,7 @@ from aiohttp import web
 
 from catalog.devagent import acl
 from catalog.devagent.codec import SECOND, DecodeError, parse_duration, parse_uint
-from catalog.devagent.state import Topic
+from catalog.devagent.state import Store, Topic
 
 if TYPE_CHECKING:
     from catalog.devagent.agent import Agent
@@ -245,17 +245,29 @@ async def blocking_query(r: Req, run: Callable[[], QueryResult]) -> QueryResult:
         if remaining <= 0:
             return result
         topics = list(result.topics)
-        fut = store.watch(topics)
-        try:
-            await asyncio.wait((fut,), timeout=remaining)
-        finally:
-            store.unwatch(fut, topics)
-            if not fut.done():
-                fut.cancel()
+        await wait_for_change(store, topics, remaining)
         result = run()
         result.index = max(result.index, 1)
         if result.index > min_index:
             return result
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def wait_for_change(store: Store, topics: list[Topic], timeout: float) -> None:
+    """Wait until a commit touches one of ``topics`` or ``timeout`` seconds pass (no polling)."""
+    fut = store.watch(topics)
+    handle = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+    try:
+        await fut
+    finally:
+        handle.cancel()
+        store.unwatch(fut, topics)
+
+
 
 
 def content_hash(value: Any) -> str:
@@ -279,14 +291,7 @@ async def hash_blocking(r: Req, run: Callable[[], tuple[Any, Collection[Topic]]]
         remaining = deadline - loop.time()
         if remaining <= 0:
             break
-        topic_list = list(topics)
-        fut = store.watch(topic_list)
-        try:
-            await asyncio.wait((fut,), timeout=remaining)
-        finally:
-            store.unwatch(fut, topic_list)
-            if not fut.done():
-                fut.cancel()
+        await wait_for_change(store, list(topics), remaining)
         value, topics = run()
         digest = content_hash(value)
     return value, digest
