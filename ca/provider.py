@@ -32,7 +32,7 @@ DAY = timedelta(days=1)
 DEFAULT_ROOT_TTL = 3650 * DAY
 DEFAULT_INTERMEDIATE_TTL = 365 * DAY
 DEFAULT_LEAF_TTL = timedelta(hours=72)
-MIN_LEAF_TTL = timedelta(seconds=10)
+MIN_LEAF_TTL = timedelta(seconds=2)  # for tests; production leaves live hours to days
 DEFAULT_MAX_LEAF_TTL = timedelta(days=7)
 MAX_CLOCK_SKEW = timedelta(minutes=1)
 

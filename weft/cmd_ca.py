@@ -238,7 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--advertise", "-advertise", default="", help="address registered in Consul (default: listen)")
     serve.add_argument("--datacenter", "-datacenter", default="", help="default: the agent's datacenter")
     serve.add_argument("--leaf-ttl", "-leaf-ttl", type=parse_duration, default=DEFAULT_LEAF_TTL,
-                       help="leaf certificate lifetime (default 72h; down to 10s)")
+                       help="leaf certificate lifetime (default 72h; minutes in tests, 2s at the least)")
     serve.add_argument("--max-leaf-ttl", "-max-leaf-ttl", type=parse_duration, default=None,
                        help="longest TTL a caller may ask for (default 7d, at least --leaf-ttl)")
     serve.add_argument("--root-ttl", "-root-ttl", type=parse_duration, default=DEFAULT_ROOT_TTL,
