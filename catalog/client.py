@@ -364,6 +364,10 @@ class ConsulClient:
             plist.append(("dc", self.settings.datacenter))
         total = timeout if timeout is not None else self.request_timeout
         verb = method.upper()
+        if verb not in ("GET", "PUT", "DELETE", "POST"):
+            raise ValueError(f"unsupported method {method!r}")
+        # (aiohttp itself resends an idempotent request once when a pooled keep-alive connection turns out
+        # to have been closed by the server, e.g. after an agent restart)
         try:
             if verb == "GET":
                 resp = await http.get(_identity, path, params=plist, headers=headers, connections_timeout=total)
@@ -373,11 +377,9 @@ class ConsulClient:
             elif verb == "DELETE":
                 resp = await http.delete(_identity, path, params=plist, data=data, headers=headers,
                                          connections_timeout=total)
-            elif verb == "POST":
+            else:
                 resp = await http.post(_identity, path, params=plist, data=data, headers=headers,
                                        connections_timeout=total)
-            else:
-                raise ValueError(f"unsupported method {method!r}")
         except asyncio.CancelledError:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError, consul.Timeout) as exc:

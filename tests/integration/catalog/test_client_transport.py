@@ -156,3 +156,39 @@ async def test_health_and_hash_params(tcp_server: tuple[Scripted, int]) -> None:
     health, agent = s.requests
     assert health.path == "/v1/health/connect/api" and "passing" in health.query and health.query["index"] == "3"
     assert agent.path == "/v1/agent/service/web-1" and agent.query["hash"] == "h1" and agent.query["wait"] == "5s"
+
+
+async def test_dropped_connections() -> None:
+    """A server that drops every other connection without answering (as a restarted agent's stale
+    keep-alive connection does): a GET is resent once on a fresh connection (aiohttp does this for
+    idempotent methods); a server that never answers is ConsulUnavailable."""
+    import asyncio
+
+    connections = 0
+    drop_all = False
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        if drop_all or connections % 2 == 1:
+            writer.close()
+            return
+        body = b'"10.0.0.1:8300"'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with ConsulClient.from_env({"CONSUL_HTTP_ADDR": f"127.0.0.1:{port}"}) as c:
+            assert await c.status_leader() == "10.0.0.1:8300"
+            assert connections == 2
+            drop_all = True
+            with pytest.raises(ConsulUnavailable):
+                await c.status_leader()
+    finally:
+        server.close()
+        await server.wait_closed()
