@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
-DEFAULT_DECAY_SECONDS = 10.0
+DEFAULT_DECAY_SECONDS = 2.0  # latency shifts are followed within a few seconds
 DEFAULT_INITIAL_LATENCY = 0.001  # 1 ms: a new endpoint is tried soon, not avoided
 DEFAULT_FAILURE_PENALTY = 1.0  # a failure counts as a one-second call
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -175,3 +176,57 @@ async def test_full_path_metrics_when_passthrough_off() -> None:
         out = m.web_tel.render().decode()
         assert 'weft_requests_total{destination="api",direction="outbound",method="' + UNARY + \
             '",source="web",status="OK"} 3.0' in out
+
+
+async def test_killed_instance_calls_move_to_the_other() -> None:
+    ca = Authority.root()
+    apps, inbounds, ports = [], [], []
+    for name in ("api-1", "api-2"):
+        app, app_port, _ = await echo_server.start(0, name=name)
+        holder = Holder(snapshot("api", ca.leaf("api"), app_port=app_port, policy=table("api", ("web", "allow"))))
+        inbound = Inbound(holder, Telemetry(), TlsContexts())
+        ports.append(await inbound.start("127.0.0.1", 0))
+        apps.append(app)
+        inbounds.append(inbound)
+    local = free_port()
+    web = Holder(snapshot("web", ca.leaf("web"), upstreams={"api": (local, ports, "grpc")},
+                          methods={"api": {UNARY: "unary"}}, policy=table("web")))
+    tel = Telemetry()
+    outbound = Outbound(web, tel, TlsContexts())
+    web.listeners.append(outbound.on_snapshot)
+    await outbound.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{local}")
+    stub = echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]
+    try:
+        seen: set[str] = set()
+        for _ in range(20):  # concurrent calls: the in-flight penalty spreads them over both
+            batch = await asyncio.gather(*(stub.Unary(echo_pb2.EchoRequest(), timeout=10) for _ in range(8)))
+            seen.update(r.instance for r in batch)
+            if seen == {"api-1", "api-2"}:
+                break
+        assert seen == {"api-1", "api-2"}
+        # api-2's sidecar dies (its app too); Consul has not noticed yet
+        await inbounds[1].close(0)
+        await apps[1].stop(None)
+        failures = 0
+        after = []
+        for _ in range(60):
+            try:
+                after.append((await stub.Unary(echo_pb2.EchoRequest(), timeout=10)).instance)
+            except grpc.aio.AioRpcError:
+                failures += 1
+        assert after[-20:] == ["api-1"] * 20
+        assert failures <= 3  # at most calls already in flight on the dead connection
+        # Consul notices: the endpoint leaves the snapshot
+        api = web().upstreams["api"]
+        alive = tuple(e for e in api.endpoints if e.port == ports[0])
+        web.update(upstreams={"api": dataclasses.replace(api, endpoints=alive)})
+        for _ in range(10):
+            assert (await stub.Unary(echo_pb2.EchoRequest(), timeout=10)).instance == "api-1"
+    finally:
+        await channel.close(None)
+        await outbound.close(0.1)
+        for inbound in inbounds:
+            await inbound.close(0.1)
+        for app in apps:
+            await app.stop(None)
