@@ -152,14 +152,6 @@ def _blocking_until_change(url: str, index: int) -> tuple[int, bytes]:
         index = new
 
 
-def _has_config(url: str) -> bool:
-    try:
-        _http("GET", url + "/v1/config/service-intentions")
-        return True
-    except urllib.error.HTTPError:
-        return False
-
-
 def bench_latency(rounds: int = 15, preload: int = N_DEST) -> dict[str, Any]:
     from tests.support import WEFT, DevAgent, Proc, free_port, wait_for
 
@@ -169,9 +161,8 @@ def bench_latency(rounds: int = 15, preload: int = N_DEST) -> dict[str, Any]:
         kv = agent.url + "/v1/kv/"
         for d in _documents()[:preload]:  # a realistic fleet: every change recompiles against it
             _http("PUT", kv + d.ref, d.body.encode())
-        sources = "kv,native" if _has_config(agent.url) else "kv"
         policy = Proc([*WEFT, "policy", "serve", "-grpc-addr", f"127.0.0.1:{free_port()}", "-lock-ttl", "10s",
-                       "-lock-delay", "1s", "-no-register", "-log-level", "warn", "-sources", sources], env=agent.env)
+                       "-lock-delay", "1s", "-no-register", "-log-level", "warn"], env=agent.env)
 
         def has_wildcard_table() -> bool:
             try:

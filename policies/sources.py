@@ -98,6 +98,8 @@ class SourceWatcher:
         self._native_ready = not native
         self.changed = asyncio.Event()
         self.errors = 0
+        self._native_missing_logged = False
+        self._native_missing_retry = 5.0
 
     def snapshot(self) -> Snapshot:
         return Snapshot(kv=dict(self._kv), native=self._native, kv_ready=self._kv_ready,
@@ -126,7 +128,24 @@ class SourceWatcher:
         return new_index
 
     async def _poll_native(self, index: int) -> int:
-        new_index, entries = await self._api.config_list(KIND, index=index, wait=self._wait)
+        try:
+            new_index, entries = await self._api.config_list(KIND, index=index, wait=self._wait)
+        except Exception as exc:
+            if getattr(exc, "status", None) != 404:
+                raise
+            # An agent without service-intentions config entries (Consul < 1.9, or a dev agent that
+            # lacks them) has no native intentions: treat the source as empty rather than never
+            # publishing, say so once, and look again now and then.
+            if not self._native_missing_logged:
+                log.warning("this Consul does not serve /v1/config/service-intentions; native intentions "
+                            "are treated as empty", error=str(exc))
+                self._native_missing_logged = True
+            if self._native or not self._native_ready:
+                self._native = ()
+                self._native_ready = True
+                self.changed.set()
+            await asyncio.sleep(self._native_missing_retry)
+            return 0
         native = tuple(sorted((dict(e) for e in entries), key=lambda e: str(e.get("Name", ""))))
         if native != self._native or not self._native_ready:
             self._native = native

@@ -58,9 +58,8 @@ def native_supported(agent: DevAgent) -> bool:
 
 def start_policy(agent: DevAgent, *extra: str) -> tuple[Proc, int]:
     port = free_port()
-    sources = "kv,native" if native_supported(agent) else "kv"
     proc = Proc([*WEFT, "policy", "serve", "-grpc-addr", f"127.0.0.1:{port}", "-lock-ttl", "10s", "-lock-delay",
-                 "1s", "-sources", sources, "-log-level", "debug", *extra], env=agent.env)
+                 "1s", "-log-level", "debug", *extra], env=agent.env)
     return proc, port
 
 

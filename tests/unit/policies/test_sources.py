@@ -112,3 +112,21 @@ async def test_a_source_that_is_not_watched_counts_as_ready_and_empty() -> None:
     assert watcher.snapshot().ready and api.native_asked == []
     with pytest.raises(ValueError):
         SourceWatcher(api, kv=False, native=False)
+
+
+class NotFound(Exception):
+    status = 404
+
+
+async def test_an_agent_without_config_entries_has_no_native_intentions() -> None:
+    api = Scripted([(3, (Entry("weft/intentions/db", b"{}"),))], native_script=[NotFound("404")])
+    watcher = SourceWatcher(api, wait=1, min_interval=0)
+    watcher._native_missing_retry = 0.01
+    await run_for(watcher, 0.2)
+    snap = watcher.snapshot()
+    assert snap.ready and snap.native == () and watcher.errors == 0 and len(api.native_asked) > 1
+    # any other failure of the native source keeps it not ready: nothing is published half-informed
+    api = Scripted([(3, ())], native_script=[PermissionError("403")])
+    watcher = SourceWatcher(api, wait=1, min_interval=0, max_backoff=0.01)
+    await run_for(watcher, 0.1)
+    assert not watcher.snapshot().ready and watcher.errors >= 1
