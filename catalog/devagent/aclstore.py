@@ -17,13 +17,16 @@ from typing import Any
 
 from catalog.devagent import acl
 from catalog.devagent.codec import (
+    SECOND,
     DecodeError,
     decode_struct,
     expect_bool,
     expect_str,
     expect_str_list,
+    format_duration,
     is_uuid,
     new_uuid,
+    parse_duration,
 )
 from catalog.devagent.state import Row, Store, Tx
 
@@ -287,6 +290,7 @@ def token_set(store: Store, tx: Tx, req: dict[str, Any], *, create: bool, access
             raise ACLError("Cannot toggle local mode of " + accessor)
     if req.get("Roles"):
         raise ACLError("Roles are not supported by the dev agent")
+    expiration = _expiration(req, existing)
     policies = _resolve_policy_links(store, req.get("Policies"))
     services = _service_identities(req.get("ServiceIdentities"))
     nodes = _node_identities(req.get("NodeIdentities"), datacenter)
@@ -297,8 +301,67 @@ def token_set(store: Store, tx: Tx, req: dict[str, Any], *, create: bool, access
         Local=expect_bool(req.get("Local"), "Local", default=bool(existing["Local"]) if existing else False),
         CreateTime=existing["CreateTime"] if existing else None,
     )
+    if expiration is not None:
+        row["ExpirationTime"] = expiration[0]
+        if expiration[1]:
+            row["ExpirationTTL"] = expiration[1]
     tx.put("acl_tokens", accessor, row)
     return row
+
+
+EXPIRATION_MIN = 60 * SECOND
+EXPIRATION_MAX = 24 * 3600 * SECOND
+
+
+def _expiration(req: dict[str, Any], existing: Row | None) -> tuple[str, str] | None:
+    """(ExpirationTime, ExpirationTTL) from a token request, validated as Consul does."""
+    if existing is not None:
+        if existing.get("ExpirationTime") is None:
+            if req.get("ExpirationTime") or req.get("ExpirationTTL"):
+                raise ACLError("Cannot change expiration time of " + str(existing["AccessorID"]))
+            return None
+        return str(existing["ExpirationTime"]), str(existing.get("ExpirationTTL") or "")
+    ttl_text = expect_str(req.get("ExpirationTTL"), "ExpirationTTL")
+    time_text = expect_str(req.get("ExpirationTime"), "ExpirationTime")
+    if ttl_text and time_text:
+        raise ACLError("Expiration TTL and Expiration Time cannot both be set")
+    now = datetime.datetime.now(datetime.UTC)
+    if ttl_text:
+        try:
+            ttl = parse_duration(ttl_text)
+        except DecodeError as exc:
+            raise ACLError(f"Token Expiration TTL '{ttl_text}' invalid: {exc}") from None
+        if ttl < 0:
+            raise ACLError(f"Token Expiration TTL '{ttl_text}' should be > 0")
+        if not EXPIRATION_MIN <= ttl <= EXPIRATION_MAX:
+            raise ACLError(f"Token Expiration TTL '{ttl_text}' should be between 1m0s and 24h0m0s")
+        when = now + datetime.timedelta(microseconds=ttl // 1000)
+        return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), format_duration(ttl)
+    if time_text:
+        at = parse_time(time_text)
+        if at is None:
+            raise ACLError(f"Token Expiration Time '{time_text}' is not RFC 3339")
+        delta = (at - now).total_seconds()
+        if not EXPIRATION_MIN / SECOND <= delta <= EXPIRATION_MAX / SECOND:
+            raise ACLError("Token Expiration Time should be between 1m0s and 24h0m0s in the future")
+        return at.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), ""
+    return None
+
+
+def parse_time(text: str) -> datetime.datetime | None:
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=datetime.UTC)
+
+
+def expired(row: Row, now: datetime.datetime | None = None) -> bool:
+    text = row.get("ExpirationTime")
+    if not text:
+        return False
+    when = parse_time(str(text))
+    return when is not None and when <= (now or datetime.datetime.now(datetime.UTC))
 
 
 def token_delete(store: Store, tx: Tx, accessor: str, caller_secret: str) -> None:

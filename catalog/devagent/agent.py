@@ -42,6 +42,8 @@ class AgentConfig:
     acl_initial_management: str | None = None
     node_id: str | None = None  # fixed by the data dir when one is given
     session_ttl_min_ns: int = 10 * 1_000_000_000  # Consul's session_ttl_min
+    check_reap_interval_ns: int = 30 * 1_000_000_000  # Consul's check_reap_interval
+    check_deregister_interval_min_ns: int = 60 * 1_000_000_000  # Consul's check_deregister_interval_min
 
     @property
     def advertise_addr(self) -> str:
@@ -142,8 +144,11 @@ class Agent:
         return self.authorizer_for_token(row)
 
     def token_by_secret(self, secret: str) -> Row | None:
+        """The live token with this secret (an expired token no longer exists, as in Consul)."""
+        from catalog.devagent.aclstore import expired
+
         rows = self.store.by_index("acl_tokens", "secret", secret)
-        return rows[0] if rows else None
+        return rows[0] if rows and not expired(rows[0]) else None
 
     def authorizer_for_token(self, row: Row) -> acl.Authorizer:
         accessor = str(row.get("AccessorID", ""))

@@ -138,7 +138,7 @@ async def token_read(r: Req) -> web.StreamResponse:
 
     def run() -> QueryResult:
         row = store.get("acl_tokens", accessor)
-        view = aclstore.token_view(store, row, show_secret=show) if row else None
+        view = aclstore.token_view(store, row, show_secret=show) if row and not aclstore.expired(row) else None
         return QueryResult(store.topic_index("acl_tokens", "acl_policies"), view, ["acl_tokens", "acl_policies"])
 
     res = await blocking_query(r, run)
@@ -182,7 +182,8 @@ async def token_list(r: Req) -> web.StreamResponse:
     policy, service = r.param("policy"), r.param("servicename")
 
     def run() -> QueryResult:
-        rows = sorted(store.rows("acl_tokens").values(), key=lambda t: (str(t["CreateTime"]), str(t["AccessorID"])))
+        rows = sorted((t for t in store.rows("acl_tokens").values() if not aclstore.expired(t)),
+                      key=lambda t: (str(t["CreateTime"]), str(t["AccessorID"])))
         if policy:
             rows = [t for t in rows if any(p.get("ID") == policy for p in t.get("Policies") or [])]
         if service:

@@ -3,13 +3,16 @@ DELETE recurse/cas), with blocking queries and ACL filtering."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections import deque
 from urllib.parse import urlencode
 
 from aiohttp import web
 
 from catalog.devagent import kv
 from catalog.devagent.agent import Agent
-from catalog.devagent.codec import b64
+from catalog.devagent.codec import b64, unb64
 from catalog.devagent.http import (
     MAX_BODY,
     Endpoint,
@@ -22,6 +25,31 @@ from catalog.devagent.http import (
 )
 
 TOO_LARGE_URL = "https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size"
+
+
+TOMBSTONE_TTL = 15 * 60.0  # Consul's tombstone_ttl: how long deletions keep moving prefix indexes
+REAP_INTERVAL = 60.0
+
+
+async def start(agent: Agent) -> None:
+    """Reap KV tombstones older than the tombstone TTL, as Consul's tombstone GC does."""
+    marks: deque[tuple[float, int]] = deque()
+
+    async def reaper() -> None:
+        while True:
+            marks.append((time.monotonic(), agent.store.index))
+            await asyncio.sleep(REAP_INTERVAL)
+            cutoff = 0
+            while marks and time.monotonic() - marks[0][0] >= TOMBSTONE_TTL:
+                cutoff = marks.popleft()[1]
+            if cutoff:
+                old = [k for k, t in agent.store.rows("kv_tombstones").items() if int(t["Index"]) <= cutoff]
+                if old:
+                    with agent.store.write() as tx:
+                        for key in old:
+                            tx.delete("kv_tombstones", key)
+
+    agent.spawn(reaper(), name="devagent-tombstone-reaper")
 
 
 def routes(agent: Agent) -> list[Endpoint]:
@@ -72,8 +100,6 @@ async def kv_get(r: Req) -> web.StreamResponse:
         return web.Response(status=404, headers=headers)
     if r.has("raw"):
         value = res.value.get("Value")
-        from catalog.devagent.codec import unb64
-
         body = unb64(value) if value else b""
         return web.Response(body=body, headers=headers, content_type="text/plain")
     return json_response(r, [res.value], headers=headers)
