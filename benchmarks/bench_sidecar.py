@@ -125,6 +125,32 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3)
 
 
+def best(scenario: str, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The least disturbed of several runs of one path: the machine is shared, noise only makes things worse.
+
+    unary_c32: lowest proxy CPU per call (highest rps for direct); unary_c1: lowest p50; bidi: most
+    messages/s; tcp: most MB/s. The chosen run keeps the others' primary figures in `rounds`.
+    """
+    good = [a for a in attempts if "error" not in a]
+    if not good:
+        return attempts[-1]
+    if scenario == "unary_c32":
+        def key(a: dict[str, Any]) -> float:
+            return float(a["proxy_cpu_us_per_call"]) if "proxy_cpu_us_per_call" in a else -float(a["rps"])
+        primary = "proxy_cpu_us_per_call" if "proxy_cpu_us_per_call" in good[0] else "rps"
+    elif scenario == "unary_c1":
+        def key(a: dict[str, Any]) -> float:
+            return float(a["p50_ms"])
+        primary = "p50_ms"
+    else:
+        primary = "msgs_per_s" if scenario == "bidi" else "mb_per_s"
+
+        def key(a: dict[str, Any]) -> float:
+            return -float(a[primary])
+    winner: dict[str, Any] = min(good, key=key)
+    return {**winner, "rounds": [a.get(primary, a.get("error")) for a in attempts]}
+
+
 def evaluate(results: dict[str, dict[str, dict[str, Any]]], memory: dict[str, Any] | None) -> dict[str, Any]:
     """Ratios of Weft against the baselines and whether each target is met (None: not measured)."""
     def get(scenario: str, path: str, key: str) -> float | None:
@@ -221,10 +247,11 @@ def _listening(port: int) -> bool:
 
 def run() -> dict[str, Any]:
     seconds = os.environ.get("WEFT_BENCH_SECONDS", "5")
+    rounds = int(os.environ.get("WEFT_BENCH_ROUNDS", "2"))
     mem_calls = int(os.environ.get("WEFT_BENCH_MEMORY_CALLS", "100000"))
     mem_seconds = float(os.environ.get("WEFT_BENCH_MEMORY_SECONDS", "150"))
     began = time.monotonic()
-    out: dict[str, Any] = {"payload_bytes": 100, "seconds_per_run": float(seconds), "notes": []}
+    out: dict[str, Any] = {"payload_bytes": 100, "seconds_per_run": float(seconds), "rounds": rounds}
     with tempfile.TemporaryDirectory(prefix="weft-bench-") as tmp, _processes() as started:
         workdir = Path(tmp)
         app_port, tcp_port = free_port(), free_port()
@@ -270,17 +297,21 @@ def run() -> dict[str, Any]:
         results: dict[str, dict[str, dict[str, Any]]] = {}
         for scenario, (mode, extra) in scenarios.items():
             results[scenario] = {}
-            for path in paths:
-                pids = path.tcp_proxy_pids if mode == "tcp" else path.proxy_pids
-                target = path.tcp if mode == "tcp" else None
-                if mode == "tcp" and target is None:
-                    results[scenario][path.name] = {"skipped": "no TCP path"}
-                    continue
-                try:
-                    results[scenario][path.name] = measure(path, mode, pids, *extra, target=target)
-                except Exception as exc:
-                    results[scenario][path.name] = {"error": repr(exc)[:1000]}
-                print(f"   {scenario:<10} {path.name:<8} {json.dumps(results[scenario][path.name])}", flush=True)
+            runs: dict[str, list[dict[str, Any]]] = {path.name: [] for path in paths}
+            for round_ in range(rounds):
+                for path in paths:  # interleaved, so that noise on this shared machine hits every path
+                    pids = path.tcp_proxy_pids if mode == "tcp" else path.proxy_pids
+                    target = path.tcp if mode == "tcp" else None
+                    if mode == "tcp" and target is None:
+                        continue
+                    try:
+                        result = measure(path, mode, pids, *extra, target=target)
+                    except Exception as exc:
+                        result = {"error": repr(exc)[:1000]}
+                    runs[path.name].append(result)
+                    print(f"   {scenario:<10} {path.name:<8} #{round_ + 1} {json.dumps(result)}", flush=True)
+            for name, attempts in runs.items():
+                results[scenario][name] = best(scenario, attempts) if attempts else {"skipped": "no TCP path"}
             for name, why in skipped.items():
                 results[scenario][name] = {"skipped": why}
 

@@ -29,6 +29,7 @@ class Stack:
         self.agent: DevAgent | None = None
         self.procs: list[Proc] = []
         self.sidecars: dict[str, tuple[Proc, int]] = {}  # service id -> (process, admin port)
+        self.public_ports: dict[str, int] = {}
         self.grpc_local = free_port()
         self.tcp_local = free_port()
 
@@ -36,7 +37,7 @@ class Stack:
     @property
     def env(self) -> dict[str, str]:
         assert self.agent is not None
-        return {**self.agent.env, "WEFT_LOG_LEVEL": "warn"}
+        return self.agent.env
 
     def _consul(self, method: str, path: str, body: Any = None) -> Any:
         assert self.agent is not None
@@ -55,9 +56,10 @@ class Stack:
         return proc
 
     def _register(self, name: str, port: int, protocol: str, upstreams: list[tuple[str, int]]) -> None:
+        public = self.public_ports[name] = free_port()
         self._consul("PUT", "/v1/agent/service/register", {
             "ID": name, "Name": name, "Address": "127.0.0.1", "Port": port, "Meta": {"protocol": protocol},
-            "Connect": {"SidecarService": {"Proxy": {"Upstreams": [
+            "Connect": {"SidecarService": {"Port": public, "Proxy": {"Upstreams": [
                 {"DestinationName": dest, "LocalBindPort": local, "LocalBindAddress": "127.0.0.1"}
                 for dest, local in upstreams]}}},
         })
@@ -70,7 +72,8 @@ class Stack:
     def _sidecar(self, service_id: str) -> None:
         admin = free_port()
         proc = self._proc(f"sidecar-{service_id}",
-                          [*WEFT, "sidecar", "--sidecar-for", service_id, "--admin-port", str(admin)])
+                          [*WEFT, "sidecar", "--sidecar-for", service_id, "--admin-port", str(admin),
+                           "--public-port", str(self.public_ports[service_id])])
         self.sidecars[service_id] = (proc, admin)
 
     def _wait_ready(self, ids: list[str], timeout: float = 90) -> None:

@@ -43,3 +43,13 @@ def test_haproxy_configs_wire_the_pair() -> None:
     server = haproxy.server_config(2001, 2002, 3001, 3002, files)
     assert "bind 127.0.0.1:2001 ssl crt /p/server.pem ca-file /p/ca.pem verify required alpn h2" in server
     assert "server app 127.0.0.1:3001 proto h2" in server and "server app 127.0.0.1:3002\n" in server
+
+
+def test_best_of_rounds_picks_the_least_disturbed() -> None:
+    runs = [{"proxy_cpu_us_per_call": 120.0, "rps": 900.0}, {"proxy_cpu_us_per_call": 100.0, "rps": 800.0}]
+    assert bench_sidecar.best("unary_c32", runs)["rps"] == 800.0
+    assert bench_sidecar.best("unary_c32", runs)["rounds"] == [120.0, 100.0]
+    assert bench_sidecar.best("unary_c32", [{"rps": 1.0}, {"rps": 2.0}])["rps"] == 2.0  # direct: no proxy
+    assert bench_sidecar.best("unary_c1", [{"p50_ms": 2.0}, {"p50_ms": 1.0}])["p50_ms"] == 1.0
+    assert bench_sidecar.best("tcp", [{"mb_per_s": 5.0}, {"error": "x"}])["mb_per_s"] == 5.0
+    assert bench_sidecar.best("bidi", [{"error": "x"}]) == {"error": "x"}
