@@ -223,7 +223,11 @@ class PolicyService:
             if not snap.ready:
                 continue
             started = time.perf_counter()
-            result = self.compiler.compile(snap.documents())
+            try:
+                result = self.compiler.compile(snap.documents())
+            except Exception:  # a compiler bug must not stop the service: the tables in force stay
+                log.exception("compiling intentions failed; the published tables stay in force")
+                continue
             self._log_result(result, time.perf_counter() - started)
             self.result = result
             await self._refresh_kv_tables(result)
