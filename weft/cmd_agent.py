@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
           help="secret of the initial management token (with -acl-enabled)")
     _flag(parser, "session-ttl-min", default="10s",
           help="smallest session TTL accepted, as Consul's session_ttl_min (default 10s)")
+    _flag(parser, "check-reap-interval", default="30s",
+          help="how often critical services are considered for DeregisterCriticalServiceAfter, as Consul's "
+               "check_reap_interval (default 30s)")
+    _flag(parser, "check-deregister-interval-min", default="1m",
+          help="smallest DeregisterCriticalServiceAfter honoured, as Consul's check_deregister_interval_min "
+               "(default 1m)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +57,15 @@ def run(args: argparse.Namespace) -> int:
     except DecodeError as exc:
         print(f"weft agent: -session-ttl-min: {exc}", file=sys.stderr)
         return 2
+    try:
+        reap_interval = parse_duration(args.check_reap_interval)
+        deregister_min = parse_duration(args.check_deregister_interval_min)
+    except DecodeError as exc:
+        print(f"weft agent: check interval flag: {exc}", file=sys.stderr)
+        return 2
+    if reap_interval <= 0:
+        print("weft agent: -check-reap-interval must be > 0", file=sys.stderr)
+        return 2
     if args.acl_initial_management and not args.acl_enabled:
         print("weft agent: -acl-initial-management needs -acl-enabled", file=sys.stderr)
         return 2
@@ -65,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
         acl_default_policy=args.acl_default_policy,
         acl_initial_management=args.acl_initial_management,
         session_ttl_min_ns=ttl_min,
+        check_reap_interval_ns=reap_interval,
+        check_deregister_interval_min_ns=deregister_min,
     )
 
     def ready(port: int) -> None:
