@@ -282,3 +282,23 @@ def test_failover_between_two_policy_services() -> None:
         if second is not None:
             second.stop()
         agent.stop()
+
+
+def test_registers_itself_as_weft_policy(stack: tuple[DevAgent, Proc, int]) -> None:
+    agent, _, port = stack
+    status, _, _ = http(agent, "GET", "/v1/agent/services")
+    if status == 404:
+        pytest.skip("the dev agent does not serve /v1/agent/services yet")
+
+    def registered() -> bool:
+        _, body, _ = http(agent, "GET", "/v1/agent/services")
+        return any(s.get("Service") == "weft-policy" and s.get("Port") == port for s in json.loads(body).values())
+
+    wait_for(registered, timeout=15, what="weft-policy in the agent's services")
+
+    def passing_as_leader() -> bool:
+        _, body, _ = http(agent, "GET", "/v1/agent/checks")
+        checks = [c for c in json.loads(body).values() if c.get("ServiceName") == "weft-policy"]
+        return any(c.get("Status") == "passing" and "leader" in c.get("Output", "") for c in checks)
+
+    wait_for(passing_as_leader, timeout=30, what="weft-policy's TTL check passing with note 'leader'")
