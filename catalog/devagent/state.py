@@ -26,6 +26,7 @@ committed transaction's record).
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,22 @@ class _Table:
     rows: dict[str, Row] = field(default_factory=dict)
     # index name -> (fn, value -> set of keys)
     indexes: dict[str, tuple[IndexFn, dict[str, set[str]]]] = field(default_factory=dict)
+
+    _sorted: list[str] | None = None  # keys in order, rebuilt lazily after the key set changes
+
+    def set_row(self, key: str, row: Row) -> None:
+        if key not in self.rows:
+            self._sorted = None
+        self.rows[key] = row
+
+    def del_row(self, key: str) -> None:
+        del self.rows[key]
+        self._sorted = None
+
+    def sorted_keys(self) -> list[str]:
+        if self._sorted is None:
+            self._sorted = sorted(self.rows)
+        return self._sorted
 
     def _index_add(self, key: str, row: Row) -> None:
         for fn, idx in self.indexes.values():
@@ -106,7 +123,7 @@ class Tx:
         self._undo.append((table, key, old))
         if old is not None:
             t._index_remove(key, old)
-        t.rows[key] = row
+        t.set_row(key, row)
         t._index_add(key, row)
         self._ops.append(["p", table, key, row])
         self._changed_key(table, key)
@@ -120,7 +137,7 @@ class Tx:
             return None
         self._undo.append((table, key, old))
         t._index_remove(key, old)
-        del t.rows[key]
+        t.del_row(key)
         self._ops.append(["d", table, key])
         self._changed_key(table, key)
         for trig in self._store._delete_triggers.get(table, ()):
@@ -149,9 +166,9 @@ class Tx:
             cur = t.rows.get(key)
             if cur is not None:
                 t._index_remove(key, cur)
-                del t.rows[key]
+                t.del_row(key)
             if old is not None:
-                t.rows[key] = old
+                t.set_row(key, old)
                 t._index_add(key, old)
 
 
@@ -214,9 +231,16 @@ class Store:
         return iter(self._table(table).indexes[index][1])
 
     def scan_prefix(self, table: str, prefix: str) -> list[tuple[str, Row]]:
-        """Rows whose key starts with ``prefix``, sorted by key."""
-        rows = self._table(table).rows
-        return sorted((k, r) for k, r in rows.items() if k.startswith(prefix))
+        """Rows whose key starts with ``prefix``, sorted by key (a binary search, not a full scan)."""
+        t = self._table(table)
+        keys = t.sorted_keys()
+        out = []
+        for i in range(bisect.bisect_left(keys, prefix), len(keys)):
+            key = keys[i]
+            if not key.startswith(prefix):
+                break
+            out.append((key, t.rows[key]))
+        return out
 
     def topic_index(self, *topics: Topic) -> int:
         """The highest index at which any of the topics changed (0 if none ever did)."""
@@ -306,6 +330,7 @@ class Store:
             for _fn, idx in t.indexes.values():
                 idx.clear()
             t.rows = dict(rows)
+            t._sorted = None
             for key, row in t.rows.items():
                 t._index_add(key, row)
         self._topic_index = {_topic_from_json(t): int(i) for t, i in doc.get("topics", [])}
@@ -320,14 +345,14 @@ class Store:
                 old = t.rows.get(key)
                 if old is not None:
                     t._index_remove(key, old)
-                t.rows[key] = row
+                t.set_row(key, row)
                 t._index_add(key, row)
             elif op[0] == "d":
                 _, table, key = op
                 dt = self._tables.get(table)
                 if dt is not None and key in dt.rows:
                     dt._index_remove(key, dt.rows[key])
-                    del dt.rows[key]
+                    dt.del_row(key)
         idx = int(record["i"])
         for topic in record.get("t", []):
             self._topic_index[_topic_from_json(topic)] = idx

@@ -103,3 +103,19 @@ def test_failed_journal_write_is_not_visible() -> None:
     with pytest.raises(OSError), s.write() as tx:
         tx.put("kvs", "a", kv.entry("a", None, 0, tx.index, tx.index))
     assert s.get("kvs", "a") is None and s.index == 0
+
+
+def test_scan_prefix_follows_inserts_deletes_and_rollback() -> None:
+    s = Store()
+    with s.write() as tx:
+        for k in ("b/2", "a/1", "b/1", "c", "b/10"):
+            tx.put("kvs", k, kv.entry(k, None, 0, tx.index, tx.index))
+    assert [k for k, _ in s.scan_prefix("kvs", "b/")] == ["b/1", "b/10", "b/2"]
+    with s.write() as tx:
+        tx.delete("kvs", "b/10")
+        tx.put("kvs", "b/0", kv.entry("b/0", None, 0, tx.index, tx.index))
+    assert [k for k, _ in s.scan_prefix("kvs", "b/")] == ["b/0", "b/1", "b/2"]
+    with pytest.raises(RuntimeError), s.write() as tx:
+        tx.put("kvs", "b/5", kv.entry("b/5", None, 0, tx.index, tx.index))
+        raise RuntimeError("abort")
+    assert [k for k, _ in s.scan_prefix("kvs", "")] == ["a/1", "b/0", "b/1", "b/2", "c"]
