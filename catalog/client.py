@@ -321,7 +321,14 @@ class ConsulClient:
             raise RuntimeError("ConsulClient is closed")
         if self._consul is None:
             self._consul = _Consul(self.settings)
+            self._consul.token = self._token or None  # for py-consul's own helpers, if anyone uses them
         return self._consul
+
+    @property
+    def token(self) -> str:
+        """The token sent with every call ("" for none): CONSUL_HTTP_TOKEN, else CONSUL_HTTP_TOKEN_FILE's
+        content. Never log it."""
+        return self._token
 
     async def close(self) -> None:
         self._closed = True
