@@ -1,0 +1,389 @@
+"""``/v1/catalog/*``: services, service/:name, connect/:name, nodes, node/:node, node-services/:node,
+datacenters, register, deregister (Consul's agent/catalog_endpoint.go), with blocking queries,
+``tag``/``node-meta``/``filter`` and ACL filtering."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from catalog.devagent import registry
+from catalog.devagent import services as sv
+from catalog.devagent.agent import Agent
+from catalog.devagent.api_agent_services import compile_filter
+from catalog.devagent.codec import DecodeError, decode_struct, expect_bool, expect_str, expect_str_map
+from catalog.devagent.http import (
+    Endpoint,
+    HTTPError,
+    QueryResult,
+    Req,
+    blocking_query,
+    json_response,
+    meta_headers,
+)
+from catalog.devagent.state import Row
+
+
+def routes(agent: Agent) -> list[Endpoint]:
+    return [
+        Endpoint("/v1/catalog/register", {"PUT": register}),
+        Endpoint("/v1/catalog/deregister", {"PUT": deregister}),
+        Endpoint("/v1/catalog/datacenters", {"GET": datacenters}),
+        Endpoint("/v1/catalog/nodes", {"GET": nodes}),
+        Endpoint("/v1/catalog/services", {"GET": services}),
+        Endpoint("/v1/catalog/service/{name:.*}", {"GET": service}),
+        Endpoint("/v1/catalog/connect/{name:.*}", {"GET": connect}),
+        Endpoint("/v1/catalog/node/{node:.*}", {"GET": node}),
+        Endpoint("/v1/catalog/node-services/{node:.*}", {"GET": node_services}),
+    ]
+
+
+def answer(r: Req, res: QueryResult, filtered: bool = False) -> web.Response:
+    headers = meta_headers(r, res.index)
+    if filtered and r.token:
+        headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
+    return json_response(r, res.value, headers=headers)
+
+
+def node_meta_filter(r: Req) -> dict[str, str]:
+    """``?node-meta=key:value`` (repeatable)."""
+    out: dict[str, str] = {}
+    for raw in r.query.getall("node-meta", []):
+        key, _, value = raw.partition(":")
+        out[key] = value
+    return out
+
+
+def node_matches(node: Row | None, meta: dict[str, str]) -> bool:
+    if not meta:
+        return True
+    have = (node or {}).get("Meta") or {}
+    return all(have.get(k) == v for k, v in meta.items())
+
+
+# ----- writes -----
+REGISTER_SPEC: dict[str, Any] = {
+    "ID": None, "Node": None, "Address": None, "Datacenter": None, "TaggedAddresses": None,
+    "NodeMeta": None, "Service": None, "Check": None, "Checks": None, "SkipNodeUpdate": None,
+    "Token": None, "Locality": None, "PeerName": None, "Partition": None, "Namespace": None,
+}
+HEALTH_CHECK_SPEC: dict[str, Any] = {
+    "Node": None, "CheckID": None, "ID": None, "Name": None, "Status": None, "Notes": None, "Output": None,
+    "ServiceID": None, "ServiceName": None, "ServiceTags": None, "Type": None, "Interval": None,
+    "Timeout": None, "Definition": None, "Namespace": None, "Partition": None, "ExposedPort": None,
+}
+
+
+def _decode_hc(raw: Any, what: str) -> dict[str, Any]:
+    d = decode_struct(raw, HEALTH_CHECK_SPEC, what=what)
+    definition = d.get("Definition") or {}
+    ct = sv.decode_check_type(definition, f"{what}.Definition")
+    cid = d.get("CheckID") if d.get("CheckID") is not None else d.get("ID")
+    return {**ct,
+            "Node": expect_str(d.get("Node"), f"{what}.Node"),
+            "CheckID": expect_str(cid, f"{what}.CheckID"),
+            "Name": expect_str(d.get("Name"), f"{what}.Name"),
+            "Status": expect_str(d.get("Status"), f"{what}.Status"),
+            "Notes": expect_str(d.get("Notes"), f"{what}.Notes"),
+            "Output": expect_str(d.get("Output"), f"{what}.Output"),
+            "ServiceID": expect_str(d.get("ServiceID"), f"{what}.ServiceID")}
+
+
+async def register(r: Req) -> web.StreamResponse:
+    r.check_dc()
+    body = await r.json(required=True)
+    try:
+        d = decode_struct(body, REGISTER_SPEC)
+        node_name = expect_str(d.get("Node"), "Node")
+        address = expect_str(d.get("Address"), "Address")
+        dc = expect_str(d.get("Datacenter"), "Datacenter")
+        node_id = expect_str(d.get("ID"), "ID")
+        meta = expect_str_map(d.get("NodeMeta"), "NodeMeta")
+        tagged = expect_str_map(d.get("TaggedAddresses"), "TaggedAddresses")
+        skip = expect_bool(d.get("SkipNodeUpdate"), "SkipNodeUpdate")
+        svc_dec = sv.decode_service(d["Service"], what="Service") if d.get("Service") else None
+        hcs: list[dict[str, Any]] = []
+        if d.get("Check"):
+            hcs.append(_decode_hc(d["Check"], "Check"))
+        if d.get("Checks") is not None:
+            if not isinstance(d["Checks"], list):
+                raise DecodeError("Checks: expected a list")
+            hcs.extend(_decode_hc(c, f"Checks[{i}]") for i, c in enumerate(d["Checks"]))
+    except DecodeError as exc:
+        raise HTTPError(400, f"Request decode failed: {exc}") from None
+    if dc and dc != r.agent.datacenter:
+        raise HTTPError(500, "No path to datacenter")
+    svc = None
+    if svc_dec is not None:
+        svc = svc_dec["service"]
+        if svc["Address"] and sv.is_any_address(svc["Address"]):
+            raise HTTPError(400, "Invalid service address")
+    if not node_name or not address:
+        raise HTTPError(400, "Must provide node and address")
+    store = r.agent.store
+    authz = r.authz
+    existing = store.get("nodes", node_name)
+    if not (skip and existing is not None):
+        authz.check("node:write", node_name)
+    if svc is not None:
+        if not svc["Service"]:
+            raise HTTPError(400, "Must provide service name")
+        svc = sv.normalize_service(svc)
+        try:
+            sv.validate_service(svc, for_agent=False)
+        except sv.ServiceError as exc:
+            raise HTTPError(400, str(exc)) from None
+        authz.check("service:write", svc["Service"])
+        if svc.get("Kind") == sv.CONNECT_PROXY:
+            authz.check("service:write", svc["Proxy"].get("DestinationServiceName", ""))
+    for hc in hcs:
+        if hc["Status"] and hc["Status"] not in (*sv.STATUSES, sv.MAINT):
+            raise HTTPError(400, f"Invalid check status: {hc['Status']!r}")
+        if hc["Node"] and hc["Node"] != node_name:
+            raise HTTPError(400, "Check node name does not match the one being registered")
+    with store.write() as tx:
+        if not (skip and existing is not None):
+            want = {
+                "ID": node_id or (existing or {}).get("ID", ""),
+                "Node": node_name,
+                "Address": address,
+                "Datacenter": r.agent.datacenter,
+                "TaggedAddresses": tagged or (existing or {}).get("TaggedAddresses") or {},
+                "Meta": meta or (existing or {}).get("Meta") or {},
+            }
+            if existing is None or any(existing.get(k) != v for k, v in want.items()):
+                tx.put("nodes", node_name, {**want, "CreateIndex": existing["CreateIndex"] if existing else tx.index,
+                                            "ModifyIndex": tx.index})
+        row = None
+        if svc is not None:
+            row = registry.put_service(tx, node_name, svc)
+        for hc in hcs:
+            service = row
+            if hc["ServiceID"]:
+                service = tx.get("services", registry.service_key(node_name, hc["ServiceID"]))
+                if service is None:
+                    raise HTTPError(500, f"Unknown service ID '{hc['ServiceID']}' for check ID '{hc['CheckID']}'")
+                authz.check("service:write", service["Service"])
+            else:
+                service = None
+                authz.check("node:write", node_name)
+            cid = hc["CheckID"] or hc["Name"]
+            ct = {k: v for k, v in hc.items() if k not in ("Node", "Output", "ServiceID")}
+            chk = sv.health_check_row(node_name, cid, ct, service, create_index=tx.index, modify_index=tx.index,
+                                      status=hc["Status"] or sv.CRITICAL, output=hc["Output"])
+            old = tx.get("checks", f"{node_name}/{cid}")
+            if old is not None:
+                chk["CreateIndex"] = old["CreateIndex"]
+            chk.pop("_Type", None)  # catalog checks are not run by this agent (as on a Consul server)
+            tx.put("checks", f"{node_name}/{cid}", chk)
+    return json_response(r, True)
+
+
+async def deregister(r: Req) -> web.StreamResponse:
+    r.check_dc()
+    body = await r.json(required=True)
+    try:
+        d = decode_struct(body, {"Node": None, "ServiceID": None, "CheckID": None, "Datacenter": None,
+                                 "Token": None, "Namespace": None, "Partition": None})
+        node_name = expect_str(d.get("Node"), "Node")
+        sid = expect_str(d.get("ServiceID"), "ServiceID")
+        cid = expect_str(d.get("CheckID"), "CheckID")
+    except DecodeError as exc:
+        raise HTTPError(400, f"Request decode failed: {exc}") from None
+    if not node_name:
+        raise HTTPError(400, "Must provide node")
+    store = r.agent.store
+    authz = r.authz
+    with store.write() as tx:
+        if sid:
+            row = store.get("services", registry.service_key(node_name, sid))
+            if row is not None:
+                authz.check("service:write", row["Service"])
+                registry.remove_service(tx, node_name, sid)
+        if cid:
+            chk = store.get("checks", f"{node_name}/{cid}")
+            if chk is not None:
+                if chk.get("ServiceName"):
+                    authz.check("service:write", chk["ServiceName"])
+                else:
+                    authz.check("node:write", node_name)
+                tx.delete("checks", f"{node_name}/{cid}")
+        if not sid and not cid:
+            authz.check("node:write", node_name)
+            registry.remove_node(tx, node_name)
+    return json_response(r, True)
+
+
+# ----- reads -----
+async def datacenters(r: Req) -> web.StreamResponse:
+    return json_response(r, [r.agent.datacenter])
+
+
+async def nodes(r: Req) -> web.StreamResponse:
+    pred = compile_filter(r)
+    meta = node_meta_filter(r)
+    store = r.agent.store
+    state = {"filtered": False}
+
+    def run() -> QueryResult:
+        authz = r.authz
+        rows = sorted(store.rows("nodes").values(), key=lambda n: n["Node"])
+        visible = [n for n in rows if authz.node_read(n["Node"])]
+        state["filtered"] = len(visible) != len(rows)
+        out = [sv.node_out(n) for n in visible if node_matches(n, meta)]
+        if pred is not None:
+            out = [n for n in out if pred(n)]
+        return QueryResult(store.topic_index("nodes"), out, ["nodes"])
+
+    res = await blocking_query(r, run)
+    return answer(r, res, state["filtered"])
+
+
+async def services(r: Req) -> web.StreamResponse:
+    pred = compile_filter(r)
+    meta = node_meta_filter(r)
+    store = r.agent.store
+    state = {"filtered": False}
+
+    def run() -> QueryResult:
+        authz = r.authz
+        tags: dict[str, list[str]] = {}
+        filtered = False
+        for row in store.rows("services").values():
+            name = row["Service"]
+            if not authz.service_read(name):
+                filtered = True
+                continue
+            node_row = store.get("nodes", row["Node"])
+            if not node_matches(node_row, meta):
+                continue
+            if pred is not None and not pred(sv.service_node(row, node_row or {})):
+                continue
+            have = tags.setdefault(name, [])
+            for t in row.get("Tags") or []:
+                if t not in have:
+                    have.append(t)
+        state["filtered"] = filtered
+        out = {name: sorted(t) for name, t in sorted(tags.items())}
+        return QueryResult(store.topic_index("services"), out, ["services"])
+
+    res = await blocking_query(r, run)
+    return answer(r, res, state["filtered"])
+
+
+def _service_nodes(r: Req, rows: list[Row], topic: Any) -> tuple[QueryResult, bool]:
+    pred = compile_filter(r)
+    meta = node_meta_filter(r)
+    tags = r.query.getall("tag", [])
+    store = r.agent.store
+    authz = r.authz
+    out = []
+    filtered = False
+    for row in rows:
+        if not authz.service_read(row["Service"]) or not authz.node_read(row["Node"]):
+            filtered = True
+            continue
+        node_row = store.get("nodes", row["Node"])
+        if node_row is None or not node_matches(node_row, meta):
+            continue
+        if tags and not sv.has_tags(row, tags):
+            continue
+        entry = sv.service_node(row, node_row)
+        if pred is None or pred(entry):
+            out.append(entry)
+    return QueryResult(store.topic_index(topic), out, [topic]), filtered
+
+
+async def service(r: Req) -> web.StreamResponse:
+    name = r.match("name")
+    if not name:
+        raise HTTPError(400, "Missing service name")
+    compile_filter(r)
+    store = r.agent.store
+    state = {"filtered": False}
+
+    def run() -> QueryResult:
+        res, state["filtered"] = _service_nodes(r, registry.instances(store, name), ("service", name))
+        return res
+
+    res = await blocking_query(r, run)
+    return answer(r, res, state["filtered"])
+
+
+async def connect(r: Req) -> web.StreamResponse:
+    name = r.match("name")
+    if not name:
+        raise HTTPError(400, "Missing service name")
+    compile_filter(r)
+    store = r.agent.store
+    state = {"filtered": False}
+
+    def run() -> QueryResult:
+        rows = store.by_index("services", "connect", name)
+        res, state["filtered"] = _service_nodes(r, rows, ("connect", name))
+        return res
+
+    res = await blocking_query(r, run)
+    return answer(r, res, state["filtered"])
+
+
+async def node(r: Req) -> web.StreamResponse:
+    name = r.match("node")
+    if not name:
+        raise HTTPError(400, "Missing node name")
+    pred = compile_filter(r)
+    store = r.agent.store
+    state = {"filtered": False}
+
+    def run() -> QueryResult:
+        authz = r.authz
+        node_row = store.get("nodes", name)
+        idx = store.topic_index(("node", name))
+        if node_row is None or not authz.node_read(name):
+            state["filtered"] = node_row is not None
+            return QueryResult(idx, None, [("node", name)])
+        svcs: dict[str, Any] = {}
+        for row in store.by_index("services", "node", name):
+            if not authz.service_read(row["Service"]):
+                state["filtered"] = True
+                continue
+            ns = sv.node_service(row)
+            if pred is None or pred(ns):
+                svcs[row["ID"]] = ns
+        return QueryResult(idx, {"Node": sv.node_out(node_row), "Services": svcs}, [("node", name)])
+
+    res = await blocking_query(r, run)
+    return answer(r, res, state["filtered"])
+
+
+async def node_services(r: Req) -> web.StreamResponse:
+    name = r.match("node")
+    if not name:
+        raise HTTPError(400, "Missing node name")
+    pred = compile_filter(r)
+    store = r.agent.store
+    state = {"filtered": False}
+
+    def run() -> QueryResult:
+        authz = r.authz
+        node_row = store.get("nodes", name)
+        idx = store.topic_index(("node", name))
+        if node_row is None or not authz.node_read(name):
+            state["filtered"] = node_row is not None
+            return QueryResult(idx, None, [("node", name)])
+        svcs = []
+        for row in store.by_index("services", "node", name):
+            if not authz.service_read(row["Service"]):
+                state["filtered"] = True
+                continue
+            ns = sv.node_service(row)
+            if pred is None or pred(ns):
+                svcs.append(ns)
+        return QueryResult(idx, {"Node": sv.node_out(node_row), "Services": svcs}, [("node", name)])
+
+    res = await blocking_query(r, run)
+    if res.value is None:
+        headers = meta_headers(r, res.index)
+        return web.Response(status=404, text=f"Node not found: {name!r}".replace("'", '"'), headers=headers)
+    return answer(r, res, state["filtered"])

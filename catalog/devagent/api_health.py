@@ -1,0 +1,178 @@
+"""``/v1/health/*``: service/:name, connect/:name, checks/:service, state/:state, node/:node
+(Consul's agent/health_endpoint.go), with blocking queries whose index is that of the data read:
+a query on ``health/service/web`` wakes only when an instance of ``web``, one of its checks, or a
+node-level check of a node running it changes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from catalog.devagent import registry
+from catalog.devagent import services as sv
+from catalog.devagent.agent import Agent
+from catalog.devagent.api_agent_services import compile_filter
+from catalog.devagent.api_catalog import answer, node_matches, node_meta_filter
+from catalog.devagent.http import Endpoint, HTTPError, QueryResult, Req, blocking_query
+from catalog.devagent.state import Row, Store
+
+STATES = ("any", sv.PASSING, sv.WARNING, sv.CRITICAL)
+
+
+def routes(agent: Agent) -> list[Endpoint]:
+    return [
+        Endpoint("/v1/health/service/{name:.*}", {"GET": service}),
+        Endpoint("/v1/health/connect/{name:.*}", {"GET": connect}),
+        Endpoint("/v1/health/checks/{name:.*}", {"GET": checks}),
+        Endpoint("/v1/health/state/{state:.*}", {"GET": state}),
+        Endpoint("/v1/health/node/{node:.*}", {"GET": node}),
+    ]
+
+
+def entry_checks(store: Store, node: str, service_id: str) -> list[dict[str, Any]]:
+    """The node's node-level checks and the service's checks, ordered by CheckID (as Consul)."""
+    rows = [c for c in store.by_index("checks", "node", node) if c.get("ServiceID") in ("", service_id)]
+    return [sv.check_out(c) for c in sorted(rows, key=lambda c: c["CheckID"])]
+
+
+def health_entries(r: Req, rows: list[Row], topic: Any) -> tuple[QueryResult, bool]:
+    """CheckServiceNodes for ``rows`` with ``passing``/``tag``/``node-meta``/``filter`` applied."""
+    pred = compile_filter(r)
+    meta = node_meta_filter(r)
+    tags = r.query.getall("tag", [])
+    passing = r.has("passing") and r.param("passing") not in ("0", "false", "False", "f", "F", "FALSE")
+    store = r.agent.store
+    authz = r.authz
+    out = []
+    topics: set[Any] = {topic}
+    filtered = False
+    for row in rows:
+        if not authz.service_read(row["Service"]) or not authz.node_read(row["Node"]):
+            filtered = True
+            continue
+        node_row = store.get("nodes", row["Node"])
+        if node_row is None:
+            continue
+        topics.add(("nodehealth", row["Node"]))
+        if not node_matches(node_row, meta):
+            continue
+        if tags and not sv.has_tags(row, tags):
+            continue
+        chks = entry_checks(store, row["Node"], row["ID"])
+        if passing and any(c["Status"] != sv.PASSING for c in chks):
+            continue
+        entry = {"Node": sv.node_out(node_row), "Service": sv.node_service(row), "Checks": chks}
+        if pred is None or pred(entry):
+            out.append(entry)
+    return QueryResult(store.topic_index(*topics), out, topics), filtered
+
+
+async def service(r: Req) -> web.StreamResponse:
+    name = r.match("name")
+    if not name:
+        raise HTTPError(400, "Missing service name")
+    compile_filter(r)
+    store = r.agent.store
+    st = {"filtered": False}
+
+    def run() -> QueryResult:
+        res, st["filtered"] = health_entries(r, registry.instances(store, name), ("service", name))
+        return res
+
+    res = await blocking_query(r, run)
+    return answer(r, res, st["filtered"])
+
+
+async def connect(r: Req) -> web.StreamResponse:
+    name = r.match("name")
+    if not name:
+        raise HTTPError(400, "Missing service name")
+    compile_filter(r)
+    store = r.agent.store
+    st = {"filtered": False}
+
+    def run() -> QueryResult:
+        rows = store.by_index("services", "connect", name)
+        res, st["filtered"] = health_entries(r, rows, ("connect", name))
+        return res
+
+    res = await blocking_query(r, run)
+    return answer(r, res, st["filtered"])
+
+
+def _checks_answer(r: Req, rows: list[Row], idx: int, topics: list[Any]) -> tuple[QueryResult, bool]:
+    pred = compile_filter(r)
+    meta = node_meta_filter(r)
+    authz = r.authz
+    store = r.agent.store
+    out = []
+    filtered = False
+    for c in sorted(rows, key=lambda c: (c["Node"], c["CheckID"])):
+        if c.get("ServiceName"):
+            ok = authz.service_read(c["ServiceName"]) and authz.node_read(c["Node"])
+        else:
+            ok = authz.node_read(c["Node"])
+        if not ok:
+            filtered = True
+            continue
+        if meta and not node_matches(store.get("nodes", c["Node"]), meta):
+            continue
+        chk = sv.check_out(c)
+        if pred is None or pred(chk):
+            out.append(chk)
+    return QueryResult(idx, out, topics), filtered
+
+
+async def checks(r: Req) -> web.StreamResponse:
+    name = r.match("name")
+    if not name:
+        raise HTTPError(400, "Missing service name")
+    compile_filter(r)
+    store = r.agent.store
+    st = {"filtered": False}
+
+    def run() -> QueryResult:
+        rows = [c for row in registry.instances(store, name)
+                for c in registry.service_checks(store, row["Node"], row["ID"])]
+        topic = ("service", name)
+        res, st["filtered"] = _checks_answer(r, rows, store.topic_index(topic), [topic])
+        return res
+
+    res = await blocking_query(r, run)
+    return answer(r, res, st["filtered"])
+
+
+async def state(r: Req) -> web.StreamResponse:
+    want = r.match("state")
+    if want not in STATES:
+        raise HTTPError(400, f"Invalid check state: {want!r}".replace("'", '"'))
+    compile_filter(r)
+    store = r.agent.store
+    st = {"filtered": False}
+
+    def run() -> QueryResult:
+        rows = [c for c in store.rows("checks").values() if want == "any" or c["Status"] == want]
+        res, st["filtered"] = _checks_answer(r, rows, store.topic_index("checks"), ["checks"])
+        return res
+
+    res = await blocking_query(r, run)
+    return answer(r, res, st["filtered"])
+
+
+async def node(r: Req) -> web.StreamResponse:
+    name = r.match("node")
+    if not name:
+        raise HTTPError(400, "Missing node name")
+    compile_filter(r)
+    store = r.agent.store
+    st = {"filtered": False}
+
+    def run() -> QueryResult:
+        rows = store.by_index("checks", "node", name)
+        topic = ("node", name)
+        res, st["filtered"] = _checks_answer(r, rows, store.topic_index(topic), [topic])
+        return res
+
+    res = await blocking_query(r, run)
+    return answer(r, res, st["filtered"])
