@@ -144,6 +144,14 @@ def test_cli_allow_deny_list_check_delete(stack: tuple[DevAgent, Proc, int]) -> 
     assert r.returncode == 1 and "no intention" in r.stderr
     r = weft(agent, "intention", "check", "web", "ledger", "--grpc-method", "nope")
     assert r.returncode == 2 and "/pkg.Service/Method" in r.stderr
+    # audit mode: a would-be denial is allowed and says so
+    r = weft(agent, "intention", "deny", "batch", "ledger", "--mode", "audit")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: any(x.source == "batch" for x in table(agent, "ledger").rules),  # type: ignore[union-attr]
+             timeout=15, what="batch rule")
+    r = weft(agent, "intention", "check", "batch", "ledger", "--json")
+    out = json.loads(r.stdout)
+    assert r.returncode == 0 and out["Allowed"] and out["Audited"] and "would deny" in out["Reason"], r.stdout
 
 
 def test_validate_command(tmp_path: Any, stack: tuple[DevAgent, Proc, int]) -> None:
