@@ -110,7 +110,7 @@ async def list_events(r: Req) -> web.StreamResponse:
         return index, events
 
     index, events = run()
-    while min_index > 0 and index == min_index:
+    while min_index > 0 and index == min_index and not agent.store.closing:
         remaining = deadline - loop.time()
         if remaining <= 0:
             break

@@ -248,7 +248,7 @@ async def blocking_query(r: Req, run: Callable[[], QueryResult]) -> QueryResult:
         await wait_for_change(store, topics, remaining)
         result = run()
         result.index = max(result.index, 1)
-        if result.index > min_index:
+        if result.index > min_index or store.closing:
             return result
 
 
@@ -287,7 +287,7 @@ async def hash_blocking(r: Req, run: Callable[[], tuple[Any, Collection[Topic]]]
     store = r.agent.store
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    while digest == want:
+    while digest == want and not store.closing:
         remaining = deadline - loop.time()
         if remaining <= 0:
             break

@@ -27,6 +27,7 @@ from catalog.devagent.http import Endpoint, HTTPError, Req, text_response
 log = structlog.get_logger("weft.devagent")
 
 AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent", Agent)
+SHUTDOWN_TIMEOUT = 2.0  # seconds in-flight requests get at shutdown
 UI_DISABLED = ("Consul Agent: UI disabled. To enable, set ui_config.enabled=true in the agent configuration "
                "and restart.")
 
@@ -129,7 +130,7 @@ async def start(config: AgentConfig) -> tuple[Agent, web.AppRunner]:
         if start_fn is not None:
             await start_fn(agent)
     app = make_app(agent, modules)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     site = web.TCPSite(runner, config.client_addr, config.http_port, reuse_address=True)
     await site.start()
@@ -149,6 +150,7 @@ async def serve(config: AgentConfig, stop: asyncio.Event, on_ready: Callable[[in
     try:
         await stop.wait()
     finally:
+        agent.store.close_watches()  # blocking queries answer now instead of holding the shutdown
         await runner.cleanup()
         await agent.stop()
     return 0

@@ -184,6 +184,7 @@ class Store:
         self._put_triggers: dict[str, list[Trigger]] = {}
         self._delete_triggers: dict[str, list[Trigger]] = {}
         self._in_tx = False
+        self.closing = False
         self.journal: Callable[[dict[str, Any]], None] | None = None
 
     # ----- schema -----
@@ -275,6 +276,9 @@ class Store:
     def watch(self, topics: Iterable[Topic]) -> asyncio.Future[None]:
         """A future resolved by the next commit touching any of the topics. Call ``unwatch`` after."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.closing:
+            fut.set_result(None)
+            return fut
         for topic in topics:
             self._watchers.setdefault(topic, set()).add(fut)
             if isinstance(topic, tuple) and len(topic) == 3 and topic[1] == "prefix":
@@ -304,6 +308,16 @@ class Store:
                 for fut in waiters:
                     if not fut.done():
                         fut.set_result(None)
+
+    def close_watches(self) -> None:
+        """Shutting down: wake every watcher now and make later waits return at once."""
+        self.closing = True
+        waiters = self._watchers
+        self._watchers = {}
+        for futs in waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(None)
 
     def notify(self, *topics: Topic) -> None:
         """Wake the watchers of these topics without a write (for state kept outside the store)."""

@@ -60,3 +60,32 @@ def test_state_survives_restart_and_kill(tmp_path: Path) -> None:
         c2.stop()
     snapshot = json.loads((data / "state.json").read_text())
     assert "keep/c" in snapshot["tables"]["kvs"]
+
+
+def test_shutdown_answers_blocking_queries_promptly() -> None:
+    import threading
+    import time
+
+    a = DevAgent()
+    got: dict[str, object] = {}
+    try:
+        c = _c(a)
+        c.kv.put("shutdown/k", "v")
+        index, _ = c.kv.get("shutdown/k")
+
+        def block() -> None:
+            try:
+                got["r"] = c.kv.get("shutdown/k", index=index, wait="60s")
+            except Exception as exc:  # any answer will do, as long as it is prompt
+                got["r"] = exc
+
+        th = threading.Thread(target=block, daemon=True)
+        th.start()
+        th.join(0.5)
+        assert th.is_alive()
+        t0 = time.monotonic()
+    finally:
+        a.stop()
+    assert time.monotonic() - t0 < 4.5  # Proc.stop would SIGKILL at 5s
+    th.join(5)
+    assert "r" in got
