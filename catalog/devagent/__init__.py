@@ -47,7 +47,14 @@ Reads and blocking queries
     the max ModifyIndex of the rows); ``topics`` what to watch; the helper re-runs ``run`` whenever a
     topic fires and answers when the index exceeds ``?index`` or at ``wait`` (Consul's rules).
     Agent-local endpoints use ``hash_blocking(r, run)`` where ``run`` returns (value, topics) and send
-    the returned hash as ``X-Consul-ContentHash``.
+    the returned hash as ``X-Consul-ContentHash``. A hand-written wait loop uses
+    ``await wait_for_change(store, topics, timeout)`` and must stop waiting once ``store.closing``
+    is set (shutdown wakes every watcher and expects an answer at once).
+
+Transactions
+    ``/v1/txn`` serves KV and Session ops. Another module can serve ``Node``/``Service``/``Check`` ops
+    with ``api_txn.register_op(kind, handler, is_write)`` from its ``setup``: ``handler(tx, op, r)``
+    returns a list of results (``[{"Service": {...}}]``) or raises ``api_txn.TxnOpError(what)``.
 
 Writes
     ``with agent.store.write() as tx:`` then ``tx.put(table, key, row)``, ``tx.delete(table, key)``,
