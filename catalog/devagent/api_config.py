@@ -1,0 +1,160 @@
+"""``/v1/config``: PUT (``?cas``), GET kind/name, GET kind (list), DELETE kind/name (``?cas``), as
+Consul's agent/config_endpoint.go. Entries live in the ``config_entries`` table under
+``"<Kind>/<Name>"``; every write touches the topic ``("config", kind)`` that reads block on.
+service-intentions entries are also the intentions store (see ``api_connect``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from catalog.devagent import configentries as ce
+from catalog.devagent import intentions as ixns
+from catalog.devagent.agent import Agent
+from catalog.devagent.api_catalog import answer
+from catalog.devagent.codec import DecodeError
+from catalog.devagent.http import (
+    Endpoint,
+    HTTPError,
+    QueryResult,
+    Req,
+    blocking_query,
+    json_response,
+)
+from catalog.devagent.state import Row, Store, Tx
+
+
+def setup(agent: Agent) -> None:
+    agent.store.add_index("config_entries", "kind", lambda row: [row["Kind"]])
+
+
+def routes(agent: Agent) -> list[Endpoint]:
+    return [
+        Endpoint("/v1/config", {"PUT": apply}),
+        Endpoint("/v1/config/{kind}", {"GET": list_kind}),
+        Endpoint("/v1/config/{kind}/{name:.+}", {"GET": get, "DELETE": delete}),
+    ]
+
+
+def entries_of(store: Store, kind: str) -> list[Row]:
+    return sorted(store.by_index("config_entries", "kind", kind), key=lambda e: e["Name"])
+
+
+def put_entry(tx: Tx, entry: dict[str, Any]) -> Row:
+    """Store an entry with Create/ModifyIndex; keeps intention sources' creation times."""
+    key = ce.key(entry["Kind"], entry["Name"])
+    old = tx.get("config_entries", key)
+    row = dict(entry)
+    if entry["Kind"] == ce.SERVICE_INTENTIONS:
+        now = ixns.now_rfc3339()
+        before = {s["Name"]: s for s in (old or {}).get("Sources") or []}
+        sources = []
+        for src in row.get("Sources") or []:
+            prev = before.get(src["Name"])
+            created = (prev or {}).get("_CreatedAt") or src.get("_CreatedAt") or now
+            changed = prev is None or _public_source(prev) != _public_source(src)
+            updated = (src.get("_UpdatedAt") or now) if changed or prev is None else prev.get("_UpdatedAt", now)
+            sources.append({**src, "_CreatedAt": created, "_UpdatedAt": updated})
+        row["Sources"] = sources
+    row["CreateIndex"] = old["CreateIndex"] if old else tx.index
+    row["ModifyIndex"] = tx.index
+    tx.put("config_entries", key, row)
+    tx.touch(("config", entry["Kind"]))
+    return row
+
+
+def _public_source(src: Row) -> Row:
+    return {k: v for k, v in src.items() if not k.startswith("_")}
+
+
+def delete_entry(tx: Tx, kind: str, name: str) -> bool:
+    if tx.delete("config_entries", ce.key(kind, name)) is None:
+        return False
+    tx.touch(("config", kind))
+    return True
+
+
+async def apply(r: Req) -> web.StreamResponse:
+    r.check_dc()
+    body = await r.json(required=True, failed="Request decoding failed")
+    try:
+        entry = ce.decode(body)
+    except DecodeError as exc:
+        raise HTTPError(400, f"Request decoding failed: {exc}") from None
+    except ce.ConfigEntryError as exc:
+        raise HTTPError(400, str(exc)) from None
+    try:
+        ce.validate(entry)
+    except ce.ConfigEntryError as exc:
+        raise HTTPError(400, str(exc)) from None
+    ce.check_write(r.authz, entry["Kind"], entry["Name"])
+    cas = r.uint_param("cas") if r.has("cas") else None
+    store = r.agent.store
+    with store.write() as tx:
+        old = tx.get("config_entries", ce.key(entry["Kind"], entry["Name"]))
+        if cas is not None:
+            if cas == 0 and old is not None:
+                return json_response(r, False)
+            if cas != 0 and (old is None or old["ModifyIndex"] != cas):
+                return json_response(r, False)
+        put_entry(tx, entry)
+    return json_response(r, True)
+
+
+def _kind(r: Req) -> str:
+    kind = r.match("kind")
+    if kind not in ce.KINDS:
+        raise HTTPError(400, f"invalid config entry kind: {kind}")
+    return kind
+
+
+async def get(r: Req) -> web.StreamResponse:
+    kind = _kind(r)
+    name = r.match("name")
+    ce.check_read(r.authz, kind, name)
+    store = r.agent.store
+    topic = ("config", kind)
+
+    def run() -> QueryResult:
+        row = store.get("config_entries", ce.key(kind, name))
+        return QueryResult(store.topic_index(topic), ce.public_entry(row) if row else None, [topic])
+
+    res = await blocking_query(r, run)
+    if res.value is None:
+        raise HTTPError(404, f'Config entry not found for "{kind}" / "{name}"')
+    return answer(r, res)
+
+
+async def list_kind(r: Req) -> web.StreamResponse:
+    kind = _kind(r)
+    store = r.agent.store
+    topic = ("config", kind)
+    st = {"filtered": False}
+
+    def run() -> QueryResult:
+        authz = r.authz
+        rows = entries_of(store, kind)
+        visible = [e for e in rows if ce.can_read(authz, kind, e["Name"])]
+        st["filtered"] = len(visible) != len(rows)
+        return QueryResult(store.topic_index(topic), [ce.public_entry(e) for e in visible], [topic])
+
+    res = await blocking_query(r, run)
+    return answer(r, res, st["filtered"])
+
+
+async def delete(r: Req) -> web.StreamResponse:
+    r.check_dc()
+    kind = _kind(r)
+    name = r.match("name")
+    ce.check_write(r.authz, kind, name)
+    cas = r.uint_param("cas") if r.has("cas") else None
+    with r.agent.store.write() as tx:
+        old = tx.get("config_entries", ce.key(kind, name))
+        if cas is not None:
+            if old is None or old["ModifyIndex"] != cas:
+                return json_response(r, False)
+            delete_entry(tx, kind, name)
+            return json_response(r, True)
+        delete_entry(tx, kind, name)
+    return json_response(r, {})
