@@ -56,13 +56,22 @@ def routes(agent: Agent) -> list[Endpoint]:
     return [Endpoint("/v1/kv/{key:.*}", {"GET": kv_get, "PUT": kv_put, "DELETE": kv_delete})]
 
 
+def _key(r: Req) -> str:
+    key = r.match("key")
+    if key:
+        problem = kv.key_problem(key)
+        if problem is not None:
+            raise HTTPError(400, problem)
+    return key
+
+
 def _conflicting(r: Req, *flags: str) -> None:
     if sum(1 for f in flags if r.has(f)) > 1:
         raise HTTPError(400, "Conflicting flags: " + urlencode(sorted(r.query.items())))
 
 
 async def kv_get(r: Req) -> web.StreamResponse:
-    key = r.match("key")
+    key = _key(r)
     store = r.agent.store
     if r.has("keys"):
         sep = r.param("separator", r.param("seperator"))
@@ -106,7 +115,7 @@ async def kv_get(r: Req) -> web.StreamResponse:
 
 
 async def kv_put(r: Req) -> web.StreamResponse:
-    key = r.match("key")
+    key = _key(r)
     r.check_dc()
     if key == "":
         raise HTTPError(400, "Missing key name")
@@ -143,7 +152,7 @@ async def kv_put(r: Req) -> web.StreamResponse:
 
 
 async def kv_delete(r: Req) -> web.StreamResponse:
-    key = r.match("key")
+    key = _key(r)
     r.check_dc()
     _conflicting(r, "recurse", "cas")
     store = r.agent.store

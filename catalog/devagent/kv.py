@@ -7,10 +7,25 @@ when a key under it disappears, as Consul's graveyard does.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
 from catalog.devagent.state import Row, Store, Topic, Tx
+
+_ENCODED_TRAVERSAL = re.compile(r"(?i)(%2e%2e(%2f|%5c|/))|(\.\.%2f)|(\.\.%5c)|(%252e%252e%252f)")
+
+
+def key_problem(key: str) -> str | None:
+    """Consul 1.22's KV key validation (on by default): no path traversal, plain or URL-encoded, and no
+    leading or trailing spaces. Returns what is wrong, or None."""
+    if key != key.strip(" "):
+        return "key must not have leading or trailing spaces"
+    if any(part == ".." for part in re.split(r"[/\\]", key)):
+        return "key contains path traversal sequence"
+    if _ENCODED_TRAVERSAL.search(key):
+        return "key contains encoded path traversal sequence"
+    return None
 
 
 class KVError(Exception):

@@ -115,6 +115,10 @@ def test_too_large_and_bad_requests(agent: DevAgent) -> None:
     assert status == 400 and body == b"Invalid index"
     status, _, body = _http(agent, "GET", "/v1/kv/x?index=1&wait=forever")
     assert status == 400 and body == b"Invalid wait time"
+    status, _, body = _http(agent, "PUT", "/v1/kv/a/..%2fb", b"x")  # Consul 1.22 key validation
+    assert status == 400 and b"traversal" in body
+    status, _, body = _http(agent, "PUT", "/v1/kv/%20padded", b"x")
+    assert status == 400 and b"spaces" in body
     status, headers, body = _http(agent, "POST", "/v1/kv/x")
     assert status == 405 and "PUT" in headers["Allow"]
     status, _, _ = _http(agent, "GET", "/v1/no-such-endpoint")

@@ -119,3 +119,12 @@ def test_scan_prefix_follows_inserts_deletes_and_rollback() -> None:
         tx.put("kvs", "b/5", kv.entry("b/5", None, 0, tx.index, tx.index))
         raise RuntimeError("abort")
     assert [k for k, _ in s.scan_prefix("kvs", "")] == ["a/1", "b/0", "b/1", "b/2", "c"]
+
+
+@pytest.mark.parametrize(("key", "ok"), [
+    ("weft/ca/roots", True), ("con..fig", True), ("weft/intentions/*", True), ("a b", True), ("foo:bar", True),
+    ("a/../b", False), ("..", False), ("a/..", False), ("..%2fetc", False), ("a%2E%2E%2Fb", False),
+    (" lead", False), ("trail ", False),
+])
+def test_kv_key_validation(key: str, ok: bool) -> None:
+    assert (kv.key_problem(key) is None) is ok
