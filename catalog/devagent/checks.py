@@ -41,6 +41,7 @@ log = structlog.get_logger("weft.devagent.checks")
 
 DEFAULT_OUTPUT_MAX = 4096  # Consul's DefaultBufSize for check output
 DEFAULT_TIMEOUT = 10 * SECOND
+MIN_INTERVAL = 1 * SECOND  # Consul's checks.MinInterval
 DEFAULT_REAP_INTERVAL = 30 * SECOND
 DEFAULT_DEREGISTER_MIN = 1 * MINUTE
 USER_AGENT = "Consul Health Check"
@@ -212,7 +213,7 @@ class CheckManager:
 
     async def _interval_loop(self, key: str, ct: dict[str, Any],
                              probe: Callable[[float], Awaitable[tuple[str, str]]]) -> None:
-        interval = max(ct.get("Interval", 0), SECOND // 100) / SECOND
+        interval = max(ct.get("Interval", 0), MIN_INTERVAL) / SECOND  # Consul clamps to 1s
         timeout = (ct.get("Timeout") or DEFAULT_TIMEOUT) / SECOND
         gate = _Thresholds(ct)
         max_out = int(ct.get("OutputMaxSize") or 0)
