@@ -262,6 +262,7 @@ class Child:
     popen: subprocess.Popen[bytes]
     log_path: Path
     started: str
+    tier: int = 0  # stopped from the highest tier down: what depends on others goes first
 
     @property
     def pid(self) -> int:
@@ -285,7 +286,7 @@ class Supervisor:
     children: list[Child] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
 
-    def start(self, name: str, argv: list[str]) -> Child:
+    def start(self, name: str, argv: list[str], tier: int = 0) -> Child:
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{name}.log"
@@ -295,7 +296,7 @@ class Supervisor:
                                      env=self.env, start_new_session=True, preexec_fn=_pdeathsig)
         finally:
             log.close()
-        child = Child(name, argv, popen, log_path, _start_time(popen.pid))
+        child = Child(name, argv, popen, log_path, _start_time(popen.pid), tier)
         self.children.append(child)
         self.save()
         return child
@@ -313,20 +314,24 @@ class Supervisor:
         return [c for c in self.children if not c.alive()]
 
     def stop_all(self, timeout: float) -> list[str]:
-        """SIGTERM every child's process group (newest first), SIGKILL what remains after `timeout`."""
-        for c in reversed(self.children):
-            _signal_group(c.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(c.alive() for c in self.children):
-            time.sleep(0.05)
+        """Stop tier by tier, highest first (traffic, sidecars, apps, the control plane, then
+        the agent, so that sidecars can still deregister): SIGTERM to each child's process group,
+        SIGKILL to what remains after `timeout`. Returns the names that had to be killed."""
         killed = []
-        for c in self.children:
-            if c.alive():
-                killed.append(c.name)
-            _signal_group(c.pid, signal.SIGKILL)  # also catches a grandchild left in the group
-        for c in self.children:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                c.popen.wait(5)
+        for tier in sorted({c.tier for c in self.children}, reverse=True):
+            group = [c for c in self.children if c.tier == tier]
+            for c in reversed(group):
+                _signal_group(c.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and any(c.alive() for c in group):
+                time.sleep(0.05)
+            for c in group:
+                if c.alive():
+                    killed.append(c.name)
+                _signal_group(c.pid, signal.SIGKILL)  # also catches a grandchild left in the group
+            for c in group:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    c.popen.wait(5)
         return killed
 
 
@@ -543,15 +548,15 @@ class _Dev:
                                "only; unset CONSUL_HTTP_ADDR or point it at 127.0.0.1:<port>")
             self.say(f"weft dev: starting the dev agent at {consul_url}")
             self.sup.start("agent", [*self.weft, "agent", "-dev", "-http-port", str(port), "-client", host,
-                                     "-log-level", self.args.log_level])
+                                     "-log-level", self.args.log_level], tier=0)
             started_agent = True
             self.wait_for("the dev agent", lambda: _http_status(consul_url + "/v1/status/leader") == 200)
 
         self.say("weft dev: starting the CA and the policy service")
         self.sup.start("ca", [*self.weft, "ca", "serve", "-dev", "--listen", f"127.0.0.1:{plan.ca_port}",
-                              "--log-level", self.args.log_level])
+                              "--log-level", self.args.log_level], tier=1)
         self.sup.start("policy", [*self.weft, "policy", "serve", "-grpc-addr", f"127.0.0.1:{plan.policy_port}",
-                                  "-log-level", self.args.log_level])
+                                  "-log-level", self.args.log_level], tier=1)
         self._register(plan)
         self._intentions()
         self.wait_for("the CA's trust bundle (KV weft/ca/roots)",
@@ -561,11 +566,11 @@ class _Dev:
 
         self.say("weft dev: starting the demo apps and their sidecars")
         for s in plan.services:
-            self.sup.start(s.name, app_command(sys.executable, s, self.args.log_level))
+            self.sup.start(s.name, app_command(sys.executable, s, self.args.log_level), tier=2)
         for s in plan.services:
             self.sup.start(f"{s.name}-sidecar", [*self.weft, "sidecar", "--sidecar-for", s.id,
                                                  "--admin-port", str(s.admin_port), "--bind", "127.0.0.1",
-                                                 "--log-level", self.args.log_level])
+                                                 "--log-level", self.args.log_level], tier=3)
         for s in plan.services:
             self.wait_for(f"{s.name} on port {s.port}", functools.partial(_tcp_open, "127.0.0.1", s.port))
         for s in plan.services:
@@ -578,7 +583,7 @@ class _Dev:
         if not self.args.no_traffic:
             rps = self.args.rps
             self.sup.start("traffic", [sys.executable, "-m", "weft.demo.traffic", "-url", frontend,
-                                       "-rps", str(rps), "-log-level", self.args.log_level])
+                                       "-rps", str(rps), "-log-level", self.args.log_level], tier=4)
         self.say(summary(plan, started_agent=started_agent, state_dir=self.state_dir, traffic_rps=rps,
                          default_consul=default_consul))
 
