@@ -219,6 +219,8 @@ def _utcnow() -> datetime:
 class LeafManager:
     """Keeps one identity's leaf fresh (see the module docstring)."""
 
+    MIN_RENEW_INTERVAL_S = 0.5
+
     def __init__(self, identity: SpiffeId, ca: CAConnector, *, token: str = "",
                  bundle: TrustBundle | None = None,
                  bundle_source: Callable[[], Awaitable[TrustBundle | None]] | None = None,
@@ -394,15 +396,21 @@ class LeafManager:
 
     async def _renew_loop(self, stop: asyncio.Event) -> None:
         attempt = 0
+        just_renewed = False
         while not stop.is_set():
             delay = self.next_renewal_delay()
+            if just_renewed:
+                # a leaf that is due at once (clock skew, a CA capping lifetimes) must not make us spin
+                delay = max(delay, self.MIN_RENEW_INTERVAL_S)
             if delay > 0 and attempt == 0:
                 await self._sleep_or_wake(delay, stop)
                 if stop.is_set():
                     return
+            just_renewed = False
             try:
                 await self.renew_once()
                 attempt = 0
+                just_renewed = True
                 self.last_error = ""
             except asyncio.CancelledError:
                 raise

@@ -13,6 +13,7 @@ from ca.client import CAUnavailable, Credentials, LeafManager, SignResult
 from ca.identity import SpiffeId
 from ca.provider import CAConfig, TrustBundle
 from ca.renewal import Backoff, renewal_window
+from ca.server import CAService, utcnow
 
 from .test_service import acl, make_service
 
@@ -20,7 +21,7 @@ from .test_service import acl, make_service
 class InProcessCA:
     """A CAConnector straight onto CAService; `down` makes every call fail like an unreachable CA."""
 
-    def __init__(self, service) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, service: CAService) -> None:
         self.service = service
         self.down = False
         self.calls = 0
@@ -30,6 +31,7 @@ class InProcessCA:
         self.calls += 1
         if self.down:
             raise CAUnavailable("CA down")
+        await asyncio.sleep(0)  # a real CA call yields to the event loop
         leaf = await self.service.sign(csr, token, current_chain, proof, ttl_seconds)
         return SignResult(leaf.cert_pem, leaf.chain_pem, self.service.bundle)
 
@@ -48,7 +50,7 @@ async def until(pred: Callable[[], bool], timeout: float = 20) -> None:
 
 
 async def test_renews_in_window_serves_while_down_and_recovers() -> None:
-    svc = await make_service(acl())
+    svc = await make_service(acl(), utcnow)
     ca = InProcessCA(svc)
     sid = SpiffeId.for_service(svc.trust_domain, "web")
     mgr = LeafManager(sid, ca, token="web-token", bundle=svc.bundle, ttl=timedelta(seconds=3),
@@ -80,7 +82,7 @@ async def test_renews_in_window_serves_while_down_and_recovers() -> None:
 
 
 async def test_roots_change_renews_at_once_and_callbacks_are_thread_safe() -> None:
-    svc = await make_service(acl())
+    svc = await make_service(acl(), utcnow)
     ca = InProcessCA(svc)
     sid = SpiffeId.for_service(svc.trust_domain, "web")
     mgr = LeafManager(sid, ca, token="web-token", bundle=svc.bundle)
@@ -124,7 +126,7 @@ async def test_roots_change_renews_at_once_and_callbacks_are_thread_safe() -> No
 
 
 async def test_first_certificate_needs_a_token() -> None:
-    svc = await make_service(acl())
+    svc = await make_service(acl(), utcnow)
     ca = InProcessCA(svc)
     sid = SpiffeId.for_service(svc.trust_domain, "web")
     mgr = LeafManager(sid, ca, token="reader", bundle=svc.bundle, backoff=Backoff(base=0.02, cap=0.05))
@@ -140,3 +142,19 @@ async def test_first_certificate_needs_a_token() -> None:
 
 def test_config_bounds() -> None:
     assert CAConfig().leaf_ttl == timedelta(hours=72)
+
+
+async def test_a_leaf_due_at_once_does_not_make_the_client_spin() -> None:
+    svc = await make_service(acl())  # the CA's clock is frozen: every leaf it signs soon looks overdue
+    ca = InProcessCA(svc)
+    mgr = LeafManager(SpiffeId.for_service(svc.trust_domain, "web"), ca, token="web-token", bundle=svc.bundle,
+                      ttl=timedelta(seconds=2))
+    stop = asyncio.Event()
+    task = mgr.start(stop)
+    try:
+        await mgr.wait_ready(10)
+        await asyncio.sleep(3.0)
+    finally:
+        stop.set()
+        await task
+    assert ca.calls <= 3.0 / LeafManager.MIN_RENEW_INTERVAL_S + 3

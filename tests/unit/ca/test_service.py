@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -28,7 +29,8 @@ class Clock:
         return self.now
 
 
-async def make_service(acl: FakeAcl, clock: Clock | None = None, kv: FakeKV | None = None) -> CAService:
+async def make_service(acl: FakeAcl, clock: Callable[[], datetime] | None = None,
+                       kv: FakeKV | None = None) -> CAService:
     svc = CAService(CAStore(kv or FakeKV(), KEK), TokenAuthorizer(acl, "dc1"),
                     CAConfig(leaf_ttl=timedelta(hours=1), max_leaf_ttl=timedelta(hours=2)),
                     clock=clock or Clock())
