@@ -7,7 +7,10 @@ its own pair. Every wait polls; no timing is asserted.
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
+import os
 import subprocess
 import threading
 import time
@@ -23,6 +26,7 @@ from policies.evaluate import authorize
 from policies.model import TCP, CompiledTable, GrpcRequest, table_key
 from policies.v1 import policy_pb2, policy_pb2_grpc
 from tests.support import WEFT, DevAgent, Proc, free_port, wait_for
+from weft import cli
 
 pytestmark = pytest.mark.integration
 
@@ -64,8 +68,24 @@ def start_policy(agent: DevAgent, *extra: str) -> tuple[Proc, int]:
 
 
 def weft(agent: DevAgent, *args: str) -> subprocess.CompletedProcess[str]:
-    import os
+    """Run `weft ARGS` in this process (a process per command costs seconds on a busy machine); the
+    console entry point itself is exercised by `weft_process`."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in agent.env}
+    os.environ.update(agent.env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(list(args))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(["weft", *args], code, out.getvalue(), err.getvalue())
 
+
+def weft_process(agent: DevAgent, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **agent.env}
     return subprocess.run([*WEFT, *args], env=env, capture_output=True, text=True, timeout=60)
 
@@ -134,7 +154,7 @@ def test_cli_allow_deny_list_check_delete(stack: tuple[DevAgent, Proc, int]) -> 
              timeout=15, what="ledger table")
     r = weft(agent, "intention", "check", "web", "ledger")
     assert r.returncode == 0 and "ALLOWED" in r.stdout and "web -> ledger" in r.stdout, r.stdout + r.stderr
-    r = weft(agent, "intention", "check", "api", "ledger", "--grpc-method", "/l.Ledger/Post")
+    r = weft_process(agent, "intention", "check", "api", "ledger", "--grpc-method", "/l.Ledger/Post")
     assert r.returncode == 1 and "DENIED" in r.stdout and "* -> ledger" in r.stdout, r.stdout + r.stderr
     r = weft(agent, "intention", "list", "ledger")
     assert r.returncode == 0 and "web" in r.stdout and "KV weft/intentions/ledger" in r.stdout, r.stdout
@@ -277,7 +297,12 @@ def test_failover_between_two_policy_services() -> None:
         wait_for(lambda: table(agent, "ha") is not None, timeout=15, what="ha table from the leader")
         leader, standby = (first, second) if "now the leader" in first.output() else (second, first)
         assert "now the leader" not in standby.output()
-        leader.kill()  # no clean hand-over: the session must expire
+        leader.kill()  # no clean hand-over
+        # The dead leader's session would expire after its TTL (10s, reaped up to 2x later); invalidate
+        # it now, as that expiry does, so the test does not sit out the TTL.
+        _, raw, _ = http(agent, "GET", "/v1/kv/weft/policy/leader")
+        session = json.loads(raw)[0]["Session"]
+        assert http(agent, "PUT", f"/v1/session/destroy/{session}")[0] == 200
         put_doc(agent, "ha", [{"Name": "web", "Action": "deny"}])
         wait_for(lambda: "now the leader" in standby.output(), timeout=60, what="standby takes over")
         wait_for(lambda: not authorize(table(agent, "ha"), "web", TCP).allowed,  # type: ignore[arg-type]
