@@ -15,6 +15,7 @@ The parsing and evaluation are pure; :class:`TokenAuthorizer` fetches documents 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,13 @@ def _blocks(value: Any) -> list[tuple[str, Any]]:
 
 def parse_rules(text: str) -> Rules:
     """Parse a Consul policy's ``Rules`` (HCL or JSON); raises ValueError if it is neither."""
+    cached = _parse_cached(text)
+    return Rules(dict(cached.service), dict(cached.service_prefix), cached.operator)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_cached(text: str) -> Rules:
+    """Parsing HCL costs milliseconds; policies change rarely, so parse each text once."""
     if not text.strip():
         return Rules()
     doc: Any
