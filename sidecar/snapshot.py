@@ -301,6 +301,8 @@ class SnapshotBuilder:
             for u in self.registration.upstreams:
                 if u.destination_name not in self.endpoints:
                     out.append(f"endpoints of {u.destination_name}")
+                if u.destination_name not in self.protocols:
+                    out.append(f"protocol of {u.destination_name}")
         return out
 
     def build(self) -> Snapshot | None:

@@ -107,6 +107,7 @@ class SidecarState:
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._policy_tables: dict[str, CompiledTable | None] = {}
         self._sd_protocol: dict[str, str | None] = {}
+        self._sd_answered: set[str] = set()
         self._meta_protocol: dict[str, str | None] = {registration.service: app_protocol_meta}
         self._descriptor_methods = descriptor_methods
         self._reflect = reflect
@@ -254,11 +255,14 @@ class SidecarState:
                 self._sd_protocol[name] = normalize_protocol(value) if value else None
             except SnapshotError as exc:
                 log.error("service_defaults_unusable", service=name, error=str(exc))
-                continue
+                self._sd_protocol[name] = None
+            self._sd_answered.add(name)
             if self._apply_protocol(name):
                 self._changed()
 
     def _apply_protocol(self, name: str) -> bool:
+        if name != self.service and name not in self._sd_answered:
+            return False  # wait for service-defaults before deciding an upstream's listener type
         proto = self._sd_protocol.get(name) or self._meta_protocol.get(name) or "tcp"
         return self.builder.set_protocol(name, proto)
 

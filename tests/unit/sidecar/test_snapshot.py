@@ -37,6 +37,7 @@ def complete_builder() -> SnapshotBuilder:
     b.set_credentials(creds())
     b.set_policy(None, "v1")
     b.set_endpoints("api", [Endpoint("127.0.0.1", 2000)])
+    b.set_protocol("api", "grpc")
     return b
 
 
@@ -44,7 +45,10 @@ def test_published_only_when_complete() -> None:
     b = SnapshotBuilder()
     assert b.build() is None
     b.set_registration(reg(UpstreamConfig("api", 9191), UpstreamConfig("db", 9192)))
-    assert b.missing() == ["leaf certificate", "policy", "endpoints of api", "endpoints of db"]
+    assert b.missing() == ["leaf certificate", "policy", "endpoints of api", "protocol of api", "endpoints of db",
+                           "protocol of db"]
+    b.set_protocol("api", "grpc")
+    b.set_protocol("db", "tcp")
     b.set_credentials(creds())
     b.set_policy(None, "absent")
     b.set_endpoints("api", [])
