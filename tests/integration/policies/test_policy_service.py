@@ -264,8 +264,7 @@ def test_tables_are_never_half_written(stack: tuple[DevAgent, Proc, int]) -> Non
 
 def test_native_intentions_are_merged(stack: tuple[DevAgent, Proc, int]) -> None:
     agent, _, _ = stack
-    if not native_supported(agent):
-        pytest.skip("the dev agent does not serve /v1/config/service-intentions yet")
+    assert native_supported(agent)
     put_doc(agent, "vault", [{"Name": "web", "Action": "allow"}, {"Name": "api", "Action": "allow"}])
     r = weft(agent, "intention", "deny", "web", "vault", "--native")
     assert r.returncode == 0, r.stderr
@@ -283,6 +282,13 @@ def test_native_intentions_are_merged(stack: tuple[DevAgent, Proc, int]) -> None
     assert not d.allowed and d.rule is not None and d.rule.origin.kind == "native"  # deny wins
     assert authorize(t, "api", TCP).allowed and authorize(t, "batch", TCP).allowed
     assert any("defined in both" in w for w in t.warnings)
+    r = weft(agent, "intention", "list", "vault")
+    assert "native service-intentions/vault" in r.stdout and "defined in both" in r.stderr, r.stdout + r.stderr
+    # deleting the native deny leaves the KV allow in force
+    r = weft(agent, "intention", "delete", "web", "vault", "--native")
+    assert r.returncode == 0 and "native" in r.stdout, r.stderr
+    wait_for(lambda: authorize(table(agent, "vault"), "web", TCP).allowed,  # type: ignore[arg-type]
+             timeout=15, what="web allowed again")
 
 
 def test_failover_between_two_policy_services() -> None:
