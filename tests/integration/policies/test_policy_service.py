@@ -325,9 +325,6 @@ def test_failover_between_two_policy_services() -> None:
 
 def test_registers_itself_as_weft_policy(stack: tuple[DevAgent, Proc, int]) -> None:
     agent, _, port = stack
-    status, _, _ = http(agent, "GET", "/v1/agent/services")
-    if status == 404:
-        pytest.skip("the dev agent does not serve /v1/agent/services yet")
 
     def registered() -> bool:
         _, body, _ = http(agent, "GET", "/v1/agent/services")
