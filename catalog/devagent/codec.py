@@ -119,7 +119,7 @@ def decode_struct(raw: Any, spec: Spec, *, what: str = "body", strict: bool = Fa
         return {}
     if not isinstance(raw, Mapping):
         raise DecodeError(f"{what}: expected an object, got {_json_type(raw)}")
-    folded = {fold(name): name for name in spec}
+    folded = _folded(spec)
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if not isinstance(key, str):
@@ -141,6 +141,20 @@ def decode_struct(raw: Any, spec: Spec, *, what: str = "body", strict: bool = Fa
                 value = decode_struct(value, sub, what=f"{what}.{canon}", strict=strict)
         out[canon] = value
     return out
+
+
+_FOLDED: dict[int, tuple[Spec, dict[str, str]]] = {}
+
+
+def _folded(spec: Spec) -> dict[str, str]:
+    """fold(name) -> name for a spec, computed once per spec object (specs are module constants)."""
+    hit = _FOLDED.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    table = {fold(name): name for name in spec}
+    if len(_FOLDED) < 1024:
+        _FOLDED[id(spec)] = (spec, table)
+    return table
 
 
 def lookup(obj: Mapping[str, Any], name: str, default: Any = None) -> Any:
