@@ -417,7 +417,8 @@ class TcpRequest:
 
 @dataclass(frozen=True, slots=True)
 class HttpRequest:
-    """One HTTP request. ``headers`` keys must be lowercase (use :meth:`of` to normalise)."""
+    """One HTTP request. ``headers`` keys must be lowercase (use :meth:`of` to normalise); a header
+    sent more than once is one value joined with ``,`` (as Envoy matches it)."""
 
     method: str
     path: str
