@@ -310,3 +310,15 @@ def test_request_from_proto() -> None:
         request_from_proto(policy_pb2.CheckRequest(grpc=policy_pb2.GrpcRequest(method="Svc.Method")))
     with pytest.raises(ValueError, match=r"http\.path"):
         request_from_proto(policy_pb2.CheckRequest(http=policy_pb2.HttpRequest(method="GET", path="x")))
+
+
+async def test_large_publish_is_split_into_guarded_transactions(running: Any) -> None:
+    consul, _, _ = running
+    for i in range(150):
+        consul.kv[f"weft/intentions/d{i}"] = Entry(f"weft/intentions/d{i}", doc(f"d{i}", ("web", "allow")).encode(),
+                                                   consul.index + 1)
+    await consul._bump()
+    await wait_until(lambda: len(compiled(consul)) == 151)
+    big = [t for t in consul.txns if len(t) > 10]
+    assert big and all(len(t) <= 64 and t[0]["KV"]["Verb"] == "check-session" for t in consul.txns)
+    assert sum(len(t) - 1 for t in consul.txns) >= 151
