@@ -631,13 +631,24 @@ class _Dev:
                  + f" from {DEMO_SERVICES}")
 
     def _intentions(self) -> None:
-        for src, dst in INTENTIONS:
-            result = subprocess.run([*self.weft, "intention", "allow", src, dst, "--description", "weft dev demo"],
-                                    env=self.env, capture_output=True, text=True, timeout=60, check=False)
-            if self.stop_requested:
-                raise Stopped()
-            if result.returncode != 0:
-                raise DevError(f"`weft intention allow {src} {dst}` failed: {result.stderr.strip()}")
+        # `weft intention allow` for each pair, concurrently (each writes its own destination's document)
+        running = [(src, dst, subprocess.Popen(
+            [*self.weft, "intention", "allow", src, dst, "--description", "weft dev demo"], env=self.env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            for src, dst in INTENTIONS]
+        failures = []
+        for src, dst, proc in running:
+            try:
+                _, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            if proc.returncode != 0:
+                failures.append(f"`weft intention allow {src} {dst}` failed: {err.strip()}")
+        if self.stop_requested:
+            raise Stopped()
+        if failures:
+            raise DevError("; ".join(failures))
         self.say("weft dev: intentions frontend -> greeter and greeter -> store allowed (default deny)")
 
     def _supervise(self) -> None:
