@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("-grpc-addr", "--grpc-addr", default=DEFAULT_GRPC_ADDR,
                        help=f"host:port of the gRPC API weft.policy.v1 (default {DEFAULT_GRPC_ADDR})")
     serve.add_argument("-advertise-addr", "--advertise-addr", default="",
-                       help="address registered in Consul (default: the gRPC host)")
+                       help="address registered in Consul (default: the gRPC host; the agent's address when "
+                            "listening on all interfaces)")
     serve.add_argument("-lock-ttl", "--lock-ttl", default="15s",
                        help="TTL of the leader session (10s..24h; a dead leader is replaced within ~2x this)")
     serve.add_argument("-lock-delay", "--lock-delay", default="1s",
@@ -87,8 +88,9 @@ async def _serve(args: argparse.Namespace, stop: asyncio.Event) -> int:
             if args.no_register:
                 await service.run(stop)
             else:
+                advertise = args.advertise_addr or ("" if host in ("0.0.0.0", "[::]", "::") else host)
                 reg = service_registration(name=SERVICE_NAME, port=port, service_id=service_id,
-                                           address=args.advertise_addr or host, ttl="15s",
+                                           address=advertise, ttl="15s",
                                            meta={"default_policy": args.default_policy})
                 registered = Registered(consul, reg, note="standby")
                 try:
