@@ -1,0 +1,123 @@
+"""Registration helpers, TTL keeping and health/connect watches against a real dev agent process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from catalog.models import ServiceInstance, Upstream
+from catalog.registration import Registered, TtlKeeper, service_registration, sidecar_registration
+from catalog.watch import WatchPolicy, agent_service_watch, health_connect_watch
+from tests.integration.catalog.helpers import client_for, until
+from tests.support import DevAgent
+
+pytestmark = pytest.mark.integration
+
+FAST = WatchPolicy(wait=10, min_interval=0.02, backoff_base=0.05, backoff_max=0.3, recovery_wait=0.5,
+                   poll_interval=0.1)
+
+
+async def test_sidecar_registered_listed_by_health_connect_then_deregistered(module_agent: DevAgent) -> None:
+    async with client_for(module_agent) as c:
+        app = service_registration(name="orders", service_id="orders-1", port=8080, ttl=None)
+        sidecar = sidecar_registration(service_id="orders-1", service_name="orders", port=21000,
+                                       local_service_port=8080, upstreams=[Upstream("payments", 9191)],
+                                       ttl="10s")
+        watch = health_connect_watch(c, "orders", policy=FAST)
+        assert await asyncio.wait_for(watch.first(), 20) == ()
+        async with Registered(c, app), Registered(c, sidecar) as r:
+            assert r.keeper is not None
+            got: tuple[ServiceInstance, ...] = ()
+            while not got:                               # critical until the keeper's first pass
+                got = await asyncio.wait_for(watch.__anext__(), 20)
+            (inst,) = got
+            assert inst.service_id == "orders-1-sidecar-proxy" and inst.service == "orders-sidecar-proxy"
+            assert inst.kind == "connect-proxy" and inst.port == 21000 and inst.destination == "orders"
+            assert inst.proxy is not None and inst.proxy.destination_service_id == "orders-1"
+            assert inst.proxy.local_service_port == 8080
+            assert [(u.destination_name, u.local_bind_port) for u in inst.proxy.upstreams] == [("payments", 9191)]
+            assert inst.status == "passing"
+            _, reg = await c.agent_service("orders-1-sidecar-proxy")
+            assert reg is not None and reg.kind == "connect-proxy"
+            checks = await c.agent_checks()
+            assert checks["orders-1-sidecar-proxy:ttl"].status == "passing"
+        # on exit: check failed, services deregistered
+        assert await asyncio.wait_for(watch.__anext__(), 20) == ()
+        _, reg = await c.agent_service("orders-1-sidecar-proxy")
+        assert reg is None
+        watch.close()
+
+
+async def test_ttl_lapse_makes_instance_critical_and_keeper_warns(module_agent: DevAgent) -> None:
+    async with client_for(module_agent) as c:
+        reg = service_registration(name="lapse", port=9000, ttl="1s")
+        await c.agent_service_register(reg)
+        keeper = TtlKeeper(c, "lapse:ttl", "1s", note="alive")
+        keeper.start()
+        try:
+            await until(lambda: keeper.reports >= 1, what="first TTL report")
+            _, passing = await c.health_service("lapse")
+            assert len(passing) == 1
+            keeper.set_status("warning", "degraded")
+            await until(lambda: keeper.reports >= 2)
+
+            async def status() -> str:
+                return (await c.agent_checks())["lapse:ttl"].status
+
+            for _ in range(100):
+                if await status() == "warning":
+                    break
+                await asyncio.sleep(0.05)
+            assert await status() == "warning"
+            _, passing = await c.health_service("lapse")
+            assert passing == ()                          # ?passing drops warning instances too
+        finally:
+            await keeper.stop(fail=False)
+        # nothing reports any more: the TTL lapses and the check turns critical
+        for _ in range(100):
+            if await status() == "critical":
+                break
+            await asyncio.sleep(0.1)
+        assert await status() == "critical"
+        _, everything = await c.health_service("lapse", passing=False)
+        assert everything[0].status == "critical"
+        await c.agent_service_deregister("lapse")
+
+
+async def test_agent_service_hash_watch(module_agent: DevAgent) -> None:
+    async with client_for(module_agent) as c:
+        w = agent_service_watch(c, "hw-1", policy=FAST)
+        assert await asyncio.wait_for(w.first(), 20) is None
+        await c.agent_service_register(service_registration(name="hw", service_id="hw-1", port=1, ttl=None))
+        reg = await asyncio.wait_for(w.__anext__(), 20)
+        assert reg is not None and reg.port == 1 and w.hash
+        await c.agent_service_register(service_registration(name="hw", service_id="hw-1", port=2, ttl=None))
+        reg = await asyncio.wait_for(w.__anext__(), 20)
+        assert reg is not None and reg.port == 2
+        await c.agent_service_deregister("hw-1")
+        assert await asyncio.wait_for(w.__anext__(), 20) is None
+        w.close()
+
+
+async def test_keeper_reregisters_after_agent_restart() -> None:
+    agent = DevAgent()
+    port = agent.port
+    try:
+        async with client_for(agent) as c:
+            reg = service_registration(name="phoenix", port=7000, ttl="2s")
+            async with Registered(c, reg) as r:
+                assert r.keeper is not None
+                await until(lambda: r.keeper is not None and r.keeper.reports >= 1)
+                agent.stop()
+                await until(lambda: r.keeper is not None and r.keeper.last_error is not None)
+                agent = DevAgent(port=port)               # fresh agent: it forgot the service
+                found: tuple[ServiceInstance, ...] = ()
+                for _ in range(200):
+                    _, found = await c.health_service("phoenix")
+                    if found:
+                        break
+                    await asyncio.sleep(0.05)
+                assert [i.service_id for i in found] == ["phoenix"]
+    finally:
+        agent.stop()
