@@ -46,6 +46,9 @@ Reads and blocking queries
     ``index`` must be the index of the data read (e.g. ``store.topic_index("services", ...)`` or
     the max ModifyIndex of the rows); ``topics`` what to watch; the helper re-runs ``run`` whenever a
     topic fires and answers when the index exceeds ``?index`` or at ``wait`` (Consul's rules).
+    ``blocking_query(r, run, share=True)`` computes ``run`` once per store index for all waiters of
+    the same path+query+token (1,000 watchers of one service: one computation, one serialisation
+    via ``query_response``); only for a ``run`` without side effects or captured per-request state.
     Agent-local endpoints use ``hash_blocking(r, run)`` where ``run`` returns (value, topics) and send
     the returned hash as ``X-Consul-ContentHash``. A hand-written wait loop uses
     ``await wait_for_change(store, topics, timeout)`` and must stop waiting once ``store.closing``

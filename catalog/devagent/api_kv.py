@@ -22,6 +22,7 @@ from catalog.devagent.http import (
     blocking_query,
     json_response,
     meta_headers,
+    query_response,
 )
 
 TOO_LARGE_URL = "https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size"
@@ -81,37 +82,38 @@ async def kv_get(r: Req) -> web.StreamResponse:
             authz = r.authz
             return QueryResult(idx, [k for k in keys if authz.key_read(k)], topics)
 
-        res = await blocking_query(r, run_keys)
+        res = await blocking_query(r, run_keys, share=True)
         if not res.value and key != "":
             return web.Response(status=404, headers=meta_headers(r, res.index))
-        return json_response(r, res.value, headers=meta_headers(r, res.index))
+        return query_response(r, res)
     if r.has("recurse"):
         def run_list() -> QueryResult:
             idx, rows, topics = kv.list_prefix(store, key)
             authz = r.authz
             return QueryResult(idx, [row for row in rows if authz.key_read(str(row["Key"]))], topics)
 
-        res = await blocking_query(r, run_list)
+        res = await blocking_query(r, run_list, share=True)
         if not res.value:
             return web.Response(status=404, headers=meta_headers(r, res.index))
-        return json_response(r, res.value, headers=meta_headers(r, res.index))
+        return query_response(r, res)
     if key == "":
         raise HTTPError(400, "Missing key name")
     r.authz.check("key:read", key)
 
     def run_get() -> QueryResult:
         idx, row, topics = kv.get(store, key)
-        return QueryResult(idx, row, topics)
+        return QueryResult(idx, [row] if row is not None else None, topics)
 
-    res = await blocking_query(r, run_get)
-    headers = meta_headers(r, res.index)
+    res = await blocking_query(r, run_get, share=True)
     if res.value is None:
-        return web.Response(status=404, headers=headers)
+        return web.Response(status=404, headers=meta_headers(r, res.index))
     if r.has("raw"):
-        value = res.value.get("Value")
+        value = res.value[0].get("Value")
         body = unb64(value) if value else b""
+        headers = meta_headers(r, res.index)
+        headers.update({"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"})
         return web.Response(body=body, headers=headers, content_type="text/plain")
-    return json_response(r, [res.value], headers=headers)
+    return query_response(r, res)
 
 
 async def kv_put(r: Req) -> web.StreamResponse:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import random
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -70,6 +70,7 @@ class QueryResult:
     index: int
     value: Any
     topics: Collection[Topic]
+    body: dict[bool, bytes] = field(default_factory=dict)  # serialised value by ``pretty``, filled lazily
 
 
 class Req:
@@ -215,20 +216,51 @@ def meta_headers(r: Req, index: int) -> dict[str, str]:
 
 
 def query_response(r: Req, result: QueryResult, *, not_found_when_none: bool = False) -> web.Response:
-    """A read answer with Consul's meta headers; ``None`` with ``not_found_when_none`` answers an empty 404."""
+    """A read answer with Consul's meta headers; ``None`` with ``not_found_when_none`` answers an empty 404.
+    The serialised body is kept on the result, so waiters sharing a result serialise it once."""
     headers = meta_headers(r, result.index)
     if result.value is None and not_found_when_none:
         return web.Response(status=404, headers=headers)
-    return json_response(r, result.value, headers=headers)
+    pretty = r.has("pretty")
+    body = result.body.get(pretty)
+    if body is None:
+        body = result.body[pretty] = _dumps(result.value, pretty)
+    return web.Response(status=200, body=body, content_type="application/json", headers=headers)
 
 
-async def blocking_query(r: Req, run: Callable[[], QueryResult]) -> QueryResult:
+_BLOCKING_PARAMS = frozenset({"index", "wait", "hash", "stale", "consistent", "cached", "max_stale"})
+
+
+def _share_key(r: Req) -> tuple[Any, ...]:
+    params = tuple(sorted((k, v) for k, v in r.query.items() if k not in _BLOCKING_PARAMS))
+    return (r.raw.path, params, r.token)
+
+
+def _shared_run(r: Req, run: Callable[[], QueryResult]) -> QueryResult:
+    """``run()``, computed once per store index for every waiter with the same path, query and token."""
+    store = r.agent.store
+    memo: dict[Any, QueryResult] = store.memo()
+    key = _share_key(r)
+    result = memo.get(key)
+    if result is None:
+        result = run()
+        result.index = max(result.index, 1)
+        memo[key] = result
+    return result
+
+
+async def blocking_query(r: Req, run: Callable[[], QueryResult], *, share: bool = False) -> QueryResult:
     """Run ``run`` under Consul's blocking rules and return the result to answer with.
 
     Without ``?index`` (or with 0) it answers at once. Otherwise it waits until the result's index
     exceeds the given one, re-running ``run`` each time a watched topic changes, or until ``wait``
     (default 5m, capped at 10m, plus up to wait/16 jitter) passes, then answers the current result.
     The result index is never below 1.
+
+    ``share=True``: when a write wakes many waiters of the same query (same path, parameters other
+    than index/wait, and token), ``run`` executes once and they all answer with that result (and
+    ``query_response`` serialises it once). Only for a ``run`` that depends on nothing but the
+    request and the store: no side effects, no captured per-request state.
     """
     r.check_dc()
     r.consistency()
@@ -246,8 +278,11 @@ async def blocking_query(r: Req, run: Callable[[], QueryResult]) -> QueryResult:
             return result
         topics = list(result.topics)
         await wait_for_change(store, topics, remaining)
-        result = run()
-        result.index = max(result.index, 1)
+        if share:
+            result = _shared_run(r, run)
+        else:
+            result = run()
+            result.index = max(result.index, 1)
         if result.index > min_index or store.closing:
             return result
 

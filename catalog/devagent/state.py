@@ -185,6 +185,8 @@ class Store:
         self._delete_triggers: dict[str, list[Trigger]] = {}
         self._in_tx = False
         self.closing = False
+        self._memo: dict[Any, Any] = {}
+        self._memo_index = -1
         self.journal: Callable[[dict[str, Any]], None] | None = None
 
     # ----- schema -----
@@ -308,6 +310,13 @@ class Store:
                 for fut in waiters:
                     if not fut.done():
                         fut.set_result(None)
+
+    def memo(self) -> dict[Any, Any]:
+        """A scratch dict valid for the current index only (emptied whenever the index moves)."""
+        if self._memo_index != self.index:
+            self._memo = {}
+            self._memo_index = self.index
+        return self._memo
 
     def close_watches(self) -> None:
         """Shutting down: wake every watcher now and make later waits return at once."""
