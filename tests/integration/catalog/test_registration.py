@@ -121,3 +121,27 @@ async def test_keeper_reregisters_after_agent_restart() -> None:
                 assert [i.service_id for i in found] == ["phoenix"]
     finally:
         agent.stop()
+
+
+async def test_connect_sidecar_service_expansion_parses(module_agent: DevAgent) -> None:
+    from catalog.models import ProxyConfig, ServiceRegistration
+
+    async with client_for(module_agent) as c:
+        reg = ServiceRegistration(name="expand", id="expand-1", port=8080,
+                                  sidecar_service=ServiceRegistration(name="", proxy=ProxyConfig(
+                                      upstreams=(Upstream("payments", 9191),))))
+        await c.agent_service_register(reg)
+        try:
+            _, side = await c.agent_service("expand-1-sidecar-proxy")
+            assert side is not None and side.kind == "connect-proxy" and side.name == "expand-sidecar-proxy"
+            assert 21000 <= side.port <= 21255
+            assert side.proxy is not None
+            assert (side.proxy.destination_service_name, side.proxy.destination_service_id) == ("expand", "expand-1")
+            assert side.proxy.local_service_port == 8080
+            (up,) = side.proxy.upstreams
+            assert (up.destination_name, up.local_bind_port, up.local_bind_address) == ("payments", 9191, "127.0.0.1")
+            _, instances = await c.health_connect("expand", passing=False)
+            assert [i.service_id for i in instances] == ["expand-1-sidecar-proxy"]
+            assert instances[0].port == side.port and instances[0].destination == "expand"
+        finally:
+            await c.agent_service_deregister("expand-1")
