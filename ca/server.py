@@ -489,8 +489,7 @@ class CAServer:
         if self.registry is not None and self.service_id:
             with contextlib.suppress(Exception):
                 await self.registry.deregister(self.service_id)
-        if self.service.active:
-            self.service.become_standby()
+        self.service.active = False  # stopping, not losing: no warning
         with contextlib.suppress(Exception):
             await self.lock.release()
         if self._server is not None:
