@@ -12,9 +12,10 @@ service name or a SPIFFE ID ``spiffe://<td>/ns/default/dc/<dc>/svc/<service>``) 
 * An L7 rule's permissions are read top to bottom; the first whose HTTP conditions all match is
   final. When none matches, the table's default policy decides (not a lower intention).
 * A gRPC call ``/pkg.Svc/Method`` is matched as an HTTP ``POST`` of that path; its metadata are the
-  headers. HTTP paths are matched without their query string (Envoy's ``url_path``); regexes must
-  match the whole value; header names are case-insensitive. A header condition on a header the
-  request lacks does not match, even inverted, except ``Present`` + ``Invert`` (Envoy's rule).
+  headers, plus ``content-type: application/grpc`` and ``te: trailers`` unless given. HTTP paths
+  are matched without their query string (Envoy's ``url_path``); regexes must match the whole value;
+  header names are case-insensitive. A header condition on a header the request lacks does not
+  match, even inverted, except ``Present`` + ``Invert`` (Envoy's rule).
 * A TCP connection decided by an L7 rule is denied with ``per_request=True``: an HTTP or gRPC
   listener must accept the connection and authorize each request instead.
 * No matching intention: the default policy. A SPIFFE ID outside namespace ``default`` matches no
@@ -29,6 +30,7 @@ and per-permission outcomes are prebuilt objects, so a call allocates nothing on
 from __future__ import annotations
 
 import re
+from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -54,6 +56,9 @@ _SPIFFE_CACHE_MAX = 65536
 _NOT_DEFAULT_NS = "\x00not-default-namespace"
 
 _Matcher = Callable[[str, str, Mapping[str, str]], bool]
+# Headers every gRPC request has on the wire (gRPC over HTTP/2), which a rule may match on even when
+# the sidecar's metadata view omits them.
+_GRPC_HEADERS = {"content-type": "application/grpc", "te": "trailers"}
 
 
 def source_service(source: str) -> str | None:
@@ -95,7 +100,10 @@ def authorize(table: CompiledTable, source: str, request: Request) -> Decision:
     cls = request.__class__
     if cls is GrpcRequest:
         grpc_req: GrpcRequest = request  # type: ignore[assignment]
-        return verdict.evaluate("POST", grpc_req.method, grpc_req.metadata)
+        metadata: Mapping[str, str] = grpc_req.metadata
+        if prep.grpc_defaults and not all(k in metadata for k in _GRPC_HEADERS):
+            metadata = ChainMap(dict(metadata), _GRPC_HEADERS)  # what every gRPC request carries on the wire
+        return verdict.evaluate("POST", grpc_req.method, metadata)
     if cls is HttpRequest:
         http_req: HttpRequest = request  # type: ignore[assignment]
         path = http_req.path
@@ -139,6 +147,7 @@ class _Prepared:
     by_source: dict[str, _Verdict]
     fallback: _Verdict
     foreign: _Verdict
+    grpc_defaults: bool  # some rule matches a header that gRPC always sends
 
 
 class _RuleEval:
@@ -247,7 +256,9 @@ def prepare(table: CompiledTable) -> _Prepared:
             by_source[source] = _make_verdict(precs[top], table)
     foreign = _default_verdict(table, f"source is outside namespace {DEFAULT_NAMESPACE!r}, which no intention "
                                       f"names; default policy {table.default_policy}")
-    prep = _Prepared(by_source=by_source, fallback=fallback, foreign=foreign)
+    grpc_defaults = any(h.name.lower() in _GRPC_HEADERS for r in table.rules for p in r.permissions
+                        for h in p.http.headers)
+    prep = _Prepared(by_source=by_source, fallback=fallback, foreign=foreign, grpc_defaults=grpc_defaults)
     object.__setattr__(table, "_prepared", prep)
     return prep
 

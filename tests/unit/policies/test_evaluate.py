@@ -190,6 +190,13 @@ CASES: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]], str,
          ("web", "api", GrpcRequest("/shop.Orders/Get"), False, "no permission"),
          ("web", "api", GrpcRequest("/grpc.health.v1.Health/Check"), False, "no permission"),
      ]),
+    ("gRPC requests carry content-type application/grpc, as on the wire",
+     [entry("api", l7("web", perm("allow", Header=[{"Name": "Content-Type", "Prefix": "application/grpc"}])))],
+     [], "deny", [
+         ("web", "api", GrpcRequest("/a.B/C"), True, "Permissions[0]"),
+         ("web", "api", GrpcRequest("/a.B/C", {"content-type": "application/grpc+proto"}), True, None),
+         ("web", "api", http("POST", "/a.B/C"), False, "no permission"),
+     ]),
     ("a TCP connection decided by an L7 rule is denied (per request instead)",
      [entry("api", l7("web", perm("allow", PathPrefix="/")), l4("*", "allow"))], [], "deny", [
          ("web", "api", TCP, False, "has L7 permissions"),
