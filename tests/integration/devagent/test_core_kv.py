@@ -179,3 +179,26 @@ def test_asyncio_client(agent: DevAgent) -> None:
             await c.close()
 
     asyncio.run(main())
+
+
+def test_one_write_wakes_every_waiter(agent: DevAgent) -> None:
+    async def main() -> None:
+        c = consul.aio.Consul(host="127.0.0.1", port=agent.port)
+        try:
+            await c.kv.put("many/k", "0")
+            index, _ = await c.kv.get("many/k")
+            other_index, _ = await c.kv.get("many/", recurse=True)
+            waiters = [asyncio.ensure_future(c.kv.get("many/k", index=index, wait="60s")) for _ in range(50)]
+            waiters += [asyncio.ensure_future(c.kv.get("many/", recurse=True, index=other_index, wait="60s"))
+                        for _ in range(10)]
+            await asyncio.sleep(0.5)
+            assert not any(w.done() for w in waiters)
+            await c.kv.put("many/k", "1")
+            results = await asyncio.wait_for(asyncio.gather(*waiters), 30)
+            assert all(int(i) > int(index) for i, _ in results)
+            assert all(v["Value"] == b"1" for _, v in results[:50])
+            assert all(v[0]["Value"] == b"1" for _, v in results[50:])
+        finally:
+            await c.close()
+
+    asyncio.run(main())
