@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 
@@ -119,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-greeter-addr", "--greeter-addr",
                         default=upstream_default("GREETER_ADDR", "127.0.0.1:19101"),
                         help="host:port of the greeter upstream: the sidecar's local port (env GREETER_ADDR)")
-    parser.add_argument("-log-level", "--log-level", default="info")
+    parser.add_argument("-log-level", "--log-level", default=os.environ.get("WEFT_LOG_LEVEL", "info"))
     args = parser.parse_args(argv)
     logsetup.configure(args.log_level)
 

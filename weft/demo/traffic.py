@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-rps", "--rps", type=float, default=3.0, help="requests per second (default 3)")
     parser.add_argument("-report", "--report", type=float, default=10.0,
                         help="seconds between summary log lines (default 10)")
-    parser.add_argument("-log-level", "--log-level", default="info")
+    parser.add_argument("-log-level", "--log-level", default=os.environ.get("WEFT_LOG_LEVEL", "info"))
     args = parser.parse_args(argv)
     if args.rps <= 0:
         parser.error(f"-rps must be positive, got {args.rps}")
