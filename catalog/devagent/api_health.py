@@ -30,6 +30,22 @@ def routes(agent: Agent) -> list[Endpoint]:
     ]
 
 
+_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+
+
+def passing_param(r: Req) -> bool:
+    """Consul's getBoolQueryParam for ``?passing`` (bare means true; Go's ParseBool otherwise)."""
+    if not r.has("passing"):
+        return False
+    raw = r.param("passing")
+    if raw == "" or raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise HTTPError(400, "Invalid value for ?passing")
+
+
 def entry_checks(store: Store, node: str, service_id: str) -> list[dict[str, Any]]:
     """The node's node-level checks and the service's checks, ordered by CheckID (as Consul)."""
     rows = [c for c in store.by_index("checks", "node", node) if c.get("ServiceID") in ("", service_id)]
@@ -41,7 +57,7 @@ def health_entries(r: Req, rows: list[Row], topic: Any) -> tuple[QueryResult, bo
     pred = compile_filter(r)
     meta = node_meta_filter(r)
     tags = r.query.getall("tag", [])
-    passing = r.has("passing") and r.param("passing") not in ("0", "false", "False", "f", "F", "FALSE")
+    passing = passing_param(r)
     store = r.agent.store
     authz = r.authz
     out = []
@@ -73,6 +89,7 @@ async def service(r: Req) -> web.StreamResponse:
     if not name:
         raise HTTPError(400, "Missing service name")
     compile_filter(r)
+    passing_param(r)
     store = r.agent.store
     st = {"filtered": False}
 
@@ -89,6 +106,7 @@ async def connect(r: Req) -> web.StreamResponse:
     if not name:
         raise HTTPError(400, "Missing service name")
     compile_filter(r)
+    passing_param(r)
     store = r.agent.store
     st = {"filtered": False}
 
@@ -145,6 +163,8 @@ async def checks(r: Req) -> web.StreamResponse:
 
 async def state(r: Req) -> web.StreamResponse:
     want = r.match("state")
+    if not want:
+        raise HTTPError(400, "Missing check state")
     if want not in STATES:
         raise HTTPError(400, f"Invalid check state: {want!r}".replace("'", '"'))
     compile_filter(r)

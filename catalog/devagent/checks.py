@@ -320,8 +320,7 @@ class CheckManager:
             try:
                 resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
             except grpc.aio.AioRpcError as exc:
-                return sv.CRITICAL, f"gRPC {target} health check failed: rpc error: code = " \
-                                    f"{_grpc_code(exc.code())} desc = {exc.details()}"
+                return sv.CRITICAL, f"rpc error: code = {_grpc_code(exc.code())} desc = {exc.details()}"
             status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
             if resp.status == health_pb2.HealthCheckResponse.SERVING:
                 return sv.PASSING, f"gRPC check {target}: success"
