@@ -192,3 +192,58 @@ async def test_dropped_connections() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "consul.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def test_https_with_cacert_and_verification(tmp_path: Path) -> None:
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert), str(key))
+    s = Scripted()
+    s.answer = (200, '"127.0.0.1:8300"', {})
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", s.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
+    try:
+        addr = f"127.0.0.1:{port}"
+        async with ConsulClient.from_env({"CONSUL_HTTP_ADDR": addr, "CONSUL_HTTP_SSL": "true",
+                                          "CONSUL_CACERT": str(cert)}) as c:
+            assert await c.status_leader() == "127.0.0.1:8300"
+        async with ConsulClient.from_env({"CONSUL_HTTP_ADDR": f"https://{addr}"}) as c:
+            with pytest.raises(ConsulUnavailable):       # not trusted without the CA
+                await c.status_leader()
+        async with ConsulClient.from_env({"CONSUL_HTTP_ADDR": f"https://{addr}",
+                                          "CONSUL_HTTP_SSL_VERIFY": "false"}) as c:
+            assert await c.status_leader() == "127.0.0.1:8300"
+    finally:
+        await runner.cleanup()

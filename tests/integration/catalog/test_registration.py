@@ -145,3 +145,22 @@ async def test_connect_sidecar_service_expansion_parses(module_agent: DevAgent) 
             assert instances[0].port == side.port and instances[0].destination == "expand"
         finally:
             await c.agent_service_deregister("expand-1")
+
+
+async def test_standalone_check_register_update_deregister(module_agent: DevAgent) -> None:
+    from catalog.client import ConsulNotFound
+    from catalog.models import CheckDefinition
+
+    async with client_for(module_agent) as c:
+        await c.agent_check_register(CheckDefinition(name="solo", check_id="solo-check", ttl="30s"))
+        await c.agent_check_update("solo-check", "warning", "half way")
+        checks = await c.agent_checks()
+        assert (checks["solo-check"].status, checks["solo-check"].output) == ("warning", "half way")
+        await c.agent_check_pass("solo-check", "fine")
+        assert (await c.agent_checks())["solo-check"].status == "passing"
+        await c.agent_check_deregister("solo-check")
+        assert "solo-check" not in await c.agent_checks()
+        with pytest.raises(ConsulNotFound):
+            await c.agent_check_pass("solo-check")
+        with pytest.raises(ValueError, match="status"):
+            await c.agent_check_update("solo-check", "fine")
