@@ -336,11 +336,13 @@ class CheckManager:
         node = ct.get("AliasNode") or self.agent.node_name
         sid = ct.get("AliasService") or ""
         while True:
-            topics: list[Any] = [("nodehealth", node), ("node", node)]
-            checks = [c for c in store.by_index("checks", "node", node) if c["CheckID"] != ct.get("CheckID")]
-            status, output = alias_status(checks, node, sid,
-                                          store.get("services", registry.service_key(node, sid)) is not None
-                                          if sid else True)
+            topics: list[Any] = [("nodehealth", node), ("svcchecks", node, sid)]
+            rows = store.by_index("checks", "nodelevel", node)
+            if sid:
+                rows = rows + registry.service_checks(store, node, sid)
+            checks = [c for c in rows if c["CheckID"] != ct.get("CheckID")]
+            exists = store.get("services", registry.service_key(node, sid)) is not None if sid else True
+            status, output = alias_status(checks, node, sid, exists)
             self._set(key, status, output)
             fut = store.watch(topics)
             try:

@@ -6,7 +6,8 @@ endpoints block on:
 - ``("service", name)``: an instance of service ``name`` or one of its checks changed (on any node);
 - ``("connect", name)``: a connect-proxy for ``name`` (or a Connect-native ``name``) or its checks changed;
 - ``("nodehealth", node)``: the node row or a node-level check (no ServiceID) changed;
-- ``("node", node)``: anything on the node changed (node, services, checks).
+- ``("node", node)``: anything on the node changed (node, services, checks);
+- ``("svcchecks", node, service_id)``: that service instance or one of its checks changed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def install(store: Store) -> None:
     store.add_index("services", "connect", _connect_names)
     store.add_index("checks", "service",
                     lambda row: [f"{row['Node']}/{row['ServiceID']}"] if row.get("ServiceID") else [])
+    store.add_index("checks", "nodelevel", lambda row: [] if row.get("ServiceID") else [row["Node"]])
 
     def on_service(tx: Tx, key: str, old: Row | None, new: Row | None) -> None:
         topics: set[Any] = set()
@@ -41,6 +43,7 @@ def install(store: Store) -> None:
             if row is not None:
                 topics.add(("service", row["Service"]))
                 topics.add(("node", row["Node"]))
+                topics.add(("svcchecks", row["Node"], row["ID"]))
                 topics.update(("connect", n) for n in _connect_names(row))
         tx.touch(*topics)
 
@@ -52,6 +55,7 @@ def install(store: Store) -> None:
             topics.add(("node", row["Node"]))
             if row.get("ServiceID"):
                 topics.add(("service", row.get("ServiceName", "")))
+                topics.add(("svcchecks", row["Node"], row["ServiceID"]))
                 svc = tx.get("services", f"{row['Node']}/{row['ServiceID']}")
                 topics.update(("connect", n) for n in _connect_names(svc))
             else:
