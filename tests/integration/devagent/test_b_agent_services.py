@@ -11,7 +11,7 @@ import consul
 import pytest
 
 from tests.integration.devagent.b_http import call
-from tests.support import DevAgent
+from tests.support import DevAgent, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -200,3 +200,31 @@ def test_agent_health_by_id_and_name(module_agent: DevAgent) -> None:
     assert status == 404 and body["AggregatedStatus"] == "critical"
     c.agent.service.deregister("ah-1")
     c.agent.service.deregister("ah-2")
+
+
+def test_services_checks_and_intentions_survive_a_restart(tmp_path: Any) -> None:
+    data = tmp_path / "data"
+    first = DevAgent(data_dir=data)
+    try:
+        c = _c(first)
+        c.agent.service.register("keep", service_id="keep-1", port=5, check=consul.Check.ttl("1s"),
+                                 connect={"SidecarService": {}})
+        c.agent.check.ttl_pass("service:keep-1")
+        assert call(first.url, "PUT", "/v1/connect/intentions/exact?source=a&destination=keep",
+                    {"Action": "allow"})[1] is True
+        port = first.port
+    finally:
+        first.stop()
+    second = DevAgent(data_dir=data, port=port)
+    try:
+        c = _c(second)
+        services = c.agent.services()
+        assert "keep-1" in services and "keep-1-sidecar-proxy" in services
+        assert c.connect.intentions.read("a", "keep")["Action"] == "allow"
+        # the TTL check runs again after the restart: it expires
+        wait_for(lambda: c.agent.checks()["service:keep-1"]["Status"] == "critical", timeout=30, what="TTL expiry")
+        # deregistering still removes the sidecar registered through SidecarService
+        c.agent.service.deregister("keep-1")
+        assert "keep-1-sidecar-proxy" not in c.agent.services()
+    finally:
+        second.stop()
