@@ -80,21 +80,25 @@ async def kv_get(r: Req) -> web.StreamResponse:
         def run_keys() -> QueryResult:
             idx, keys, topics = kv.list_keys(store, key, sep)
             authz = r.authz
-            return QueryResult(idx, [k for k in keys if authz.key_read(k)], topics)
+            visible = [k for k in keys if authz.key_read(k)]
+            return QueryResult(idx, visible, topics, filtered=len(visible) != len(keys))
 
         res = await blocking_query(r, run_keys, share=True)
         if not res.value and key != "":
-            return web.Response(status=404, headers=meta_headers(r, res.index))
+            return query_response(r, QueryResult(res.index, None, (), filtered=res.filtered),
+                                  not_found_when_none=True)
         return query_response(r, res)
     if r.has("recurse"):
         def run_list() -> QueryResult:
             idx, rows, topics = kv.list_prefix(store, key)
             authz = r.authz
-            return QueryResult(idx, [row for row in rows if authz.key_read(str(row["Key"]))], topics)
+            visible = [row for row in rows if authz.key_read(str(row["Key"]))]
+            return QueryResult(idx, visible, topics, filtered=len(visible) != len(rows))
 
         res = await blocking_query(r, run_list, share=True)
         if not res.value:
-            return web.Response(status=404, headers=meta_headers(r, res.index))
+            return query_response(r, QueryResult(res.index, None, (), filtered=res.filtered),
+                                  not_found_when_none=True)
         return query_response(r, res)
     if key == "":
         raise HTTPError(400, "Missing key name")

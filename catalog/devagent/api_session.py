@@ -10,7 +10,16 @@ from aiohttp import web
 from catalog.devagent import sessions
 from catalog.devagent.agent import Agent
 from catalog.devagent.codec import SECOND, DecodeError, new_uuid
-from catalog.devagent.http import Endpoint, HTTPError, QueryResult, Req, blocking_query, json_response, meta_headers
+from catalog.devagent.http import (
+    Endpoint,
+    HTTPError,
+    QueryResult,
+    Req,
+    blocking_query,
+    json_response,
+    meta_headers,
+    query_response,
+)
 from catalog.devagent.state import Row, Tx
 
 log = structlog.get_logger("weft.devagent")
@@ -155,9 +164,10 @@ async def renew(r: Req) -> web.StreamResponse:
     return json_response(r, [session], headers=headers)
 
 
-def _filter(r: Req, rows: list[Row]) -> list[Row]:
+def _filtered(r: Req, index: int, rows: list[Row]) -> QueryResult:
     authz = r.authz
-    return [s for s in rows if authz.session_read(str(s["Node"]))]
+    visible = [s for s in rows if authz.session_read(str(s["Node"]))]
+    return QueryResult(index, visible, ["sessions"], filtered=len(visible) != len(rows))
 
 
 async def info(r: Req) -> web.StreamResponse:
@@ -166,10 +176,9 @@ async def info(r: Req) -> web.StreamResponse:
 
     def run() -> QueryResult:
         row = store.get("sessions", sid)
-        return QueryResult(store.topic_index("sessions"), _filter(r, [row] if row else []), ["sessions"])
+        return _filtered(r, store.topic_index("sessions"), [row] if row else [])
 
-    res = await blocking_query(r, run)
-    return json_response(r, res.value, headers=meta_headers(r, res.index))
+    return query_response(r, await blocking_query(r, run, share=True))
 
 
 async def node(r: Req) -> web.StreamResponse:
@@ -180,10 +189,9 @@ async def node(r: Req) -> web.StreamResponse:
 
     def run() -> QueryResult:
         rows = sorted(store.by_index("sessions", "node", name), key=lambda s: str(s["ID"]))
-        return QueryResult(store.topic_index("sessions"), _filter(r, rows), ["sessions"])
+        return _filtered(r, store.topic_index("sessions"), rows)
 
-    res = await blocking_query(r, run)
-    return json_response(r, res.value, headers=meta_headers(r, res.index))
+    return query_response(r, await blocking_query(r, run, share=True))
 
 
 async def list_all(r: Req) -> web.StreamResponse:
@@ -191,7 +199,6 @@ async def list_all(r: Req) -> web.StreamResponse:
 
     def run() -> QueryResult:
         rows = [row for _, row in sorted(store.rows("sessions").items())]
-        return QueryResult(store.topic_index("sessions"), _filter(r, rows), ["sessions"])
+        return _filtered(r, store.topic_index("sessions"), rows)
 
-    res = await blocking_query(r, run)
-    return json_response(r, res.value, headers=meta_headers(r, res.index))
+    return query_response(r, await blocking_query(r, run, share=True))

@@ -64,12 +64,15 @@ class QueryResult:
     """What a query function returns to the blocking helper.
 
     ``index``: the X-Consul-Index of this answer (the index of the data it read);
-    ``value``: the JSON-able answer (or None); ``topics``: what to watch for a change.
+    ``value``: the JSON-able answer (or None); ``topics``: what to watch for a change;
+    ``filtered``: ACLs hid part of the answer (``query_response`` then sends
+    ``X-Consul-Results-Filtered-By-ACLs: true`` to a caller that presented a token, as Consul does).
     """
 
     index: int
     value: Any
     topics: Collection[Topic]
+    filtered: bool = False
     body: dict[bool, bytes] = field(default_factory=dict)  # serialised value by ``pretty``, filled lazily
 
 
@@ -219,6 +222,8 @@ def query_response(r: Req, result: QueryResult, *, not_found_when_none: bool = F
     """A read answer with Consul's meta headers; ``None`` with ``not_found_when_none`` answers an empty 404.
     The serialised body is kept on the result, so waiters sharing a result serialise it once."""
     headers = meta_headers(r, result.index)
+    if result.filtered and r.token:
+        headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
     if result.value is None and not_found_when_none:
         return web.Response(status=404, headers=headers)
     pretty = r.has("pretty")

@@ -97,6 +97,9 @@ def test_policy_token_and_enforcement(agent: DevAgent) -> None:
     # recurse filters what the token cannot read
     _, entries = app.kv.get("", recurse=True)
     assert {e["Key"] for e in entries} <= {"app/x", "app/locked"}
+    req = urllib.request.Request(agent.url + "/v1/kv/?recurse", headers={"X-Consul-Token": secret})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
     # delete-tree needs write on everything under the prefix
     status, _ = _http(agent, "DELETE", "/v1/kv/app/?recurse", token=secret)
     assert status == 403
