@@ -59,6 +59,11 @@ from policies.v1 import policy_pb2, policy_pb2_grpc
 log = structlog.get_logger("policies.server")
 
 TXN_MAX_OPS = 64
+# Consul limits a txn request to 512 KiB (txn_max_req_len) and a value to 512 KiB; values travel in
+# base64 (4/3), so a batch carries at most ~384 KiB of tables and a table larger than that cannot
+# be published at all (it is reported, and the table already in KV stays in force).
+TXN_MAX_VALUE_BYTES = 384 * 1024
+MAX_TABLE_BYTES = TXN_MAX_VALUE_BYTES
 
 
 class PublishAPI(SourcesAPI, Protocol):
@@ -115,7 +120,18 @@ def plan_ops(result: CompileResult, current: Mapping[str, tuple[int, str]]) -> t
         if cur is not None and cur[1] == table.version:
             unchanged += 1
             continue
-        ops.append({"KV": {"Verb": "cas", "Key": key, "Value": _b64(table.dumps()),
+        text = table.dumps()
+        if len(text.encode()) > MAX_TABLE_BYTES:
+            log.error("compiled table too large to publish", key=key, bytes=len(text.encode()),
+                      limit=MAX_TABLE_BYTES, rules=len(table.rules),
+                      in_force="the table already in KV" if cur is not None else "deny all (fail closed)")
+            if cur is not None:
+                continue  # the last published table stays in force, as for a bad document
+            # Nothing in KV yet: falling back to the wildcard table could widen access, so fail closed.
+            text = CompiledTable(destination=dest, default_policy="deny", rules=(), warnings=(
+                f"the compiled table ({len(text.encode())} bytes) exceeds {MAX_TABLE_BYTES} bytes and cannot be "
+                "published; every caller is denied until its intentions are reduced",)).with_version().dumps()
+        ops.append({"KV": {"Verb": "cas", "Key": key, "Value": _b64(text),
                            "Index": cur[0] if cur is not None else 0}})
     for key in sorted(current):
         gone = destination_of_key(key)
@@ -123,6 +139,23 @@ def plan_ops(result: CompileResult, current: Mapping[str, tuple[int, str]]) -> t
             continue
         ops.append({"KV": {"Verb": "delete-cas", "Key": key, "Index": current[key][0]}})
     return ops, unchanged
+
+
+def batches(ops: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Split operations into transactions of at most 63 (plus the guard) and ~384 KiB of values."""
+    out: list[list[dict[str, Any]]] = []
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for op in ops:
+        op_size = len(op["KV"].get("Value", "")) * 3 // 4
+        if batch and (len(batch) >= TXN_MAX_OPS - 1 or size + op_size > TXN_MAX_VALUE_BYTES):
+            out.append(batch)
+            batch, size = [], 0
+        batch.append(op)
+        size += op_size
+    if batch:
+        out.append(batch)
+    return out
 
 
 def stored_version(value: bytes | None) -> str:
@@ -331,9 +364,7 @@ class PolicyService:
         if not ops:
             return
         guard = {"KV": {"Verb": "check-session", "Key": LEADER_KEY, "Session": session_id}}
-        step = TXN_MAX_OPS - 1
-        for i in range(0, len(ops), step):
-            batch = ops[i:i + step]
+        for batch in batches(ops):
             try:
                 results = await self.api.txn([guard, *batch])
             except BaseException:

@@ -18,7 +18,7 @@ import pytest
 from policies.compile import Compiler, Document
 from policies.evaluate import authorize
 from policies.model import COMPILED_PREFIX, LEADER_KEY, TCP, CompiledTable, destination_of_key
-from policies.server import PolicyService, plan_ops, request_from_proto, stored_version
+from policies.server import PolicyService, batches, plan_ops, request_from_proto, stored_version
 from policies.v1 import policy_pb2
 
 
@@ -322,3 +322,30 @@ async def test_large_publish_is_split_into_guarded_transactions(running: Any) ->
     big = [t for t in consul.txns if len(t) > 10]
     assert big and all(len(t) <= 64 and t[0]["KV"]["Verb"] == "check-session" for t in consul.txns)
     assert sum(len(t) - 1 for t in consul.txns) >= 151
+
+
+def test_batches_respect_operation_count_and_request_size() -> None:
+    small = [{"KV": {"Verb": "cas", "Key": f"k{i}", "Value": "AAAA", "Index": 0}} for i in range(130)]
+    assert [len(b) for b in batches(small)] == [63, 63, 4]
+    big_value = "A" * (200 * 1024 * 4 // 3)  # 200 KiB once decoded
+    big = [{"KV": {"Verb": "cas", "Key": f"b{i}", "Value": big_value, "Index": 0}} for i in range(3)]
+    assert [len(b) for b in batches(big)] == [1, 1, 1]
+    deletes = [{"KV": {"Verb": "delete-cas", "Key": f"d{i}", "Index": 1}} for i in range(10)]
+    assert [len(b) for b in batches(big[:1] + deletes)] == [11]
+
+
+def test_a_table_too_large_to_publish_is_skipped_and_reported() -> None:
+    sources = tuple((f"svc-{i}-{'x' * 40}", "allow") for i in range(5000))
+    result = Compiler("deny").compile([Document.kv("weft/intentions/huge", doc("huge", *sources)),
+                                       Document.kv("weft/intentions/db", doc("db", ("web", "allow")))])
+    assert len(result.tables["huge"].dumps()) > 384 * 1024
+    # nothing in KV yet for it: a fail-closed placeholder (never the wildcard table, which may allow more)
+    ops, _ = plan_ops(result, {})
+    assert [o["KV"]["Key"] for o in ops] == [COMPILED_PREFIX + "_wildcard", COMPILED_PREFIX + "db",
+                                             COMPILED_PREFIX + "huge"]
+    placeholder = CompiledTable.loads(base64.b64decode(ops[2]["KV"]["Value"]))
+    assert placeholder.default_policy == "deny" and not placeholder.rules and "exceeds" in placeholder.warnings[0]
+    assert not authorize(placeholder, "svc-1", TCP).allowed
+    # a table already in KV stays in force
+    ops, _ = plan_ops(result, {COMPILED_PREFIX + "huge": (3, "old")})
+    assert COMPILED_PREFIX + "huge" not in [o["KV"]["Key"] for o in ops]
