@@ -128,3 +128,16 @@ async def test_watch_fails_static_and_recovers_after_agent_restart() -> None:
             w.close()
     finally:
         agent.stop()
+
+
+async def test_keys_with_reserved_characters_round_trip(module_agent: DevAgent) -> None:
+    odd = ["odd/a b/c", "odd/plus+sign", "odd/pct%41", "odd/q?x=1", "odd/hash#frag", "odd/semi;colon",
+           "odd/uni/ключ", "odd/amp&x=y", "odd/colon:port"]
+    async with client_for(module_agent) as c:
+        for key in odd:
+            assert await c.kv_put(key, key.encode())
+            _, e = await c.kv_get(key)
+            assert e is not None and (e.key, e.value) == (key, key.encode())
+        _, keys = await c.kv_keys("odd/")
+        assert sorted(keys) == sorted(odd)
+        assert await c.kv_delete("odd/", recurse=True)
