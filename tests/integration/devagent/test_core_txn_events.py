@@ -159,3 +159,28 @@ def test_default_ttl_minimum_is_ten_seconds(agent: DevAgent) -> None:
     assert status == 500 and b"must be between [10s=24h0m0s]" in body
     status, _, body = _http(agent, "PUT", "/v1/session/create", {"TTL": "10s"})
     assert status == 200
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("PUT", "/v1/session/create", b"[1,2]"),
+    ("PUT", "/v1/session/create", b'{"LockDelay": {"x": 1}}'),
+    ("PUT", "/v1/session/create", b'{"TTL": 5}'),
+    ("PUT", "/v1/session/create", b"\xff\xfe"),
+    ("PUT", "/v1/txn", b'{"KV": 1}'),
+    ("PUT", "/v1/txn", b'[{"KV": {"Verb": 5, "Key": []}}]'),
+    ("PUT", "/v1/txn", b'[{"KV": {"Verb": "set", "Key": "k", "Flags": "x"}}]'),
+    ("PUT", "/v1/txn", b"[null, 3]"),
+    ("GET", "/v1/kv/x?index=-1", None),
+    ("GET", "/v1/kv/x?index=1&wait=1parsec", None),
+    ("GET", "/v1/kv/x?stale&consistent", None),
+    ("PUT", "/v1/kv/x?flags=-3", b""),
+    ("DELETE", "/v1/kv/x?cas=abc", None),
+    ("PUT", "/v1/event/fire/x?tag=t", b""),
+    ("GET", "/v1/session/info/", None),
+])
+def test_malformed_requests_answer_with_a_message(agent: DevAgent, method: str, path: str, body: bytes | None) -> None:
+    status, _, answer = _http(agent, method, path, body)
+    assert 400 <= status < 600, (status, answer)
+    text = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+    assert text and b"Traceback" not in text
+    assert _http(agent, "GET", "/v1/status/leader")[0] == 200
