@@ -197,6 +197,9 @@ async def register_service(r: Req) -> web.StreamResponse:
         raise HTTPError(500, sv.SCRIPTS_DISABLED)
     node = r.agent.node_name
     replace = _replace_checks(r)
+    svc = sv.default_tagged_addresses(svc)
+    if sidecar is not None:
+        sidecar = sv.default_tagged_addresses(sidecar)
     with r.agent.store.write() as tx:
         registry.add_service_with_checks(tx, node, svc, cts, replace_existing_checks=replace)
         if sidecar is not None:

@@ -463,6 +463,20 @@ def normalize_service(svc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def default_tagged_addresses(svc: dict[str, Any]) -> dict[str, Any]:
+    """The agent's defaults: ``lan_ipv4``/``wan_ipv4`` (or ``_ipv6``) from an IP service Address."""
+    addr = svc.get("Address") or ""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return svc
+    tagged = dict(svc.get("TaggedAddresses") or {})
+    fam = "ipv4" if ip.version == 4 else "ipv6"
+    for kind in ("lan", "wan"):
+        tagged.setdefault(f"{kind}_{fam}", {"Address": addr, "Port": svc.get("Port", 0)})
+    return {**svc, "TaggedAddresses": tagged}
+
+
 def expand_sidecar(parent: Mapping[str, Any], sidecar_raw: Any, used_ports: Mapping[str, int],
                    *, min_port: int = SIDECAR_MIN_PORT, max_port: int = SIDECAR_MAX_PORT
                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -172,3 +172,12 @@ def test_registry_topics_are_per_service() -> None:
     with store.write() as tx:
         registry.remove_service(tx, "n", "web-1")
     assert store.get("checks", "n/service:web-1") is None
+
+
+def test_default_tagged_addresses() -> None:
+    svc = sv.default_tagged_addresses({"Address": "10.0.0.5", "Port": 80, "TaggedAddresses": {}})
+    assert svc["TaggedAddresses"] == {"lan_ipv4": {"Address": "10.0.0.5", "Port": 80},
+                                      "wan_ipv4": {"Address": "10.0.0.5", "Port": 80}}
+    assert sv.default_tagged_addresses({"Address": "db.local", "Port": 1}) == {"Address": "db.local", "Port": 1}
+    v6 = sv.default_tagged_addresses({"Address": "::1", "Port": 2})
+    assert set(v6["TaggedAddresses"]) == {"lan_ipv6", "wan_ipv6"}
