@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import consul
 import consul.aio
@@ -149,7 +150,8 @@ def test_blocking_wakes_on_change_and_only_on_change(agent: DevAgent) -> None:
     c.kv.put("blk/key", "v2")
     th.join(20)
     assert not th.is_alive()
-    new_index, entry = done["result"]  # type: ignore[misc]
+    result: Any = done["result"]
+    new_index, entry = result
     assert entry["Value"] == b"v2" and int(new_index) > int(index)
 
 
