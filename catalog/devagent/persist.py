@@ -63,6 +63,11 @@ class Journal:
                     fh.truncate(good)
                     fh.flush()
                     os.fsync(fh.fileno())
+            elif data and not data.endswith(b"\n"):  # a whole record whose newline never made it
+                with open(self.journal_path, "ab") as fh:
+                    fh.write(b"\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
         self._fh = open(self.journal_path, "ab")
         self.size = self._fh.tell()
         self.dirty = self.size > 0

@@ -55,3 +55,17 @@ def test_compaction_writes_snapshot_and_empties_journal(tmp_path: Path) -> None:
     again, _ = _attach(tmp_path)
     assert set(again.store.rows("kvs")) == {"a", "b"}
     assert not (tmp_path / "state.json.tmp").exists()
+
+
+def test_record_without_its_newline_is_kept_and_the_journal_stays_appendable(tmp_path: Path) -> None:
+    agent, journal = _attach(tmp_path)
+    _put(agent, "a", "MQ==")
+    journal._fh.close()  # type: ignore[union-attr]
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    again, journal2 = _attach(tmp_path)
+    assert again.store.get("kvs", "a") is not None
+    _put(again, "b", "Mg==")
+    journal2._fh.close()  # type: ignore[union-attr]
+    third, _ = _attach(tmp_path)
+    assert set(third.store.rows("kvs")) == {"a", "b"}
