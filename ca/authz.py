@@ -173,8 +173,10 @@ def decide_operator_write(token: dict[str, Any], policies: list[dict[str, Any]])
 class TokenAuthorizer:
     """Fetches a token's policies and roles through :class:`AclApi` and decides.
 
-    Policy and role documents are cached for ``cache_s`` seconds; the token itself is looked up on
-    every call, so a deleted token stops working at once.
+    Whether ACLs are enabled is learnt once, with the CA's own token (:meth:`acls_enabled`, re-checked by
+    the CA's upkeep); it is never inferred from a caller's request, so an empty or odd token can not
+    turn checks off. Policy and role documents are cached for ``cache_s`` seconds; the token itself is
+    looked up on every call, so a deleted token stops working at once.
     """
 
     def __init__(self, api: AclApi, datacenter: str, cache_s: float = 10.0) -> None:
@@ -182,12 +184,14 @@ class TokenAuthorizer:
         self._dc = datacenter
         self._cache_s = cache_s
         self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.enabled = True  # fail closed until told otherwise
 
     async def acls_enabled(self, own_token: str) -> bool:
         try:
-            return await self._api.token_self(own_token) is not None
+            self.enabled = await self._api.token_self(own_token) is not None
         except TokenRejected:
-            return True
+            self.enabled = True
+        return self.enabled
 
     async def _cached(self, kind: str, ident: str) -> dict[str, Any]:
         key = f"{kind}:{ident}"
@@ -216,32 +220,33 @@ class TokenAuthorizer:
                     policies.append(await self._cached("policy", pid))
         return policies, roles
 
+    async def _lookup(self, token: str) -> dict[str, Any] | Decision:
+        if not token:
+            return Decision(False, "no ACL token given; a token with service:write is required")
+        try:
+            doc = await self._api.token_self(token)
+        except TokenRejected:
+            return Decision(False, "the ACL token is not known to Consul (deleted, expired or mistyped)")
+        if doc is None:
+            return Decision(False, "Consul answered that ACLs are disabled, but they were enabled when the CA "
+                                   "started; refusing until the CA re-checks")
+        return doc
+
     async def may_write_service(self, token: str, service: str) -> Decision | None:
         """The decision, or ``None`` when ACLs are disabled (anyone may)."""
-        if not token:
-            doc = await self._lookup("")
-            if doc is None:
-                return None
-            return Decision(False, "no ACL token given; a token with service:write is required")
-        doc = await self._lookup(token)
-        if doc is None:
+        if not self.enabled:
             return None
-        if doc.get("_rejected"):
-            return Decision(False, "the ACL token is not known to Consul (deleted, expired or mistyped)")
+        doc = await self._lookup(token)
+        if isinstance(doc, Decision):
+            return doc
         policies, roles = await self._expand(doc)
         return decide_service_write(doc, policies, roles, service, self._dc)
 
     async def may_operate(self, token: str) -> Decision | None:
-        doc = await self._lookup(token)
-        if doc is None:
+        if not self.enabled:
             return None
-        if doc.get("_rejected"):
-            return Decision(False, "the ACL token is not known to Consul (deleted, expired or mistyped)")
+        doc = await self._lookup(token)
+        if isinstance(doc, Decision):
+            return Decision(False, doc.reason.replace("service:write", "operator:write"))
         policies, _ = await self._expand(doc)
         return decide_operator_write(doc, policies)
-
-    async def _lookup(self, token: str) -> dict[str, Any] | None:
-        try:
-            return await self._api.token_self(token)
-        except TokenRejected:
-            return {"AccessorID": "unknown", "Policies": [], "_rejected": True}

@@ -132,6 +132,15 @@ class CAService:
             log.warning("ca.acls_disabled",
                         message="Consul ACLs are disabled: ANY caller gets ANY identity from this CA")
 
+    async def refresh_acl_mode(self) -> None:
+        """Re-check (with the CA's own token) whether Consul's ACLs are on; warn when that changes."""
+        before = self.acls_enabled
+        self.acls_enabled = await self.authorizer.acls_enabled(self.own_token)
+        if before != self.acls_enabled:
+            log.warning("ca.acl_mode_changed", acls_enabled=self.acls_enabled,
+                        message="ANY caller now gets ANY identity" if not self.acls_enabled else
+                        "tokens are checked again")
+
     async def load(self) -> bool:
         """Load the shared state (as a standby does, read-only). False when there is none yet."""
         async with self._mutex:
@@ -450,6 +459,7 @@ class CAServer:
             if stop.is_set():
                 return
             try:
+                await self.service.refresh_acl_mode()
                 if self.service.active:
                     await self.service.maintain()
                 else:

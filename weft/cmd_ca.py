@@ -113,12 +113,8 @@ class ConsulAcl:
             r = await self._c.request("GET", "/v1/acl/token/self", token=token)
         except ConsulACLDisabled:  # 401: ACL support disabled
             return None
-        except ConsulPermissionDenied as exc:  # 403: ACL not found, or expired
+        except (ConsulPermissionDenied, ConsulNotFound) as exc:  # 403 ACL not found; 404 no such token
             raise TokenRejected(exc.message) from None
-        except ConsulNotFound as exc:
-            if "acl not found" in exc.message.lower():
-                raise TokenRejected(exc.message) from None
-            return None  # no ACL endpoint at all: an agent without an ACL system
         doc = r.json()
         if not isinstance(doc, dict):
             raise TokenRejected("token lookup answered no object")
@@ -270,7 +266,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sign.add_argument("--out", "-out", required=True, help="directory for key.pem, cert.pem, chain.pem, roots.pem")
     sign.add_argument("--ttl", "-ttl", type=parse_duration, default=None, help="leaf lifetime (default: the CA's)")
     sign.add_argument("--token", "-token", default=None,
-                      help="ACL token with service:write on the service (default $CONSUL_HTTP_TOKEN)")
+                      help="ACL token with service:write on the service and key:read on weft/ca/roots "
+                           "(default $CONSUL_HTTP_TOKEN)")
     sign.add_argument("--ca-addr", "-ca-addr", default="", help="CA address (default: find weft-ca in Consul)")
     sign.add_argument("--datacenter", "-datacenter", default="", help="default: the agent's datacenter")
 
@@ -369,12 +366,21 @@ async def _roots() -> int:
     return 0
 
 
+def _client(token: str | None) -> ConsulClient:
+    """A Consul client from the environment; ``--token`` replaces CONSUL_HTTP_TOKEN, as Consul's CLI does."""
+    env = dict(os.environ)
+    if token is not None:
+        env["CONSUL_HTTP_TOKEN"] = token
+        env.pop("CONSUL_HTTP_TOKEN_FILE", None)
+    return ConsulClient.from_env(env)
+
+
 def _resolver(client: ConsulClient, ca_addr: str) -> Resolver:
     return fixed_resolver(ca_addr) if ca_addr else consul_resolver(client)
 
 
 async def _rotate(args: argparse.Namespace) -> int:
-    async with ConsulClient.from_env() as client:
+    async with _client(args.token) as client:
         token = args.token if args.token is not None else _own_token(client)
         ca = GrpcCA(_resolver(client, args.ca_addr))
         try:
@@ -410,7 +416,7 @@ async def _sign(args: argparse.Namespace) -> int:
         print(f"weft ca sign: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    async with ConsulClient.from_env() as client:
+    async with _client(args.token) as client:
         token = args.token if args.token is not None else _own_token(client)
         ca = GrpcCA(_resolver(client, args.ca_addr))
         try:

@@ -74,6 +74,20 @@ async def test_operator_write() -> None:
 
 
 async def test_acls_disabled() -> None:
-    az = TokenAuthorizer(FakeAcl(enabled=False), "dc1")
-    assert await az.may_write_service("", "web") is None
+    acl = FakeAcl(enabled=False)
+    az = TokenAuthorizer(acl, "dc1")
+    # until the CA has asked with its own token, it fails closed
+    d = await az.may_write_service("", "web")
+    assert d is not None and not d.allowed
     assert not await az.acls_enabled("x")
+    assert await az.may_write_service("", "web") is None
+    assert await az.may_operate("") is None
+
+
+async def test_a_caller_cannot_switch_checks_off() -> None:
+    acl = _acl()
+    az = TokenAuthorizer(acl, "dc1")
+    assert await az.acls_enabled("t-root")
+    acl.enabled = False  # Consul now claims ACLs are off, but the CA learnt otherwise at start
+    d = await az.may_write_service("t-web", "web")
+    assert d is not None and not d.allowed and "disabled" in d.reason
