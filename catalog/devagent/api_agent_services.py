@@ -180,9 +180,11 @@ async def register_service(r: Req) -> web.StreamResponse:
                                                      registry.used_ports(r.agent.store, r.agent.node_name))
         except DecodeError as exc:
             raise _bad_request(exc) from None
+        except sv.NoSidecarPort as exc:
+            raise HTTPError(500, str(exc)) from None
         except sv.ServiceError as exc:
             text = str(exc)
-            if text.startswith("Invalid SidecarService"):
+            if text.startswith(("Invalid SidecarService", "Invalid Service Meta")):
                 raise HTTPError(400, text) from None
             raise HTTPError(400, f"Invalid check in sidecar_service: {exc}") from None
         try:

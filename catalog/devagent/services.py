@@ -92,6 +92,10 @@ class ServiceError(ValueError):
     """A registration Consul refuses with 400; the message is Consul's wording."""
 
 
+class NoSidecarPort(ServiceError):
+    """No free sidecar port (Consul's agent answers this one with 500)."""
+
+
 # ----- durations and small helpers -----
 def _dur(value: Any, what: str) -> int:
     if value is None or value == "":
@@ -492,25 +496,30 @@ def expand_sidecar(parent: Mapping[str, Any], sidecar_raw: Any, used_ports: Mapp
             sidecar_raw["Connect"].get("SidecarService") is not None:
         raise ServiceError("Invalid SidecarService: SidecarService cannot have a nested SidecarService")
     sc = dict(dec["service"])
-    sc["Kind"] = CONNECT_PROXY
-    if not sc.get("ID"):
-        sc["ID"] = parent["ID"] + SIDECAR_SUFFIX
-    if not sc.get("Service"):
-        sc["Service"] = parent["Service"] + SIDECAR_SUFFIX
-    if not sc.get("Tags") and parent.get("Tags"):
-        sc["Tags"] = list(parent["Tags"])
+    sc["ID"] = parent["ID"] + SIDECAR_SUFFIX  # always derived from the parent (Consul relies on it)
+    if sc.get("Meta"):
+        validate_meta(sc["Meta"])
     if not sc.get("Meta") and parent.get("Meta"):
         sc["Meta"] = dict(parent["Meta"])
+    if not sc.get("Tags") and parent.get("Tags"):
+        sc["Tags"] = list(parent["Tags"])
+    if not sc.get("Kind"):
+        sc["Kind"] = CONNECT_PROXY
+    if not sc.get("Service"):
+        sc["Service"] = parent["Service"] + SIDECAR_SUFFIX
+    if not sc.get("Address"):
+        sc["Address"] = parent.get("Address", "")
     proxy = dict(sc.get("Proxy") or {})
-    proxy["DestinationServiceName"] = parent["Service"]
-    proxy["DestinationServiceID"] = parent["ID"]
-    if not proxy.get("LocalServiceAddress") and not proxy.get("LocalServicePort") \
-            and not proxy.get("LocalServiceSocketPath"):
+    proxy["DestinationServiceName"] = proxy["DestinationServiceName"] or parent["Service"]
+    proxy["DestinationServiceID"] = proxy.get("DestinationServiceID") or parent["ID"]
+    if not proxy.get("LocalServiceSocketPath") and (not proxy.get("LocalServiceAddress")
+                                                   or int(proxy.get("LocalServicePort") or 0) < 1):
         if parent.get("SocketPath"):
             proxy["LocalServiceSocketPath"] = parent["SocketPath"]
         else:
-            proxy["LocalServiceAddress"] = "127.0.0.1"
-            proxy["LocalServicePort"] = parent.get("Port", 0)
+            proxy["LocalServiceAddress"] = proxy.get("LocalServiceAddress") or "127.0.0.1"
+            if int(proxy.get("LocalServicePort") or 0) < 1:
+                proxy["LocalServicePort"] = parent.get("Port", 0)
     sc["Proxy"] = proxy
     if sc.get("Port", 0) < 1 and min_port > 0 and max_port >= min_port:
         used: set[int] = set()
@@ -526,8 +535,8 @@ def expand_sidecar(parent: Mapping[str, Any], sidecar_raw: Any, used_ports: Mapp
                     sc["Port"] = p
                     break
     if sc.get("Port", 0) < 1:
-        raise ServiceError(f"Invalid SidecarService: no port provided for sidecar and none left in the "
-                           f"configured range [{min_port}, {max_port}]")
+        raise NoSidecarPort(f"no port provided for sidecar_service and none left in the configured range "
+                            f"[{min_port}, {max_port}]")
     checks = dec["checks"]
     for ct in checks:
         validate_check_type(ct)

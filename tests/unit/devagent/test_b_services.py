@@ -79,6 +79,15 @@ def test_sidecar_expansion_as_consul() -> None:
     assert sv.service_check_ids(sc["ID"], cts) == ["service:web-1-sidecar-proxy:1", "service:web-1-sidecar-proxy:2"]
 
 
+def test_sidecar_inherits_address_and_keeps_given_proxy_fields() -> None:
+    parent = _parent(Address="10.0.0.7")
+    sc, cts = sv.expand_sidecar(parent, {"ID": "ignored", "Proxy": {"LocalServicePort": 9999}}, {})
+    assert sc["ID"] == "web-1-sidecar-proxy"  # always derived from the parent
+    assert sc["Address"] == "10.0.0.7"
+    assert sc["Proxy"]["LocalServicePort"] == 9999 and sc["Proxy"]["LocalServiceAddress"] == "127.0.0.1"
+    assert cts[0]["TCP"] == "10.0.0.7:21000"
+
+
 def test_sidecar_port_allocation_skips_used_and_keeps_its_own() -> None:
     parent = _parent()
     sc, _ = sv.expand_sidecar(parent, {}, {"a": 21000, "b": 21001})
@@ -88,7 +97,8 @@ def test_sidecar_port_allocation_skips_used_and_keeps_its_own() -> None:
     given, _ = sv.expand_sidecar(parent, {"Port": 30000, "Checks": [{"TTL": "5s"}]}, {})
     assert given["Port"] == 30000
     full = {str(p): p for p in range(sv.SIDECAR_MIN_PORT, sv.SIDECAR_MAX_PORT + 1)}
-    with pytest.raises(sv.ServiceError, match="none left in the configured range"):
+    with pytest.raises(sv.NoSidecarPort, match="no port provided for sidecar_service and none left in the "
+                                             r"configured range \[21000, 21255\]"):
         sv.expand_sidecar(parent, {}, full)
 
 
