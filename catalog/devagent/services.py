@@ -510,7 +510,7 @@ def expand_sidecar(parent: Mapping[str, Any], sidecar_raw: Any, used_ports: Mapp
     if not sc.get("Address"):
         sc["Address"] = parent.get("Address", "")
     proxy = dict(sc.get("Proxy") or {})
-    proxy["DestinationServiceName"] = proxy["DestinationServiceName"] or parent["Service"]
+    proxy["DestinationServiceName"] = proxy.get("DestinationServiceName") or parent["Service"]
     proxy["DestinationServiceID"] = proxy.get("DestinationServiceID") or parent["ID"]
     if not proxy.get("LocalServiceSocketPath") and (not proxy.get("LocalServiceAddress")
                                                    or int(proxy.get("LocalServicePort") or 0) < 1):
