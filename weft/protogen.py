@@ -12,7 +12,12 @@ PACKAGES = ("catalog", "ca", "policies", "sidecar", "weft", "tests", "benchmarks
 
 
 def main() -> int:
+    import os
+
     from grpc_tools import protoc  # only a dev dependency
+
+    # protoc finds its plugins (protoc-gen-mypy) on PATH: put this interpreter's bin directory first.
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
     root = Path(__file__).resolve().parent.parent
     protos = sorted(str(p.relative_to(root)) for pkg in PACKAGES for p in (root / pkg).rglob("*.proto"))
