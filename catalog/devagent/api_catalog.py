@@ -119,8 +119,11 @@ async def register(r: Req) -> web.StreamResponse:
         svc = svc_dec["service"]
         if svc["Address"] and sv.is_any_address(svc["Address"]):
             raise HTTPError(400, "Invalid service address")
-    if not node_name or not address:
-        raise HTTPError(400, "Must provide node and address")
+    # Consul's Catalog.Register RPC checks; its errors answer 500 with the message
+    if not node_name:
+        raise HTTPError(500, "Must provide node")
+    if not address and not skip:
+        raise HTTPError(500, "Must provide address if SkipNodeUpdate is not set")
     store = r.agent.store
     authz = r.authz
     existing = store.get("nodes", node_name)
@@ -128,7 +131,7 @@ async def register(r: Req) -> web.StreamResponse:
         authz.check("node:write", node_name)
     if svc is not None:
         if not svc["Service"]:
-            raise HTTPError(400, "Must provide service name")
+            raise HTTPError(500, "Must provide service name with ID")
         svc = sv.normalize_service(svc)
         try:
             sv.validate_service(svc, for_agent=False)
@@ -141,7 +144,8 @@ async def register(r: Req) -> web.StreamResponse:
         if hc["Status"] and hc["Status"] not in (*sv.STATUSES, sv.MAINT):
             raise HTTPError(400, f"Invalid check status: {hc['Status']!r}")
         if hc["Node"] and hc["Node"] != node_name:
-            raise HTTPError(400, "Check node name does not match the one being registered")
+            raise HTTPError(500, f"Node '{hc['Node']}' for check '{hc['CheckID']}' doesn't match register "
+                                 f"request node '{node_name}'")
     with store.write() as tx:
         if not (skip and existing is not None):
             want = {
@@ -192,7 +196,7 @@ async def deregister(r: Req) -> web.StreamResponse:
     except DecodeError as exc:
         raise HTTPError(400, f"Request decode failed: {exc}") from None
     if not node_name:
-        raise HTTPError(400, "Must provide node")
+        raise HTTPError(500, "Must provide node")
     store = r.agent.store
     authz = r.authz
     with store.write() as tx:
@@ -383,7 +387,6 @@ async def node_services(r: Req) -> web.StreamResponse:
         return QueryResult(idx, {"Node": sv.node_out(node_row), "Services": svcs}, [("node", name)])
 
     res = await blocking_query(r, run)
-    if res.value is None:
-        headers = meta_headers(r, res.index)
-        return web.Response(status=404, text=f"Node not found: {name!r}".replace("'", '"'), headers=headers)
+    if res.value is None:  # Consul answers the empty NodeServiceList
+        res.value = {"Node": None, "Services": None}
     return answer(r, res, state["filtered"])

@@ -59,7 +59,9 @@ def test_catalog_register_read_deregister(module_agent: DevAgent) -> None:
     assert c.catalog.deregister("ext-node")
     assert all(n["Node"] != "ext-node" for n in c.catalog.nodes()[1])
     status, body, _ = call(module_agent.url, "PUT", "/v1/catalog/register", {"Node": "x"})
-    assert status == 400 and body == b"Must provide node and address"
+    assert status == 500 and body == b"Must provide address if SkipNodeUpdate is not set"
+    status, body, _ = call(module_agent.url, "GET", "/v1/catalog/node-services/ghost-node")
+    assert status == 200 and body == {"Node": None, "Services": None}
     _, missing = c.catalog.node("ghost-node")
     assert missing is None
 
