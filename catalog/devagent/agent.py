@@ -63,6 +63,8 @@ class Agent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
         self._policy_cache: dict[tuple[str, int], acl.Policy] = {}
+        # token secret -> (ACL tables' index, token row, authorizer): resolved once per ACL change
+        self._authz_cache: dict[str, tuple[int, Row | None, acl.Authorizer]] = {}
         self.store.add_index("acl_tokens", "secret", lambda row: [row["SecretID"]] if row.get("SecretID") else [])
         self.store.add_index("acl_policies", "name", lambda row: [row["Name"]])
         self.store.add_index("sessions", "node", lambda row: [row["Node"]])
@@ -135,6 +137,19 @@ class Agent:
         """The authorizer for a token secret ("" = anonymous). Raises ``acl.ACLNotFound``."""
         if not self.config.acl_enabled:
             return acl.ALLOW_ALL
+        from catalog.devagent.aclstore import expired
+
+        version = self.store.topic_index("acl_tokens", "acl_policies")
+        hit = self._authz_cache.get(token)
+        if hit is not None and hit[0] == version and (hit[1] is None or not expired(hit[1])):
+            return hit[2]
+        authz = self._resolve(token)
+        if len(self._authz_cache) > 4096:
+            self._authz_cache.clear()
+        self._authz_cache[token] = (version, self.token_by_secret(token) if token else None, authz)
+        return authz
+
+    def _resolve(self, token: str) -> acl.Authorizer:
         row = self.token_by_secret(token or acl.ANONYMOUS_SECRET)
         if row is None:
             if not token:
