@@ -83,6 +83,13 @@ def decode(raw: Any) -> dict[str, Any]:
             raise ConfigEntryError(str(exc)) from None
     if kind == SERVICE_DEFAULTS and d.get("Protocol") is not None:
         d["Protocol"] = expect_str(d["Protocol"], "Protocol").lower()
+    # the empty sub-objects Consul's API adds on read-back
+    if kind == PROXY_DEFAULTS:
+        for field in ("TransparentProxy", "MeshGateway", "Expose", "AccessLogs"):
+            d.setdefault(field, {})
+    elif kind == SERVICE_DEFAULTS:
+        for field in ("TransparentProxy", "MeshGateway", "Expose"):
+            d.setdefault(field, {})
     return d
 
 

@@ -106,7 +106,8 @@ def test_spiffe_and_components() -> None:
 
 def test_config_entry_decoding_and_rules() -> None:
     entry = ce.decode({"kind": "service-defaults", "name": "db", "protocol": "GRPC"})
-    assert entry == {"Kind": "service-defaults", "Name": "db", "Protocol": "grpc"}
+    assert entry == {"Kind": "service-defaults", "Name": "db", "Protocol": "grpc", "TransparentProxy": {},
+                     "MeshGateway": {}, "Expose": {}}
     with pytest.raises(Exception, match="invalid config entry kind"):
         ce.decode({"Kind": "nope", "Name": "x"})
     with pytest.raises(Exception, match="Kind"):
