@@ -10,8 +10,10 @@ Scenarios (each on every path, interleaved so that machine noise hits them alike
 The load generator (`benchmarks/load.py`) is a separate process; proxy CPU is read from
 /proc/<pid>/stat (utime+stime of both proxies of a pair and their children) before and after each
 load run, and divided by all calls of that run. Everything runs on 127.0.0.1 and is stopped at the end.
-Environment knobs: WEFT_BENCH_SECONDS (measured seconds per run, default 5), WEFT_BENCH_MEMORY_CALLS
-(default 100000), WEFT_BENCH_MEMORY_SECONDS (time bound per memory phase, default 150).
+Environment knobs: WEFT_BENCH_SECONDS (measured seconds per run, default 5), WEFT_BENCH_ROUNDS (runs per
+path and scenario, best kept, default 2), WEFT_BENCH_MEMORY_CALLS (default 100000),
+WEFT_BENCH_MEMORY_SECONDS (time bound per memory phase, default 170), WEFT_BENCH_MEMORY=0 (skip the
+memory scenario), WEFT_BENCH_PROFILE=1 (an extra unary run with py-spy on both Weft sidecars).
 """
 
 from __future__ import annotations
@@ -115,6 +117,64 @@ def _ready_grpc(target: str) -> Callable[[], bool]:
             echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.EchoRequest(payload=b"ping"), timeout=2)  # type: ignore[no-untyped-call]
         return True
     return check
+
+
+# -- profiling (optional) ---------------------------------------------------------------------------
+
+_IDLE = ("epoll_wait", "epoll_pwait", "poll (", "futex", "pthread_cond_wait", "pthread_cond_timedwait",
+         "nanosleep", "select (", "sem_wait", "sem_timedwait")
+
+
+def summarize_collapsed(text: str, top: int = 15) -> dict[str, Any]:
+    """Top frames (self and inclusive share of busy samples) from py-spy's raw (collapsed) output.
+
+    With --native py-spy also samples threads blocked in epoll/futex; those samples are counted as
+    `idle` and left out of the shares, which are then shares of CPU-using samples.
+    """
+    total = idle = 0
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        if frames[-1].startswith(_IDLE):
+            idle += n
+            continue
+        total += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            incl[frame] = incl.get(frame, 0) + n
+
+    def ranked(d: dict[str, int]) -> list[tuple[str, float]]:
+        order = sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+        return [(f, round(n / total, 3)) for f, n in order] if total else []
+    return {"busy_samples": total, "idle_samples": idle, "self": ranked(own), "inclusive": ranked(incl)}
+
+
+def profile(path: Route, names: Sequence[str], workdir: Path, seconds: str) -> dict[str, Any]:
+    """py-spy (from .venv, `pip install py-spy`) on each proxy of the path during a unary c32 run."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    if not Path(spy).exists():
+        return {"skipped": "py-spy not installed (pip install py-spy into .venv)"}
+    spies = []
+    for name, pid in zip(names, path.proxy_pids, strict=True):
+        out = workdir / f"profile-{name}.txt"
+        spies.append((name, out, Proc([spy, "record", "--pid", str(pid), "--duration", seconds, "--rate", "200",
+                                       "--format", "raw", "--threads", "--native", "-o", str(out)],
+                                      log=workdir / f"py-spy-{name}.log")))
+    time.sleep(1.0)
+    load("unary", [path.grpc], "--concurrency", "32", "--duration", seconds, "--warmup", "0")
+    result: dict[str, Any] = {}
+    for name, out, proc in spies:
+        wait_for(lambda p=proc: not p.alive(), timeout=60, what="py-spy")  # type: ignore[misc]
+        result[name] = summarize_collapsed(out.read_text()) if out.exists() else {"error": proc.output()[-500:]}
+        proc.stop()
+    return result
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -249,7 +309,8 @@ def run() -> dict[str, Any]:
     seconds = os.environ.get("WEFT_BENCH_SECONDS", "5")
     rounds = int(os.environ.get("WEFT_BENCH_ROUNDS", "2"))
     mem_calls = int(os.environ.get("WEFT_BENCH_MEMORY_CALLS", "100000"))
-    mem_seconds = float(os.environ.get("WEFT_BENCH_MEMORY_SECONDS", "150"))
+    mem_seconds = float(os.environ.get("WEFT_BENCH_MEMORY_SECONDS", "170"))
+    mem_on = os.environ.get("WEFT_BENCH_MEMORY", "1") != "0"
     began = time.monotonic()
     out: dict[str, Any] = {"payload_bytes": 100, "seconds_per_run": float(seconds), "rounds": rounds}
     with tempfile.TemporaryDirectory(prefix="weft-bench-") as tmp, _processes() as started:
@@ -316,12 +377,17 @@ def run() -> dict[str, Any]:
                 results[scenario][name] = {"skipped": why}
 
         memory: dict[str, Any] | None = None
-        if weft_stack is not None and "weft" not in skipped:
+        if weft_stack is not None and "weft" not in skipped and mem_on:
             try:
                 memory = weft_stack.memory(mem_calls, mem_seconds)
             except Exception as exc:
                 memory = {"error": repr(exc)[:2000]}
             print(f"   memory     weft     {json.dumps(memory)}", flush=True)
+
+        if os.environ.get("WEFT_BENCH_PROFILE") and "weft" not in skipped:
+            weft_route = next(p for p in paths if p.name == "weft")
+            out["profile"] = profile(weft_route, ["client_sidecar", "server_sidecar"], workdir, seconds)
+            print(f"   profile    weft     {json.dumps(out['profile'])[:3000]}", flush=True)
 
         targets = evaluate(results, memory)
         out.update(scenarios=results, memory=memory, targets=targets, wall_seconds=round(time.monotonic() - began, 1))

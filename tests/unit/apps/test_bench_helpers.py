@@ -53,3 +53,11 @@ def test_best_of_rounds_picks_the_least_disturbed() -> None:
     assert bench_sidecar.best("unary_c1", [{"p50_ms": 2.0}, {"p50_ms": 1.0}])["p50_ms"] == 1.0
     assert bench_sidecar.best("tcp", [{"mb_per_s": 5.0}, {"error": "x"}])["mb_per_s"] == 5.0
     assert bench_sidecar.best("bidi", [{"error": "x"}]) == {"error": "x"}
+
+
+def test_summarize_collapsed_profile() -> None:
+    text = "main;loop;poll 6\nmain;loop;handler 3\nthread;wait 1\nthread;epoll_wait (libc.so.6) 5\n"
+    s = bench_sidecar.summarize_collapsed(text, top=2)
+    assert s["busy_samples"] == 10 and s["idle_samples"] == 5
+    assert s["self"] == [("poll", 0.6), ("handler", 0.3)]
+    assert s["inclusive"][:2] == [("loop", 0.9), ("main", 0.9)]
