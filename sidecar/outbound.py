@@ -78,6 +78,12 @@ class EndpointPool:
             self.balancer.start(key)
         return key
 
+    def release(self, key: str) -> None:
+        """Undo a pick that was not used."""
+        if key in self.endpoints:
+            s = self.balancer.stats(key)
+            s.in_flight = max(0, s.in_flight - 1)
+
     def observe(self, key: str, ok: bool, seconds: float) -> None:
         before = self.balancer.ejected(time.monotonic()) if not ok else ()
         now = time.monotonic()
@@ -155,7 +161,10 @@ class Outbound:
     """All upstream listeners of one sidecar."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], telemetry: Telemetry, tls: TlsContexts, *,
-                 max_message_bytes: int = 4 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 4 * 1024 * 1024, grpc_engine: str = "h2") -> None:
+        if grpc_engine not in ("h2", "aio"):
+            raise ValueError(f"grpc engine {grpc_engine!r} is not h2 or aio")
+        self.grpc_engine = grpc_engine
         self.snapshot = snapshot
         self.telemetry = telemetry
         self.tls = tls
@@ -179,7 +188,13 @@ class Outbound:
         self.pools[name] = pool
         self._protocols[name] = up.protocol
         addr = f"{up.config.local_bind_address}:{up.config.local_bind_port}"
-        if up.protocol == "grpc":
+        if up.protocol == "grpc" and self.grpc_engine == "h2":
+            from sidecar.h2_proxy import H2Outbound
+
+            h2 = H2Outbound(self, pool)
+            await h2.start(up.config.local_bind_address, up.config.local_bind_port)
+            self._listeners[name] = h2
+        elif up.protocol == "grpc":
             server = grpc.aio.server(options=message_options(self.max_message_bytes))
 
             def kinds(name: str = name) -> Any:
@@ -214,6 +229,9 @@ class Outbound:
                 reconfigure = True
             else:
                 pool.update(up, snap)
+                listener: Any = self._listeners.get(name)
+                if listener is not None and hasattr(listener, "on_snapshot"):
+                    listener.on_snapshot()
         if set(self.pools) - set(snap.upstreams):
             reconfigure = True
         if reconfigure and not self.draining:

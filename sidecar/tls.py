@@ -126,7 +126,7 @@ class TlsContexts:
         entry = self._current(creds)
         ctx = entry.client.get(protocol)
         if ctx is None:
-            alpn = ALPN_HTTP if protocol == "http" else None
+            alpn = ALPN_HTTP if protocol == "http" else ALPN_GRPC if protocol == "grpc" else None
             ctx = client_context(creds, alpn)
             entry.client[protocol] = ctx
         return ctx
