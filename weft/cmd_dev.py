@@ -454,6 +454,7 @@ class _Dev:
         self.env = dict(os.environ)
         self.env["PYTHONUNBUFFERED"] = "1"
         self.sup = Supervisor(self.state_dir, self.env)
+        self.external_plan: Plan | None = None
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -542,6 +543,7 @@ class _Dev:
         if consul_up:
             self.say(f"weft dev: using the Consul that answers at {consul_url}")
             self._deregister_leftovers(plan)
+            self.external_plan = plan  # deregister the demo from it again on the way out
         else:
             if host not in ("127.0.0.1", "localhost", "::1"):
                 raise DevError(f"no Consul answers at {consul_url}, and weft dev starts its dev agent on loopback "
@@ -668,6 +670,14 @@ class _Dev:
         killed = self.sup.stop_all(self.args.stop_timeout)
         if killed:
             self.say(f"weft dev: killed (no exit within {self.args.stop_timeout:g}s): {', '.join(killed)}")
+        if self.external_plan is not None:  # a Consul we did not start keeps running: leave it clean
+            from catalog.client import ConsulError
+
+            try:
+                self._deregister_leftovers(self.external_plan)
+                self.say("weft dev: deregistered the demo services from " + self.sup.info.get("consul", "Consul"))
+            except (ConsulError, ValueError) as exc:
+                self.say(f"weft dev: could not deregister the demo services: {exc}")
         with contextlib.suppress(OSError):
             (self.state_dir / STATE_FILE).unlink()
         self.say("weft dev: stopped")
