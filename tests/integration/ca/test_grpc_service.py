@@ -75,17 +75,17 @@ async def test_expired_certificate_is_refused_for_renewal(running_ca: RunningCA)
         web = _sid(ca, "web")
         key = new_key()
         ok = await conn.sign(make_csr(key, web), token="web-token", current_chain=b"", proof=b"",
-                             ttl_seconds=10, bundle=ca.service.bundle)
+                             ttl_seconds=2, bundle=ca.service.bundle)
         current = (ok.cert_pem + "".join(ok.chain_pem)).encode()
         csr = make_csr(new_key(), web)
         # a valid renewal works without a token
         again = await conn.sign(csr, token="", current_chain=current, proof=make_renewal_proof(key, csr),
-                                ttl_seconds=10, bundle=ca.service.bundle)
+                                ttl_seconds=2, bundle=ca.service.bundle)
         assert again.cert_pem
-        await asyncio.sleep(11)
+        await asyncio.sleep(2.5)
         with pytest.raises(CARefused) as info:
             await conn.sign(csr, token="", current_chain=current, proof=make_renewal_proof(key, csr),
-                            ttl_seconds=10, bundle=ca.service.bundle)
+                            ttl_seconds=2, bundle=ca.service.bundle)
         assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
         assert "expired" in info.value.message
     finally:
@@ -125,14 +125,14 @@ async def test_leaf_manager_renews_and_follows_rotation(running_ca: RunningCA) -
     ca = running_ca
     seen: list[int] = []
     mgr = LeafManager(_sid(ca, "web"), ca.connector(), token="web-token", bundle=ca.service.bundle,
-                      ttl=timedelta(seconds=12), backoff=Backoff(base=0.2, cap=1.0))
+                      ttl=timedelta(seconds=4), backoff=Backoff(base=0.2, cap=1.0))
     mgr.subscribe(lambda c: seen.append(c.serial))
     stop = asyncio.Event()
     task = mgr.start(stop)
     try:
         first = await mgr.wait_ready(30)
         assert mgr.expiry_unix() == first.not_after.timestamp()
-        # renewed at 60-90 % of a 12 s life, by proof of possession (no token needed any more)
+        # renewed at 60-90 % of a 4 s life, by proof of possession (no token needed any more)
         mgr._token = ""
         await _until(lambda: mgr.current is not None and mgr.current.serial != first.serial, 30)
         second = mgr.current
