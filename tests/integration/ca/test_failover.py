@@ -139,6 +139,14 @@ def test_cli_roots_sign_rotate(agent: DevAgent, tmp_path: object) -> None:
         assert (out_dir / "key.pem").stat().st_mode & 0o777 == 0o600
         for name in ("cert.pem", "chain.pem", "roots.pem"):
             assert (out_dir / name).read_text().startswith("-----BEGIN CERTIFICATE-----")
+        # a replica with another KEK refuses to start, and says why
+        wrong = Proc([*WEFT, "ca", "serve", "--listen", f"127.0.0.1:{free_port()}", "--no-register"],
+                     env={**agent.env, "WEFT_CA_KEK": base64.b64encode(b"x" * 32).decode()})
+        try:
+            wait_for(lambda: not wrong.alive(), timeout=60, what="a CA with the wrong KEK to exit")
+            assert wrong.popen.returncode == 1 and "another KEK" in wrong.output()
+        finally:
+            wrong.stop()
         rot = subprocess.run([*WEFT, "ca", "rotate", "--ca-addr", f"127.0.0.1:{port}"], env=env,
                              capture_output=True, text=True, timeout=60)
         assert rot.returncode == 0, rot.stderr
