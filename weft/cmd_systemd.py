@@ -53,6 +53,9 @@ class UnitSpec:
     data_dir: str = ""
     http_port: int = 0
     client: str = ""
+    # ca and policy
+    listen: str = ""
+    advertise: str = ""
     # ca
     kek_file: str = ""
     dev: bool = False
@@ -108,8 +111,16 @@ def command_line(spec: UnitSpec) -> list[str]:
             args.append("-dev")
         if spec.kek_file:
             args += ["--kek-file", spec.kek_file]
+        if spec.listen:
+            args += ["--listen", spec.listen]
+        if spec.advertise:
+            args += ["--advertise", spec.advertise]
     elif p == "policy":
         args += ["policy", "serve"]
+        if spec.listen:
+            args += ["-grpc-addr", spec.listen]
+        if spec.advertise:
+            args += ["-advertise-addr", spec.advertise]
     elif p == "sidecar":
         args += ["sidecar", "--sidecar-for", spec.sidecar_for or "%i"]
         if spec.admin_port:
@@ -128,6 +139,16 @@ def validate(spec: UnitSpec) -> None:
                                  ("-admin-port", spec.admin_port, "sidecar"), ("-app-unit", spec.app_unit, "sidecar")):
         if value and p != allowed:
             raise UnitError(f"{name}: only for `weft systemd-unit {allowed}`, not {p}")
+    for name, value in (("-listen", spec.listen), ("-advertise", spec.advertise)):
+        if value and p not in ("ca", "policy"):
+            raise UnitError(f"{name}: only for `weft systemd-unit ca` or `policy`, not {p}")
+    if spec.listen and not _hostport(spec.listen):
+        raise UnitError(f"-listen: expected host:port, got {spec.listen!r}")
+    if spec.advertise and p == "ca" and not _hostport(spec.advertise):
+        raise UnitError(f"-advertise: the CA advertises host:port, got {spec.advertise!r}")
+    if spec.advertise and p == "policy" and _hostport(spec.advertise):
+        raise UnitError(f"-advertise: the policy service advertises an address (its port is the -listen port), "
+                        f"got {spec.advertise!r}")
     for name, port in (("-http-port", spec.http_port), ("-admin-port", spec.admin_port)):
         if port and not 0 < port < 65536:
             raise UnitError(f"{name}: must be 1..65535, got {port}")
@@ -152,6 +173,11 @@ def validate(spec: UnitSpec) -> None:
         raise UnitError(f"-user: {spec.user!r} is not a user name")
     if spec.group and not re.match(r"^[a-z_][a-z0-9_-]*$", spec.group):
         raise UnitError(f"-group: {spec.group!r} is not a group name")
+
+
+def _hostport(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
 def render(spec: UnitSpec) -> str:
@@ -228,6 +254,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-data-dir", "--data-dir", default="", help="agent: keep state in this directory")
     parser.add_argument("-http-port", "--http-port", type=int, default=0, help="agent: HTTP port")
     parser.add_argument("-client", "--client", default="", help="agent: bind address")
+    parser.add_argument("-listen", "--listen", default="",
+                        help="ca, policy: gRPC listen address host:port (default: theirs, on loopback)")
+    parser.add_argument("-advertise", "--advertise", default="",
+                        help="address registered in Consul: ca host:port, policy host (default: the listen address)")
     parser.add_argument("-kek-file", "--kek-file", default="", help="ca: the key-encryption key file")
     parser.add_argument("-dev", "--dev", action="store_true", help="ca: a throw-away CA without a KEK")
     parser.add_argument("-sidecar-for", "--sidecar-for", default="",
@@ -255,7 +285,8 @@ def spec_from_args(args: argparse.Namespace) -> UnitSpec:
     return UnitSpec(process=args.process, weft=args.weft, user=args.user, group=args.group,
                     consul_addr=args.consul_addr, token_file=args.token_file, env=tuple(env),
                     env_file=args.env_file, description=args.description, data_dir=args.data_dir,
-                    http_port=args.http_port, client=args.client, kek_file=args.kek_file, dev=args.dev,
+                    http_port=args.http_port, client=args.client, listen=args.listen, advertise=args.advertise,
+                    kek_file=args.kek_file, dev=args.dev,
                     sidecar_for=args.sidecar_for, admin_port=args.admin_port, app_unit=args.app_unit,
                     extra_args=tuple(extra))
 

@@ -59,6 +59,16 @@ def test_sidecar_for_one_service_starts_before_its_app_and_stops_with_it() -> No
     assert unit_name(spec) == "weft-sidecar-web-1.service"
 
 
+def test_ca_and_policy_listen_on_the_network_for_other_vms() -> None:
+    ca = _parse_unit(render(UnitSpec(process="ca", kek_file="/k", listen="0.0.0.0:8503",
+                                     advertise="10.0.0.5:8503")))
+    assert shlex.split(ca["Service"]["ExecStart"])[3:] == [
+        "--kek-file", "/k", "--listen", "0.0.0.0:8503", "--advertise", "10.0.0.5:8503"]
+    policy = _parse_unit(render(UnitSpec(process="policy", listen="0.0.0.0:8507", advertise="10.0.0.5")))
+    assert shlex.split(policy["Service"]["ExecStart"])[3:] == [
+        "-grpc-addr", "0.0.0.0:8507", "-advertise-addr", "10.0.0.5"]
+
+
 def test_agent_and_policy_command_lines() -> None:
     agent = _parse_unit(render(UnitSpec(process="agent", http_port=8500, client="0.0.0.0",
                                         data_dir="/var/lib/weft")))
@@ -89,6 +99,10 @@ def test_specifiers_and_variables_are_escaped() -> None:
     (UnitSpec(process="sidecar", app_unit="web"), "-app-unit: expected a unit name"),
     (UnitSpec(process="sidecar", sidecar_for="a b"), "is not a service ID"),
     (UnitSpec(process="policy", user="Root User"), "-user"),
+    (UnitSpec(process="sidecar", listen="0.0.0.0:1"), "-listen: only for"),
+    (UnitSpec(process="ca", kek_file="/k", advertise="10.0.0.5"), "-advertise: the CA advertises host:port"),
+    (UnitSpec(process="policy", advertise="10.0.0.5:8507"), "-advertise: the policy service advertises an address"),
+    (UnitSpec(process="ca", kek_file="/k", listen="8503"), "-listen: expected host:port"),
 ])
 def test_bad_options_are_refused_naming_the_option(spec: UnitSpec, words: str) -> None:
     with pytest.raises(UnitError, match=words.replace("(", r"\(").replace("`", "`")):
@@ -111,7 +125,9 @@ def test_env_option_needs_key_value() -> None:
     (UnitSpec(process="agent", http_port=8500, client="0.0.0.0", data_dir="/var/lib/weft"), "cmd_agent"),
     (UnitSpec(process="ca", kek_file="/etc/weft/kek"), "cmd_ca"),
     (UnitSpec(process="ca", dev=True), "cmd_ca"),
+    (UnitSpec(process="ca", kek_file="/k", listen="0.0.0.0:8503", advertise="10.0.0.5:8503"), "cmd_ca"),
     (UnitSpec(process="policy"), "cmd_policy"),
+    (UnitSpec(process="policy", listen="0.0.0.0:8507", advertise="10.0.0.5"), "cmd_policy"),
     (UnitSpec(process="sidecar", sidecar_for="web-1", admin_port=19000), "cmd_sidecar"),
     (UnitSpec(process="sidecar"), "cmd_sidecar"),
 ])
