@@ -35,7 +35,7 @@ from ca.backend import SERVICE_NAME, LeaderLock, Registry
 from ca.builtin import BuiltinProvider
 from ca.csr import key_pem, make_csr, new_key, parse_csr, verify_renewal
 from ca.identity import SpiffeId
-from ca.provider import CAConfig, CAError, InvalidRequest, NotAuthorized, SignedLeaf, TrustBundle
+from ca.provider import CAConfig, CAError, InvalidRequest, NotAuthorized, Provider, SignedLeaf, TrustBundle
 from ca.store import CAStore
 from ca.v1 import ca_pb2, ca_pb2_grpc
 
@@ -100,7 +100,7 @@ class CAService:
 
     def __init__(self, store: CAStore, authorizer: TokenAuthorizer, config: CAConfig, *,
                  datacenter: str = "dc1", own_token: str = "", clock: Callable[[], datetime] = utcnow,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, provider: Provider | None = None) -> None:
         self.store = store
         self.authorizer = authorizer
         self.config = config
@@ -108,7 +108,7 @@ class CAService:
         self.own_token = own_token
         self.clock = clock
         self.rng = rng or random.Random()
-        self.provider = BuiltinProvider()
+        self.provider: Provider = provider or BuiltinProvider()
         self.trust_domain = ""
         self.active = False
         self.acls_enabled = True
