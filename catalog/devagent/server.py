@@ -41,11 +41,16 @@ def endpoint_modules() -> list[ModuleType]:
     return mods
 
 
+def _acl_policy_header(agent: Agent) -> str:
+    return agent.config.acl_default_policy if agent.config.acl_enabled else "allow"
+
+
 def _make_dispatch(agent: Agent, endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     methods = {m.upper(): h for m, h in endpoint.methods.items()}
     allow = ",".join(["OPTIONS", *methods])
+    policy = _acl_policy_header(agent)
 
-    async def dispatch(request: web.Request) -> web.StreamResponse:
+    async def answer(request: web.Request) -> web.StreamResponse:
         if request.method == "OPTIONS":
             return web.Response(status=200, headers={"Allow": allow})
         handler = methods.get(request.method)
@@ -70,33 +75,33 @@ def _make_dispatch(agent: Agent, endpoint: Endpoint) -> Callable[[web.Request], 
                       trace=traceback.format_exc(limit=8))
             return text_response(str(exc) or type(exc).__name__, 500)
 
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        """Every answer carries ``X-Consul-Default-ACL-Policy``, as Consul's do."""
+        resp = await answer(request)
+        resp.headers.setdefault("X-Consul-Default-Acl-Policy", policy)
+        return resp
+
     return dispatch
 
 
-@web.middleware
-async def consul_headers(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                         ) -> web.StreamResponse:
-    """Unknown paths answer an empty 404 as Consul's index handler does; every answer carries
-    ``X-Consul-Default-ACL-Policy``."""
-    agent = request.app[AGENT_KEY]
-    try:
-        resp = await handler(request)
-    except web.HTTPNotFound:
-        resp = web.Response(status=404)
-    except web.HTTPMethodNotAllowed as exc:
-        resp = text_response(f"method {request.method} not allowed", 405, {"Allow": ",".join(exc.allowed_methods)})
-    policy = agent.config.acl_default_policy if agent.config.acl_enabled else "allow"
-    resp.headers.setdefault("X-Consul-Default-Acl-Policy", policy)
-    return resp
+def _make_not_found(agent: Agent) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    policy = _acl_policy_header(agent)
+
+    async def not_found(request: web.Request) -> web.StreamResponse:
+        """Unknown paths answer an empty 404, as Consul's index handler does."""
+        return web.Response(status=404, headers={"X-Consul-Default-Acl-Policy": policy})
+
+    return not_found
 
 
 async def _index(request: web.Request) -> web.StreamResponse:
-    return text_response(UI_DISABLED, 200)
+    agent = request.app[AGENT_KEY]
+    return text_response(UI_DISABLED, 200, {"X-Consul-Default-Acl-Policy": _acl_policy_header(agent)})
 
 
 def make_app(agent: Agent, modules: list[ModuleType] | None = None) -> web.Application:
     """The aiohttp application serving every endpoint module's routes for ``agent``."""
-    app = web.Application(middlewares=[consul_headers], client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
     app[AGENT_KEY] = agent
     seen: dict[str, str] = {}
     for mod in modules if modules is not None else endpoint_modules():
@@ -109,6 +114,7 @@ def make_app(agent: Agent, modules: list[ModuleType] | None = None) -> web.Appli
             seen[endpoint.path] = mod.__name__
             app.router.add_route("*", endpoint.path, _make_dispatch(agent, endpoint))
     app.router.add_route("GET", "/", _index)
+    app.router.add_route("*", "/{tail:.*}", _make_not_found(agent))  # last: anything unmatched
     return app
 
 
