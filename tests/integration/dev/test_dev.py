@@ -24,7 +24,7 @@ from tests.support import WEFT, Proc, free_port, wait_for
 from weft.cmd_dev import STATE_FILE, _running
 from weft.cmd_top import parse_metrics
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(360)]  # weft dev starts ~10 processes
 
 
 @dataclass
