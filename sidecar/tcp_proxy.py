@@ -418,25 +418,37 @@ class TlsServerConnection(asyncio.BufferedProtocol):
             self._read_plain()
 
     def _read_plain(self) -> None:
+        """Decrypt everything available into the half's buffer, record after record, then pass it on once."""
         half = self.pipe.a
         sslobj = self.sslobj
         while not self.closed:
             buf = half.get_buffer(-1)
-            try:
-                n = sslobj.read(len(buf), buf)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:
+            size = len(buf)
+            total = 0
+            eof = False
+            while total < size:
+                try:
+                    n = sslobj.read(size - total, buf[total:])
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLZeroReturnError:
+                    eof = True
+                    break
+                except (ssl.SSLError, OSError) as exc:
+                    log.info("tls_read_failed", error=str(exc)[:200])
+                    self.raw.abort()
+                    return
+                if not n:
+                    break
+                total += n
+            if total:
+                half.buffer_updated(total)
+            if eof:
                 half.eof_received()
                 self.close()
                 break
-            except (ssl.SSLError, OSError) as exc:
-                log.info("tls_read_failed", error=str(exc)[:200])
-                self.raw.abort()
+            if total < size:
                 break
-            if not n:
-                break
-            half.buffer_updated(n)
         if self._out.pending:
             self.flush()
 

@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--descriptor-set", "-descriptor-set", default="",
       help="FileDescriptorSet of the app (protoc --descriptor_set_out) when it offers no reflection")
     a("--no-reflection", "-no-reflection", action="store_true", help="do not ask the app for its methods")
+    a("--grpc-engine", "-grpc-engine", choices=("h2", "aio"), default="h2",
+      help="outbound gRPC: h2 (frame-level HTTP/2 proxy, cheapest) or aio (grpc.aio server and channels)")
     a("--no-passthrough", "-no-passthrough", action="store_true",
       help="authorize every call on the full path even for L4-allowed callers (slower; per-call inbound metrics)")
     a("--leaf-ttl", "-leaf-ttl", type=float, default=0.0,
@@ -248,7 +250,8 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
         listening = {"up": False, "draining": False}
         inbound = Inbound(state.snapshot, telemetry, tls, max_message_bytes=args.max_message_bytes,
                           passthrough_enabled=not args.no_passthrough)
-        outbound = Outbound(state.snapshot, telemetry, tls, max_message_bytes=args.max_message_bytes)
+        outbound = Outbound(state.snapshot, telemetry, tls, max_message_bytes=args.max_message_bytes,
+                            grpc_engine=args.grpc_engine)
         bind = args.bind or (address if address else "0.0.0.0")
         try:
             await inbound.start(bind, port)
