@@ -376,6 +376,9 @@ def run() -> dict[str, Any]:
             for name, why in skipped.items():
                 results[scenario][name] = {"skipped": why}
 
+        if weft_stack is not None and "weft" not in skipped:
+            out["weft_metrics"] = weft_stack.modes()  # shows the inbound mode (pass-through or full path)
+
         memory: dict[str, Any] | None = None
         if weft_stack is not None and "weft" not in skipped and mem_on:
             try:

@@ -30,6 +30,7 @@ class Stack:
         self.procs: list[Proc] = []
         self.sidecars: dict[str, tuple[Proc, int]] = {}  # service id -> (process, admin port)
         self.public_ports: dict[str, int] = {}
+        self.ca_addr = ""
         self.grpc_local = free_port()
         self.tcp_local = free_port()
 
@@ -73,7 +74,7 @@ class Stack:
         admin = free_port()
         proc = self._proc(f"sidecar-{service_id}",
                           [*WEFT, "sidecar", "--sidecar-for", service_id, "--admin-port", str(admin),
-                           "--public-port", str(self.public_ports[service_id])])
+                           "--public-port", str(self.public_ports[service_id]), "--ca-addr", self.ca_addr])
         self.sidecars[service_id] = (proc, admin)
 
     def _wait_ready(self, ids: list[str], timeout: float = 90) -> None:
@@ -94,7 +95,8 @@ class Stack:
         from benchmarks.bench_sidecar import _ready_grpc
 
         self.agent = DevAgent()
-        ca = self._proc("ca", [*WEFT, "ca", "serve", "-dev", "--listen", f"127.0.0.1:{free_port()}"])
+        self.ca_addr = f"127.0.0.1:{free_port()}"
+        ca = self._proc("ca", [*WEFT, "ca", "serve", "-dev", "--listen", self.ca_addr])
         policy = self._proc("policy", [*WEFT, "policy", "serve", "-grpc-addr", f"127.0.0.1:{free_port()}"])
         self._register("echo", self.app_port, "grpc", [])
         self._register("tcpecho", self.tcp_port, "tcp", [])
@@ -129,6 +131,19 @@ class Stack:
         admin = self.sidecars[service_id][1]
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as resp:
             return str(resp.read().decode())
+
+    def modes(self) -> dict[str, list[str]]:
+        """What the sidecars say they did: inbound handling modes and request counts (from /metrics)."""
+        wanted = ("weft_inbound_connections_total{", "weft_requests_total{", "weft_authz_decisions_total{")
+        out: dict[str, list[str]] = {}
+        for sid in ("client", "echo", "tcpecho"):
+            try:
+                text = self.metrics(sid)
+            except OSError as exc:
+                out[sid] = [f"metrics unavailable: {exc}"]
+                continue
+            out[sid] = [line for line in text.splitlines() if line.startswith(wanted)][:20]
+        return out
 
     def memory(self, calls: int, max_seconds: float) -> dict[str, Any]:
         """RSS of a sidecar with ten upstreams after `calls` calls spread over them, and after as many more."""
