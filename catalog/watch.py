@@ -17,8 +17,12 @@ Rules (the decisions live in the pure `IndexPlan` / `HashPlan`, tested without s
 - After an error the next call waits `backoff_delay(failures)`: exponential from `backoff_base`, capped
   at `backoff_max`, with random jitter; the first call after an error blocks only `recovery_wait`
   seconds so that a restarted server whose index went backwards is noticed quickly.
-- A result is yielded only when it differs from the last one yielded (equal results under a higher
-  index are spurious wake-ups and are skipped).
+- A result is yielded only when its index moved (an unchanged index is a timeout) and it differs
+  from the last one yielded (equal results under a higher index are spurious wake-ups and are
+  skipped), as Consul's own watch plan does. After a reset (index backwards) the answer is still a
+  valid result and is yielded if it differs. The first answer after an error is judged by its
+  content alone: the server may be a new one (restarted, state lost) whose index only coincides
+  with ours (a single KV key's index is its ModifyIndex, so this happens).
 - Fail static: while Consul is unreachable nothing is yielded, `last` keeps the last good value,
   `healthy` is False and `last_error` says why; the loop keeps retrying.
 
@@ -158,7 +162,9 @@ class IndexPlan(_PlanBase[T]):
         return (self.index, min(self._wait(), self.policy.wait))
 
     def on_answer(self, index: int, value: T) -> bool:
-        """Record an answer to a call that sent `self.index`; True when `value` should be yielded."""
+        """Record an answer to a call that sent `self.index`; True when `value` should be yielded:
+        the first answer, or an answer whose index moved (up, or backwards: a reset) and whose value
+        differs from the last one yielded. An unchanged index is a timeout: nothing changed."""
         sent = self.index
         got = max(int(index), 1)
         if got < sent:
@@ -166,6 +172,10 @@ class IndexPlan(_PlanBase[T]):
             self.resets += 1
         else:
             self.index = got
+        if self.has_value and got == sent and not self.failures:
+            return False
+        # (after an error the server may be another one, e.g. restarted with its state lost, whose index
+        # merely coincides with ours: then the content alone decides)
         return self._accept(value)
 
 
@@ -180,9 +190,15 @@ class HashPlan(_PlanBase[T]):
         return (self.hash, min(self._wait(), self.policy.wait))
 
     def on_answer(self, content_hash: str, value: T) -> bool:
+        """True for the first answer, or when the hash changed and the value differs from the last one
+        yielded. (Without a hash to compare, e.g. a 404, the value decides.)"""
+        sent = self.hash
         self.hash = content_hash
         self._next_interval = self.policy.min_interval if content_hash else max(self.policy.min_interval,
                                                                                  self.policy.poll_interval)
+        if self.has_value and content_hash and content_hash == sent:
+            self.failures = 0
+            return False
         return self._accept(value)
 
 

@@ -104,28 +104,39 @@ async def test_watch_fails_static_and_recovers_after_agent_restart() -> None:
     try:
         async with client_for(agent) as c:
             await c.kv_put("fs/key", b"before")
-            for i in range(5):  # push the index up, so the restarted agent's index goes backwards
+            for i in range(5):
                 await c.kv_put(f"fs/pad{i}", b"x")
             w = kv_watch(c, "fs/key", policy=FAST)
+            pw = kv_prefix_watch(c, "fs/", policy=FAST)
             first = await asyncio.wait_for(w.first(), 20)
             assert first is not None and first.value == b"before"
+            assert len(await asyncio.wait_for(pw.first(), 20)) == 6
+            high_index = pw.index
             nxt = asyncio.ensure_future(w.__anext__())
+            pnxt = asyncio.ensure_future(pw.__anext__())
 
             agent.stop()
-            await until(lambda: not w.healthy, what="watch to notice the agent is gone")
+            await until(lambda: not w.healthy and not pw.healthy, what="watches to notice the agent is gone")
             assert w.last == first                      # fail static: the last good value is kept
+            assert pw.last is not None and len(pw.last) == 6
             assert isinstance(w.last_error, ConsulUnavailable)
-            assert not nxt.done()
+            assert not nxt.done() and not pnxt.done()
             stale_success = w.last_success_time
 
             agent = DevAgent(port=port)                 # same address, fresh state
+            # the single key's index is its ModifyIndex: the fresh agent answers the same index as before
+            # with other data; the prefix's index goes backwards (a reset)
             await c.kv_put("fs/key", b"after")
             got = await asyncio.wait_for(nxt, 30)
             assert got is not None and got.value == b"after"
             assert w.healthy and w.last_error is None
             assert w.last_success_time is not None and stale_success is not None
             assert w.last_success_time > stale_success
+            pgot = await asyncio.wait_for(pnxt, 30)
+            assert [e.key for e in pgot] == ["fs/key"]
+            assert pw.plan.resets >= 1 and pw.index < high_index
             w.close()
+            pw.close()
     finally:
         agent.stop()
 

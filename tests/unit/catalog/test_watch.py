@@ -35,6 +35,10 @@ def test_same_index_timeout_does_not_yield() -> None:
     plan.on_answer(5, "a")
     assert plan.on_answer(5, "a") is False
     assert plan.request()[0] == 5
+    # an unchanged index means nothing changed (as in Consul's watch plan), whatever the body says
+    assert plan.on_answer(5, "b") is False
+    assert plan.value == "a"
+    assert plan.on_answer(6, "b") is True
 
 
 def test_higher_index_with_equal_content_is_a_spurious_wakeup() -> None:
@@ -102,6 +106,16 @@ def test_errors_back_off_then_first_call_after_error_blocks_briefly() -> None:
     assert plan.request() == (50, 30)
 
 
+def test_first_answer_after_an_error_is_judged_by_content() -> None:
+    # a restarted agent with fresh state can answer the very index we hold, with other data
+    plan: IndexPlan[str] = IndexPlan(P)
+    plan.on_answer(2, "before")
+    plan.on_error(now=0.0, u=0.0)
+    assert plan.on_answer(2, "after") is True
+    assert plan.failures == 0
+    assert plan.on_answer(2, "later") is False     # steady state again: unchanged index, no change
+
+
 def test_hash_plan() -> None:
     plan: HashPlan[str | None] = HashPlan(WatchPolicy(min_interval=0.1, poll_interval=2))
     assert plan.request()[0] == ""
@@ -111,7 +125,9 @@ def test_hash_plan() -> None:
     assert plan.delay(0.05) == pytest.approx(0.05)
     plan.started(1.0)
     assert plan.on_answer("h1", "a") is False
+    assert plan.on_answer("h1", "z") is False       # same hash: unchanged
     assert plan.on_answer("h2", "b") is True
+    assert plan.on_answer("h3", "b") is False       # new hash, same value: spurious
     plan.started(2.0)
     assert plan.on_answer("", None) is True         # e.g. the service was deregistered (404)
     assert plan.request()[0] == ""
