@@ -40,7 +40,8 @@ class Mesh:
     local_port: int
 
 
-async def make_mesh(*, unary_known: bool, passthrough: bool = True, policy: Any = None) -> AsyncIterator[Mesh]:
+async def make_mesh(*, unary_known: bool, passthrough: bool = True, policy: Any = None,
+                    engine: str = "h2") -> AsyncIterator[Mesh]:
     ca = Authority.root()
     app, app_port, _ = await echo_server.start(0, name="api-1")
     pol = policy if policy is not None else table("api", ("web", "allow"))
@@ -54,10 +55,11 @@ async def make_mesh(*, unary_known: bool, passthrough: bool = True, policy: Any 
     web_holder = Holder(snapshot("web", ca.leaf("web"), upstreams={"api": (local, [public], "grpc")},
                                  methods=methods, policy=table("web")))
     web_tel = Telemetry()
-    outbound = Outbound(web_holder, web_tel, TlsContexts())
+    outbound = Outbound(web_holder, web_tel, TlsContexts(), grpc_engine=engine)
     web_holder.listeners.append(outbound.on_snapshot)
     await outbound.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{local}")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{local}", options=[("grpc.max_receive_message_length", 1 << 24),
+                                                                       ("grpc.max_send_message_length", 1 << 24)])
     try:
         yield Mesh(ca, api_holder, web_holder, inbound, outbound, api_tel, web_tel, echo_pb2_grpc.EchoStub(channel),  # type: ignore[no-untyped-call]
                    channel, local)
@@ -68,9 +70,10 @@ async def make_mesh(*, unary_known: bool, passthrough: bool = True, policy: Any 
         await app.stop(None)
 
 
-@pytest.fixture(params=[True, False], ids=["unary-handlers", "generic"])
+@pytest.fixture(params=[("h2", True), ("aio", True), ("aio", False)], ids=["h2", "aio-unary", "aio-generic"])
 async def mesh(request: pytest.FixtureRequest) -> AsyncIterator[Mesh]:
-    async for m in make_mesh(unary_known=request.param):
+    engine, unary_known = request.param
+    async for m in make_mesh(unary_known=unary_known, engine=engine):
         yield m
 
 
@@ -120,6 +123,27 @@ async def test_streaming_kinds(mesh: Mesh) -> None:
         assert got.sequence == i
     await bidi.done_writing()
     assert await bidi.code() == grpc.StatusCode.OK
+
+
+async def test_large_messages_and_many_concurrent_calls(mesh: Mesh) -> None:
+    big = b"z" * (3 * 1024 * 1024)
+    resp = await mesh.stub.Unary(echo_pb2.EchoRequest(payload=big), timeout=30)
+    assert resp.payload == big
+    got = [r async for r in mesh.stub.ServerStream(echo_pb2.EchoRequest(response_size=1_000_000),
+                                                     metadata=(("x-echo-count", "4"),), timeout=30)]
+    assert [len(r.payload) for r in got] == [1_000_000] * 4
+    results = await asyncio.gather(*(mesh.stub.Unary(echo_pb2.EchoRequest(text=str(i)), timeout=30)
+                                     for i in range(100)))
+    assert [r.text for r in results] == [str(i) for i in range(100)]
+
+
+async def test_cancelled_stream_is_cancelled_upstream(mesh: Mesh) -> None:
+    bidi = mesh.stub.Bidi(timeout=30)
+    await bidi.write(echo_pb2.EchoRequest(sequence=1))
+    assert (await bidi.read()).sequence == 1
+    bidi.cancel()
+    # the proxy stays healthy for the next calls
+    assert (await mesh.stub.Unary(echo_pb2.EchoRequest(text="after"), timeout=10)).text == "after"
 
 
 async def test_deadline_propagates(mesh: Mesh) -> None:

@@ -1,0 +1,53 @@
+"""The h2 outbound's header-block helpers, against blocks made by a real HPACK encoder."""
+
+from __future__ import annotations
+
+from hpack import Decoder, Encoder
+
+from sidecar.h2_proxy import context_free, frame, scan, status_of, trailers_only
+
+REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/weft.test.echo.v1.Echo/Unary"),
+           (":authority", "127.0.0.1:9191"), ("te", "trailers"), ("content-type", "application/grpc"),
+           ("grpc-timeout", "999m"), ("x-bin-bin", "AAE")]
+
+
+def test_scan_finds_path_in_huffman_and_plain_blocks() -> None:
+    for huffman in (True, False):
+        enc = Encoder()
+        enc.header_table_size = 0
+        block = enc.encode(REQUEST, huffman=huffman)
+        assert scan(block, b":path") == b"/weft.test.echo.v1.Echo/Unary"
+        assert scan(block, b"grpc-timeout") == b"999m"
+        assert scan(block, b"missing") is None
+        assert context_free(block)
+
+
+def test_dynamic_references_are_detected() -> None:
+    enc = Encoder()  # default 4096-byte table: the second block references the first one's entries
+    enc.encode(REQUEST)
+    second = enc.encode(REQUEST)
+    assert not context_free(second)
+
+
+def test_status_of_trailers() -> None:
+    enc = Encoder()
+    enc.header_table_size = 0
+    block = enc.encode([("grpc-status", "12"), ("grpc-message", "nope")])
+    assert status_of(block) == 12
+    assert status_of(block) == 12  # cached
+    assert status_of(enc.encode([(":status", "200")])) is None
+
+
+def test_trailers_only_is_a_valid_context_free_block() -> None:
+    block = trailers_only(14, "no healthy endpoint: api ✓", with_status=True)
+    assert context_free(block)
+    headers = dict(Decoder().decode(block))
+    assert headers[":status"] == "200" and headers["grpc-status"] == "14"
+    assert headers["grpc-message"] == "no healthy endpoint: api %E2%9C%93"
+    later = dict(Decoder().decode(trailers_only(7, "denied", with_status=False)))
+    assert ":status" not in later and later["grpc-status"] == "7"
+
+
+def test_frame_layout() -> None:
+    f = frame(0x1, 0x4, 3, b"abc")
+    assert f[:3] == b"\x00\x00\x03" and f[3] == 1 and f[4] == 4 and f[5:9] == b"\x00\x00\x00\x03" and f[9:] == b"abc"
