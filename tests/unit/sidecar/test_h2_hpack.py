@@ -41,10 +41,10 @@ def test_status_of_trailers() -> None:
 def test_trailers_only_is_a_valid_context_free_block() -> None:
     block = trailers_only(14, "no healthy endpoint: api ✓", with_status=True)
     assert context_free(block)
-    headers = dict(Decoder().decode(block))
+    headers: dict[str, str] = dict(Decoder().decode(block))  # type: ignore[arg-type]
     assert headers[":status"] == "200" and headers["grpc-status"] == "14"
     assert headers["grpc-message"] == "no healthy endpoint: api %E2%9C%93"
-    later = dict(Decoder().decode(trailers_only(7, "denied", with_status=False)))
+    later: dict[str, str] = dict(Decoder().decode(trailers_only(7, "denied", with_status=False)))  # type: ignore[arg-type]
     assert ":status" not in later and later["grpc-status"] == "7"
 
 
