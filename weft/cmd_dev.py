@@ -313,17 +313,18 @@ class Supervisor:
     def dead(self) -> list[Child]:
         return [c for c in self.children if not c.alive()]
 
-    def stop_all(self, timeout: float) -> list[str]:
+    def stop_all(self, timeout: float, hurry: Callable[[], bool] = lambda: False) -> list[str]:
         """Stop tier by tier, highest first (traffic, sidecars, apps, the control plane, then
         the agent, so that sidecars can still deregister): SIGTERM to each child's process group,
-        SIGKILL to what remains after `timeout`. Returns the names that had to be killed."""
+        SIGKILL to what remains after `timeout` (at once when `hurry()` turns true: a second Ctrl-C).
+        Returns the names that had to be killed."""
         killed = []
         for tier in sorted({c.tier for c in self.children}, reverse=True):
             group = [c for c in self.children if c.tier == tier]
             for c in reversed(group):
                 _signal_group(c.pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and any(c.alive() for c in group):
+            while time.monotonic() < deadline and any(c.alive() for c in group) and not hurry():
                 time.sleep(0.05)
             for c in group:
                 if c.alive():
@@ -450,6 +451,8 @@ class _Dev:
         self.args = args
         self.state_dir = Path(args.state_dir).resolve()
         self.stop_requested = False
+        self.stopping = False
+        self.hurry = False
         self.weft = [sys.executable, "-m", "weft.cli"]
         self.env = dict(os.environ)
         self.env["PYTHONUNBUFFERED"] = "1"
@@ -460,6 +463,8 @@ class _Dev:
         print(text, flush=True)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.stopping:
+            self.hurry = True  # a second Ctrl-C while stopping: kill what is left
         self.stop_requested = True
 
     def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float | None = None) -> None:
@@ -666,10 +671,12 @@ class _Dev:
     def _stop(self) -> None:
         if not self.sup.children:
             return
-        self.say(f"weft dev: stopping {len(self.sup.children)} process(es)")
-        killed = self.sup.stop_all(self.args.stop_timeout)
+        self.stopping = True
+        self.say(f"weft dev: stopping {len(self.sup.children)} process(es) (Ctrl-C again to kill them)")
+        killed = self.sup.stop_all(self.args.stop_timeout, hurry=lambda: self.hurry)
         if killed:
-            self.say(f"weft dev: killed (no exit within {self.args.stop_timeout:g}s): {', '.join(killed)}")
+            why = "on a second Ctrl-C" if self.hurry else f"(no exit within {self.args.stop_timeout:g}s)"
+            self.say(f"weft dev: killed {why}: {', '.join(killed)}")
         if self.external_plan is not None:  # a Consul we did not start keeps running: leave it clean
             from catalog.client import ConsulError
 
