@@ -62,6 +62,7 @@ STATUS_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCE
                 "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
                 "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED")
 UNAVAILABLE = 14
+RESOURCE_EXHAUSTED = 8
 
 
 def frame(typ: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
@@ -219,6 +220,8 @@ class Stream:
         "endpoint",
         "headers_sent_app",
         "method",
+        "msg_app",
+        "msg_up",
         "pending_frames",
         "q_app",
         "q_up",
@@ -259,6 +262,38 @@ class Stream:
         self.recorded = False
         self.pending_frames: list[tuple[int, int, bytes]] = []  # kinds of what q_app holds, in order
         self.data_sent = False  # request DATA went out: the stream can no longer move elsewhere
+        self.msg_up = _Messages()  # gRPC message framing, app -> upstream (for the size limit)
+        self.msg_app = _Messages()  # upstream -> app
+
+
+class _Messages:
+    """Follows gRPC's length-prefixed messages across DATA frames; reports one over the limit."""
+
+    __slots__ = ("head", "rest")
+
+    def __init__(self) -> None:
+        self.rest = 0  # bytes of the current message still to come
+        self.head = b""  # a prefix split across frames
+
+    def too_large(self, data: bytes, limit: int) -> int:
+        """The length of the first message in ``data`` above ``limit``, else 0."""
+        i, n = 0, len(data)
+        while i < n:
+            if self.rest:
+                take = min(self.rest, n - i)
+                self.rest -= take
+                i += take
+                continue
+            need = 5 - len(self.head)
+            self.head += data[i:i + need]
+            i += need
+            if len(self.head) == 5:
+                length = int.from_bytes(self.head[1:5], "big")
+                self.head = b""
+                if length > limit:
+                    return length
+                self.rest = length
+        return 0
 
 
 class _Conn(asyncio.Protocol):
@@ -625,6 +660,7 @@ class H2Outbound:
         self.all_ups: set[UpConn] = set()
         self.dirty: list[_Conn] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.max_message = int(getattr(outbound, "max_message_bytes", 4 * 1024 * 1024))
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -742,6 +778,12 @@ class H2Outbound:
             st.up.headers_frames(st.up_sid, block, end)
 
     def to_upstream(self, st: Stream, data: bytes, end: bool) -> None:
+        size = st.msg_up.too_large(data, self.max_message)
+        if size:
+            st.app.consumed(len(data))
+            self.fail(st, RESOURCE_EXHAUSTED,
+                      f"weft: request message of {size} bytes is larger than the limit of {self.max_message}")
+            return
         st.q_up.append((data, end))
         if st.up is not None and st.up.ready:
             self.flush_to_up(st)
@@ -779,6 +821,13 @@ class H2Outbound:
             self._ended(st)
 
     def to_app(self, st: Stream, data: bytes, end: bool) -> None:
+        size = st.msg_app.too_large(data, self.max_message)
+        if size:
+            if st.up is not None:
+                st.up.consumed(len(data))
+            self.fail(st, RESOURCE_EXHAUSTED,
+                      f"weft: response message of {size} bytes is larger than the limit of {self.max_message}")
+            return
         st.q_app.append((data, end))
         st.pending_frames.append((DATA, 0, b""))
         self.flush_to_app(st)

@@ -137,6 +137,16 @@ async def test_large_messages_and_many_concurrent_calls(mesh: Mesh) -> None:
     assert [r.text for r in results] == [str(i) for i in range(100)]
 
 
+async def test_messages_above_the_limit_are_refused(mesh: Mesh) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.stub.Unary(echo_pb2.EchoRequest(payload=b"z" * (5 * 1024 * 1024)), timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.aio.AioRpcError) as err2:
+        await mesh.stub.Unary(echo_pb2.EchoRequest(response_size=5 * 1024 * 1024), timeout=30)
+    assert err2.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (await mesh.stub.Unary(echo_pb2.EchoRequest(text="ok"), timeout=10)).text == "ok"
+
+
 async def test_cancelled_stream_is_cancelled_upstream(mesh: Mesh) -> None:
     bidi = mesh.stub.Bidi(timeout=30)
     await bidi.write(echo_pb2.EchoRequest(sequence=1))
@@ -254,3 +264,12 @@ async def test_killed_instance_calls_move_to_the_other() -> None:
             await inbound.close(0.1)
         for app in apps:
             await app.stop(None)
+
+
+async def test_audit_mode_allows_and_records() -> None:
+    async for m in make_mesh(unary_known=True, policy=table("api", ("web", "deny"), mode="audit")):
+        assert (await m.stub.Unary(echo_pb2.EchoRequest(text="a"), timeout=10)).text == "a"
+        assert not m.inbound.connections  # audited callers take the full path: every call is recorded
+        text = m.api_tel.render().decode()
+        assert 'weft_authz_decisions_total{decision="audit",rule="web -> api (KV weft/intentions/api Sources[0])"}' \
+            in text
