@@ -124,6 +124,8 @@ async def _start(acl: FakeAcl) -> tuple[CAServer, asyncio.Event]:
     stop = asyncio.Event()
     server = CAServer(service, FakeLock().handle(), FakeRegistry(), ServeOptions(listen="127.0.0.1:0"))
     await server.start(stop)
+    while not service.active:  # it campaigns again once registered
+        await asyncio.sleep(0.01)
     return server, stop
 
 

@@ -66,6 +66,7 @@ class ServiceAddress:
     address: str
     port: int
     tags: tuple[str, ...] = ()
+    active: bool = False  # its health check says "active"
 
 
 class Registry(Protocol):

@@ -370,6 +370,8 @@ class CAServer:
         self.address = ""
         self.service_id = ""
         self._served: ServingCert | None = None
+        self.registered = asyncio.Event()
+        self.lock_held_for_bootstrap = False
 
     def _initial_cert_config(self) -> grpc.ServerCertificateConfiguration:
         serving = self.service.serving or self.service.issue_serving_cert()
@@ -397,6 +399,7 @@ class CAServer:
             stopper.cancel()
             if acquire in done:
                 acquire.result()
+                self.lock_held_for_bootstrap = True
                 try:
                     await self.service.become_active()
                 except Exception:
@@ -406,11 +409,18 @@ class CAServer:
             acquire.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await acquire
+            self.lock_held_for_bootstrap = True  # the campaign may go on in the background
         return False
 
     async def start(self, stop: asyncio.Event) -> bool:
         if not await self._initial_state(stop):
             return False
+        if self.registry is not None and (self.service.active or self.lock_held_for_bootstrap):
+            # The first term only created the state. Campaign again once registered, so that the lock's
+            # session is tied to this replica's health check: if the process dies, Consul invalidates
+            # the session when the check's TTL lapses, and a standby takes over within that TTL.
+            self.service.active = False
+            await self.lock.release()
         self.service.issue_serving_cert()
         creds = grpc.dynamic_ssl_server_credentials(self._initial_cert_config(),
                                                     self._cert_config,  # type: ignore[arg-type]
@@ -435,6 +445,10 @@ class CAServer:
         return True
 
     async def _leadership(self, stop: asyncio.Event) -> None:
+        if self.registry is not None:
+            # campaign once registered (see start); without a working registry, campaign anyway
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.registered.wait(), 3 * self.options.check_ttl_s)
         while not stop.is_set():
             try:
                 if not self.service.active:
@@ -474,16 +488,19 @@ class CAServer:
         sid = self.options.service_id or f"{SERVICE_NAME}-{self.address.replace(':', '-')}"
         self.service_id = sid
         host, port = self.address.rsplit(":", 1)
-        registered_role: bool | None = None
+        # Registered once: re-registering would reset the TTL check to critical, and the leader's lock
+        # session is tied to that check. The role goes in the check's output ("active"/"standby"),
+        # which clients use to try the active replica first.
+        registered = False
         while not stop.is_set():
             try:
-                if registered_role != self.service.active:
-                    tags = ["active" if self.service.active else "standby"]
-                    await self.registry.register(sid, host, int(port), tags, self.options.check_ttl_s)
-                    registered_role = self.service.active
+                if not registered:
+                    await self.registry.register(sid, host, int(port), [], self.options.check_ttl_s)
+                    registered = True
                 await self.registry.pass_check(sid, "active" if self.service.active else "standby")
+                self.registered.set()
             except Exception as exc:
-                registered_role = None
+                registered = False
                 log.warning("ca.registration_failed", error=repr(exc))
             try:
                 await asyncio.wait_for(stop.wait(), self.options.check_ttl_s / 3)

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -151,10 +151,33 @@ class ConsulRegistry:
     async def deregister(self, service_id: str) -> None:
         await self._c.agent_service_deregister(service_id)
 
+    def check_ids(self) -> list[str]:
+        return list(self._check_ids.values())
+
     async def healthy(self, service: str) -> list[ServiceAddress]:
         _, instances = await self._c.health_service(service, passing=True)
-        out = [ServiceAddress(i.service_id, i.address, i.port, tuple(i.tags)) for i in instances]
-        return sorted(out, key=lambda s: 0 if "active" in s.tags else 1)
+        out = [ServiceAddress(i.service_id, i.address, i.port, tuple(i.tags),
+                              active=any(c.output.strip() == "active" for c in i.checks)) for i in instances]
+        return sorted(out, key=lambda s: 0 if s.active else 1)
+
+
+class SessionTiedToChecks:
+    """Wraps a ConsulClient for `catalog.lock.LeaderLock`: each session it creates also lists the CA's own
+    TTL health check (`ServiceChecks`), so Consul invalidates the leader's session as soon as that check
+    goes critical (a dead replica stops passing it) instead of waiting for the session TTL to lapse."""
+
+    def __init__(self, client: ConsulClient, registry: ConsulRegistry | None) -> None:
+        self._client = client
+        self._registry = registry
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def session_create(self, **kwargs: Any) -> str:
+        checks = self._registry.check_ids() if self._registry is not None else []
+        if checks:
+            kwargs["service_checks"] = checks
+        return await self._client.session_create(**kwargs)
 
 
 class TermLock:
@@ -314,10 +337,11 @@ def _serve(args: argparse.Namespace) -> int:
             service = CAService(store, TokenAuthorizer(ConsulAcl(client), dc), config, datacenter=dc,
                                 own_token=_own_token(client))
             advertise = args.advertise or args.listen
-            lock = TermLock(lambda: LeaderLock(client, KEY_LEADER, ttl=_fmt(args.lock_ttl),
+            registry = None if args.no_register else ConsulRegistry(client)
+            sessions = cast(ConsulClient, SessionTiedToChecks(client, registry))
+            lock = TermLock(lambda: LeaderLock(sessions, KEY_LEADER, ttl=_fmt(args.lock_ttl),
                                                lock_delay=_fmt(args.lock_delay), value=advertise.encode(),
                                                session_name="weft-ca"))
-            registry = None if args.no_register else ConsulRegistry(client)
             options = ServeOptions(listen=args.listen, advertise=args.advertise,
                                    check_ttl_s=args.check_ttl.total_seconds(),
                                    maintain_interval_s=args.maintain_interval.total_seconds())

@@ -39,9 +39,15 @@ async def start_ca(kv: FakeKV, acl: FakeAcl, lock: FakeLock, config: CAConfig | 
     config = config or CAConfig(leaf_ttl=timedelta(hours=1), max_leaf_ttl=timedelta(hours=2))
     service = CAService(CAStore(kv, KEK), TokenAuthorizer(acl, "dc1"), config)
     stop = asyncio.Event()
-    server = CAServer(service, lock.handle(), FakeRegistry(), ServeOptions(listen="127.0.0.1:0",
-                                                                          maintain_interval_s=0.5))
+    handle = lock.handle()
+    server = CAServer(service, handle, FakeRegistry(), ServeOptions(listen="127.0.0.1:0", maintain_interval_s=0.5))
     assert await server.start(stop)
+    # the first replica campaigns again once registered (see CAServer.start): wait until it leads,
+    # unless another replica holds the lock (then this one is a standby)
+    deadline = asyncio.get_running_loop().time() + 30
+    while lock.holder in (None, handle) and not service.active:
+        assert asyncio.get_running_loop().time() < deadline, "the CA did not become active"
+        await asyncio.sleep(0.02)
     return RunningCA(server, service, kv, acl, stop)
 
 

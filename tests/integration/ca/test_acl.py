@@ -56,9 +56,10 @@ def acl_ca() -> Iterator[tuple[DevAgent, Proc, dict[str, str]]]:
               env={**agent.env, "CONSUL_HTTP_TOKEN": MGMT, "WEFT_CA_KEK": KEK})
     try:
         def registered() -> bool:
-            return bool(call(agent, "GET", "/v1/health/service/weft-ca?passing"))
+            entries = call(agent, "GET", "/v1/health/service/weft-ca?passing") or []
+            return any(c.get("Output") == "active" for e in entries for c in e["Checks"])
 
-        wait_for(registered, timeout=60, interval=0.3, what="weft-ca registered and passing")
+        wait_for(registered, timeout=60, interval=0.3, what="weft-ca registered, passing and active")
         yield agent, ca, tokens
     finally:
         print(ca.output()[-4000:])
