@@ -528,9 +528,8 @@ class _Dev:
         from weft.cmd_register import load_files
 
         host, port, default_consul = consul_address(self.env)
-        files = sorted(p for p in DEMO_SERVICES.iterdir() if p.suffix in (".hcl", ".json"))
         try:
-            payloads = [payload for _, payload in load_files(files)]
+            payloads = [payload for _, payload in load_files([DEMO_SERVICES])]
         except ServiceDefinitionError as exc:
             raise DevError(str(exc)) from None
         consul_url = f"http://{host}:{port}"

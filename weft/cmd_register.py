@@ -3,7 +3,8 @@
 The files are what Consul users already write (`service { name, port, meta, check, connect {
 sidecar_service { proxy { upstreams = [...] } } } }`, or `services = [...]`); they are parsed and
 checked by `catalog.servicedef` and sent to `PUT /v1/agent/service/register` of the agent at
-`CONSUL_HTTP_ADDR` (token from `CONSUL_HTTP_TOKEN`), as `consul services register FILE` does. The
+`CONSUL_HTTP_ADDR` (token from `CONSUL_HTTP_TOKEN`), as `consul services register FILE` does (a
+directory stands for its .hcl and .json files). The
 agent expands `connect.sidecar_service` into the `<id>-sidecar-proxy` registration; start the sidecar
 with `weft sidecar --sidecar-for <id>`. Every file is checked before anything is registered.
 `-deregister` removes the services the files define instead.
@@ -23,7 +24,8 @@ from catalog.servicedef import ServiceDefinitionError, parse, upstreams_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="+", metavar="FILE", help="service definition files (.hcl or .json)")
+    parser.add_argument("files", nargs="+", metavar="FILE",
+                        help="service definition files (.hcl or .json), or directories of them")
     parser.add_argument("-replace-existing-checks", "--replace-existing-checks", action="store_true",
                         help="drop checks of an earlier registration that the file no longer declares")
     parser.add_argument("-deregister", "--deregister", action="store_true",
@@ -32,11 +34,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only parse and check the files; print the register payloads as JSON")
 
 
+def expand(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given; a directory stands for its *.hcl and *.json files (sorted), as Consul's config dir."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in (".hcl", ".json") and p.is_file())
+            if not found:
+                raise ServiceDefinitionError("", "no .hcl or .json files in this directory", str(path))
+            out.extend(found)
+        else:
+            out.append(path)
+    return out
+
+
 def load_files(paths: Sequence[str | Path]) -> list[tuple[Path, dict[str, Any]]]:
     """Parse every file (raising on the first bad one); returns (file, payload) in order."""
     out: list[tuple[Path, dict[str, Any]]] = []
-    for raw in paths:
-        path = Path(raw)
+    for path in expand(paths):
         try:
             text = path.read_text()
         except OSError as exc:

@@ -60,3 +60,16 @@ def test_a_bad_file_registers_nothing(module_agent: DevAgent, tmp_path: Path) ->
     assert result.returncode == 1
     assert "bad.hcl: service.check.interval: required for a tcp check" in result.stderr
     assert "frontend-1" not in _get(module_agent, "/v1/agent/services")
+
+
+def test_a_directory_stands_for_its_definition_files(module_agent: DevAgent, tmp_path: Path) -> None:
+    result = _weft(module_agent, "register", str(DEMO))
+    assert result.returncode == 0, result.stderr
+    services = _get(module_agent, "/v1/agent/services")
+    assert {"frontend-1", "greeter-1", "store-1", "frontend-1-sidecar-proxy"} <= set(services)
+    result = _weft(module_agent, "register", "-deregister", str(DEMO))
+    assert result.returncode == 0, result.stderr
+    assert not {"frontend-1", "greeter-1", "store-1"} & set(_get(module_agent, "/v1/agent/services"))
+    result = _weft(module_agent, "register", str(tmp_path))  # an empty directory
+    assert result.returncode == 1
+    assert "no .hcl or .json files in this directory" in result.stderr
