@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ca import renewal
 from ca.authz import TokenAuthorizer
-from ca.backend import SERVICE_NAME, LeaderLock, Registry
+from ca.backend import SERVICE_NAME, BackendError, LeaderLock, Registry
 from ca.builtin import BuiltinProvider
 from ca.csr import key_pem, make_csr, new_key, parse_csr, verify_renewal
 from ca.identity import SpiffeId
@@ -296,7 +296,16 @@ def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, CAError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    return grpc.StatusCode.UNAVAILABLE, f"the CA cannot answer now ({type(exc).__name__}: {exc}); retry"
+    if _is_backend_outage(exc):
+        return grpc.StatusCode.UNAVAILABLE, f"the CA cannot reach Consul now ({type(exc).__name__}: {exc}); retry"
+    return grpc.StatusCode.INTERNAL, f"the CA failed on this request ({type(exc).__name__}); see its log"
+
+
+def _is_backend_outage(exc: Exception) -> bool:
+    """Consul unreachable or failing (the adapters' errors are named Consul*; ``ca`` does not import them)."""
+    if isinstance(exc, OSError | TimeoutError | BackendError):
+        return True
+    return any(cls.__name__.startswith("Consul") for cls in type(exc).__mro__)
 
 
 class CAServicer(ca_pb2_grpc.CAServicer):
@@ -310,7 +319,9 @@ class CAServicer(ca_pb2_grpc.CAServicer):
                                            request.renewal_proof, request.ttl_seconds)
         except Exception as exc:
             code, message = _status_for(exc)
-            if code == grpc.StatusCode.UNAVAILABLE and not isinstance(exc, NotActive):
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("ca.sign_failed", error=repr(exc), exc_info=exc)
+            elif code == grpc.StatusCode.UNAVAILABLE and not isinstance(exc, NotActive):
                 log.warning("ca.sign_failed", error=repr(exc))
             else:
                 log.info("ca.refused", code=code.name, reason=message)

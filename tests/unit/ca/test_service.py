@@ -168,3 +168,20 @@ async def test_rotate_needs_operator_and_publishes() -> None:
 
     published = await read_roots(kv)
     assert published is not None and published.active_root_id == new_id
+
+
+def test_status_codes_for_errors() -> None:
+    import grpc
+
+    from ca.server import _status_for
+
+    class ConsulUnavailable(Exception):
+        pass
+
+    assert _status_for(InvalidRequest("x"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert _status_for(NotAuthorized("x"))[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert _status_for(NotActive("x"))[0] == grpc.StatusCode.UNAVAILABLE
+    assert _status_for(ConsulUnavailable("down"))[0] == grpc.StatusCode.UNAVAILABLE
+    assert _status_for(ConnectionRefusedError())[0] == grpc.StatusCode.UNAVAILABLE
+    code, message = _status_for(KeyError("secret-ish detail"))
+    assert code == grpc.StatusCode.INTERNAL and "secret-ish" not in message
