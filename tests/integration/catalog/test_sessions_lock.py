@@ -68,8 +68,9 @@ async def test_leader_lock_exclusive_and_takeover_on_release(module_agent: DevAg
     async with client_for(module_agent) as c1, client_for(module_agent) as c2:
         a = LeaderLock(c1, "weft/test/leader-release", ttl="10s", lock_delay="0s", value=b"A")
         b = LeaderLock(c2, "weft/test/leader-release", ttl="10s", lock_delay="0s", value=b"B")
-        async with a, b:
+        async with a:
             await asyncio.wait_for(a.acquired(), 20)
+            b.start()                                # campaign only once A holds the lock
             waiting = asyncio.ensure_future(b.acquired())
             await until(lambda: b.leader_value == b"A", what="standby to see the leader")
             assert not waiting.done() and not b.held
@@ -78,6 +79,7 @@ async def test_leader_lock_exclusive_and_takeover_on_release(module_agent: DevAg
             assert b.held and a.lost.is_set()
             _, e = await c1.kv_get("weft/test/leader-release")
             assert e is not None and e.value == b"B" and e.session == b.session_id
+            await b.stop()
         _, e = await c1.kv_get("weft/test/leader-release")
         assert e is not None and e.session == ""
 

@@ -101,9 +101,9 @@ async def test_standby_respects_lock_delay_then_acquires() -> None:
     a = LeaderLock(fake, KEY, ttl="10s", lock_delay="0.3s", value=b"A", wait=5)  # type: ignore[arg-type]
     b = LeaderLock(fake, KEY, ttl="10s", lock_delay="0.3s", value=b"B", wait=5,  # type: ignore[arg-type]
                    retry_interval=0.05)
-    async with a, b:
+    async with a:
         await a.acquired()
-        wait_b = asyncio.ensure_future(b.acquired())
+        wait_b = asyncio.ensure_future(b.acquired())   # b campaigns only once a holds the lock
         await until(lambda: b.leader_value == b"A")
         await fake.invalidate(a.session_id)  # the holder died: lock-delay applies to the key
         await asyncio.wait_for(a.lost.wait(), 5)
@@ -112,6 +112,7 @@ async def test_standby_respects_lock_delay_then_acquires() -> None:
         await asyncio.wait_for(wait_b, 5)
         assert b.held and fake.kv[KEY].value == b"B"
         assert sessions_created == 2
+        await b.stop()
 
 
 async def test_campaign_survives_consul_outage() -> None:
