@@ -60,6 +60,8 @@ class Agent:
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.event_ltime = 0
         self.lock_delays: dict[str, float] = {}  # KV key -> monotonic time its lock-delay ends
+        # with -data-dir: awaited before any answer leaves, so nothing unsynced is ever acknowledged
+        self.durable: Callable[[], Awaitable[None]] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
         self._policy_cache: dict[tuple[str, int], acl.Policy] = {}

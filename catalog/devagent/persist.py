@@ -3,8 +3,11 @@
 Layout of the data dir:
 - ``node-id``: this agent's node ID (kept across restarts, as Consul keeps it).
 - ``state.json``: a snapshot of the whole store (written to a temp file, fsynced, renamed).
-- ``journal.jsonl``: one JSON line per committed transaction after the snapshot, appended and
-  fsynced before the transaction becomes visible (so before any answer acknowledges it).
+- ``journal.jsonl``: one JSON line per committed transaction after the snapshot, written to the
+  file before the transaction becomes visible. No answer leaves the agent before the journal is
+  fsynced up to that point (``Agent.durable``, awaited by the HTTP dispatcher): one fsync in a
+  worker thread serves every request waiting at that moment (group commit), and the event loop
+  never blocks on the disk.
 
 On start-up the snapshot is loaded and the journal replayed; a torn last line (a crash in the
 middle of an append, never acknowledged) is dropped. The journal is compacted into a new snapshot
@@ -38,6 +41,10 @@ class Journal:
         self._fh: IO[bytes] | None = None
         self.size = 0
         self.dirty = False
+        self.written = 0  # records appended since start
+        self.synced = 0  # records known to be on disk
+        self._inflight: asyncio.Future[None] | None = None
+        self.compact_due = False
 
     def load(self) -> None:
         store = self.agent.store
@@ -73,18 +80,45 @@ class Journal:
         self.dirty = self.size > 0
 
     def append(self, record: dict[str, Any]) -> None:
+        """Hand one record to the OS (it survives a crash of this process); ``sync`` makes it durable."""
         assert self._fh is not None
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
         self._fh.write(line)
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        self.written += 1
         self.size += len(line)
         self.dirty = True
         if self.size > COMPACT_BYTES:
+            self.compact_due = True
+
+    async def sync(self) -> None:
+        """Return once every record appended so far is fsynced; concurrent callers share one fsync."""
+        target = self.written
+        while self.synced < target:
+            if self._inflight is None:
+                self._inflight = asyncio.ensure_future(self._fsync())
+            await asyncio.shield(self._inflight)
+
+    async def _fsync(self) -> None:
+        target = self.written
+        try:
+            assert self._fh is not None
+            await asyncio.to_thread(os.fsync, self._fh.fileno())
+            self.synced = max(self.synced, target)
+        finally:
+            self._inflight = None
+
+    async def compact_async(self) -> None:
+        """Compact once no fsync is in flight (compaction replaces the journal file)."""
+        while self._inflight is not None:
+            await asyncio.shield(self._inflight)
+        if self._fh is not None:  # not closed meanwhile
             self.compact()
 
     def compact(self) -> None:
-        """Write a snapshot (temp file, fsync, rename, fsync dir), then start an empty journal."""
+        """Write a snapshot (temp file, fsync, rename, fsync dir), then start an empty journal.
+        Not while an fsync is in flight: use ``compact_async`` from the event loop."""
+        assert self._inflight is None
         tmp = self.dir / "state.json.tmp"
         with open(tmp, "wb") as fh:
             fh.write(json.dumps(self.agent.store.dump(), separators=(",", ":")).encode())
@@ -98,10 +132,21 @@ class Journal:
         os.fsync(self._fh.fileno())
         self.size = 0
         self.dirty = False
+        self.compact_due = False
+        self.synced = self.written
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         if self._fh is not None:
             if self.dirty:
+                await self.compact_async()
+            assert self._fh is not None
+            self._fh.close()
+            self._fh = None
+
+    def close(self) -> None:
+        """Synchronous close (no event loop): compact if needed."""
+        if self._fh is not None:
+            if self.dirty and self._inflight is None:
                 self.compact()
             assert self._fh is not None
             self._fh.close()
@@ -136,16 +181,21 @@ def attach(agent: Agent, data_dir: str) -> Journal:
     journal = Journal(agent, path)
     journal.load()
     agent.store.journal = journal.append
+    agent.durable = journal.sync
 
     async def periodic() -> None:
+        last = asyncio.get_running_loop().time()
         while True:
-            await asyncio.sleep(COMPACT_INTERVAL)
-            if journal.dirty:
-                journal.compact()
+            await asyncio.sleep(1.0)
+            now = asyncio.get_running_loop().time()
+            if journal.compact_due or (journal.dirty and now - last >= COMPACT_INTERVAL):
+                await journal.compact_async()
+                last = now
 
     async def close() -> None:
-        journal.close()
+        await journal.aclose()
         agent.store.journal = None
+        agent.durable = None
 
     agent.spawn(periodic(), name="devagent-compact")
     agent.on_stop(close)

@@ -76,9 +76,17 @@ def _make_dispatch(agent: Agent, endpoint: Endpoint) -> Callable[[web.Request], 
             return text_response(str(exc) or type(exc).__name__, 500)
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
-        """Every answer carries ``X-Consul-Default-ACL-Policy``, as Consul's do."""
+        """Every answer carries ``X-Consul-Default-ACL-Policy``, as Consul's do, and leaves only once
+        the journal (with -data-dir) holds on disk every write the answer may reflect."""
         resp = await answer(request)
         resp.headers.setdefault("X-Consul-Default-Acl-Policy", policy)
+        durable = agent.durable
+        if durable is not None:
+            try:
+                await durable()
+            except OSError as exc:
+                log.error("journal fsync failed", error=repr(exc))
+                return text_response(f"failed to persist the write: {exc}", 500)
         return resp
 
     return dispatch

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from catalog.devagent import kv, persist
 from catalog.devagent.agent import Agent, AgentConfig
@@ -69,3 +72,31 @@ def test_record_without_its_newline_is_kept_and_the_journal_stays_appendable(tmp
     journal2._fh.close()  # type: ignore[union-attr]
     third, _ = _attach(tmp_path)
     assert set(third.store.rows("kvs")) == {"a", "b"}
+
+
+def test_concurrent_syncs_share_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    async def main() -> None:
+        agent = Agent(AgentConfig(node_name="n1"))
+        journal = persist.attach(agent, str(tmp_path))
+        for task in list(agent._tasks):
+            task.cancel()
+        monkeypatch.setattr(os, "fsync", counting)
+        for i in range(5):
+            _put(agent, f"k{i}", "MQ==")
+        assert journal.synced < journal.written
+        assert agent.durable is not None
+        await asyncio.gather(*(agent.durable() for _ in range(20)))
+        assert journal.synced == journal.written
+        assert 1 <= len(calls) <= 2  # one fsync for all twenty waiters (two if they straddle one)
+        await agent.durable()  # nothing new: no fsync
+        assert len(calls) <= 2
+        await journal.aclose()
+
+    asyncio.run(main())
