@@ -51,9 +51,9 @@ async def test_sidecar_registered_listed_by_health_connect_then_deregistered(mod
 
 async def test_ttl_lapse_makes_instance_critical_and_keeper_warns(module_agent: DevAgent) -> None:
     async with client_for(module_agent) as c:
-        reg = service_registration(name="lapse", port=9000, ttl="1s")
+        reg = service_registration(name="lapse", port=9000, ttl="2s")
         await c.agent_service_register(reg)
-        keeper = TtlKeeper(c, "lapse:ttl", "1s", note="alive")
+        keeper = TtlKeeper(c, "lapse:ttl", "2s", note="alive")
         keeper.start()
         try:
             await until(lambda: keeper.reports >= 1, what="first TTL report")
@@ -75,7 +75,7 @@ async def test_ttl_lapse_makes_instance_critical_and_keeper_warns(module_agent: 
         finally:
             await keeper.stop(fail=False)
         # nothing reports any more: the TTL lapses and the check turns critical
-        for _ in range(100):
+        for _ in range(200):
             if await status() == "critical":
                 break
             await asyncio.sleep(0.1)
