@@ -19,6 +19,7 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "dev", action="store_true", help="development mode (the only mode; accepted for Consul parity)")
+    _flag(parser, "ui", action="store_true", help="accepted for Consul parity; the dev agent serves no web UI")
     _flag(parser, "http-port", type=int, default=8500, help="HTTP API port (default 8500; 0 picks a free port)")
     _flag(parser, "client", default="127.0.0.1", help="address the HTTP API binds to (default 127.0.0.1)")
     _flag(parser, "node", default=socket.gethostname(), help="node name (default: the host name)")
