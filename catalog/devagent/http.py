@@ -121,7 +121,15 @@ class Req:
         length = self.raw.content_length
         if length is not None and length > limit:
             raise HTTPError(413, too_large or f"Request body({length} bytes) too large, max size: {limit} bytes.")
-        data = await self.raw.content.read(limit + 1)
+        chunks: list[bytes] = []
+        total = 0
+        while total <= limit:  # read() answers with what has arrived, so gather until EOF or over the limit
+            chunk = await self.raw.content.read(limit + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        data = b"".join(chunks)
         if len(data) > limit:
             raise HTTPError(413, too_large or f"Request body too large, max size: {limit} bytes.")
         return data

@@ -204,3 +204,20 @@ def test_one_write_wakes_every_waiter(agent: DevAgent) -> None:
             await c.close()
 
     asyncio.run(main())
+
+
+def test_body_arriving_in_pieces_is_stored_whole(agent: DevAgent) -> None:
+    async def main() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+        body = bytes(range(256)) * 1200  # 300 KiB, sent in slices with pauses
+        writer.write(f"PUT /v1/kv/pieces HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        for i in range(0, len(body), 40_000):
+            writer.write(body[i:i + 40_000])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+        writer.close()
+
+    asyncio.run(main())
+    status, _, stored = _http(agent, "GET", "/v1/kv/pieces?raw")
+    assert status == 200 and stored == bytes(range(256)) * 1200
