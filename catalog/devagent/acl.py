@@ -348,6 +348,13 @@ class PolicyAuthorizer(Authorizer):
             decision = None
         return self._default if decision is None else decision
 
+    def service_write_any(self) -> bool:
+        """Consul's ServiceWriteAny: some service rule (exact or prefix) grants write."""
+        rules = list(self._p.exact["service"].values()) + list(self._p.prefix["service"].values())
+        if any(rule.access == WRITE for rule in rules):
+            return True
+        return self._default
+
     def key_write_prefix(self, prefix: str) -> bool:
         # Deny when any rule at or under the prefix does not grant write; otherwise the longest prefix
         # rule applying to the prefix decides (or the default).

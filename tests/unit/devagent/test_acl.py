@@ -97,3 +97,9 @@ def test_json_rules_and_errors() -> None:
 def test_allow_all_when_disabled() -> None:
     assert acl.ALLOW_ALL.key_write_prefix("") and acl.ALLOW_ALL.service_write("x")
     acl.ALLOW_ALL.check("acl:write")
+
+
+def test_service_write_any() -> None:
+    assert authz().service_write_any()  # service "web" grants write
+    assert not authz('service_prefix "" { policy = "read" }').service_write_any()
+    assert acl.PolicyAuthorizer("x", acl.service_identity_policy("api")).service_write_any()
