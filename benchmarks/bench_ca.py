@@ -5,8 +5,9 @@ Signing (certificates per second, one process, same run):
   key checks, SAN checks; then ``BuiltinProvider.sign``);
 - ``service_token``: ``CAService.sign`` with an ACL token checked against (in-memory) policies;
 - ``grpc``: ``Sign`` over gRPC/TLS on loopback, 16 calls in flight (CSR made beforehand);
-- baselines: ``cryptography`` building the same leaf with no checks at all, and raw ECDSA P-256
-  signatures over the same TBS bytes (the floor: one signature per certificate).
+- baselines: ``cryptography`` building the same leaf with no checks at all; the least any CA must do
+  (load the CSR, verify its signature, build the leaf); raw ECDSA P-256 signatures over the same TBS
+  bytes (the floor: one signature per certificate).
 
 Rotation: a real dev agent and a real ``weft ca serve``; 100 watchers stream ``WatchRoots``; we
 run ``weft ca rotate`` and time until every watcher holds the new bundle. Baseline: the same CLI's
@@ -66,19 +67,30 @@ def _signing() -> dict[str, Any]:
         for csr in batch:
             provider.sign(parse_csr(csr, TD), ttl, now)
 
+    def build(pk: Any) -> None:
+        (x509.CertificateBuilder()
+         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web")]))
+         .issuer_name(gen.inter_cert.subject).public_key(pk).serial_number(x509.random_serial_number())
+         .not_valid_before(now).not_valid_after(now + ttl)
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                               ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ident.uri),
+                                                     x509.DNSName(ident.dns_name)]), critical=False)
+         .sign(gen.inter_key, hashes.SHA256()))
+
     def builder(batch: list[Any]) -> None:
         # baseline 1: cryptography builds the same leaf, no checks of any kind
         for pk in batch:
-            (x509.CertificateBuilder()
-             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web")]))
-             .issuer_name(gen.inter_cert.subject).public_key(pk).serial_number(x509.random_serial_number())
-             .not_valid_before(now).not_valid_after(now + ttl)
-             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                   ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-             .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(ident.uri),
-                                                         x509.DNSName(ident.dns_name)]), critical=False)
-             .sign(gen.inter_key, hashes.SHA256()))
+            build(pk)
+
+    def minimal(batch: list[bytes]) -> None:
+        # baseline 2: the least any CA must do: load the CSR, verify its signature, build the leaf
+        for pem in batch:
+            csr = x509.load_pem_x509_csr(pem)
+            if not csr.is_signature_valid:
+                raise ValueError("bad CSR")
+            build(csr.public_key())
 
     def raw_ecdsa(batch: list[bytes]) -> None:
         # baseline 2: one raw ECDSA P-256 signature over a real leaf's TBS bytes per certificate
@@ -87,22 +99,25 @@ def _signing() -> dict[str, Any]:
 
     # interleaved rounds, so that a noisy neighbour hits all three alike; medians of the rounds
     rounds, size = 6, N_SIGN // 6
-    times: dict[str, list[float]] = {"ours": [], "builder": [], "raw": []}
+    times: dict[str, list[float]] = {"ours": [], "builder": [], "minimal": [], "raw": []}
     for r in range(rounds):
         sl = slice(r * size, (r + 1) * size)
         for name, fn, batch in (("ours", ours, csrs[sl]), ("builder", builder, keys[sl]),
-                                ("raw", raw_ecdsa, csrs[sl])):
+                                ("minimal", minimal, csrs[sl]), ("raw", raw_ecdsa, csrs[sl])):
             t = time.perf_counter()
             fn(batch)  # type: ignore[operator,arg-type]
             times[name].append(time.perf_counter() - t)
     ours_t = statistics.median(times["ours"])
     builder_t = statistics.median(times["builder"])
+    minimal_t = statistics.median(times["minimal"])
     raw = statistics.median(times["raw"])
     n = size
     return {
         "n": N_SIGN,
         "provider_certs_per_s": _rate(n, ours_t),
         "baseline_builder_certs_per_s": _rate(n, builder_t),
+        "baseline_minimal_ca_certs_per_s": _rate(n, minimal_t),
+        "provider_vs_minimal_ca": round(minimal_t / ours_t, 3),
         "baseline_raw_ecdsa_per_s": _rate(n, raw),
         "provider_vs_builder": round(builder_t / ours_t, 3),
         "provider_vs_raw_ecdsa": round(raw / ours_t, 3),
@@ -270,7 +285,8 @@ def run() -> dict[str, Any]:
     out["service"] = asyncio.run(_service_and_grpc())
     out["rotation_cli"] = _cli_rotation()
     s = out["signing"]
-    print(f"   provider {s['provider_certs_per_s']} certs/s vs cryptography builder "
+    print(f"   provider {s['provider_certs_per_s']} certs/s vs minimal CA {s['baseline_minimal_ca_certs_per_s']} "
+          f"(x{s['provider_vs_minimal_ca']}), bare builder "
           f"{s['baseline_builder_certs_per_s']} (x{s['provider_vs_builder']}), raw ECDSA "
           f"{s['baseline_raw_ecdsa_per_s']}/s; over gRPC {out['service']['grpc_certs_per_s_16_in_flight']} certs/s",
           flush=True)

@@ -76,6 +76,14 @@ def _from_iso(s: Any) -> datetime | None:
     return None if s is None else datetime.fromisoformat(str(s)).astimezone(UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class _Derived:
+    source: tuple[x509.Certificate, ...]
+    root_id: str
+    chain: tuple[str, ...]
+    inter_ski: x509.SubjectKeyIdentifier
+
+
 @dataclass
 class Generation:
     """One root, its signing intermediate, and the certificates other roots cross-signed for it."""
@@ -91,12 +99,29 @@ class Generation:
     create_index: int = 0
     modify_index: int = 0
 
+    # PEM chain, root id and the intermediate's key id, computed once per (root, intermediate, cross-signed)
+    _memo: _Derived | None = field(default=None, repr=False, compare=False)
+
+    def _derived(self) -> _Derived:
+        # the memo holds the certificates it was computed from (so they stay alive), compared by identity
+        source = (self.root_cert, self.inter_cert, *self.cross_signed)
+        memo = self._memo
+        if memo is None or len(memo.source) != len(source) or any(
+                a is not b for a, b in zip(memo.source, source, strict=True)):
+            chain = (_pem(self.inter_cert), *(_pem(c) for c in self.cross_signed))
+            memo = self._memo = _Derived(source, cert_id(self.root_cert), chain, _ski(self.inter_cert))
+        return memo
+
     @property
     def id(self) -> str:
-        return cert_id(self.root_cert)
+        return self._derived().root_id
 
     def chain(self) -> tuple[str, ...]:
-        return (_pem(self.inter_cert), *(_pem(c) for c in self.cross_signed))
+        return self._derived().chain
+
+    @property
+    def inter_ski(self) -> x509.SubjectKeyIdentifier:
+        return self._derived().inter_ski
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -293,7 +318,7 @@ class BuiltinProvider:
         if request.identity.trust_domain != self._trust_domain:
             raise InvalidRequest(f"identity {request.identity} is not in trust domain {self._trust_domain!r}")
         gen = self._active()
-        public_key = serialization.load_der_public_key(request.public_key_der)
+        public_key = request.public_key or serialization.load_der_public_key(request.public_key_der)
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, ec.SECP256R1):
             raise InvalidRequest("an EC P-256 key is required")
         skew = min(MAX_CLOCK_SKEW, ttl / 10)
@@ -317,7 +342,7 @@ class BuiltinProvider:
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                            critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(gen.inter_cert)),
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(gen.inter_ski),
                            critical=False)
             .add_extension(x509.SubjectAlternativeName(
                 [x509.UniformResourceIdentifier(identity.uri), x509.DNSName(identity.dns_name)]), critical=False)

@@ -88,8 +88,7 @@ def parse_csr(data: bytes | str, trust_domain: str) -> SignRequest:
         raise InvalidRequest(f"the CSR asks for SANs the CA does not issue: {', '.join(kinds)}")
 
     der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    pem = csr.public_bytes(serialization.Encoding.PEM)
-    return SignRequest(identity=identity, csr_pem=pem, public_key_der=der)
+    return SignRequest(identity=identity, csr_pem=raw, public_key_der=der, public_key=public_key)
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:

@@ -77,8 +77,9 @@ class SignRequest:
     """A CSR that ``ca.csr.parse_csr`` has checked: its identity and its P-256 public key (DER)."""
 
     identity: SpiffeId
-    csr_pem: bytes
+    csr_pem: bytes  # the request as received (PEM or DER)
     public_key_der: bytes
+    public_key: Any = field(default=None, compare=False)  # the parsed key, to spare the provider a re-parse
 
 
 @dataclass(frozen=True, slots=True)
