@@ -70,6 +70,13 @@ def test_refuses_to_start_without_kek(agent: DevAgent) -> None:
         assert "WEFT_CA_KEK" in p.output()
     finally:
         p.stop()
+    # with -dev it runs, and says both that its KEK is not secret and that ACLs are off
+    dev = start_ca(agent, free_port(), "-dev", kek=False)
+    try:
+        wait_for(lambda: "ANY caller gets ANY identity" in dev.output(), timeout=60, what="the ACL warning")
+        assert "publicly known KEK" in dev.output() and dev.alive()
+    finally:
+        dev.stop()
 
 
 def test_failover_to_standby(agent: DevAgent) -> None:
