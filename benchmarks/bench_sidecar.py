@@ -76,6 +76,22 @@ def rss_mb(pid: int) -> float:
         return int(f.read().split()[1]) * _PAGE / 1e6
 
 
+def memory_breakdown_mb(pid: int) -> dict[str, float]:
+    """RSS split from /proc/<pid>/smaps_rollup: private (USS) vs shared clean (libraries other processes share)."""
+    fields: dict[str, int] = {}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                fields[key] = int(parts[0])
+    if not fields:
+        return {}
+    return {"rss_mb": round(fields.get("Rss", 0) / 1024, 1), "pss_mb": round(fields.get("Pss", 0) / 1024, 1),
+            "private_mb": round((fields.get("Private_Dirty", 0) + fields.get("Private_Clean", 0)) / 1024, 1),
+            "shared_clean_mb": round(fields.get("Shared_Clean", 0) / 1024, 1)}
+
+
 # -- paths and load ---------------------------------------------------------------------------------
 
 @dataclass

@@ -147,7 +147,7 @@ class Stack:
 
     def memory(self, calls: int, max_seconds: float) -> dict[str, Any]:
         """RSS of a sidecar with ten upstreams after `calls` calls spread over them, and after as many more."""
-        from benchmarks.bench_sidecar import load, rss_mb
+        from benchmarks.bench_sidecar import load, memory_breakdown_mb, rss_mb
 
         locals_ = [free_port() for _ in range(MEM_UPSTREAMS)]
         names = [f"mem{i}" for i in range(MEM_UPSTREAMS)]
@@ -172,6 +172,7 @@ class Stack:
             out[f"seconds_{label}"] = round(time.monotonic() - t0, 1)
             out[f"rps_{label}"] = result["rps"]
             out[f"rss_mb_after_{label}"] = round(rss_mb(pid), 1)
+            out[f"breakdown_after_{label}"] = memory_breakdown_mb(pid)
         out["rss_growth_after_second"] = round(out["rss_mb_after_second"] / out["rss_mb_after_first"] - 1, 4)
         out["completed"] = all(p["calls"] >= calls for p in phases)
         out["server_sidecar_rss_mb_max"] = round(max(rss_mb(self.sidecars[n][0].pid) for n in names), 1)
