@@ -8,6 +8,7 @@ error answers, so a bad request ends only that request.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import pkgutil
 import traceback
@@ -154,6 +155,8 @@ async def start(config: AgentConfig) -> tuple[Agent, web.AppRunner]:
 async def serve(config: AgentConfig, stop: asyncio.Event, on_ready: Callable[[int], Any] | None = None) -> int:
     """Serve until ``stop`` is set. ``on_ready(port)`` runs once the HTTP port accepts connections."""
     agent, runner = await start(config)
+    gc.collect()
+    gc.freeze()  # start-up objects (modules, loaded state) leave the collector's working set
     port = config.http_port
     for site in runner.sites:
         server = getattr(site, "_server", None)
