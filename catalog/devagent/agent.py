@@ -8,6 +8,7 @@ request as ``r.agent``. At start-up the agent registers its own node and that no
 from __future__ import annotations
 
 import asyncio
+import datetime
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -60,6 +61,7 @@ class Agent:
         self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self.event_ltime = 0
         self.lock_delays: dict[str, float] = {}  # KV key -> monotonic time its lock-delay ends
+        self.started_at = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         # with -data-dir: awaited before any answer leaves, so nothing unsynced is ever acknowledged
         self.durable: Callable[[], Awaitable[None]] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()

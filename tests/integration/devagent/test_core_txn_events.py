@@ -184,3 +184,13 @@ def test_malformed_requests_answer_with_a_message(agent: DevAgent, method: str, 
     text = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
     assert text and b"Traceback" not in text
     assert _http(agent, "GET", "/v1/status/leader")[0] == 200
+
+
+def test_operator_raft_configuration(agent: DevAgent) -> None:
+    status, _, body = _http(agent, "GET", "/v1/operator/raft/configuration")
+    assert status == 200
+    assert [(s["Node"], s["Leader"], s["Voter"]) for s in body["Servers"]] == [("node-a", True, True)]
+    c = _c(agent)
+    assert c.operator.raft_config()["Servers"][0]["Address"] == "127.0.0.1:8300"
+    status, _, body = _http(agent, "GET", "/v1/operator/autopilot/health")
+    assert status == 200 and body["Healthy"] is True
