@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from catalog.devagent.agent import CONSUL_VERSION, REVISION, Agent
+from catalog.devagent.codec import format_duration
 from catalog.devagent.http import Endpoint, Req, json_response
 
 SERF_LAN_PORT = 8301
@@ -88,7 +89,7 @@ async def self_(r: Req) -> web.StreamResponse:
             "LogLevel": cfg.log_level.upper(),
             "NodeName": agent.node_name,
             "ServerMode": True,
-            "SessionTTLMin": f"{cfg.session_ttl_min_ns // 1_000_000_000}s",
+            "SessionTTLMin": format_duration(cfg.session_ttl_min_ns),
         },
         "Coord": {"Vec": [0, 0, 0, 0, 0, 0, 0, 0], "Error": 1.5, "Adjustment": 0, "Height": 1e-05},
         "Member": member(agent),
