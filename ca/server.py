@@ -117,6 +117,7 @@ class CAService:
         self._bundle_changed = asyncio.Condition()
         self.serving: ServingCert | None = None
         self.signed = 0
+        self._published_index = -1
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -163,6 +164,7 @@ class CAService:
                 if not await self.store.save_state(self.trust_domain, self.provider.state()):
                     raise NotActive("another replica wrote the CA state while this one took over")
             self.active = True
+            self._published_index = -1
             await self._set_bundle(self.provider.bundle(self.provider.state_index), publish=True)
         log.info("ca.active", trust_domain=self.trust_domain, created=created,
                  active_root=self._bundle.active_root_id if self._bundle else None)
@@ -173,25 +175,43 @@ class CAService:
         self.active = False
 
     async def _set_bundle(self, bundle: TrustBundle, *, publish: bool) -> None:
-        if publish:
-            await self.store.publish_roots(bundle)
         async with self._bundle_changed:
             self._bundle = bundle
             self._bundle_changed.notify_all()
+        if publish:
+            await self.publish()
 
-    async def _persist(self) -> None:
-        if not await self.store.save_state(self.trust_domain, self.provider.state()):
+    async def publish(self) -> None:
+        """Write the current bundle to KV ``weft/ca/roots`` (the upkeep retries after a failure)."""
+        bundle = self._bundle
+        if bundle is not None and self.active and self._published_index != bundle.index:
+            await self.store.publish_roots(bundle)
+            self._published_index = bundle.index
+
+    async def _persist(self, before: dict[str, Any]) -> None:
+        """Save the provider's changed state; on failure, return the provider to ``before``."""
+        try:
+            saved = await self.store.save_state(self.trust_domain, self.provider.state())
+        except Exception:
+            self.provider.configure(self.config, self.trust_domain, before, self.clock())
+            raise
+        if not saved:
+            self.provider.configure(self.config, self.trust_domain, before, self.clock())
             self.active = False
             raise NotActive("the CA state changed under this replica; it steps down")
-        await self._set_bundle(self.provider.bundle(self.provider.state_index), publish=True)
+        # watchers and signing use the new state at once; KV gets it now or on the next upkeep
+        await self._set_bundle(self.provider.bundle(self.provider.state_index), publish=False)
+        with contextlib.suppress(Exception):
+            await self.publish()
 
     async def maintain(self) -> bool:
         if not self.active:
             return False
         async with self._mutex:
+            before = self.provider.state()
             if not self.provider.maintain(self.clock()):
                 return False
-            await self._persist()
+            await self._persist(before)
         log.info("ca.maintained", roots=list(self._bundle.root_ids) if self._bundle else [])
         return True
 
@@ -243,8 +263,9 @@ class CAService:
         async with self._mutex:
             if not self.active:
                 raise NotActive("this CA replica is a standby; try another")
+            before = self.provider.state()
             new_id = self.provider.rotate(self.clock())
-            await self._persist()
+            await self._persist(before)
         log.info("ca.rotated", new_root=new_id, roots=list(self._bundle.root_ids) if self._bundle else [])
         return new_id
 
@@ -487,6 +508,7 @@ class CAServer:
                 await self.service.refresh_acl_mode()
                 if self.service.active:
                     await self.service.maintain()
+                    await self.service.publish()
                 else:
                     await self.service.load()  # a standby follows the shared state
                 if self.service.serving_cert_due():

@@ -185,3 +185,18 @@ def test_status_codes_for_errors() -> None:
     assert _status_for(ConnectionRefusedError())[0] == grpc.StatusCode.UNAVAILABLE
     code, message = _status_for(KeyError("secret-ish detail"))
     assert code == grpc.StatusCode.INTERNAL and "secret-ish" not in message
+
+
+async def test_rotation_that_cannot_be_saved_is_undone() -> None:
+    kv = FakeKV()
+    svc = await make_service(acl(), kv=kv)
+    before = svc.bundle
+    assert before is not None
+    kv.fail = True
+    with pytest.raises(ConnectionError):
+        await svc.rotate("operator")
+    assert svc.bundle == before
+    assert svc.provider.bundle(0).root_ids == before.root_ids  # still signing under the old root
+    kv.fail = False
+    new_id = await svc.rotate("operator")
+    assert svc.bundle is not None and svc.bundle.active_root_id == new_id
