@@ -386,7 +386,8 @@ class LeafManager:
         return renewal.renewal_delay(self._clock(), cur.not_before, cur.not_after, self._draw)
 
     async def _sleep_or_wake(self, seconds: float, stop: asyncio.Event) -> None:
-        self._wake.clear()
+        """Sleep until ``seconds`` pass, ``stop`` is set, or the roots changed (``_wake``, cleared only when
+        a renewal starts, so a change seen during a renewal is not lost)."""
         waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
         try:
             await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
@@ -407,6 +408,7 @@ class LeafManager:
                 if stop.is_set():
                     return
             just_renewed = False
+            self._wake.clear()
             try:
                 await self.renew_once()
                 attempt = 0
