@@ -46,7 +46,7 @@ def routes(agent: Agent) -> list[Endpoint]:
         Endpoint("/v1/connect/intentions/{id}", {"GET": get_by_id, "PUT": update_legacy, "DELETE": delete_legacy}),
         Endpoint("/v1/connect/ca/roots", {"GET": ca_roots}),
         Endpoint("/v1/agent/connect/ca/roots", {"GET": ca_roots_agent}),
-        Endpoint("/v1/agent/connect/authorize", {"POST": authorize, "PUT": authorize}),
+        Endpoint("/v1/agent/connect/authorize", {"POST": authorize}),
     ]
 
 
