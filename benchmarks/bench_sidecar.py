@@ -6,6 +6,8 @@ Scenarios (each on every path, interleaved so that machine noise hits them alike
   bidi       bidirectional streams, 4 streams x 16 messages in flight
   tcp        raw TCP bulk echo through the TCP pair
   memory     Weft only: client sidecar RSS after N calls spread over 10 upstreams, and growth over N more
+Path `weft_l7` (informational, unary only): the same Weft pair with an L7 intention, so that the
+server sidecar authorizes every call on its full path instead of passing the connection through.
 
 The load generator (`benchmarks/load.py`) is a separate process; proxy CPU is read from
 /proc/<pid>/stat (utime+stime of both proxies of a pair and their children) before and after each
@@ -101,6 +103,7 @@ class Route:
     tcp: str | None            # host:port for TCP bulk
     proxy_pids: list[int] = field(default_factory=list)
     tcp_proxy_pids: list[int] = field(default_factory=list)
+    scenarios: tuple[str, ...] | None = None  # None: all
 
 
 def load(mode: str, targets: Sequence[str], *extra: str, timeout: float = 300) -> dict[str, Any]:
@@ -361,6 +364,8 @@ def run() -> dict[str, Any]:
             weft_stack.start()
             paths.append(Route("weft", weft_stack.grpc_target, weft_stack.tcp_target,
                                weft_stack.grpc_pids, weft_stack.tcp_pids))
+            paths.append(Route("weft_l7", weft_stack.l7_target, None, weft_stack.l7_pids, [],
+                               scenarios=("unary_c32", "unary_c1")))
         except Exception as exc:  # the sidecar may not run end to end yet: say why, measure the rest
             skipped["weft"] = f"weft sidecar pair did not start: {exc!r}"[:2000]
         out["skipped"] = skipped
@@ -374,9 +379,12 @@ def run() -> dict[str, Any]:
         results: dict[str, dict[str, dict[str, Any]]] = {}
         for scenario, (mode, extra) in scenarios.items():
             results[scenario] = {}
-            runs: dict[str, list[dict[str, Any]]] = {path.name: [] for path in paths}
+            runs: dict[str, list[dict[str, Any]]] = {
+                path.name: [] for path in paths if path.scenarios is None or scenario in path.scenarios}
             for round_ in range(rounds):
                 for path in paths:  # interleaved, so that noise on this shared machine hits every path
+                    if path.scenarios is not None and scenario not in path.scenarios:
+                        continue
                     pids = path.tcp_proxy_pids if mode == "tcp" else path.proxy_pids
                     target = path.tcp if mode == "tcp" else None
                     if mode == "tcp" and target is None:

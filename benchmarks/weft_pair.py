@@ -3,7 +3,10 @@
 dev agent (`weft agent -dev`), CA (`weft ca serve -dev`), policy service (`weft policy serve`),
 the echo app registered as service `echo` (gRPC) and the TCP echo app as `tcpecho` (TCP), a
 `client` service whose sidecar has both as upstreams, an intention allowing `client` -> each, and
-one sidecar per service (`weft sidecar --sidecar-for ID`). For the memory scenario: a `memclient`
+one sidecar per service (`weft sidecar --sidecar-for ID`). The same echo app is also registered as
+`echol7`, whose intention allows `client` by an L7 permission (gRPC path prefix), so that its sidecar
+authorizes every call on the full path instead of passing an L4-allowed connection through: the
+informational path `weft_l7`. For the memory scenario: a `memclient`
 service with ten upstreams `mem0`..`mem9` (ten more sidecars, all in front of the same echo app).
 """
 
@@ -33,6 +36,7 @@ class Stack:
         self.ca_addr = ""
         self.grpc_local = free_port()
         self.tcp_local = free_port()
+        self.l7_local = free_port()
 
     # -- helpers ------------------------------------------------------------------------------------
     @property
@@ -65,9 +69,12 @@ class Stack:
                 for dest, local in upstreams]}}},
         })
 
-    def _allow(self, source: str, destination: str) -> None:
-        doc = {"Kind": "service-intentions", "Name": destination,
-               "Sources": [{"Name": source, "Action": "allow"}]}
+    def _allow(self, source: str, destination: str, *, l7_prefix: str = "") -> None:
+        """An L4 allow, or with `l7_prefix` an L7 one (HTTP PathPrefix), which puts every call on the full path."""
+        rule: dict[str, Any] = {"Name": source, "Action": "allow"}
+        if l7_prefix:
+            rule = {"Name": source, "Permissions": [{"Action": "allow", "HTTP": {"PathPrefix": l7_prefix}}]}
+        doc = {"Kind": "service-intentions", "Name": destination, "Sources": [rule]}
         self._consul("PUT", f"/v1/kv/weft/intentions/{destination}", json.dumps(doc).encode())
 
     def _sidecar(self, service_id: str) -> None:
@@ -100,16 +107,20 @@ class Stack:
         policy = self._proc("policy", [*WEFT, "policy", "serve", "-grpc-addr", f"127.0.0.1:{free_port()}"])
         self._register("echo", self.app_port, "grpc", [])
         self._register("tcpecho", self.tcp_port, "tcp", [])
-        self._register("client", free_port(), "grpc", [("echo", self.grpc_local), ("tcpecho", self.tcp_local)])
+        self._register("echol7", self.app_port, "grpc", [])
+        self._register("client", free_port(), "grpc", [("echo", self.grpc_local), ("tcpecho", self.tcp_local),
+                                                       ("echol7", self.l7_local)])
         self._allow("client", "echo")
         self._allow("client", "tcpecho")
-        for sid in ("echo", "tcpecho", "client"):
+        self._allow("client", "echol7", l7_prefix="/weft.test.echo.v1.Echo/")
+        for sid in ("echo", "tcpecho", "echol7", "client"):
             self._sidecar(sid)
         for proc, what in ((ca, "CA"), (policy, "policy service")):
             if not proc.alive():
                 raise RuntimeError(f"{what} exited:\n{proc.output()[-3000:]}")
-        self._wait_ready(["echo", "tcpecho", "client"])
+        self._wait_ready(["echo", "tcpecho", "echol7", "client"])
         wait_for(_ready_grpc(self.grpc_target), timeout=60, interval=0.5, what="a call through the weft pair")
+        wait_for(_ready_grpc(self.l7_target), timeout=60, interval=0.5, what="a call through the weft L7 pair")
 
     @property
     def grpc_target(self) -> str:
@@ -118,6 +129,14 @@ class Stack:
     @property
     def tcp_target(self) -> str:
         return f"127.0.0.1:{self.tcp_local}"
+
+    @property
+    def l7_target(self) -> str:
+        return f"127.0.0.1:{self.l7_local}"
+
+    @property
+    def l7_pids(self) -> list[int]:
+        return [self.sidecars["client"][0].pid, self.sidecars["echol7"][0].pid]
 
     @property
     def grpc_pids(self) -> list[int]:
@@ -136,7 +155,7 @@ class Stack:
         """What the sidecars say they did: inbound handling modes and request counts (from /metrics)."""
         wanted = ("weft_inbound_connections_total{", "weft_requests_total{", "weft_authz_decisions_total{")
         out: dict[str, list[str]] = {}
-        for sid in ("client", "echo", "tcpecho"):
+        for sid in ("client", "echo", "echol7", "tcpecho"):
             try:
                 text = self.metrics(sid)
             except OSError as exc:
