@@ -156,19 +156,24 @@ class EdgeStats:
     p50: float | None  # seconds
     p99: float | None
     methods: tuple[str, ...] = ()
+    method: str = ""  # set when split by method
 
 
-def edge_stats(prev: Sequence[Scrape], cur: Sequence[Scrape]) -> list[EdgeStats]:
-    """Per-edge golden metrics over the interval between two rounds of scrapes (matched by target).
+EdgeKey = tuple[str, str, str, str]  # direction, source, destination, method ("" unless split by method)
+
+
+def edge_stats(prev: Sequence[Scrape], cur: Sequence[Scrape], *, by_method: bool = False) -> list[EdgeStats]:
+    """Per-edge golden metrics over the interval between two rounds of scrapes (matched by target),
+    or per edge and method with `by_method`.
 
     Targets scraped only once (new sidecars) contribute nothing yet; series new in the second scrape
     count from zero."""
     before = {s.target: s for s in prev}
-    reqs: dict[tuple[str, str, str], float] = {}
-    ok: dict[tuple[str, str, str], float] = {}
-    hist: dict[tuple[str, str, str], dict[float, float]] = {}
-    methods: dict[tuple[str, str, str], set[str]] = {}
-    spans: dict[tuple[str, str, str], float] = {}
+    reqs: dict[EdgeKey, float] = {}
+    ok: dict[EdgeKey, float] = {}
+    hist: dict[EdgeKey, dict[float, float]] = {}
+    methods: dict[EdgeKey, set[str]] = {}
+    spans: dict[EdgeKey, float] = {}
     for now in cur:
         old = before.get(now.target)
         if old is None or now.at <= old.at:
@@ -177,7 +182,7 @@ def edge_stats(prev: Sequence[Scrape], cur: Sequence[Scrape]) -> list[EdgeStats]
         for key, value in now.counts.items():
             direction, source, destination, method, status = key
             d = counter_delta(None if restarted else old.counts.get(key), value)
-            edge = (direction, source, destination)
+            edge = (direction, source, destination, method if by_method else "")
             spans[edge] = max(spans.get(edge, 0.0), now.at - old.at)
             reqs[edge] = reqs.get(edge, 0.0) + d
             if is_success(method, status):
@@ -186,14 +191,14 @@ def edge_stats(prev: Sequence[Scrape], cur: Sequence[Scrape]) -> list[EdgeStats]
                 methods.setdefault(edge, set()).add(method)
         for (key, le), value in now.buckets.items():
             d = counter_delta(None if restarted else old.buckets.get((key, le)), value)
-            edge = key[:3]
+            edge = (key[0], key[1], key[2], key[3] if by_method else "")
             per = hist.setdefault(edge, {})
             per[le] = per.get(le, 0.0) + d
     out: list[EdgeStats] = []
-    outbound_pairs = {(s, d) for (direction, s, d) in reqs if direction == "outbound"}
+    outbound_pairs = {(s, d, m) for (direction, s, d, m) in reqs if direction == "outbound"}
     for edge, n in reqs.items():
-        direction, source, destination = edge
-        if direction != "outbound" and (source, destination) in outbound_pairs:
+        direction, source, destination, method = edge
+        if direction != "outbound" and (source, destination, method) in outbound_pairs:
             continue  # the caller's side already measured this edge
         buckets = sorted(hist.get(edge, {}).items())
         span = spans.get(edge, 0.0)
@@ -203,9 +208,9 @@ def edge_stats(prev: Sequence[Scrape], cur: Sequence[Scrape]) -> list[EdgeStats]
             success_rate=(ok.get(edge, 0.0) / n) if n > 0 else None,
             p50=histogram_quantile(0.5, buckets) if n > 0 else None,
             p99=histogram_quantile(0.99, buckets) if n > 0 else None,
-            methods=tuple(sorted(methods.get(edge, ()))),
+            methods=tuple(sorted(methods.get(edge, ()))), method=method,
         ))
-    out.sort(key=lambda e: (-e.rps, e.source, e.destination))
+    out.sort(key=lambda e: (-e.rps, e.source, e.destination, e.method))
     return out
 
 
@@ -219,8 +224,11 @@ def _pct(rate: float | None) -> str:
 
 def render_table(stats: Sequence[EdgeStats], *, interval: float, targets: int, errors: Sequence[str] = ()) -> str:
     """The table `weft top` prints."""
-    head = ("SOURCE", "DESTINATION", "RPS", "SUCCESS", "P50", "P99", "REQUESTS")
-    rows = [(s.source or "-", s.destination or "-", f"{s.rps:.2f}", _pct(s.success_rate), _ms(s.p50), _ms(s.p99),
+    split = any(s.method for s in stats)
+    head: tuple[str, ...] = ("SOURCE", "DESTINATION", *(("METHOD",) if split else ()), "RPS", "SUCCESS", "P50",
+                             "P99", "REQUESTS")
+    rows = [(s.source or "-", s.destination or "-", *((s.method or "-",) if split else ()), f"{s.rps:.2f}",
+             _pct(s.success_rate), _ms(s.p50), _ms(s.p99),
              f"{s.requests:.0f}" + ("" if s.side == "outbound" else " (inbound)")) for s in stats]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [f"weft top: {targets} sidecar(s), last {interval:.1f}s"]
@@ -233,7 +241,8 @@ def render_table(stats: Sequence[EdgeStats], *, interval: float, targets: int, e
 
 
 def stats_json(stats: Sequence[EdgeStats]) -> list[dict[str, Any]]:
-    return [{"source": s.source, "destination": s.destination, "side": s.side, "requests": s.requests,
+    return [{"source": s.source, "destination": s.destination, "method": s.method, "side": s.side,
+             "requests": s.requests,
              "rps": s.rps, "success_rate": s.success_rate, "p50_ms": None if s.p50 is None else s.p50 * 1000,
              "p99_ms": None if s.p99 is None else s.p99 * 1000, "methods": list(s.methods)} for s in stats]
 
@@ -342,6 +351,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a sidecar admin URL to scrape (repeatable); default: every sidecar found in Consul")
     parser.add_argument("-state-dir", "--state-dir", default=".weft-dev",
                         help="a running `weft dev`'s state dir: admin URLs of sidecars that publish none")
+    parser.add_argument("-methods", "--methods", action="store_true",
+                        help="one row per edge and method (gRPC method, HTTP route) instead of per edge")
     parser.add_argument("-once", "--once", action="store_true", help="print one snapshot (two scrapes) and exit")
     parser.add_argument("-json", "--json", action="store_true", help="with -once: print JSON instead of a table")
 
@@ -383,7 +394,7 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 except ConsulError as exc:
                     problems = [f"Consul: {exc} (using the last list of sidecars)"]
             cur, errors = await scrape_all(session, targets)
-            stats = edge_stats(prev, cur)
+            stats = edge_stats(prev, cur, by_method=args.methods)
             if args.once:
                 if args.json:
                     print(json.dumps({"interval": args.interval, "targets": targets, "errors": errors + problems,

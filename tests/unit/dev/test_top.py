@@ -163,3 +163,18 @@ def test_render_table_and_json() -> None:
     assert lines[-1] == "! http://x: ConnectionRefusedError"
     assert stats_json(stats)[0]["p99_ms"] == pytest.approx(9.9)
     assert "no requests" in render_table([], interval=1, targets=0)
+
+
+def test_split_by_method() -> None:
+    stream = ("outbound", "frontend", "greeter", "/weft.demo.v1.Greeter/SayHelloStream", "OK")
+    prev = [scrape_from_text("a", 0.0, exposition({FG: (0, [0] * 6), stream: (0, [0] * 6)}))]
+    cur = [scrape_from_text("a", 1.0, exposition({FG: (8, [8, 0, 0, 0, 0, 0]), stream: (2, [0, 0, 0, 0, 0, 2])}))]
+    [whole] = edge_stats(prev, cur)
+    assert whole.requests == 10 and whole.method == ""
+    per = {e.method: e for e in edge_stats(prev, cur, by_method=True)}
+    assert set(per) == {FG[3], stream[3]}
+    assert per[FG[3]].requests == 8 and per[FG[3]].p99 == pytest.approx(0.001 * 0.99 * 8 / 8, rel=0.01)
+    assert per[stream[3]].p50 == pytest.approx(0.1)  # in +Inf: the highest finite bound
+    text = render_table(list(per.values()), interval=1, targets=1)
+    assert text.splitlines()[1].split()[:3] == ["SOURCE", "DESTINATION", "METHOD"]
+    assert stats_json(list(per.values()))[0]["method"] in per
