@@ -200,6 +200,8 @@ def edge_stats(prev: Sequence[Scrape], cur: Sequence[Scrape], *, by_method: bool
         direction, source, destination, method = edge
         if direction != "outbound" and (source, destination, method) in outbound_pairs:
             continue  # the caller's side already measured this edge
+        if by_method and n == 0:
+            continue  # a method without calls in this interval is noise; an edge without calls is news
         buckets = sorted(hist.get(edge, {}).items())
         span = spans.get(edge, 0.0)
         out.append(EdgeStats(

@@ -173,6 +173,10 @@ def test_split_by_method() -> None:
     assert whole.requests == 10 and whole.method == ""
     per = {e.method: e for e in edge_stats(prev, cur, by_method=True)}
     assert set(per) == {FG[3], stream[3]}
+    idle = edge_stats(cur, [scrape_from_text("a", 2.0, exposition({FG: (8, [8, 0, 0, 0, 0, 0]),
+                                                                   stream: (2, [0, 0, 0, 0, 0, 2])}))],
+                      by_method=True)
+    assert idle == [], "methods without calls in the interval are left out"
     assert per[FG[3]].requests == 8 and per[FG[3]].p99 == pytest.approx(0.001 * 0.99 * 8 / 8, rel=0.01)
     assert per[stream[3]].p50 == pytest.approx(0.1)  # in +Inf: the highest finite bound
     text = render_table(list(per.values()), interval=1, targets=1)
