@@ -301,14 +301,28 @@ def table(results: dict[str, dict[str, dict[str, Any]]], targets: dict[str, Any]
 
 @contextlib.contextmanager
 def _processes() -> Iterator[list[Any]]:
-    """Everything started goes on this list; all of it is stopped, last first, whatever happens."""
+    """Everything started goes on this list; all of it is stopped, last first, whatever happens.
+
+    The children run in their own sessions (tests.support.Proc), so a SIGTERM to the benchmark is
+    turned into SystemExit here, to stop them on the way out instead of orphaning them.
+    """
+    import signal
+    import threading
+
     started: list[Any] = []
+    previous: Any = None
+    if threading.current_thread() is threading.main_thread():
+        def _exit(signum: int, _frame: object) -> None:
+            raise SystemExit(128 + signum)
+        previous = signal.signal(signal.SIGTERM, _exit)
     try:
         yield started
     finally:
         for thing in reversed(started):
             with contextlib.suppress(Exception):
                 thing.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _start_app(module: str, port: int, workdir: Path, *extra: str) -> Proc:
