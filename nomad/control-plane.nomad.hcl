@@ -1,8 +1,13 @@
 # Weft's control plane on Nomad: the CA and the policy service, two replicas each.
 #
 # One replica of each is active at a time (a Consul session lock on weft/ca/leader and
-# weft/policy/leader); the other takes over within the lock TTL when the active one dies.
+# weft/policy/leader); the other takes over when the active one dies.
 # Both read CONSUL_HTTP_ADDR / CONSUL_HTTP_TOKEN like Consul's own tools.
+#
+# No Nomad `service` blocks here: each replica registers itself (services weft-ca and weft-policy)
+# through the agent API with a TTL check whose output says leader or standby, which a Nomad service
+# block cannot carry (no TTL checks there); the CA also ties its leader session to that check, so a
+# dead leader is replaced within the check's TTL. Sidecars find the CA as Consul service weft-ca.
 #
 # Before the first run, store the CA's key-encryption key and a Consul token as Nomad variables:
 #   nomad var put nomad/jobs/weft-control-plane ca_kek="$(head -c 32 /dev/urandom | base64)" consul_token=...
@@ -44,24 +49,6 @@ job "weft-control-plane" {
       port "grpc" {}
     }
 
-    # Nomad registers the replicas (the CA's own registration is turned off with -no-register).
-    service {
-      name     = "weft-ca"
-      provider = "consul"
-      port     = "grpc"
-      tags     = ["weft", "ca"]
-      meta = {
-        weft = "ca"
-      }
-
-      check {
-        name     = "weft-ca gRPC port"
-        type     = "tcp"
-        port     = "grpc"
-        interval = "10s"
-        timeout  = "2s"
-      }
-    }
 
     restart {
       attempts = 10
@@ -82,8 +69,8 @@ job "weft-control-plane" {
           "--listen", "${NOMAD_IP_grpc}:${NOMAD_PORT_grpc}",
           "--kek-file", "${NOMAD_SECRETS_DIR}/kek",
           "--leaf-ttl", "${WEFT_LEAF_TTL}",
+          "--advertise", "${NOMAD_IP_grpc}:${NOMAD_PORT_grpc}",
           "--log-level", "${WEFT_LOG_LEVEL}",
-          "--no-register",
         ]
       }
 
@@ -140,20 +127,6 @@ job "weft-control-plane" {
       port "grpc" {}
     }
 
-    service {
-      name     = "weft-policy"
-      provider = "consul"
-      port     = "grpc"
-      tags     = ["weft", "policy"]
-
-      check {
-        name     = "weft-policy gRPC port"
-        type     = "tcp"
-        port     = "grpc"
-        interval = "10s"
-        timeout  = "2s"
-      }
-    }
 
     restart {
       attempts = 10
@@ -173,8 +146,8 @@ job "weft-control-plane" {
           "policy", "serve",
           "-grpc-addr", "${NOMAD_IP_grpc}:${NOMAD_PORT_grpc}",
           "-default-policy", "${WEFT_DEFAULT_POLICY}",
+          "-advertise-addr", "${NOMAD_IP_grpc}",
           "-log-level", "${WEFT_LOG_LEVEL}",
-          "-no-register",
         ]
       }
 

@@ -154,9 +154,11 @@ def test_control_plane_runs_two_replicas_of_the_ca_and_the_policy_service() -> N
         [(_, task)] = named(group["task"]).items()
         args = one(task, "config")["args"]
         assert args[:2] == command
-        assert "--no-register" in args or "-no-register" in args, "Nomad's service block registers it instead"
-        [service] = services_of(group)
-        assert service["name"] == f"weft-{group_name}"
+        # each replica registers itself with its leader/standby TTL check (a Nomad service block cannot
+        # carry a TTL check), advertising the address Nomad gave it
+        assert not services_of(group), "the process registers itself; a service block would duplicate it"
+        assert "--no-register" not in args and "-no-register" not in args
+        assert any(a.startswith("${NOMAD_IP_grpc}") for a in args), "advertise the client's address"
     ca_task = named(groups["ca"]["task"])["ca"]
     kek = [t for t in ca_task["template"] if t["destination"] == "secrets/kek"]
     assert kek and kek[0]["perms"] == "0600", "the KEK comes from a Nomad variable into secrets/, mode 0600"
