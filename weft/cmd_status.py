@@ -55,6 +55,7 @@ class InstanceRow:
     health: str
     protocol: str = ""
     sidecars: tuple[SidecarRow, ...] = ()
+    role: str = ""  # control-plane replicas: leader/active or standby, from their TTL check's output
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,17 @@ class StatusReport:
     roots_error: str = ""
     policies: list[PolicyRow] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+
+ROLES = ("leader", "active", "standby")
+
+
+def role_of(outputs: Iterable[str]) -> str:
+    """The role a control-plane replica reports in its TTL check's output ("" when none)."""
+    for out in outputs:
+        if out.strip() in ROLES:
+            return out.strip()
+    return ""
 
 
 def worst_health(statuses: Iterable[str]) -> str:
@@ -175,7 +187,8 @@ def render(report: StatusReport, now: float) -> str:
     lines = [f"Consul: {report.consul}", ""]
     rows: list[list[str]] = []
     for inst in sorted(report.instances, key=lambda i: (i.service, i.id)):
-        base = [inst.service, inst.id, f"{inst.address}:{inst.port}", inst.health, inst.protocol or "-"]
+        health = f"{inst.health} ({inst.role})" if inst.role else inst.health
+        base = [inst.service, inst.id, f"{inst.address}:{inst.port}", health, inst.protocol or "-"]
         table = policy_for(inst.service, report.policies)
         if not inst.sidecars:
             rows.append([*base, "-", "-", "-", "-", "-"])
@@ -296,7 +309,8 @@ async def collect(state_dir: str = ".weft-dev") -> StatusReport:
                     report.instances.append(InstanceRow(
                         service=inst.service, id=inst.service_id, address=inst.address or inst.node_address,
                         port=inst.port, health=worst_health(c.status for c in inst.checks),
-                        protocol=meta.get("protocol", ""), sidecars=tuple(sidecars)))
+                        protocol=meta.get("protocol", ""), sidecars=tuple(sidecars),
+                        role=role_of(c.output for c in inst.checks)))
         try:
             _, entry = await consul.kv_get(ROOTS_KEY)
             report.trust_domain, report.roots = parse_roots(entry.value if entry is not None else None)
