@@ -140,3 +140,20 @@ def test_destroy_releases(agent: DevAgent) -> None:
     c.session.destroy(sid)
     new_index, entry = c.kv.get("destroy/k")
     assert "Session" not in entry and int(new_index) > int(index)
+
+
+def test_failing_check_invalidates_its_sessions(agent: DevAgent) -> None:
+    c = _c(agent)
+    c.agent.service.register("locker", service_id="locker-1", check=consul.Check.ttl("30s"))
+    c.agent.check.ttl_pass("service:locker-1")
+    sid = _create(agent, Name="guarded", LockDelay=0, NodeChecks=["serfHealth"],
+                  ServiceChecks=[{"ID": "service:locker-1"}])
+    assert c.kv.put("guarded/lock", "me", acquire=sid) is True
+    c.agent.check.ttl_fail("service:locker-1", notes="down")
+    wait_for(lambda: c.session.info(sid)[1] is None, timeout=10, what="session invalidated by the check")
+    assert "Session" not in c.kv.get("guarded/lock")[1]
+    # a session cannot be created on a critical check
+    status, body = _http(agent, "PUT", "/v1/session/create",
+                         json.dumps({"ServiceChecks": [{"ID": "service:locker-1"}]}).encode())
+    assert status == 500 and b"critical" in body
+    c.agent.service.deregister("locker-1")
