@@ -15,7 +15,8 @@ Modules
     ``server.py``   discovers endpoint modules, builds the aiohttp app, ``serve``.
     ``persist.py``  ``-data-dir``: journal + snapshot of the whole store (every table, yours too).
     ``api_*.py``    endpoint groups (``api_kv``, ``api_session``, ``api_txn``, ``api_event``,
-                    ``api_status``, ``api_agent_core``, ``api_acl`` are the core ones).
+                    ``api_status``, ``api_agent_core``, ``api_acl``, ``api_operator`` are the core
+                    ones); ``kv.py``, ``sessions.py``, ``aclstore.py`` hold their pure semantics.
 
 Adding an endpoint group
     Create ``catalog/devagent/api_<group>.py``; the server imports every ``api_*`` module and calls:
@@ -49,6 +50,8 @@ Reads and blocking queries
     ``blocking_query(r, run, share=True)`` computes ``run`` once per store index for all waiters of
     the same path+query+token (1,000 watchers of one service: one computation, one serialisation
     via ``query_response``); only for a ``run`` without side effects or captured per-request state.
+    Set ``QueryResult(..., filtered=True)`` when ACLs hid part of the answer: ``query_response``
+    then adds ``X-Consul-Results-Filtered-By-ACLs: true`` for a caller that sent a token.
     Agent-local endpoints use ``hash_blocking(r, run)`` where ``run`` returns (value, topics) and send
     the returned hash as ``X-Consul-ContentHash``. A hand-written wait loop uses
     ``await wait_for_change(store, topics, timeout)`` and must stop waiting once ``store.closing``
@@ -64,6 +67,8 @@ Writes
     ``tx.touch(topic, ...)``; ``tx.index`` is the index this transaction commits at (use it for
     CreateIndex/ModifyIndex). Commit journals (with ``-data-dir``), bumps the global index and wakes
     every watcher of the touched topics in one pass. An exception in the block rolls everything back.
+    With ``-data-dir`` the dispatcher holds every answer until the journal is fsynced
+    (``agent.durable``): handlers and background writers need do nothing for durability.
     Rows are shared: never mutate a row you read; put a new dict.
     Every put/delete touches the table topic (``"services"``) and ``(table, key)``; extra topics such
     as ``("service", name)`` are yours to touch and to read with ``store.topic_index(...)``.
