@@ -128,8 +128,6 @@ class Inbound:
         snap = self.snapshot()
         self._policy_version = snap.policy_version
         protocol = snap.registration.protocol
-        if protocol in ("grpc", "http"):
-            await self._internal(protocol)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._accept, host, port, reuse_address=True, backlog=1024)
         sock = self._server.sockets[0]

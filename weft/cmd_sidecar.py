@@ -22,17 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import socket
 import sys
 from datetime import timedelta
 from typing import Any
 
-import structlog
-
-from weft import logsetup, runner
-
-log = structlog.get_logger("weft.sidecar")
+log: Any = None  # structlog's logger, bound in run() (structlog is imported only then, see _lean_imports)
 
 PORT_RANGE = (21000, 21255)
 
@@ -76,7 +73,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="debug, info, warn or error")
 
 
+def _fewer_malloc_arenas() -> None:
+    """glibc gives each thread that allocates its own arena; grpc's threads would add several MB of RSS."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+def _lean_imports() -> None:
+    """structlog renders with `rich` when it is importable (in a dev venv it is, through import-linter);
+    a sidecar only writes JSON lines, so keep rich's ~5 MB out of every sidecar process."""
+    if "structlog" not in sys.modules:
+        sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+
+
 def run(args: argparse.Namespace) -> int:
+    global log
+    _fewer_malloc_arenas()
+    _lean_imports()
+    import structlog
+
+    from weft import logsetup, runner
+
+    log = structlog.get_logger("weft.sidecar")
     try:
         logsetup.configure(args.log_level)
     except ValueError as exc:
@@ -106,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"weft sidecar: --descriptor-set {args.descriptor_set}: {exc}", file=sys.stderr)
             return 2
     return runner.run(lambda stop: _main(args, stop, upstreams, descriptor_methods))
+
+
+def restore_from_meta(reg: Any) -> bool:
+    """True when a previous run of this sidecar replaced an agent-made registration (kept in Meta)."""
+    return bool(dict(reg.meta).get("weft-agent-made") == "1")
 
 
 def _free_port_in_range() -> int:
@@ -145,7 +173,7 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
     from ca.client import GrpcCA, LeafManager, fixed_resolver
     from ca.identity import SpiffeId
     from catalog.client import ConsulClient, ConsulError
-    from catalog.models import ServiceRegistration, Upstream, parse_duration
+    from catalog.models import CheckDefinition, ServiceRegistration, Upstream, parse_duration
     from catalog.registration import Registered, sidecar_registration
     from catalog.watch import WatchPolicy
     from sidecar.admin import Admin
@@ -170,6 +198,10 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
             return 0
         proxy_id = f"{sid}-sidecar-proxy"
         _, proxy = await client.agent_service(proxy_id)
+        agent_made = proxy is not None and proxy.kind == "connect-proxy" and proxy.proxy is not None \
+            and proxy.meta_dict().get("weft-sidecar") != "1"
+        # a sidecar that crashed left its own registration behind: it says whether the agent made the first one
+        previous_agent_made = proxy is not None and proxy.meta_dict().get("weft-agent-made") == "1"
         if proxy is not None and proxy.kind == "connect-proxy" and proxy.proxy is not None:
             port = args.public_port or proxy.port or _free_port_in_range()
             p = proxy.proxy
@@ -187,7 +219,8 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
             reg = sidecar_registration(
                 service_id=sid, service_name=app.name, port=port, local_service_port=local_port,
                 local_service_address=local_addr, address=address, upstreams=ups,
-                meta={"protocol": app_protocol or "tcp", "weft-sidecar": "1"}, ttl=args.ttl,
+                meta={"protocol": app_protocol or "tcp", "weft-sidecar": "1",
+                      "weft-agent-made": "1" if agent_made or previous_agent_made else "0"}, ttl=args.ttl,
                 deregister_critical_after=args.deregister_after)
             dc = await _datacenter(client, "")
             registration = registration_of(reg, app, protocol=app_protocol or "tcp", datacenter=dc)
@@ -235,6 +268,34 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
             telemetry.snapshot_version.set(snap.version)
 
         state.listeners.append(on_snapshot)
+
+        listening = {"up": False, "draining": False}
+
+        def ready() -> tuple[bool, str]:
+            if listening["draining"]:
+                return False, "draining"
+            if state.current is None:
+                missing = state.builder.missing()
+                if "leaf certificate" in missing and leaf.last_error:
+                    missing[missing.index("leaf certificate")] = f"leaf certificate ({leaf.last_error})"
+                return False, "waiting for a complete snapshot: " + ", ".join(missing)
+            if not listening["up"]:
+                return False, "listeners not up"
+            return True, "ready"
+
+        def extra() -> dict[str, Any]:
+            return {"ready": ready()[1], "leaf": {"renewals": leaf.renewals, "failures": leaf.failures,
+                                                   "last_error": leaf.last_error}}
+
+        admin = Admin(lambda: state.current, telemetry, ready, extra)
+        try:
+            admin_port = await admin.start(args.admin_bind, args.admin_port)
+        except OSError as exc:
+            print(f"weft sidecar: cannot listen on admin port {args.admin_bind}:{args.admin_port}: {exc}",
+                  file=sys.stderr)
+            return 1
+        cleanup.append(admin.close)
+
         state.start()
         log.info("starting", service=app.name, service_id=sid, identity=str(identity), public_port=port)
         waiter = asyncio.ensure_future(state.ready.wait())
@@ -247,7 +308,6 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
 
         # listeners
         tls = TlsContexts()
-        listening = {"up": False, "draining": False}
         inbound = Inbound(state.snapshot, telemetry, tls, max_message_bytes=args.max_message_bytes,
                           passthrough_enabled=not args.no_passthrough)
         outbound = Outbound(state.snapshot, telemetry, tls, max_message_bytes=args.max_message_bytes,
@@ -266,30 +326,6 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
         inbound.on_snapshot(current)
         outbound.on_snapshot(current)
         listening["up"] = True
-
-        def ready() -> tuple[bool, str]:
-            if listening["draining"]:
-                return False, "draining"
-            if state.current is None:
-                return False, "waiting for a complete snapshot: " + ", ".join(state.builder.missing())
-            if not listening["up"]:
-                return False, "listeners not up"
-            return True, "ready"
-
-        def extra() -> dict[str, Any]:
-            return {"ready": ready()[1], "leaf": {"renewals": leaf.renewals, "failures": leaf.failures,
-                                                   "last_error": leaf.last_error}}
-
-        admin = Admin(lambda: state.current, telemetry, ready, extra)
-        try:
-            admin_port = await admin.start(args.admin_bind, args.admin_port)
-        except OSError as exc:
-            print(f"weft sidecar: cannot listen on admin port {args.admin_bind}:{args.admin_port}: {exc}",
-                  file=sys.stderr)
-            await inbound.close(0)
-            await outbound.close(0)
-            return 1
-        cleanup.append(admin.close)
 
         # 4. register, keep the TTL check passing while ready
         registered = Registered(client, reg, note="ready")
@@ -317,7 +353,24 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
         await asyncio.gather(inbound.close(args.drain_timeout), outbound.close(args.drain_timeout))
         if registered.keeper is not None:
             await registered.keeper.stop("shut down")
-        await registered.deregister()
+        if agent_made or restore_from_meta(reg):
+            # the agent made this registration from the app's Connect.SidecarService: put it back as the
+            # agent had it (a TCP check on the public port, critical while nothing listens, and the alias
+            # check), so that a restarted sidecar finds its port and upstreams again
+            restore = sidecar_registration(
+                service_id=sid, service_name=app.name, port=port, local_service_port=local_port,
+                local_service_address=local_addr, address=address, upstreams=ups, ttl=None,
+                meta={"protocol": app_protocol or "tcp"})
+            tcp_check = CheckDefinition(name="Connect Sidecar Listening", check_id=f"{proxy_id}:listening",
+                                        tcp=f"{address or '127.0.0.1'}:{port}", interval="10s", status="critical")
+            try:
+                await client.agent_service_register(
+                    dataclasses.replace(restore, checks=(tcp_check, *restore.checks)), replace_existing_checks=True)
+                log.info("registration_restored", id=proxy_id)
+            except ConsulError as exc:
+                log.warning("restore_failed", id=proxy_id, error=str(exc))
+        else:
+            await registered.deregister()
         log.info("stopped")
         return 0
     finally:

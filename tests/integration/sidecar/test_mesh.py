@@ -336,8 +336,12 @@ def test_drain_on_sigterm_then_instance_killed(mesh: Mesh) -> None:
         wait_for(lambda: not proc.alive(), timeout=30, what="the sidecar to drain and exit")
         time.sleep(0.5)
     assert proc.popen.returncode == 0, proc.output()[-2000:]
-    services = mesh.consul("GET", "/v1/agent/services")
-    assert "api-2-sidecar-proxy" not in services
+    # the agent made this proxy registration (Connect.SidecarService): it is put back as the agent had
+    # it, critical while nothing listens, so that a restarted sidecar finds its port and upstreams
+    passing = mesh.consul("GET", "/v1/health/connect/api?passing")
+    assert [e["Service"]["ID"] for e in passing] == ["api-1-sidecar-proxy"]
+    restored = mesh.consul("GET", "/v1/agent/service/api-2-sidecar-proxy")
+    assert restored["Port"] == public and restored["Kind"] == "connect-proxy"
     assert traffic.failures == []
     # back again, then killed mid-traffic: calls move to the other instance
     mesh.start_sidecar("api-2", public)
