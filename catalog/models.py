@@ -76,12 +76,21 @@ def format_duration(seconds: float) -> str:
 # Field readers: every parser goes through these so that errors name the field.
 
 
+_NORM_CACHE: dict[str, str] = {}
+
+
 def _norm(key: str) -> str:
-    return key.replace("_", "").replace("-", "").lower()
+    n = _NORM_CACHE.get(key)
+    if n is None:
+        n = key.replace("_", "").replace("-", "").lower()
+        if len(_NORM_CACHE) < 4096:  # field names repeat; bound the cache against odd inputs
+            _NORM_CACHE[key] = n
+    return n
 
 
 class _Obj:
-    """Reads a JSON object by Consul's field names, case- and underscore-insensitively."""
+    """Reads a JSON object by Consul's field names: the exact name first (fast path for Consul's own
+    answers), then case- and underscore-insensitively (snake_case definitions, as Consul accepts)."""
 
     __slots__ = ("_keys", "_raw", "path")
 
@@ -89,15 +98,22 @@ class _Obj:
         if not isinstance(raw, Mapping):
             raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         self._raw = raw
-        self._keys = {_norm(str(k)): k for k in raw}
+        self._keys: dict[str, Any] | None = None
         self.path = path
 
+    def _key(self, name: str) -> Any:
+        if name in self._raw:
+            return name
+        if self._keys is None:
+            self._keys = {_norm(str(k)): k for k in self._raw}
+        return self._keys.get(_norm(name))
+
     def has(self, name: str) -> bool:
-        k = self._keys.get(_norm(name))
+        k = self._key(name)
         return k is not None and self._raw[k] is not None
 
     def raw(self, name: str) -> JSON:
-        k = self._keys.get(_norm(name))
+        k = self._key(name)
         return None if k is None else self._raw[k]
 
     def where(self, name: str) -> str:
