@@ -216,10 +216,14 @@ class LeaderLock:
                 failures = 0
             except asyncio.CancelledError:
                 raise
-            except ConsulError as exc:
+            except Exception as exc:  # ConsulError expected; anything else must not kill the campaign silently
                 failures += 1
                 d = backoff_delay(failures, self._policy, random.random())
-                log.info("lock_campaign_retry", key=self.key, error=str(exc), delay=round(d, 2))
+                if isinstance(exc, ConsulError):
+                    log.info("lock_campaign_retry", key=self.key, error=str(exc), delay=round(d, 2))
+                else:
+                    log.error("lock_campaign_error", key=self.key, error=repr(exc), delay=round(d, 2),
+                              exc_info=True)
                 await self._sleep(d)
         if self._held:
             await self._monitor()
