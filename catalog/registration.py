@@ -198,11 +198,12 @@ class TtlKeeper:
                         self.last_error = exc2
                 # report again at once after a re-registration, but never spin if it did not help
                 delay = 0.0 if failures == 1 else backoff_delay(failures - 1, self._policy, random.random())
-            except ConsulError as exc:
+            except Exception as exc:  # ConsulError expected; nothing may end the keeper silently
                 self.last_error = exc
                 failures += 1
                 if failures == 1:
-                    log.warning("ttl_check_report_failed", check=self.check_id, error=str(exc))
+                    log.warning("ttl_check_report_failed", check=self.check_id, error=str(exc),
+                                exc_info=not isinstance(exc, ConsulError))
                 delay = backoff_delay(failures, self._policy, random.random())
             await wait_event(self._changed, delay)
 
