@@ -20,7 +20,7 @@ from catalog.devagent.http import (
     Req,
     blocking_query,
     json_response,
-    meta_headers,
+    query_response,
 )
 from catalog.devagent.state import Row
 
@@ -39,11 +39,9 @@ def routes(agent: Agent) -> list[Endpoint]:
     ]
 
 
-def answer(r: Req, res: QueryResult, filtered: bool = False) -> web.Response:
-    headers = meta_headers(r, res.index)
-    if filtered and r.token:
-        headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
-    return json_response(r, res.value, headers=headers)
+def answer(r: Req, res: QueryResult) -> web.Response:
+    """``query_response``: meta headers, the ACL-filtered header, one serialisation per shared result."""
+    return query_response(r, res)
 
 
 def node_meta_filter(r: Req) -> dict[str, str]:
@@ -228,27 +226,24 @@ async def nodes(r: Req) -> web.StreamResponse:
     pred = compile_filter(r)
     meta = node_meta_filter(r)
     store = r.agent.store
-    state = {"filtered": False}
 
     def run() -> QueryResult:
         authz = r.authz
         rows = sorted(store.rows("nodes").values(), key=lambda n: n["Node"])
         visible = [n for n in rows if authz.node_read(n["Node"])]
-        state["filtered"] = len(visible) != len(rows)
         out = [sv.node_out(n) for n in visible if node_matches(n, meta)]
         if pred is not None:
             out = [n for n in out if pred(n)]
-        return QueryResult(store.topic_index("nodes"), out, ["nodes"])
+        return QueryResult(store.topic_index("nodes"), out, ["nodes"], filtered=len(visible) != len(rows))
 
-    res = await blocking_query(r, run)
-    return answer(r, res, state["filtered"])
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)
 
 
 async def services(r: Req) -> web.StreamResponse:
     pred = compile_filter(r)
     meta = node_meta_filter(r)
     store = r.agent.store
-    state = {"filtered": False}
 
     def run() -> QueryResult:
         authz = r.authz
@@ -268,12 +263,11 @@ async def services(r: Req) -> web.StreamResponse:
             for t in row.get("Tags") or []:
                 if t not in have:
                     have.append(t)
-        state["filtered"] = filtered
         out = {name: sorted(t) for name, t in sorted(tags.items())}
-        return QueryResult(store.topic_index("services"), out, ["services"])
+        return QueryResult(store.topic_index("services"), out, ["services"], filtered=filtered)
 
-    res = await blocking_query(r, run)
-    return answer(r, res, state["filtered"])
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)
 
 
 def _service_nodes(r: Req, rows: list[Row], topic: Any) -> tuple[QueryResult, bool]:
@@ -296,7 +290,7 @@ def _service_nodes(r: Req, rows: list[Row], topic: Any) -> tuple[QueryResult, bo
         entry = sv.service_node(row, node_row)
         if pred is None or pred(entry):
             out.append(entry)
-    return QueryResult(store.topic_index(topic), out, [topic]), filtered
+    return QueryResult(store.topic_index(topic), out, [topic], filtered=filtered), filtered
 
 
 async def service(r: Req) -> web.StreamResponse:
@@ -305,14 +299,13 @@ async def service(r: Req) -> web.StreamResponse:
         raise HTTPError(400, "Missing service name")
     compile_filter(r)
     store = r.agent.store
-    state = {"filtered": False}
 
     def run() -> QueryResult:
-        res, state["filtered"] = _service_nodes(r, registry.instances(store, name), ("service", name))
+        res, _ = _service_nodes(r, registry.instances(store, name), ("service", name))
         return res
 
-    res = await blocking_query(r, run)
-    return answer(r, res, state["filtered"])
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)
 
 
 async def connect(r: Req) -> web.StreamResponse:
@@ -321,15 +314,14 @@ async def connect(r: Req) -> web.StreamResponse:
         raise HTTPError(400, "Missing service name")
     compile_filter(r)
     store = r.agent.store
-    state = {"filtered": False}
 
     def run() -> QueryResult:
         rows = store.by_index("services", "connect", name)
-        res, state["filtered"] = _service_nodes(r, rows, ("connect", name))
+        res, _ = _service_nodes(r, rows, ("connect", name))
         return res
 
-    res = await blocking_query(r, run)
-    return answer(r, res, state["filtered"])
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)
 
 
 async def node(r: Req) -> web.StreamResponse:
@@ -338,27 +330,27 @@ async def node(r: Req) -> web.StreamResponse:
         raise HTTPError(400, "Missing node name")
     pred = compile_filter(r)
     store = r.agent.store
-    state = {"filtered": False}
 
     def run() -> QueryResult:
         authz = r.authz
         node_row = store.get("nodes", name)
         idx = store.topic_index(("node", name))
         if node_row is None or not authz.node_read(name):
-            state["filtered"] = node_row is not None
-            return QueryResult(idx, None, [("node", name)])
+            return QueryResult(idx, None, [("node", name)], filtered=node_row is not None)
+        filtered = False
         svcs: dict[str, Any] = {}
         for row in store.by_index("services", "node", name):
             if not authz.service_read(row["Service"]):
-                state["filtered"] = True
+                filtered = True
                 continue
             ns = sv.node_service(row)
             if pred is None or pred(ns):
                 svcs[row["ID"]] = ns
-        return QueryResult(idx, {"Node": sv.node_out(node_row), "Services": svcs}, [("node", name)])
+        return QueryResult(idx, {"Node": sv.node_out(node_row), "Services": svcs}, [("node", name)],
+                           filtered=filtered)
 
-    res = await blocking_query(r, run)
-    return answer(r, res, state["filtered"])
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)
 
 
 async def node_services(r: Req) -> web.StreamResponse:
@@ -367,26 +359,25 @@ async def node_services(r: Req) -> web.StreamResponse:
         raise HTTPError(400, "Missing node name")
     pred = compile_filter(r)
     store = r.agent.store
-    state = {"filtered": False}
 
     def run() -> QueryResult:
         authz = r.authz
         node_row = store.get("nodes", name)
         idx = store.topic_index(("node", name))
-        if node_row is None or not authz.node_read(name):
-            state["filtered"] = node_row is not None
-            return QueryResult(idx, None, [("node", name)])
+        if node_row is None or not authz.node_read(name):  # Consul answers the empty NodeServiceList
+            return QueryResult(idx, {"Node": None, "Services": None}, [("node", name)],
+                               filtered=node_row is not None)
+        filtered = False
         svcs = []
         for row in store.by_index("services", "node", name):
             if not authz.service_read(row["Service"]):
-                state["filtered"] = True
+                filtered = True
                 continue
             ns = sv.node_service(row)
             if pred is None or pred(ns):
                 svcs.append(ns)
-        return QueryResult(idx, {"Node": sv.node_out(node_row), "Services": svcs}, [("node", name)])
+        return QueryResult(idx, {"Node": sv.node_out(node_row), "Services": svcs}, [("node", name)],
+                           filtered=filtered)
 
-    res = await blocking_query(r, run)
-    if res.value is None:  # Consul answers the empty NodeServiceList
-        res.value = {"Node": None, "Services": None}
-    return answer(r, res, state["filtered"])
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)

@@ -120,7 +120,7 @@ async def get(r: Req) -> web.StreamResponse:
         row = store.get("config_entries", ce.key(kind, name))
         return QueryResult(store.topic_index(topic), ce.public_entry(row) if row else None, [topic])
 
-    res = await blocking_query(r, run)
+    res = await blocking_query(r, run, share=True)
     if res.value is None:
         raise HTTPError(404, f'Config entry not found for "{kind}" / "{name}"')
     return answer(r, res)
@@ -130,17 +130,16 @@ async def list_kind(r: Req) -> web.StreamResponse:
     kind = _kind(r)
     store = r.agent.store
     topic = ("config", kind)
-    st = {"filtered": False}
 
     def run() -> QueryResult:
         authz = r.authz
         rows = entries_of(store, kind)
         visible = [e for e in rows if ce.can_read(authz, kind, e["Name"])]
-        st["filtered"] = len(visible) != len(rows)
-        return QueryResult(store.topic_index(topic), [ce.public_entry(e) for e in visible], [topic])
+        return QueryResult(store.topic_index(topic), [ce.public_entry(e) for e in visible], [topic],
+                           filtered=len(visible) != len(rows))
 
-    res = await blocking_query(r, run)
-    return answer(r, res, st["filtered"])
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)
 
 
 async def delete(r: Req) -> web.StreamResponse:

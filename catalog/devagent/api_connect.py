@@ -109,19 +109,18 @@ async def _body_intention(r: Req) -> dict[str, Any]:
 async def list_intentions(r: Req) -> web.StreamResponse:
     pred = compile_filter(r)
     store = r.agent.store
-    st = {"filtered": False}
 
     def run() -> QueryResult:
         rows = all_intentions(store)
         visible = [i for i in rows if _readable(r, i)]
-        st["filtered"] = len(visible) != len(rows)
+        filtered = len(visible) != len(rows)
         out = sorted(visible, key=lambda i: (-int(i["Precedence"]), i["SourceName"], i["DestinationName"]))
         if pred is not None:
             out = [i for i in out if pred(i)]
-        return QueryResult(store.topic_index(TOPIC), out, [TOPIC])
+        return QueryResult(store.topic_index(TOPIC), out, [TOPIC], filtered=filtered)
 
-    res = await blocking_query(r, run)
-    return answer(r, res, st["filtered"])
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)
 
 
 async def match(r: Req) -> web.StreamResponse:
@@ -142,7 +141,7 @@ async def match(r: Req) -> web.StreamResponse:
         out = {name: ixns.match(everything, by, name) for name in names}
         return QueryResult(store.topic_index(TOPIC), out, [TOPIC])
 
-    res = await blocking_query(r, run)
+    res = await blocking_query(r, run, share=True)
     return answer(r, res)
 
 
@@ -183,7 +182,7 @@ async def get_exact(r: Req) -> web.StreamResponse:
     def run() -> QueryResult:
         return QueryResult(store.topic_index(TOPIC), _find(store, source, destination), [TOPIC])
 
-    res = await blocking_query(r, run)
+    res = await blocking_query(r, run, share=True)
     if res.value is None:
         raise HTTPError(404, NOT_FOUND)
     return answer(r, res)
@@ -261,7 +260,7 @@ async def get_by_id(r: Req) -> web.StreamResponse:
         value = ixns.intention_of(*found) if found else None
         return QueryResult(store.topic_index(TOPIC), value, [TOPIC])
 
-    res = await blocking_query(r, run)
+    res = await blocking_query(r, run, share=True)
     if res.value is None:
         raise HTTPError(404, NOT_FOUND)
     if not _readable(r, res.value):
@@ -365,7 +364,7 @@ async def _roots(r: Req) -> web.StreamResponse:
         idx = int(row["ModifyIndex"]) if row else kv.table_index(store)
         return QueryResult(idx, roots_from_kv(row), [topic])
 
-    res = await blocking_query(r, run)
+    res = await blocking_query(r, run, share=True)
     return answer(r, res)
 
 

@@ -48,7 +48,7 @@ def passing_param(r: Req) -> bool:
 
 def entry_checks(store: Store, node: str, service_id: str) -> list[dict[str, Any]]:
     """The node's node-level checks and the service's checks, ordered by CheckID (as Consul)."""
-    rows = [c for c in store.by_index("checks", "node", node) if c.get("ServiceID") in ("", service_id)]
+    rows = store.by_index("checks", "nodelevel", node) + registry.service_checks(store, node, service_id)
     return [sv.check_out(c) for c in sorted(rows, key=lambda c: c["CheckID"])]
 
 
@@ -78,10 +78,10 @@ def health_entries(r: Req, rows: list[Row], topic: Any) -> tuple[QueryResult, bo
         chks = entry_checks(store, row["Node"], row["ID"])
         if passing and any(c["Status"] != sv.PASSING for c in chks):
             continue
-        entry = {"Node": sv.node_out(node_row), "Service": sv.node_service(row), "Checks": chks}
+        entry = {"Node": sv.node_out(node_row), "Service": sv.node_service_cached(row), "Checks": chks}
         if pred is None or pred(entry):
             out.append(entry)
-    return QueryResult(store.topic_index(*topics), out, topics), filtered
+    return QueryResult(store.topic_index(*topics), out, topics, filtered=filtered), filtered
 
 
 async def service(r: Req) -> web.StreamResponse:
@@ -91,14 +91,13 @@ async def service(r: Req) -> web.StreamResponse:
     compile_filter(r)
     passing_param(r)
     store = r.agent.store
-    st = {"filtered": False}
 
     def run() -> QueryResult:
-        res, st["filtered"] = health_entries(r, registry.instances(store, name), ("service", name))
+        res, _ = health_entries(r, registry.instances(store, name), ("service", name))
         return res
 
-    res = await blocking_query(r, run)
-    return answer(r, res, st["filtered"])
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)
 
 
 async def connect(r: Req) -> web.StreamResponse:
@@ -108,15 +107,14 @@ async def connect(r: Req) -> web.StreamResponse:
     compile_filter(r)
     passing_param(r)
     store = r.agent.store
-    st = {"filtered": False}
 
     def run() -> QueryResult:
         rows = store.by_index("services", "connect", name)
-        res, st["filtered"] = health_entries(r, rows, ("connect", name))
+        res, _ = health_entries(r, rows, ("connect", name))
         return res
 
-    res = await blocking_query(r, run)
-    return answer(r, res, st["filtered"])
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)
 
 
 def _checks_answer(r: Req, rows: list[Row], idx: int, topics: list[Any]) -> tuple[QueryResult, bool]:
@@ -139,7 +137,7 @@ def _checks_answer(r: Req, rows: list[Row], idx: int, topics: list[Any]) -> tupl
         chk = sv.check_out(c)
         if pred is None or pred(chk):
             out.append(chk)
-    return QueryResult(idx, out, topics), filtered
+    return QueryResult(idx, out, topics, filtered=filtered), filtered
 
 
 async def checks(r: Req) -> web.StreamResponse:
@@ -148,17 +146,16 @@ async def checks(r: Req) -> web.StreamResponse:
         raise HTTPError(400, "Missing service name")
     compile_filter(r)
     store = r.agent.store
-    st = {"filtered": False}
 
     def run() -> QueryResult:
         rows = [c for row in registry.instances(store, name)
                 for c in registry.service_checks(store, row["Node"], row["ID"])]
         topic = ("service", name)
-        res, st["filtered"] = _checks_answer(r, rows, store.topic_index(topic), [topic])
+        res, _ = _checks_answer(r, rows, store.topic_index(topic), [topic])
         return res
 
-    res = await blocking_query(r, run)
-    return answer(r, res, st["filtered"])
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)
 
 
 async def state(r: Req) -> web.StreamResponse:
@@ -169,15 +166,14 @@ async def state(r: Req) -> web.StreamResponse:
         raise HTTPError(400, f"Invalid check state: {want!r}".replace("'", '"'))
     compile_filter(r)
     store = r.agent.store
-    st = {"filtered": False}
 
     def run() -> QueryResult:
         rows = [c for c in store.rows("checks").values() if want == "any" or c["Status"] == want]
-        res, st["filtered"] = _checks_answer(r, rows, store.topic_index("checks"), ["checks"])
+        res, _ = _checks_answer(r, rows, store.topic_index("checks"), ["checks"])
         return res
 
-    res = await blocking_query(r, run)
-    return answer(r, res, st["filtered"])
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)
 
 
 async def node(r: Req) -> web.StreamResponse:
@@ -186,13 +182,12 @@ async def node(r: Req) -> web.StreamResponse:
         raise HTTPError(400, "Missing node name")
     compile_filter(r)
     store = r.agent.store
-    st = {"filtered": False}
 
     def run() -> QueryResult:
         rows = store.by_index("checks", "node", name)
         topic = ("node", name)
-        res, st["filtered"] = _checks_answer(r, rows, store.topic_index(topic), [topic])
+        res, _ = _checks_answer(r, rows, store.topic_index(topic), [topic])
         return res
 
-    res = await blocking_query(r, run)
-    return answer(r, res, st["filtered"])
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)

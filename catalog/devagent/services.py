@@ -643,15 +643,51 @@ def service_node(row: Mapping[str, Any], node: Mapping[str, Any]) -> dict[str, A
     return out
 
 
-def node_out(node: Mapping[str, Any]) -> dict[str, Any]:
-    return public(node)
+class _RenderCache:
+    """Renderings of immutable store rows, keyed by the row's identity (rows are never mutated:
+    a write puts a new dict). Bounded; the cached row is kept so an id is never reused wrongly.
+    Renderings are shared between answers: callers must not mutate them."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.limit = limit
+        self.entries: dict[int, tuple[Mapping[str, Any], dict[str, Any]]] = {}
+
+    def get(self, row: Mapping[str, Any], render: Any) -> dict[str, Any]:
+        hit = self.entries.get(id(row))
+        if hit is not None and hit[0] is row:
+            return hit[1]
+        out: dict[str, Any] = render(row)
+        if len(self.entries) >= self.limit:
+            self.entries.clear()
+        self.entries[id(row)] = (row, out)
+        return out
 
 
-def check_out(row: Mapping[str, Any]) -> dict[str, Any]:
+_CHECKS = _RenderCache()
+_NODES = _RenderCache()
+_NODE_SERVICES = _RenderCache()
+
+
+def _check_out(row: Mapping[str, Any]) -> dict[str, Any]:
     out = public(row)
     if out.get("ServiceTags") is None:
         out["ServiceTags"] = []
     return out
+
+
+def node_out(node: Mapping[str, Any]) -> dict[str, Any]:
+    """The node row as served (shared rendering: do not mutate)."""
+    return _NODES.get(node, public)
+
+
+def check_out(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The check row as served (shared rendering: do not mutate)."""
+    return _CHECKS.get(row, _check_out)
+
+
+def node_service_cached(row: Mapping[str, Any]) -> dict[str, Any]:
+    """``node_service`` of a stored row (shared rendering: do not mutate)."""
+    return _NODE_SERVICES.get(row, node_service)
 
 
 def aggregated_status(statuses: Iterable[str]) -> str:
