@@ -249,6 +249,7 @@ class CheckManager:
             try:
                 async with session.request(method, url, headers=all_headers, data=body,
                                            allow_redirects=not ct.get("DisableRedirects"),
+                                           server_hostname=ct.get("TLSServerName") or None,
                                            timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                     data = await resp.content.read(max_out)
                     text = data.decode(errors="replace")
