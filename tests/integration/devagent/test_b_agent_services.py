@@ -228,3 +228,24 @@ def test_services_checks_and_intentions_survive_a_restart(tmp_path: Any) -> None
         assert "keep-1-sidecar-proxy" not in c.agent.services()
     finally:
         second.stop()
+
+
+def test_reregistration_and_replace_existing_checks(module_agent: DevAgent) -> None:
+    c = _c(module_agent)
+    url = module_agent.url
+    body = {"Name": "rr", "ID": "rr-1", "Port": 1, "Checks": [{"TTL": "60s"}, {"TTL": "60s", "CheckID": "rr-extra"}]}
+    assert call(url, "PUT", "/v1/agent/service/register", body)[0] == 200
+    c.agent.check.ttl_pass("service:rr-1:1", "kept")
+    # re-registering keeps the state of an unchanged check and leaves other checks alone
+    assert call(url, "PUT", "/v1/agent/service/register", {**body, "Tags": ["new"]})[0] == 200
+    chk = c.agent.checks()["service:rr-1:1"]
+    assert chk["Status"] == "passing" and chk["Output"] == "kept" and chk["ServiceTags"] == ["new"]
+    # a check registered for the service is attached to it
+    assert c.agent.check.register("side", check=consul.Check.ttl("60s"), check_id="rr-side", service_id="rr-1")
+    assert c.agent.checks()["rr-side"]["ServiceName"] == "rr"
+    # replace-existing-checks drops the checks the new definition does not name
+    assert call(url, "PUT", "/v1/agent/service/register?replace-existing-checks",
+                {"Name": "rr", "ID": "rr-1", "Port": 1, "Check": {"TTL": "60s"}})[0] == 200
+    ids = {k for k in c.agent.checks() if k.startswith(("service:rr-1", "rr-"))}
+    assert ids == {"service:rr-1"}
+    c.agent.service.deregister("rr-1")
