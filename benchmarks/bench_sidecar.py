@@ -140,18 +140,37 @@ def _ready_grpc(target: str) -> Callable[[], bool]:
 
 # -- profiling (optional) ---------------------------------------------------------------------------
 
-_IDLE = ("epoll_wait", "epoll_pwait", "poll (", "futex", "pthread_cond_wait", "pthread_cond_timedwait",
-         "nanosleep", "select (", "sem_wait", "sem_timedwait")
+_IDLE = frozenset({"epoll_wait", "epoll_pwait", "poll", "ppoll", "futex", "syscall", "pthread_cond_wait",
+                   "pthread_cond_timedwait", "nanosleep", "clock_nanosleep", "select", "sem_wait", "sem_timedwait"})
+
+
+def _idle(frame: str) -> bool:
+    """A native frame where a thread blocks (not a Python function of the same name)."""
+    return frame.partition(" (")[0] in _IDLE and ".py" not in _where(frame)
+
+
+def _function(frame: str) -> str:
+    """`name (file:123)` -> `name (file)`: py-spy's frames are per line; functions read better."""
+    head, sep, rest = frame.rpartition(":")
+    return f"{head})" if sep and rest.rstrip(")").isdigit() else frame
+
+
+def _where(frame: str) -> str:
+    """The file or library of a frame: `name (sidecar/h2_proxy.py:12)` -> `sidecar/h2_proxy.py`."""
+    inside = frame.rpartition("(")[2].rstrip(")")
+    return inside.rpartition(":")[0] if inside.rpartition(":")[2].isdigit() else inside
 
 
 def summarize_collapsed(text: str, top: int = 15) -> dict[str, Any]:
-    """Top frames (self and inclusive share of busy samples) from py-spy's raw (collapsed) output.
+    """Top functions and files by share of busy samples, from py-spy's raw (collapsed) output.
 
     With --native py-spy also samples threads blocked in epoll/futex; those samples are counted as
-    `idle` and left out of the shares, which are then shares of CPU-using samples.
+    `idle` and left out of the shares, which are then shares of CPU-using samples. `inclusive`
+    leaves out the frames every busy sample has (the interpreter's and the event loop's roots).
     """
     total = idle = 0
     own: dict[str, int] = {}
+    files: dict[str, int] = {}
     incl: dict[str, int] = {}
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -159,18 +178,22 @@ def summarize_collapsed(text: str, top: int = 15) -> dict[str, Any]:
             continue
         n = int(count)
         frames = stack.split(";")
-        if frames[-1].startswith(_IDLE):
+        if _idle(frames[-1]):
             idle += n
             continue
         total += n
-        own[frames[-1]] = own.get(frames[-1], 0) + n
-        for frame in set(frames):
+        leaf = _function(frames[-1])
+        own[leaf] = own.get(leaf, 0) + n
+        files[_where(frames[-1])] = files.get(_where(frames[-1]), 0) + n
+        for frame in {_function(f) for f in frames}:
             incl[frame] = incl.get(frame, 0) + n
 
-    def ranked(d: dict[str, int]) -> list[tuple[str, float]]:
-        order = sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
-        return [(f, round(n / total, 3)) for f, n in order] if total else []
-    return {"busy_samples": total, "idle_samples": idle, "self": ranked(own), "inclusive": ranked(incl)}
+    def ranked(d: dict[str, int], limit: float = 1.0) -> list[tuple[str, float]]:
+        order = sorted(((f, c) for f, c in d.items() if c < limit * total or limit >= 1.0),
+                       key=lambda kv: (-kv[1], kv[0]))[:top]
+        return [(f, round(c / total, 3)) for f, c in order] if total else []
+    return {"busy_samples": total, "idle_samples": idle, "self": ranked(own), "self_by_file": ranked(files),
+            "inclusive": ranked(incl, limit=0.95)}
 
 
 def profile(path: Route, names: Sequence[str], workdir: Path, seconds: str) -> dict[str, Any]:

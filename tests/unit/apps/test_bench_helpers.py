@@ -56,8 +56,13 @@ def test_best_of_rounds_picks_the_least_disturbed() -> None:
 
 
 def test_summarize_collapsed_profile() -> None:
-    text = "main;loop;poll 6\nmain;loop;handler 3\nthread;wait 1\nthread;epoll_wait (libc.so.6) 5\n"
+    text = ("main (m.py:1);loop (l.py:2);poll (p.py:3) 5\n"
+            "main (m.py:1);loop (l.py:2);poll (p.py:4) 1\n"
+            "main (m.py:1);handler (h.py:9) 3\n"
+            "main (m.py:1);write (libc.so.6) 1\n"
+            "thread (t.py:1);epoll_wait (libc.so.6) 5\n")
     s = bench_sidecar.summarize_collapsed(text, top=2)
     assert s["busy_samples"] == 10 and s["idle_samples"] == 5
-    assert s["self"] == [("poll", 0.6), ("handler", 0.3)]
-    assert s["inclusive"][:2] == [("loop", 0.9), ("main", 0.9)]
+    assert s["self"] == [("poll (p.py)", 0.6), ("handler (h.py)", 0.3)]
+    assert s["self_by_file"] == [("p.py", 0.6), ("h.py", 0.3)]
+    assert s["inclusive"] == [("loop (l.py)", 0.6), ("poll (p.py)", 0.6)]  # main (in every sample) left out
