@@ -2,11 +2,12 @@
 
 Built on py-consul's asyncio client: a `consul.aio.Consul` owns the process's single aiohttp session
 (address, scheme, TLS) and every call goes through its request path (`HTTPClient.get/put/delete`).
-py-consul's endpoint helpers are not used for the calls themselves because they return untyped dicts,
-drop the response headers Weft needs (`X-Consul-Index` on errors, `X-Consul-ContentHash`,
-`X-Consul-KnownLeader`), fold every error into a string, and lack or mishandle what Weft needs
-(txn error bodies on 409, config-entry CAS, exact intentions, `/v1/agent/service/:id` with `hash`).
-Here every call has typed results and typed errors.
+py-consul's endpoint helpers are not used for the calls themselves: they return untyped dicts, fold
+errors into strings (a txn 409 becomes a `ClientError` whose per-operation `Errors` must be re-parsed
+from text), and py-consul 1.8 lacks what Weft's watches need: no `index`/`wait` (so no blocking and
+no `X-Consul-Index`) on config-entry get/list and on the intentions list, no `hash`/`wait` and no
+`X-Consul-ContentHash` on `/v1/agent/service/:id`, no `/v1/agent/check/update`. Here every call has
+typed results and typed errors.
 
 Configuration is read like Consul's own tools: `CONSUL_HTTP_ADDR` (``host:port``,
 ``http(s)://host:port`` or ``unix:///path``), `CONSUL_HTTP_TOKEN` / `CONSUL_HTTP_TOKEN_FILE`,
