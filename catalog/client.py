@@ -505,27 +505,31 @@ class ConsulClient:
 
     # -- health / catalog -----------------------------------------------------------------------------------------
 
-    async def health_service(self, service: str, *, passing: bool = True, tag: str = "", filter: str = "",
+    async def health_service(self, service: str, *, passing: bool = True, tag: str | Sequence[str] = "",
+                             filter: str = "",
                              index: int = 0, wait: float | None = None,
                              token: str | None = None) -> tuple[int, tuple[ServiceInstance, ...]]:
-        """`/v1/health/service/:name`; by default only instances whose checks all pass (`?passing`)."""
+        """`/v1/health/service/:name`; by default only instances whose checks all pass (`?passing`).
+        `tag`: one tag, or several (an instance must have all of them)."""
         return await self._health("service", service, passing, tag, filter, index, wait, token)
 
-    async def health_connect(self, service: str, *, passing: bool = True, tag: str = "", filter: str = "",
+    async def health_connect(self, service: str, *, passing: bool = True, tag: str | Sequence[str] = "",
+                             filter: str = "",
                              index: int = 0, wait: float | None = None,
                              token: str | None = None) -> tuple[int, tuple[ServiceInstance, ...]]:
         """`/v1/health/connect/:name`: the connect-proxy (sidecar) and Connect-native instances for `service`,
         with the proxies' own addresses and ports; by default passing only."""
         return await self._health("connect", service, passing, tag, filter, index, wait, token)
 
-    async def _health(self, kind: str, service: str, passing: bool, tag: str, filter: str, index: int,
-                      wait: float | None, token: str | None) -> tuple[int, tuple[ServiceInstance, ...]]:
+    async def _health(self, kind: str, service: str, passing: bool, tag: str | Sequence[str], filter: str,
+                      index: int, wait: float | None, token: str | None) -> tuple[int, tuple[ServiceInstance, ...]]:
         _require(service, "service")
         params: Params = []
         if passing:
             params.append(("passing", "1"))
-        if tag:
-            params.append(("tag", tag))
+        for t in ([tag] if isinstance(tag, str) else list(tag)):
+            if t:
+                params.append(("tag", t))
         if filter:
             params.append(("filter", filter))
         w = _blocking(params, index, wait)

@@ -376,7 +376,8 @@ def kv_prefix_watch(client: ConsulClient, prefix: str, *,
     return Watch(fetch, name=f"kv-prefix:{prefix}", policy=policy)
 
 
-def health_service_watch(client: ConsulClient, service: str, *, passing: bool = True, tag: str = "",
+def health_service_watch(client: ConsulClient, service: str, *, passing: bool = True,
+                         tag: str | tuple[str, ...] = "",
                          policy: WatchPolicy | None = None) -> Watch[tuple[ServiceInstance, ...]]:
     async def fetch(index: int, wait: float) -> tuple[int, tuple[ServiceInstance, ...]]:
         return await client.health_service(service, passing=passing, tag=tag, index=index, wait=wait)

@@ -149,12 +149,14 @@ async def test_health_and_hash_params(tcp_server: tuple[Scripted, int]) -> None:
     async with ConsulClient.from_env({"CONSUL_HTTP_ADDR": f"127.0.0.1:{port}"}) as c:
         s.answer = (200, "[]", {"X-Consul-Index": "4"})
         assert await c.health_connect("api", index=3, wait=1) == (4, ())
+        await c.health_service("api", passing=False, tag=["v1", "blue"])
         s.answer = (200, json.dumps({"ID": "web-1", "Service": "web", "Port": 1, "ContentHash": "h2"}),
                     {"X-Consul-ContentHash": "h2"})
         h, reg = await c.agent_service("web-1", hash="h1", wait=5)
         assert h == "h2" and reg is not None and reg.name == "web"
-    health, agent = s.requests
+    health, tagged, agent = s.requests
     assert health.path == "/v1/health/connect/api" and "passing" in health.query and health.query["index"] == "3"
+    assert tagged.query.getall("tag") == ["v1", "blue"] and "passing" not in tagged.query
     assert agent.path == "/v1/agent/service/web-1" and agent.query["hash"] == "h1" and agent.query["wait"] == "5s"
 
 
