@@ -25,6 +25,14 @@ from catalog.devagent.http import (
 from catalog.devagent.state import Row
 
 
+def setup(agent: Agent) -> None:
+    from catalog.devagent import api_txn, catalog_txn
+
+    api_txn.register_op("Node", catalog_txn.node_op, catalog_txn.is_write)
+    api_txn.register_op("Service", catalog_txn.service_op, catalog_txn.is_write)
+    api_txn.register_op("Check", catalog_txn.check_op, catalog_txn.is_write)
+
+
 def routes(agent: Agent) -> list[Endpoint]:
     return [
         Endpoint("/v1/catalog/register", {"PUT": register}),

@@ -160,3 +160,38 @@ def test_connect_instances(module_agent: DevAgent) -> None:
     for sid in ("app-1", "native-1", "app-proxy-2"):
         c.agent.service.deregister(sid)
     assert c.health.connect("app")[1] == []
+
+
+def test_txn_node_service_check_ops(module_agent: DevAgent) -> None:
+    url = module_agent.url
+    ops = [
+        {"Node": {"Verb": "set", "Node": {"Node": "txn-node", "Address": "10.9.9.9"}}},
+        {"Service": {"Verb": "set", "Node": "txn-node", "Service": {"ID": "txn-1", "Service": "txnsvc", "Port": 80}}},
+        {"Check": {"Verb": "set", "Check": {"Node": "txn-node", "CheckID": "txn-check", "Name": "c",
+                                            "Status": "passing", "ServiceID": "txn-1"}}},
+    ]
+    status, body, _ = call(url, "PUT", "/v1/txn", ops)
+    assert status == 200, body
+    assert [next(iter(res)) for res in body["Results"]] == ["Node", "Service", "Check"]
+    assert body["Results"][1]["Service"]["Service"] == "txnsvc"
+    c = _c(module_agent)
+    _, entries = c.health.service("txnsvc", passing=True)
+    assert _ids(entries) == ["txn-1"]
+    # all or nothing: a stale cas fails the whole transaction with Consul's words
+    modify = body["Results"][1]["Service"]["ModifyIndex"]
+    status, body, _ = call(url, "PUT", "/v1/txn", [
+        {"Service": {"Verb": "delete", "Node": "txn-node", "Service": {"ID": "txn-1"}}},
+        {"Service": {"Verb": "cas", "Node": "txn-node", "Service": {"ID": "x", "Service": "x", "ModifyIndex": 7}}},
+    ])
+    assert status == 409
+    assert body["Errors"] == [{"OpIndex": 1, "What": 'failed to set service "x" on node "txn-node", index is stale'}]
+    assert _ids(c.health.service("txnsvc")[1]) == ["txn-1"]
+    status, body, _ = call(url, "PUT", "/v1/txn", [
+        {"Service": {"Verb": "get", "Node": "txn-node", "Service": {"ID": "txn-1"}}}])
+    assert status == 200 and body["Results"][0]["Service"]["ModifyIndex"] == modify
+    status, body, _ = call(url, "PUT", "/v1/txn", [
+        {"Service": {"Verb": "set", "Node": "ghost", "Service": {"Service": "g"}}}])
+    assert status == 409 and body["Errors"][0]["What"] == "Missing node registration"
+    status, body, _ = call(url, "PUT", "/v1/txn", [{"Node": {"Verb": "delete", "Node": {"Node": "txn-node"}}}])
+    assert status == 200
+    assert c.health.service("txnsvc")[1] == []
