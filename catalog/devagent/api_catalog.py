@@ -44,6 +44,7 @@ def routes(agent: Agent) -> list[Endpoint]:
         Endpoint("/v1/catalog/connect/{name:.*}", {"GET": connect}),
         Endpoint("/v1/catalog/node/{node:.*}", {"GET": node}),
         Endpoint("/v1/catalog/node-services/{node:.*}", {"GET": node_services}),
+        Endpoint("/v1/catalog/gateway-services/{name:.*}", {"GET": gateway_services}),
     ]
 
 
@@ -386,6 +387,23 @@ async def node_services(r: Req) -> web.StreamResponse:
                 svcs.append(ns)
         return QueryResult(idx, {"Node": sv.node_out(node_row), "Services": svcs}, [("node", name)],
                            filtered=filtered)
+
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)
+
+
+async def gateway_services(r: Req) -> web.StreamResponse:
+    """Services linked to a gateway by its ingress/terminating-gateway config entry: the dev agent keeps
+    no gateway config entries, so the answer is always empty (Consul's answer without them)."""
+    name = r.match("name")
+    if not name:
+        raise HTTPError(400, "Missing gateway name")
+    r.authz.check("service:read", name)
+    store = r.agent.store
+    topics = [("config", "ingress-gateway"), ("config", "terminating-gateway")]
+
+    def run() -> QueryResult:
+        return QueryResult(store.topic_index(*topics), [], topics)
 
     res = await blocking_query(r, run, share=True)
     return answer(r, res)

@@ -24,6 +24,7 @@ def routes(agent: Agent) -> list[Endpoint]:
     return [
         Endpoint("/v1/health/service/{name:.*}", {"GET": service}),
         Endpoint("/v1/health/connect/{name:.*}", {"GET": connect}),
+        Endpoint("/v1/health/ingress/{name:.*}", {"GET": ingress}),
         Endpoint("/v1/health/checks/{name:.*}", {"GET": checks}),
         Endpoint("/v1/health/state/{state:.*}", {"GET": state}),
         Endpoint("/v1/health/node/{node:.*}", {"GET": node}),
@@ -112,6 +113,24 @@ async def connect(r: Req) -> web.StreamResponse:
         rows = store.by_index("services", "connect", name)
         res, _ = health_entries(r, rows, ("connect", name))
         return res
+
+    res = await blocking_query(r, run, share=True)
+    return answer(r, res)
+
+
+async def ingress(r: Req) -> web.StreamResponse:
+    """Ingress gateways exposing the service: the dev agent keeps no ingress-gateway config entries,
+    so (as Consul without them) the answer is always empty; it still blocks like Consul's."""
+    name = r.match("name")
+    if not name:
+        raise HTTPError(400, "Missing service name")
+    compile_filter(r)
+    passing_param(r)
+    store = r.agent.store
+    topic = ("config", "ingress-gateway")
+
+    def run() -> QueryResult:
+        return QueryResult(store.topic_index(topic), [], [topic])
 
     res = await blocking_query(r, run, share=True)
     return answer(r, res)

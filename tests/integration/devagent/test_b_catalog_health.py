@@ -160,6 +160,9 @@ def test_connect_instances(module_agent: DevAgent) -> None:
     for sid in ("app-1", "native-1", "app-proxy-2"):
         c.agent.service.deregister(sid)
     assert c.health.connect("app")[1] == []
+    # no gateway config entry kinds are kept: Consul's answer without them
+    assert call(module_agent.url, "GET", "/v1/health/ingress/app")[:2] == (200, [])
+    assert call(module_agent.url, "GET", "/v1/catalog/gateway-services/gw")[:2] == (200, [])
 
 
 def test_txn_node_service_check_ops(module_agent: DevAgent) -> None:
