@@ -191,3 +191,25 @@ def test_default_tagged_addresses() -> None:
     assert sv.default_tagged_addresses({"Address": "db.local", "Port": 1}) == {"Address": "db.local", "Port": 1}
     v6 = sv.default_tagged_addresses({"Address": "::1", "Port": 2})
     assert set(v6["TaggedAddresses"]) == {"lan_ipv6", "wan_ipv6"}
+
+
+def test_reaper_honours_the_minimum_and_spares_recovered_services() -> None:
+    from catalog.devagent.agent import Agent, AgentConfig
+
+    agent = Agent(AgentConfig(node_name="n", check_deregister_interval_min_ns=60 * SECOND))
+    registry.install(agent.store)
+    agent.ensure_local_node()
+    mgr = checks.CheckManager(agent, deregister_min_ns=60 * SECOND)
+    with agent.store.write() as tx:
+        for name in ("doomed", "healed"):
+            svc = sv.normalize_service(sv.decode_service({"Name": name, "Port": 1})["service"])
+            registry.add_service_with_checks(tx, "n", svc, [sv.decode_check_type(
+                {"TTL": "10s", "DeregisterCriticalServiceAfter": "5s"})])
+    assert mgr.reap(1000.0) == []  # first seen critical now
+    assert mgr.reap(1030.0) == []  # 30s > 5s, but the 1m minimum applies
+    with agent.store.write() as tx:
+        registry.set_status(tx, "n", "service:healed", "passing", "")
+    assert mgr.reap(1061.0) == ["doomed"]
+    assert agent.store.get("services", "n/doomed") is None
+    assert agent.store.get("checks", "n/service:doomed") is None
+    assert agent.store.get("services", "n/healed") is not None
