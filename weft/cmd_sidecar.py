@@ -73,6 +73,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="debug, info, warn or error")
 
 
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the kernel (start-up leaves a few MB of them)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+async def _trim_periodically(stop: asyncio.Event, every: float = 60.0) -> None:
+    while not stop.is_set():
+        _trim_heap()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)
+
+
 def _fewer_malloc_arenas() -> None:
     """glibc gives each thread that allocates its own arena; grpc's threads would add several MB of RSS."""
     try:
@@ -129,6 +146,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"weft sidecar: --descriptor-set {args.descriptor_set}: {exc}", file=sys.stderr)
             return 2
     return runner.run(lambda stop: _main(args, stop, upstreams, descriptor_methods))
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def restore_from_meta(reg: Any) -> bool:
@@ -339,6 +362,8 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
                  upstreams={u.destination_name: u.local_bind_port for u in registration.upstreams})
         print(f"weft sidecar for {sid}: public {bind}:{inbound.port}, admin http://{args.admin_bind}:{admin_port}",
               flush=True)
+        trimmer = asyncio.ensure_future(_trim_periodically(stop))
+        cleanup.append(lambda: _cancel(trimmer))
 
         await stop.wait()
 
