@@ -51,3 +51,21 @@ def test_trailers_only_is_a_valid_context_free_block() -> None:
 def test_frame_layout() -> None:
     f = frame(0x1, 0x4, 3, b"abc")
     assert f[:3] == b"\x00\x00\x03" and f[3] == 1 and f[4] == 4 and f[5:9] == b"\x00\x00\x00\x03" and f[9:] == b"abc"
+
+
+def test_message_framing_across_frames() -> None:
+    from sidecar.h2_proxy import _Messages
+
+    def msg(n: int) -> bytes:
+        return b"\x00" + n.to_bytes(4, "big") + b"m" * n
+
+    m = _Messages()
+    stream = msg(10) + msg(3000) + msg(7)
+    # split at awkward places, including inside a length prefix
+    parts = [stream[:3], stream[3:12], stream[12:1000], stream[1000:]]
+    assert [m.too_large(p, 4096) for p in parts] == [0, 0, 0, 0]
+    assert m.rest == 0 and m.head == b""
+    m2 = _Messages()
+    big = msg(5000)
+    assert m2.too_large(big[:2], 4096) == 0
+    assert m2.too_large(big[2:100], 4096) == 5000
