@@ -249,3 +249,21 @@ async def test_https_with_cacert_and_verification(tmp_path: Path) -> None:
             assert await c.status_leader() == "127.0.0.1:8300"
     finally:
         await runner.cleanup()
+
+
+async def test_ipv6_address() -> None:
+    s = Scripted()
+    s.answer = (200, '"[::1]:8300"', {})
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", s.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "::1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with ConsulClient.from_env({"CONSUL_HTTP_ADDR": f"[::1]:{port}"}) as c:
+            assert c.address == f"http://[::1]:{port}"
+            assert await c.status_leader() == "[::1]:8300"
+    finally:
+        await runner.cleanup()
