@@ -351,6 +351,9 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
         listening["up"] = True
 
         # 4. register, keep the TTL check passing while ready
+        # where `weft top` and `weft status` find this sidecar's admin API
+        admin_meta = str(admin_port) if args.admin_bind in ("0.0.0.0", "::", "") else f"{args.admin_bind}:{admin_port}"
+        reg = dataclasses.replace(reg, meta=tuple(sorted({**dict(reg.meta), "weft-admin-addr": admin_meta}.items())))
         registered = Registered(client, reg, note="ready")
         try:
             await registered.register()

@@ -192,6 +192,8 @@ def test_calls_flow_and_registration(mesh: Mesh) -> None:
     assert sorted(e["Service"]["ID"] for e in entries) == ["api-1-sidecar-proxy", "api-2-sidecar-proxy"]
     svc = entries[0]["Service"]
     assert svc["Kind"] == "connect-proxy" and svc["Proxy"]["DestinationServiceName"] == "api"
+    admin = mesh.sidecars[svc["Proxy"]["DestinationServiceID"]][1]
+    assert svc["Meta"]["weft-admin-addr"] == f"127.0.0.1:{admin}" and svc["Meta"]["protocol"] == "grpc"
     checks = mesh.consul("GET", "/v1/agent/checks")
     names: dict[str, list[str]] = {c["ServiceID"]: [] for c in checks.values()}
     for c in checks.values():
