@@ -26,7 +26,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ca.identity import validate_trust_domain
 from ca.provider import (
-    MAX_CLOCK_SKEW,
     CAConfig,
     CAError,
     InvalidRequest,
@@ -265,13 +264,14 @@ class BuiltinProvider:
         key = ec.generate_private_key(ec.SECP256R1())
         not_after = min(now + self._config.intermediate_ttl, root_cert.not_valid_after_utc)
         cert = self._ca_builder(self._name("Intermediate CA"), root_cert.subject, key.public_key(),
-                                now - MAX_CLOCK_SKEW, not_after, 0, _ski(root_cert)).sign(root_key, hashes.SHA256())
+                                now - self._config.clock_skew, not_after, 0, _ski(root_cert)
+                                ).sign(root_key, hashes.SHA256())
         return key, cert
 
     def _new_generation(self, now: datetime) -> Generation:
         root_key = ec.generate_private_key(ec.SECP256R1())
         name = self._name("Root CA")
-        root_cert = self._ca_builder(name, name, root_key.public_key(), now - MAX_CLOCK_SKEW,
+        root_cert = self._ca_builder(name, name, root_key.public_key(), now - self._config.clock_skew,
                                      now + self._config.root_ttl, None, None).sign(root_key, hashes.SHA256())
         inter_key, inter_cert = self._new_intermediate(root_key, root_cert, now)
         index = self._next_index()
@@ -298,7 +298,7 @@ class BuiltinProvider:
             .issuer_name(signer.root_cert.subject)
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(max(cert.not_valid_before_utc, now - MAX_CLOCK_SKEW))
+            .not_valid_before(max(cert.not_valid_before_utc, now - self._config.clock_skew))
             .not_valid_after(not_after)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(_ski(signer.root_cert)),
                            critical=False)
@@ -321,7 +321,7 @@ class BuiltinProvider:
         public_key = request.public_key or serialization.load_der_public_key(request.public_key_der)
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, ec.SECP256R1):
             raise InvalidRequest("an EC P-256 key is required")
-        skew = min(MAX_CLOCK_SKEW, ttl / 10)
+        skew = min(self._config.clock_skew, ttl / 10)
         not_before = now - skew
         not_after = min(now + ttl, gen.inter_cert.not_valid_after_utc)
         if not_after <= now:
@@ -363,7 +363,7 @@ class BuiltinProvider:
         new.cross_signed.append(self._cross_sign(new.root_cert, now))
         old.active = False
         old.retired_at = now
-        old.prune_after = now + self._max_leaf_ttl + MAX_CLOCK_SKEW
+        old.prune_after = now + self._max_leaf_ttl + self._config.clock_skew
         old.modify_index = new.create_index
         self._generations.append(new)
         return new.id

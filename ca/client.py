@@ -119,17 +119,17 @@ class GrpcCA:
         self._timeout = timeout_s
         self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._retired: list[grpc.aio.Channel] = []
 
     def _channel(self, address: str, bundle: TrustBundle) -> grpc.aio.Channel:
         roots = bundle.roots_pem
         key = (address, roots)
         channel = self._channels.get(key)
         if channel is None:
+            # New roots: new connections must verify against them, but a stream may still run on the old
+            # channel (a WatchRoots watch), so old channels are closed only after a grace period.
             for old_key in [k for k in self._channels if k[0] == address]:
-                old = self._channels.pop(old_key)
-                task = asyncio.ensure_future(old.close(None))
-                self._closing.add(task)
-                task.add_done_callback(self._closing.discard)
+                self._retire(self._channels.pop(old_key))
             target = SpiffeId.for_service(bundle.trust_domain, SERVICE_NAME, namespace=self._namespace).dns_name
             creds = grpc.ssl_channel_credentials(root_certificates=roots.encode())
             channel = grpc.aio.secure_channel(address, creds, options=[
@@ -139,6 +139,19 @@ class GrpcCA:
             ])
             self._channels[key] = channel
         return channel
+
+    RETIRED_CHANNEL_GRACE_S = 600.0
+
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        self._retired.append(channel)
+        asyncio.get_running_loop().call_later(self.RETIRED_CHANNEL_GRACE_S, self._close_retired, channel)
+
+    def _close_retired(self, channel: grpc.aio.Channel) -> None:
+        if channel in self._retired:
+            self._retired.remove(channel)
+            task = asyncio.ensure_future(channel.close(None))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _addresses(self) -> list[str]:
         try:
@@ -196,6 +209,11 @@ class GrpcCA:
                 async for pb in call:
                     yield bundle_from_pb(pb)
                 errors.append(f"{address}: stream ended")
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we are being cancelled
+                errors.append(f"{address}: stream cancelled (channel closed)")  # the call was, not us
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                                       grpc.StatusCode.CANCELLED):
@@ -206,10 +224,11 @@ class GrpcCA:
         raise CAUnavailable("no CA replica serves WatchRoots: " + "; ".join(errors))
 
     async def close(self) -> None:
-        for channel in self._channels.values():
+        for channel in [*self._channels.values(), *self._retired]:
             with contextlib.suppress(Exception):
                 await channel.close(None)
         self._channels.clear()
+        self._retired.clear()
 
 
 def _utcnow() -> datetime:

@@ -58,6 +58,9 @@ class CAConfig:
     leaf_ttl: timedelta = DEFAULT_LEAF_TTL
     max_leaf_ttl: timedelta = DEFAULT_MAX_LEAF_TTL
     min_leaf_ttl: timedelta = MIN_LEAF_TTL
+    # tolerated clock difference between hosts: certificates are back-dated by up to this much, and a
+    # retired root stays this much longer than its last leaf
+    clock_skew: timedelta = MAX_CLOCK_SKEW
 
     def __post_init__(self) -> None:
         if self.min_leaf_ttl < MIN_LEAF_TTL:
@@ -70,6 +73,8 @@ class CAConfig:
             raise ValueError("intermediate TTL must be longer than the maximum leaf TTL")
         if self.root_ttl < self.intermediate_ttl:
             raise ValueError("root TTL must not be shorter than the intermediate TTL")
+        if self.clock_skew < timedelta(0):
+            raise ValueError("clock skew must not be negative")
 
 
 @dataclass(frozen=True, slots=True)

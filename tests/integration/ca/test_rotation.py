@@ -14,6 +14,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -21,8 +22,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from ca.client import Credentials, LeafManager
+from ca.client import CAConnector, Credentials, GrpcCA, LeafManager, SignResult
 from ca.identity import SpiffeId
+from ca.provider import TrustBundle
 from ca.renewal import Backoff
 
 from .conftest import RunningCA
@@ -47,6 +49,7 @@ class Peer:
     records: list[Record] = field(default_factory=list)
     _contexts: dict[tuple[int, bool], ssl.SSLContext] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _build_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_credentials(self, creds: Credentials) -> None:
         if self.delay_s:
@@ -63,6 +66,10 @@ class Peer:
         with self._lock:
             creds = self.creds
         assert creds is not None
+        with self._build_lock:  # the peer's server and client threads must not write the same files at once
+            return self._context(creds, server_side), creds
+
+    def _context(self, creds: Credentials, server_side: bool) -> ssl.SSLContext:
         key = (creds.generation, server_side)
         ctx = self._contexts.get(key)
         if ctx is None:
@@ -77,7 +84,27 @@ class Peer:
             ctx.load_cert_chain(d / "cert.pem", d / "key.pem")
             ctx.load_verify_locations(d / "roots.pem")
             self._contexts[key] = ctx
-        return ctx, creds
+        return ctx
+
+
+class LateRoots:
+    """A CAConnector for a peer that learns of new roots `delay_s` late: its roots stream lags, and the
+    bundles in Sign answers are withheld, so it neither trusts new roots nor renews before it learns."""
+
+    def __init__(self, inner: GrpcCA, delay_s: float) -> None:
+        self.inner = inner
+        self.delay_s = delay_s
+
+    async def sign(self, csr: bytes, *, token: str, current_chain: bytes, proof: bytes, ttl_seconds: int,
+                   bundle: TrustBundle | None) -> SignResult:
+        r = await self.inner.sign(csr, token=token, current_chain=current_chain, proof=proof,
+                                  ttl_seconds=ttl_seconds, bundle=bundle)
+        return SignResult(r.cert_pem, r.chain_pem, None)
+
+    async def watch_roots(self, known_index: int, bundle: TrustBundle | None) -> AsyncIterator[TrustBundle]:
+        async for b in self.inner.watch_roots(known_index, bundle):
+            await asyncio.sleep(self.delay_s)
+            yield b
 
 
 def _classify(verifier: Credentials, peer_der: bytes | None, old_root: str, old_inter_subject: x509.Name
@@ -197,9 +224,90 @@ async def test_rotation_drops_no_handshake(running_ca: RunningCA) -> None:
     assert len(records) > 40
 
 
-async def _until(pred, timeout: float) -> None:  # type: ignore[no-untyped-def]
+async def _until(pred, timeout: float, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
+            raise TimeoutError(f"{what}: not met after {timeout}s")
         await asyncio.sleep(0.05)
+
+
+async def test_rotation_and_pruning_of_the_old_root_drop_no_handshake() -> None:
+    """The whole life of a rotation with short leaves: both roots published, then the old one pruned
+    once its last leaf expired; handshakes never fail."""
+    from ca.provider import CAConfig
+    from tests.unit.ca.fakes import FakeKV, FakeLock
+
+    from .conftest import default_acl, start_ca
+
+    cfg = CAConfig(leaf_ttl=timedelta(seconds=5), max_leaf_ttl=timedelta(seconds=5),
+                   clock_skew=timedelta(seconds=0.5))
+    ca = await start_ca(FakeKV(), default_acl(), FakeLock(), cfg)
+    td = ca.service.trust_domain
+    bundle = ca.service.bundle
+    assert bundle is not None
+    old: dict[str, object] = {"root": bundle.active_root_id,
+                              "inter": x509.load_pem_x509_certificate(
+                                  ca.service.provider.active_chain()[0].encode()).subject}
+    stop_async = asyncio.Event()
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    socks: list[socket.socket] = []
+    seen_both = [False, False]
+    with tempfile.TemporaryDirectory() as tmp:
+        # b learns of every change of the roots 1 s late, so it keeps presenting its old-root leaf for a
+        # while after the rotation: pruning the old root before that leaf expired would fail b's
+        # handshakes with a (which would then trust only the new root)
+        peers = [Peer("a", 0.0, Path(tmp)), Peer("b", 0.0, Path(tmp))]
+        connectors: list[CAConnector] = [ca.connector(), LateRoots(ca.connector(), 1.0)]
+        managers = []
+        for p, conn in zip(peers, connectors, strict=True):
+            m = LeafManager(SpiffeId.for_service(td, p.name), conn, token="all", bundle=bundle,
+                            ttl=timedelta(seconds=5), backoff=Backoff(base=0.1, cap=0.5))
+            m.subscribe(p.on_credentials)
+            managers.append(m)
+        tasks = [m.start(stop_async) for m in managers]
+        try:
+            for m in managers:
+                await m.wait_ready(30)
+            await _until(lambda: all(p.creds is not None for p in peers), 30)
+            for p in peers:
+                s = socket.socket()
+                s.bind(("127.0.0.1", 0))
+                s.listen(64)
+                socks.append(s)
+                threads.append(threading.Thread(target=serve, args=(p, s, stop, old), daemon=True))
+            for p, other in ((peers[0], socks[1]), (peers[1], socks[0])):
+                threads.append(threading.Thread(target=dial, args=(p, other.getsockname()[1], stop, old),
+                                                daemon=True))
+            for t in threads:
+                t.start()
+            await _until(lambda: sum(len(p.records) for p in peers) >= 20, 30)
+            new_root = await ca.service.rotate("operator")
+
+            def follow() -> bool:
+                for i, p in enumerate(peers):
+                    if p.creds is not None and len(p.creds.bundle.roots) == 2:
+                        seen_both[i] = True
+                return all(p.creds is not None and p.creds.bundle.root_ids == (new_root,) for p in peers)
+
+            # pruned after the longest leaf of the old root (5 s) plus the skew; the peers follow
+            await _until(follow, 60, "both peers hold only the new root")
+            mark = sum(len(p.records) for p in peers)
+            await _until(lambda: sum(len(p.records) for p in peers) >= mark + 20, 30)
+        finally:
+            stop.set()
+            stop_async.set()
+            for t in threads:
+                t.join(10)
+            for s in socks:
+                s.close()
+            for task in tasks:
+                await task
+            ca.stop.set()
+            await ca.server.stop()
+    records = [r for p in peers for r in p.records]
+    failures = [r.error for r in records if not r.ok]
+    assert not failures, failures[:5]
+    assert len(records) > 40
+    assert all(seen_both), "a peer never held both roots"
