@@ -121,7 +121,11 @@ class ConsulAcl:
         return doc
 
     async def _read(self, path: str) -> dict[str, Any]:
-        r = await self._c.request("GET", path)
+        try:
+            r = await self._c.request("GET", path)
+        except ConsulPermissionDenied as exc:
+            raise CAError(f"the CA's own Consul token may not read ACL policies and roles (it needs "
+                          f"acl = \"read\"): {exc.message}") from None
         doc = r.json()
         if not isinstance(doc, dict):
             raise ConsulError(f"{path}: expected an object")
