@@ -101,11 +101,29 @@ def _fewer_malloc_arenas() -> None:
         pass
 
 
+class _NoSyncConsul:
+    """Stands in for py-consul's synchronous client, which the sidecar never uses (see _lean_imports)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("py-consul's synchronous client is not loaded in a weft sidecar; use catalog.client")
+
+
 def _lean_imports() -> None:
-    """structlog renders with `rich` when it is importable (in a dev venv it is, through import-linter);
-    a sidecar only writes JSON lines, so keep rich's ~5 MB out of every sidecar process."""
+    """Keep what a sidecar never uses out of its memory (about 10 MB of RSS):
+
+    - structlog renders with `rich` when it is importable (in a dev venv it is, through import-linter);
+      a sidecar only writes JSON lines;
+    - `import consul` loads py-consul's synchronous client and with it `requests`; Weft talks to Consul
+      only through py-consul's asyncio client (catalog.client), so `consul.std` is a placeholder here.
+    """
     if "structlog" not in sys.modules:
         sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+    if "consul" not in sys.modules and "consul.std" not in sys.modules:
+        import types
+
+        std = types.ModuleType("consul.std")
+        std.Consul = _NoSyncConsul  # type: ignore[attr-defined]
+        sys.modules["consul.std"] = std
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,6 +170,41 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+CA_SERVICE = "weft-ca"
+ROOTS_KEY = "weft/ca/roots"
+
+
+async def _read_bundle(client: Any) -> Any:
+    """The trust bundle the CA publishes in KV (None before any CA ran)."""
+    from ca.provider import TrustBundle
+
+    _, entry = await client.kv_get(ROOTS_KEY)
+    if entry is None or not entry.value:
+        return None
+    return TrustBundle.from_json(entry.value, entry.modify_index)
+
+
+def _consul_resolver(client: Any) -> Any:
+    """The CA's replicas as Consul lists them (healthy instances of weft-ca), active one first."""
+    async def resolve() -> list[str]:
+        _, instances = await client.health_service(CA_SERVICE, passing=True)
+        ranked = sorted(instances, key=lambda i: 0 if any(c.output.strip() == "active" for c in i.checks) else 1)
+        return [f"{i.address}:{i.port}" for i in ranked]
+
+    return resolve
+
+
+async def _datacenter(client: Any) -> str:
+    from catalog.client import ConsulError
+
+    if client.settings.datacenter:
+        return str(client.settings.datacenter)
+    try:
+        return str((await client.agent_self()).datacenter)
+    except (ConsulError, ValueError):
+        return "dc1"
 
 
 def restore_from_meta(reg: Any) -> bool:
@@ -206,7 +259,6 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
     from sidecar.state import SidecarState, protocol_of_meta, registration_of
     from sidecar.telemetry import Telemetry
     from sidecar.tls import TlsContexts
-    from weft.cmd_ca import _datacenter, _own_token, _read_bundle, consul_resolver
 
     sid = args.sidecar_for
     client = ConsulClient.from_env()
@@ -245,7 +297,7 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
                 meta={"protocol": app_protocol or "tcp", "weft-sidecar": "1",
                       "weft-agent-made": "1" if agent_made or previous_agent_made else "0"}, ttl=args.ttl,
                 deregister_critical_after=args.deregister_after)
-            dc = await _datacenter(client, "")
+            dc = await _datacenter(client)
             registration = registration_of(reg, app, protocol=app_protocol or "tcp", datacenter=dc)
         except (ValueError, SnapshotError) as exc:
             print(f"weft sidecar: {exc}", file=sys.stderr)
@@ -256,8 +308,8 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
         if bundle is None:
             return 0
         identity = SpiffeId.for_service(bundle.trust_domain, app.name, datacenter=dc)
-        token = args.token if args.token is not None else _own_token(client)
-        ca = GrpcCA(fixed_resolver(args.ca_addr) if args.ca_addr else consul_resolver(client))
+        token = args.token if args.token is not None else client.token
+        ca = GrpcCA(fixed_resolver(args.ca_addr) if args.ca_addr else _consul_resolver(client))
         cleanup.append(ca.close)
 
         async def bundle_source() -> Any:
