@@ -1,4 +1,4 @@
-"""Byte pipes: splicing two transports together, and the outbound TCP listener.
+"""Byte pipes: splicing two transports together, server-side TLS for the public port, the outbound TCP listener.
 
 :class:`Pipe` joins two asyncio transports with a pair of :class:`_Half` protocols. Each half is a
 ``BufferedProtocol`` reading into a buffer it reuses, except when the other side's transport still
@@ -8,8 +8,15 @@ Half-close (EOF) is passed on where the transport supports it.
 
 A half can be created before its peer exists (for example the TLS side of an inbound connection,
 which may receive bytes before the app connection is up): it keeps what arrives, pauses reading,
-and flushes when :meth:`Pipe.connect` wires the peer. The side that connects is wired *before* the
-connection is made, because an HTTP/2 server speaks first.
+and flushes when :meth:`Pipe.start` is called once :meth:`Pipe.connect_b` has wired the peer. The side
+that connects is wired *before* the connection is made, because an HTTP/2 server speaks first.
+
+:class:`TlsServerConnection` does the public port's TLS itself over memory BIOs (uvloop's
+``start_tls`` does not complete server-side handshakes on accepted connections): one context per
+connection from the current snapshot, the exact handshake error for metrics, the peer certificate
+before any byte reaches the app, and decrypted records batched into one write to the other side.
+
+:class:`OutboundTcp` is the local listener of a TCP upstream.
 """
 
 from __future__ import annotations
