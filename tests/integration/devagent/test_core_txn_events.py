@@ -194,3 +194,19 @@ def test_operator_raft_configuration(agent: DevAgent) -> None:
     assert c.operator.raft_config()["Servers"][0]["Address"] == "127.0.0.1:8300"
     status, _, body = _http(agent, "GET", "/v1/operator/autopilot/health")
     assert status == 200 and body["Healthy"] is True
+
+
+def test_coordinates(agent: DevAgent) -> None:
+    c = _c(agent)
+    dcs = c.coordinate.datacenters()
+    assert dcs[0]["Datacenter"] == "dc7" and dcs[0]["Coordinates"][0]["Node"] == "node-a.dc7"
+    _, coords = c.coordinate.nodes()
+    assert [x["Node"] for x in coords] == ["node-a"] and len(coords[0]["Coord"]["Vec"]) == 8
+    vec = [0.1] * 8
+    status, _, _ = _http(agent, "PUT", "/v1/coordinate/update",
+                         {"Node": "node-a", "Coord": {"Vec": vec, "Error": 0.5, "Adjustment": 0, "Height": 0.001}})
+    assert status == 200
+    status, _, body = _http(agent, "GET", "/v1/coordinate/node/node-a")
+    assert status == 200 and body[0]["Coord"]["Vec"] == vec
+    assert _http(agent, "GET", "/v1/coordinate/node/nope")[0] == 404
+    assert _http(agent, "PUT", "/v1/coordinate/update", {"Node": "node-a", "Coord": {"Vec": "x"}})[0] == 400
