@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import json
 import random
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ from catalog.devagent.state import Store, Topic
 if TYPE_CHECKING:
     from catalog.devagent.agent import Agent
 
-Handler = Callable[["Req"], "asyncio.Future[web.StreamResponse] | Any"]
+Handler = Callable[["Req"], Awaitable[web.StreamResponse]]
 
 DEFAULT_WAIT = 300 * SECOND  # Consul's default blocking wait (5m)
 MAX_WAIT = 600 * SECOND  # and its cap (10m)
