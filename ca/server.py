@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -100,14 +99,13 @@ class CAService:
 
     def __init__(self, store: CAStore, authorizer: TokenAuthorizer, config: CAConfig, *,
                  datacenter: str = "dc1", own_token: str = "", clock: Callable[[], datetime] = utcnow,
-                 rng: random.Random | None = None, provider: Provider | None = None) -> None:
+                 provider: Provider | None = None) -> None:
         self.store = store
         self.authorizer = authorizer
         self.config = config
         self.datacenter = datacenter
         self.own_token = own_token
         self.clock = clock
-        self.rng = rng or random.Random()
         self.provider: Provider = provider or BuiltinProvider()
         self.trust_domain = ""
         self.active = False
