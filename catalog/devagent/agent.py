@@ -64,6 +64,7 @@ class Agent:
         self.started_at = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         # with -data-dir: awaited before any answer leaves, so nothing unsynced is ever acknowledged
         self.durable: Callable[[], Awaitable[None]] | None = None
+        self.request_stop: Callable[[], None] | None = None  # set by the server: a graceful shutdown
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
         self._policy_cache: dict[tuple[str, int], acl.Policy] = {}

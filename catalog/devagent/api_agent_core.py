@@ -5,6 +5,7 @@ The dev agent is a single server that is its own leader; its one LAN member is i
 
 from __future__ import annotations
 
+import asyncio
 import platform
 from typing import Any
 
@@ -24,7 +25,24 @@ def routes(agent: Agent) -> list[Endpoint]:
         Endpoint("/v1/agent/self", {"GET": self_}),
         Endpoint("/v1/agent/members", {"GET": members}),
         Endpoint("/v1/agent/version", {"GET": version}),
+        Endpoint("/v1/agent/reload", {"PUT": reload}),
+        Endpoint("/v1/agent/leave", {"PUT": leave}),
     ]
+
+
+async def reload(r: Req) -> web.StreamResponse:
+    """The dev agent has no configuration files to re-read: a reload succeeds and changes nothing."""
+    r.authz.check("agent:write", r.agent.node_name)
+    return web.Response(status=200)
+
+
+async def leave(r: Req) -> web.StreamResponse:
+    """Graceful leave: answer, then shut down (as ``consul leave`` does to an agent)."""
+    r.authz.check("agent:write", r.agent.node_name)
+    stop = r.agent.request_stop
+    if stop is not None:
+        asyncio.get_running_loop().call_later(0.2, stop)
+    return web.Response(status=200)
 
 
 def member(agent: Agent) -> dict[str, Any]:

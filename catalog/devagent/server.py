@@ -155,6 +155,7 @@ async def start(config: AgentConfig) -> tuple[Agent, web.AppRunner]:
 async def serve(config: AgentConfig, stop: asyncio.Event, on_ready: Callable[[int], Any] | None = None) -> int:
     """Serve until ``stop`` is set. ``on_ready(port)`` runs once the HTTP port accepts connections."""
     agent, runner = await start(config)
+    agent.request_stop = stop.set
     gc.collect()
     gc.freeze()  # start-up objects (modules, loaded state) leave the collector's working set
     port = config.http_port

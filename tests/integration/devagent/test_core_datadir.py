@@ -89,3 +89,18 @@ def test_shutdown_answers_blocking_queries_promptly() -> None:
     assert time.monotonic() - t0 < 4.5  # Proc.stop would SIGKILL at 5s
     th.join(5)
     assert "r" in got
+
+
+def test_reload_and_leave() -> None:
+    import urllib.request
+
+    a = DevAgent()
+    try:
+        for path in ("/v1/agent/reload", "/v1/agent/leave"):
+            req = urllib.request.Request(a.url + path, data=b"", method="PUT")
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                assert resp.status == 200
+        a.proc.popen.wait(10)  # leave shuts the agent down
+        assert a.proc.popen.returncode == 0
+    finally:
+        a.stop()
