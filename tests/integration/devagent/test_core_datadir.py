@@ -86,7 +86,7 @@ def test_shutdown_answers_blocking_queries_promptly() -> None:
         t0 = time.monotonic()
     finally:
         a.stop()
-    assert time.monotonic() - t0 < 4.5  # Proc.stop would SIGKILL at 5s
+    assert time.monotonic() - t0 < 4.9  # Proc.stop would SIGKILL at 5s
     th.join(5)
     assert "r" in got
 
