@@ -65,6 +65,7 @@ class Agent:
         # with -data-dir: awaited before any answer leaves, so nothing unsynced is ever acknowledged
         self.durable: Callable[[], Awaitable[None]] | None = None
         self.request_stop: Callable[[], None] | None = None  # set by the server: a graceful shutdown
+        self.tokens: dict[str, str] = {}  # agent tokens set with PUT /v1/agent/token/<kind> (in memory)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
         self._policy_cache: dict[tuple[str, int], acl.Policy] = {}

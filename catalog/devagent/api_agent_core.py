@@ -12,8 +12,8 @@ from typing import Any
 from aiohttp import web
 
 from catalog.devagent.agent import CONSUL_VERSION, REVISION, Agent
-from catalog.devagent.codec import format_duration
-from catalog.devagent.http import Endpoint, Req, json_response
+from catalog.devagent.codec import format_duration, lookup
+from catalog.devagent.http import Endpoint, HTTPError, Req, json_response
 
 SERF_LAN_PORT = 8301
 SERVER_PORT = 8300
@@ -27,7 +27,36 @@ def routes(agent: Agent) -> list[Endpoint]:
         Endpoint("/v1/agent/version", {"GET": version}),
         Endpoint("/v1/agent/reload", {"PUT": reload}),
         Endpoint("/v1/agent/leave", {"PUT": leave}),
+        Endpoint("/v1/agent/token/{kind}", {"PUT": set_token}),
     ]
+
+
+# Consul's token kinds, with the legacy names it still accepts
+TOKEN_KINDS = {
+    "default": "default", "acl_token": "default",
+    "agent": "agent", "acl_agent_token": "agent",
+    "agent_recovery": "agent_recovery", "agent_master": "agent_recovery", "acl_agent_master_token": "agent_recovery",
+    "replication": "replication", "acl_replication_token": "replication",
+    "config_file_service_registration": "config_file_service_registration",
+    "dns": "dns",
+}
+
+
+async def set_token(r: Req) -> web.StreamResponse:
+    """``PUT /v1/agent/token/<kind>`` ``{"Token": "..."}``: the ``default`` token is used for requests
+    that carry none. Kept in memory, as Consul does unless ``enable_token_persistence``."""
+    if not r.agent.config.acl_enabled:
+        raise HTTPError(401, "ACL support disabled")
+    r.authz.check("acl:write")
+    kind = TOKEN_KINDS.get(r.match("kind"))
+    if kind is None:
+        raise HTTPError(404, f"Token \"{r.match('kind')}\" is unknown")
+    body = await r.json(required=True)
+    token = lookup(body, "Token", "") if isinstance(body, dict) else None
+    if not isinstance(token, str):
+        raise HTTPError(400, "Request decode failed: Token must be a string")
+    r.agent.tokens[kind] = token
+    return web.Response(status=200)
 
 
 async def reload(r: Req) -> web.StreamResponse:

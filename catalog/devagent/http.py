@@ -83,7 +83,8 @@ class Req:
         self.raw = raw
         self.agent = agent
         self.query = raw.query
-        self.token = _token(raw)
+        # no token in the request: the agent's default token (PUT /v1/agent/token/default), as Consul
+        self.token = _token(raw) or agent.tokens.get("default", "")
         self._authz: acl.Authorizer | None = None
 
     # ----- parameters -----

@@ -163,3 +163,15 @@ def test_acls_disabled_answer_401() -> None:
             _c(a).acl.token.list()
     finally:
         a.stop()
+
+
+def test_agent_default_token_serves_requests_without_one(agent: DevAgent) -> None:
+    assert _http(agent, "PUT", "/v1/kv/deflt", b"x")[0] == 403
+    assert _http(agent, "PUT", "/v1/agent/token/default", {"Token": MGMT})[0] == 403  # needs acl:write
+    assert _http(agent, "PUT", "/v1/agent/token/default", {"Token": MGMT}, token=MGMT)[0] == 200
+    try:
+        assert _http(agent, "PUT", "/v1/kv/deflt", b"x")[0] == 200
+    finally:
+        assert _http(agent, "PUT", "/v1/agent/acl_token", {"Token": ""}, token=MGMT)[0] == 404
+        assert _http(agent, "PUT", "/v1/agent/token/acl_token", {"Token": ""}, token=MGMT)[0] == 200
+    assert _http(agent, "PUT", "/v1/kv/deflt", b"x")[0] == 403
