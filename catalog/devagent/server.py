@@ -80,7 +80,9 @@ def _make_dispatch(agent: Agent, endpoint: Endpoint) -> Callable[[web.Request], 
         """Every answer carries ``X-Consul-Default-ACL-Policy``, as Consul's do, and leaves only once
         the journal (with -data-dir) holds on disk every write the answer may reflect."""
         resp = await answer(request)
-        resp.headers.setdefault("X-Consul-Default-Acl-Policy", policy)
+        headers = resp.headers
+        headers.setdefault("X-Consul-Default-Acl-Policy", policy)
+        headers.setdefault("Vary", "Accept-Encoding")  # Consul's gzip handler always says so
         durable = agent.durable
         if durable is not None:
             try:
