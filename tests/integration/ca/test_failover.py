@@ -85,8 +85,9 @@ def test_failover_to_standby(agent: DevAgent) -> None:
     try:
         wait_for(lambda: read_bundle(agent) is not None, timeout=30, what="the first CA to publish roots")
         procs.append(start_ca(agent, ports[1]))
-        bundle = read_bundle(agent)
-        assert bundle is not None
+        first = read_bundle(agent)
+        assert first is not None
+        bundle: TrustBundle = first
         addresses = [f"127.0.0.1:{p}" for p in ports]
 
         def roles() -> list[str]:
@@ -101,6 +102,25 @@ def test_failover_to_standby(agent: DevAgent) -> None:
                  what="one active and one standby CA")
         active = roles().index("active")
         standby = 1 - active
+        # rotate on the active replica first: the standby must take over the rotated state
+        import asyncio
+
+        from ca.client import GrpcCA, fixed_resolver
+
+        async def rotate() -> str:
+            conn = GrpcCA(fixed_resolver(addresses[active]))
+            try:
+                return (await conn.rotate("", bundle))[0]
+            finally:
+                await conn.close()
+
+        new_root = asyncio.run(rotate())
+        wait_for(lambda: (b := read_bundle(agent)) is not None and b.active_root_id == new_root, timeout=20,
+                 what="the rotated bundle in KV")
+        rotated = read_bundle(agent)
+        assert rotated is not None
+        old_bundle, bundle = bundle, rotated
+        assert len(bundle.roots) == 2 and old_bundle.active_root_id in bundle.root_ids
 
         procs[active].signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -108,9 +128,12 @@ def test_failover_to_standby(agent: DevAgent) -> None:
                  what="the standby to take over")
         took = time.monotonic() - killed
         print(f"standby took over {took:.1f}s after the active CA was killed (lock TTL 10s)")
-        # same keys: the new leader signs under the root the old one published
+        # same keys: the new leader signs under the (rotated) root the old one published, and a client
+        # still trusting only the first root can talk to it
         code, root_id = try_sign(addresses[standby], bundle)
-        assert code == grpc.StatusCode.OK and root_id == bundle.active_root_id
+        assert code == grpc.StatusCode.OK and root_id == new_root
+        code, root_id = try_sign(addresses[standby], old_bundle)
+        assert code == grpc.StatusCode.OK and root_id == new_root
         after = read_bundle(agent)
         assert after is not None and after.trust_domain == bundle.trust_domain
     finally:
