@@ -8,7 +8,9 @@
 All read CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN (and the rest of Consul's CLI variables).
 
 This module also wires the CA's Protocols (``ca.backend``) to the Consul layer (``catalog``): ``ca``
-must not import ``catalog``, so the adapters live here.
+must not import ``catalog``, so the adapters live here. ``weft/cmd_sidecar.py`` reuses
+``consul_resolver``, ``_read_bundle``, ``_own_token`` and ``_datacenter``: keep their names and
+signatures.
 """
 
 from __future__ import annotations
