@@ -128,3 +128,20 @@ def test_scan_prefix_follows_inserts_deletes_and_rollback() -> None:
 ])
 def test_kv_key_validation(key: str, ok: bool) -> None:
     assert (kv.key_problem(key) is None) is ok
+
+
+def test_timed_out_and_woken_waits_leave_no_watchers_behind() -> None:
+    from catalog.devagent.http import wait_for_change
+
+    async def main() -> None:
+        s = Store()
+        await asyncio.gather(*(wait_for_change(s, [("kvs", "k"), ("kvs", "prefix", "")], 0.05) for _ in range(100)))
+        assert s.watcher_count() == 0 and not s._prefix_watched.get("kvs")
+        waits = [asyncio.ensure_future(wait_for_change(s, [("kvs", "k"), "nodes"], 30)) for _ in range(100)]
+        await asyncio.sleep(0)
+        with s.write() as tx:
+            tx.put("kvs", "k", kv.entry("k", None, 0, tx.index, tx.index))
+        await asyncio.wait_for(asyncio.gather(*waits), 5)
+        assert s.watcher_count() == 0
+
+    asyncio.run(main())
