@@ -1,8 +1,11 @@
 """The dev agent's aiohttp application: endpoint discovery, Consul's error and header conventions, run.
 
 Endpoint modules are the ``catalog/devagent/api_*.py`` files, found at start-up (see the package
-docstring). Every answer goes through ``_dispatch``, which turns exceptions into Consul's plain-text
-error answers, so a bad request ends only that request.
+docstring). Every endpoint is served through the dispatcher ``_make_dispatch`` builds: it answers
+OPTIONS and wrong methods (405 with ``Allow``), turns exceptions into Consul's plain-text error
+answers (so a bad request ends only that request), adds the headers every Consul answer carries,
+and with ``-data-dir`` holds the answer until the journal is on disk. Unmatched paths get an empty
+404 from a catch-all route.
 """
 
 from __future__ import annotations
