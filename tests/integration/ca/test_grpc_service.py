@@ -185,3 +185,64 @@ async def test_watch_roots_stream(running_ca: RunningCA) -> None:
     assert second.active_root_id == resp.new_root_id and len(second.roots) == 2
     call.cancel()
     await channel.close(None)
+
+
+async def test_grpc_server_picks_up_renewed_leaf_without_restart(running_ca: RunningCA, tmp_path: object) -> None:
+    """LeafManager.server_credentials(): gRPC's certificate fetcher (on a gRPC thread) serves each new
+    leaf to the next handshake."""
+    import socket
+    import ssl
+    from pathlib import Path
+
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    ca = running_ca
+    web = LeafManager(_sid(ca, "web"), ca.connector(), token="all", bundle=ca.service.bundle,
+                      ttl=timedelta(seconds=3), backoff=Backoff(base=0.2, cap=1.0))
+    client = LeafManager(_sid(ca, "a"), ca.connector(), token="all", bundle=ca.service.bundle,
+                         ttl=timedelta(hours=1))
+    stop = asyncio.Event()
+    tasks = [web.start(stop), client.start(stop)]
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    try:
+        await web.wait_ready(30)
+        creds = await client.wait_ready(30)
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # type: ignore[attr-defined]
+        port = server.add_secure_port("127.0.0.1:0", web.server_credentials(require_client_auth=True))
+        await server.start()
+        d = Path(str(tmp_path))
+        (d / "k.pem").write_bytes(creds.key_pem)
+        (d / "c.pem").write_bytes(creds.cert_chain_pem)
+        (d / "r.pem").write_bytes(creds.roots_pem)
+
+        def served_serial() -> int:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.load_cert_chain(d / "c.pem", d / "k.pem")
+            ctx.load_verify_locations(d / "r.pem")
+            ctx.set_alpn_protocols(["h2"])
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname=_sid(ca, "web").dns_name) as tls:
+                der = tls.getpeercert(binary_form=True)
+                assert der is not None
+                return x509.load_der_x509_certificate(der).serial_number
+
+        first = web.current
+        assert first is not None
+        assert await asyncio.to_thread(served_serial) == first.serial
+        await _until(lambda: web.current is not None and web.current.serial != first.serial, 30)
+        renewed = web.current
+        assert renewed is not None
+
+        async def serves_renewed() -> bool:
+            return await asyncio.to_thread(served_serial) == renewed.serial
+
+        deadline = asyncio.get_running_loop().time() + 20
+        while not await serves_renewed():
+            assert asyncio.get_running_loop().time() < deadline, "the gRPC server kept the old leaf"
+            await asyncio.sleep(0.1)
+    finally:
+        await server.stop(None)
+        stop.set()
+        for t in tasks:
+            await t
