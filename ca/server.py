@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 import structlog
 from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ca import renewal
 from ca.authz import TokenAuthorizer
@@ -37,6 +38,8 @@ from ca.identity import SpiffeId
 from ca.provider import CAConfig, CAError, InvalidRequest, NotAuthorized, Provider, SignedLeaf, TrustBundle
 from ca.store import CAStore
 from ca.v1 import ca_pb2, ca_pb2_grpc
+
+HEALTH_SERVICE_NAME = "weft.ca.v1.CA"
 
 log = structlog.get_logger(__name__)
 
@@ -400,6 +403,7 @@ class CAServer:
         self.address = ""
         self.service_id = ""
         self._served: ServingCert | None = None
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.registered = asyncio.Event()
         self.lock_held_for_bootstrap = False
 
@@ -457,6 +461,7 @@ class CAServer:
                                                     require_client_authentication=False)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         ca_pb2_grpc.add_CAServicer_to_server(CAServicer(self.service), server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self.port = server.add_secure_port(self.options.listen, creds)
         if self.port == 0:
             raise CAError(f"cannot listen on {self.options.listen}")
@@ -468,7 +473,8 @@ class CAServer:
         self.address = self.options.advertise or f"{host}:{self.port}"
         log.info("ca.listening", address=self.address, trust_domain=self.service.trust_domain,
                  active=self.service.active)
-        self._tasks = [asyncio.create_task(self._leadership(stop)), asyncio.create_task(self._upkeep(stop))]
+        self._tasks = [asyncio.create_task(self._leadership(stop)), asyncio.create_task(self._upkeep(stop)),
+                       asyncio.create_task(self._health_status(stop))]
         if self.registry is not None:
             self._tasks.append(asyncio.create_task(self._registration(stop)))
         self.ready.set()
@@ -493,6 +499,20 @@ class CAServer:
                 self.service.become_standby()
                 log.warning("ca.leadership_error", error=repr(exc))
                 await asyncio.sleep(1.0)
+
+    async def _health_status(self, stop: asyncio.Event) -> None:
+        """grpc.health.v1 on the CA's port: SERVING on the active replica, NOT_SERVING on a standby."""
+        shown: bool | None = None
+        while not stop.is_set():
+            active = self.service.active
+            if active != shown:
+                status = health_pb2.HealthCheckResponse.SERVING if active else \
+                    health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in ("", HEALTH_SERVICE_NAME):
+                    await self._health.set(name, status)
+                shown = active
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
 
     async def _upkeep(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -246,3 +246,31 @@ async def test_grpc_server_picks_up_renewed_leaf_without_restart(running_ca: Run
         stop.set()
         for t in tasks:
             await t
+
+
+async def test_grpc_health_serving_on_active_not_serving_on_standby() -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    kv, lock, acl = FakeKV(), FakeLock(), default_acl()
+    a = await start_ca(kv, acl, lock)
+    b = await start_ca(kv, acl, lock)
+    try:
+        async def status(ca: RunningCA) -> int:
+            bundle = a.service.bundle
+            assert bundle is not None
+            async with grpc.aio.secure_channel(
+                    ca.address, grpc.ssl_channel_credentials(bundle.roots_pem.encode()),
+                    options=[("grpc.ssl_target_name_override", a.service.serving_identity().dns_name)]) as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                resp = await stub.Check(health_pb2.HealthCheckRequest(service="weft.ca.v1.CA"), timeout=10)
+                return int(resp.status)
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while (await status(a), await status(b)) != (health_pb2.HealthCheckResponse.SERVING,
+                                                     health_pb2.HealthCheckResponse.NOT_SERVING):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.2)
+    finally:
+        for ca in (a, b):
+            ca.stop.set()
+            await ca.server.stop()
