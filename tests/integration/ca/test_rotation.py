@@ -311,3 +311,50 @@ async def test_rotation_and_pruning_of_the_old_root_drop_no_handshake() -> None:
     assert not failures, failures[:5]
     assert len(records) > 40
     assert all(seen_both), "a peer never held both roots"
+
+
+async def test_grpc_clients_accept_the_cross_signed_chain() -> None:
+    """gRPC (BoringSSL) clients trusting the old root only, the new root only, or both accept a leaf
+    issued after a rotation; and a leaf of the old root is still accepted with both roots trusted."""
+    from datetime import UTC, datetime
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from ca.builtin import BuiltinProvider
+    from ca.csr import key_pem, make_csr, new_key, parse_csr
+    from ca.provider import CAConfig
+
+    td = "0c1d2e3f-0000-4000-8000-000000000001.consul"
+    p = BuiltinProvider()
+    now = datetime.now(UTC)
+    p.configure(CAConfig(), td, None, now)
+    sid = SpiffeId.for_service(td, "web")
+
+    def issue() -> tuple[bytes, bytes]:
+        k = new_key()
+        leaf = p.sign(parse_csr(make_csr(k, sid), td), timedelta(hours=1), now)
+        return key_pem(k), (leaf.cert_pem + "".join(leaf.chain_pem)).encode()
+
+    before = p.bundle(1)
+    old_leaf = issue()
+    p.rotate(now)
+    after = p.bundle(2)
+    new_leaf = issue()
+    only_new = "".join(r.root_cert for r in after.roots if r.active)
+    cases = [("new leaf, old root only", new_leaf, before.roots_pem),
+             ("new leaf, new root only", new_leaf, only_new),
+             ("new leaf, both roots", new_leaf, after.roots_pem),
+             ("old leaf, both roots", old_leaf, after.roots_pem)]
+    for name, (key, chain), roots in cases:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)  # type: ignore[attr-defined]
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, chain)]))
+        await server.start()
+        try:
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(roots.encode()),
+                                               options=[("grpc.ssl_target_name_override", sid.dns_name)]) as ch:
+                resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING, name
+        finally:
+            await server.stop(None)
