@@ -148,8 +148,6 @@ class Authorizer:
         resource, _, access = permission.partition(":")
         if access not in (READ, LIST, WRITE):
             raise ValueError(f"unknown permission {permission!r}")
-        if resource == "key" and access == WRITE and segment is not None and segment.endswith("*"):
-            raise ValueError("use check_key_write_prefix")
         if not self.allowed(resource, access, segment or ""):
             raise PermissionDenied(self.accessor_id, permission, segment if resource in (*SEGMENTED, "intention")
                                    else None)

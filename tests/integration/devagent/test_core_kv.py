@@ -221,3 +221,15 @@ def test_body_arriving_in_pieces_is_stored_whole(agent: DevAgent) -> None:
     asyncio.run(main())
     status, _, stored = _http(agent, "GET", "/v1/kv/pieces?raw")
     assert status == 200 and stored == bytes(range(256)) * 1200
+
+
+def test_a_key_ending_in_a_star_is_an_ordinary_key(agent: DevAgent) -> None:
+    # Consul treats "*" as a literal character in a key; weft/intentions/* is how KV intentions name
+    # the wildcard destination.
+    c = _client(agent)
+    assert c.kv.put("weft/intentions/*", b'{"Kind":"service-intentions","Name":"*"}') is True
+    _, entry = c.kv.get("weft/intentions/*")
+    assert entry is not None and entry["Value"] == b'{"Kind":"service-intentions","Name":"*"}'
+    assert c.kv.delete("weft/intentions/*") is True
+    _, entry = c.kv.get("weft/intentions/*")
+    assert entry is None
