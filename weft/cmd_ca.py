@@ -259,7 +259,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--kek-file", "-kek-file", default=None,
                        help="file with the key-encryption key (32 bytes raw/base64/hex, or a passphrase); "
                             "default: $WEFT_CA_KEK")
-    serve.add_argument("--listen", "-listen", default="127.0.0.1:8503", help="gRPC address (default 127.0.0.1:8503)")
+    serve.add_argument("--listen", "-listen", default="127.0.0.1:8553", help="gRPC address (default 127.0.0.1:8553)")
     serve.add_argument("--advertise", "-advertise", default="", help="address registered in Consul (default: listen)")
     serve.add_argument("--datacenter", "-datacenter", default="", help="default: the agent's datacenter")
     serve.add_argument("--leaf-ttl", "-leaf-ttl", type=parse_duration, default=DEFAULT_LEAF_TTL,

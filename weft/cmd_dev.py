@@ -19,7 +19,7 @@ crashed one left running, and children also get SIGTERM from the kernel when `we
 (Linux). The dev agent keeps everything in memory, so no stale registrations survive it.
 
 Ports are the fixed defaults of the service definitions (apps 19100/19200/19300, upstream binds
-19101/19201, sidecars 21100/21200/21300, admin 19102/19202/19302, CA 8503, policy 8507) and a busy one
+19101/19201, sidecars 21100/21200/21300, admin 19102/19202/19302, CA 8553, policy 8507) and a busy one
 is a clear error; `-free-ports` picks free ones instead (tests use it) and rewrites the definitions.
 """
 
@@ -48,7 +48,7 @@ from typing import IO, Any
 DEMO_SERVICES = Path(__file__).resolve().parent / "demo" / "services"
 DEMO_ORDER = ("store", "greeter", "frontend")  # start order: callees first
 ADMIN_PORTS = {"frontend": 19102, "greeter": 19202, "store": 19302}
-CA_PORT = 8503
+CA_PORT = 8553
 POLICY_PORT = 8507
 INTENTIONS = (("frontend", "greeter"), ("greeter", "store"))
 STATE_FILE = "state.json"

@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="FileDescriptorSet of the app (protoc --descriptor_set_out) when it offers no reflection")
     a("--no-reflection", "-no-reflection", action="store_true", help="do not ask the app for its methods")
     a("--grpc-engine", "-grpc-engine", choices=("h2", "aio"), default="h2",
-      help="outbound gRPC: h2 (frame-level HTTP/2 proxy, cheapest) or aio (grpc.aio server and channels)")
+      help="gRPC proxying (outbound, and the inbound full path): h2 (frame-level HTTP/2 proxy, cheapest) "
+           "or aio (grpc.aio servers and channels)")
     a("--no-passthrough", "-no-passthrough", action="store_true",
       help="authorize every call on the full path even for L4-allowed callers (slower; per-call inbound metrics)")
     a("--leaf-ttl", "-leaf-ttl", type=float, default=0.0,
@@ -74,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _trim_heap() -> None:
-    """Give the C heap's free pages back to the kernel (start-up leaves a few MB of them)."""
+    """Give the C heap's free pages back to the kernel (start-up and bursts leave a few MB of them)."""
     try:
         import ctypes
 
@@ -83,9 +84,9 @@ def _trim_heap() -> None:
         pass
 
 
-async def _trim_periodically(stop: asyncio.Event, every: float = 60.0) -> None:
+async def _trim_periodically(stop: asyncio.Event, every: float = 15.0) -> None:
     while not stop.is_set():
-        _trim_heap()
+        _trim_heap()  # a few milliseconds at most on a heap this size
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every)
 
@@ -384,7 +385,7 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
         # listeners
         tls = TlsContexts()
         inbound = Inbound(state.snapshot, telemetry, tls, max_message_bytes=args.max_message_bytes,
-                          passthrough_enabled=not args.no_passthrough)
+                          passthrough_enabled=not args.no_passthrough, grpc_engine=args.grpc_engine)
         outbound = Outbound(state.snapshot, telemetry, tls, max_message_bytes=args.max_message_bytes,
                             grpc_engine=args.grpc_engine)
         bind = args.bind or (address if address else "0.0.0.0")

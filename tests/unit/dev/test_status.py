@@ -85,7 +85,7 @@ def test_render_shows_services_sidecars_certificates_and_policy_sync() -> None:
                 SidecarRow("greeter-1-sidecar-proxy", 21200, "passing", "http://127.0.0.1:19001", NOW + 7200, "v1"),)),
             InstanceRow("store", "store-1", "127.0.0.1", 19300, "critical", "grpc", (
                 SidecarRow("store-1-sidecar-proxy", 21300, "critical", "", None, "v0"),)),
-            InstanceRow("weft-ca", "weft-ca-1", "127.0.0.1", 8503, "passing", role="active"),
+            InstanceRow("weft-ca", "weft-ca-1", "127.0.0.1", 8553, "passing", role="active"),
         ],
         trust_domain="1234.consul",
         policies=[PolicyRow("greeter", "v1", "deny", 1), PolicyRow("*", "v9", "deny", 0)],
@@ -99,7 +99,7 @@ def test_render_shows_services_sidecars_certificates_and_policy_sync() -> None:
     assert greeter[5:9] == ["greeter-1-sidecar-proxy:21200", "passing", "2h00m", "v1"]
     store = lines[header + 2]
     assert "critical" in store and "v0 (stale)" in store
-    assert lines[header + 3].split()[:5] == ["weft-ca", "weft-ca-1", "127.0.0.1:8503", "passing", "(active)"]
+    assert lines[header + 3].split()[:5] == ["weft-ca", "weft-ca-1", "127.0.0.1:8553", "passing", "(active)"]
     assert "Trust bundle (weft/ca/roots): trust domain 1234.consul" in text
     policy_lines = [line.split() for line in lines if line.strip().startswith(("greeter ", "* "))]
     assert ["greeter", "v1", "deny", "1", "1/1"] in policy_lines

@@ -60,10 +60,10 @@ def test_sidecar_for_one_service_starts_before_its_app_and_stops_with_it() -> No
 
 
 def test_ca_and_policy_listen_on_the_network_for_other_vms() -> None:
-    ca = _parse_unit(render(UnitSpec(process="ca", kek_file="/k", listen="0.0.0.0:8503",
-                                     advertise="10.0.0.5:8503")))
+    ca = _parse_unit(render(UnitSpec(process="ca", kek_file="/k", listen="0.0.0.0:8553",
+                                     advertise="10.0.0.5:8553")))
     assert shlex.split(ca["Service"]["ExecStart"])[3:] == [
-        "--kek-file", "/k", "--listen", "0.0.0.0:8503", "--advertise", "10.0.0.5:8503"]
+        "--kek-file", "/k", "--listen", "0.0.0.0:8553", "--advertise", "10.0.0.5:8553"]
     policy = _parse_unit(render(UnitSpec(process="policy", listen="0.0.0.0:8507", advertise="10.0.0.5")))
     assert shlex.split(policy["Service"]["ExecStart"])[3:] == [
         "-grpc-addr", "0.0.0.0:8507", "-advertise-addr", "10.0.0.5"]
@@ -102,7 +102,7 @@ def test_specifiers_and_variables_are_escaped() -> None:
     (UnitSpec(process="sidecar", listen="0.0.0.0:1"), "-listen: only for"),
     (UnitSpec(process="ca", kek_file="/k", advertise="10.0.0.5"), "-advertise: the CA advertises host:port"),
     (UnitSpec(process="policy", advertise="10.0.0.5:8507"), "-advertise: the policy service advertises an address"),
-    (UnitSpec(process="ca", kek_file="/k", listen="8503"), "-listen: expected host:port"),
+    (UnitSpec(process="ca", kek_file="/k", listen="8553"), "-listen: expected host:port"),
 ])
 def test_bad_options_are_refused_naming_the_option(spec: UnitSpec, words: str) -> None:
     with pytest.raises(UnitError, match=words.replace("(", r"\(").replace("`", "`")):
@@ -125,7 +125,7 @@ def test_env_option_needs_key_value() -> None:
     (UnitSpec(process="agent", http_port=8500, client="0.0.0.0", data_dir="/var/lib/weft"), "cmd_agent"),
     (UnitSpec(process="ca", kek_file="/etc/weft/kek"), "cmd_ca"),
     (UnitSpec(process="ca", dev=True), "cmd_ca"),
-    (UnitSpec(process="ca", kek_file="/k", listen="0.0.0.0:8503", advertise="10.0.0.5:8503"), "cmd_ca"),
+    (UnitSpec(process="ca", kek_file="/k", listen="0.0.0.0:8553", advertise="10.0.0.5:8553"), "cmd_ca"),
     (UnitSpec(process="policy"), "cmd_policy"),
     (UnitSpec(process="policy", listen="0.0.0.0:8507", advertise="10.0.0.5"), "cmd_policy"),
     (UnitSpec(process="sidecar", sidecar_for="web-1", admin_port=19000), "cmd_sidecar"),

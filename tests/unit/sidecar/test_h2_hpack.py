@@ -69,3 +69,19 @@ def test_message_framing_across_frames() -> None:
     big = msg(5000)
     assert m2.too_large(big[:2], 4096) == 0
     assert m2.too_large(big[2:100], 4096) == 5000
+
+
+def test_headers_of_decodes_every_header_of_a_context_free_block() -> None:
+    from sidecar.h2_proxy import headers_of
+
+    enc = Encoder()
+    enc.header_table_size = 0
+    block = enc.encode(REQUEST)
+    got = [(k.decode(), v.decode()) for k, v in headers_of(block)]
+    assert got == REQUEST
+    dynamic = Encoder()
+    dynamic.encode(REQUEST)
+    import pytest
+
+    with pytest.raises(ValueError, match="dynamic entry"):
+        headers_of(dynamic.encode(REQUEST))
