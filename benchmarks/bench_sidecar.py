@@ -74,12 +74,16 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 
 
 def rss_mb(pid: int) -> float:
+    """Resident set size in MB of 10^6 bytes (the target's unit; 80 MB = 76.3 MiB)."""
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * _PAGE / 1e6
 
 
 def memory_breakdown_mb(pid: int) -> dict[str, float]:
-    """RSS split from /proc/<pid>/smaps_rollup: private (USS) vs shared clean (libraries other processes share)."""
+    """RSS split from /proc/<pid>/smaps_rollup: private (USS) vs shared clean (libraries other processes share).
+
+    In MB of 10^6 bytes like `rss_mb`, plus `rss_mib` (2^20 bytes, what top and ps call MB).
+    """
     fields: dict[str, int] = {}
     with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
@@ -89,9 +93,12 @@ def memory_breakdown_mb(pid: int) -> dict[str, float]:
                 fields[key] = int(parts[0])
     if not fields:
         return {}
-    return {"rss_mb": round(fields.get("Rss", 0) / 1024, 1), "pss_mb": round(fields.get("Pss", 0) / 1024, 1),
-            "private_mb": round((fields.get("Private_Dirty", 0) + fields.get("Private_Clean", 0)) / 1024, 1),
-            "shared_clean_mb": round(fields.get("Shared_Clean", 0) / 1024, 1)}
+    def mb(kib: int) -> float:
+        return round(kib * 1024 / 1e6, 1)
+    return {"rss_mb": mb(fields.get("Rss", 0)), "rss_mib": round(fields.get("Rss", 0) / 1024, 1),
+            "pss_mb": mb(fields.get("Pss", 0)),
+            "private_mb": mb(fields.get("Private_Dirty", 0) + fields.get("Private_Clean", 0)),
+            "shared_clean_mb": mb(fields.get("Shared_Clean", 0))}
 
 
 # -- paths and load ---------------------------------------------------------------------------------
