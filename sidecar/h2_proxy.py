@@ -189,6 +189,37 @@ def _percent(text: str) -> bytes:
     return bytes(out)
 
 
+def headers_of(block: bytes) -> list[tuple[bytes, bytes]]:
+    """Every header of a context-free block (static table and literals; no dynamic-table lookups)."""
+    from hpack.table import HeaderTable
+
+    static = HeaderTable.STATIC_TABLE
+    out: list[tuple[bytes, bytes]] = []
+    i, n = 0, len(block)
+    while i < n:
+        b = block[i]
+        if b & 0x80:
+            idx, i = _int(block, i, 7)
+            if not 0 < idx <= len(static):
+                raise ValueError(f"header block references dynamic entry {idx}")
+            out.append(static[idx - 1])
+            continue
+        if b & 0xE0 == 0x20:
+            _, i = _int(block, i, 5)
+            continue
+        prefix = 6 if b & 0xC0 == 0x40 else 4
+        idx, i = _int(block, i, prefix)
+        if idx:
+            if idx > len(static):
+                raise ValueError(f"header block references dynamic entry {idx}")
+            name = static[idx - 1][0]
+        else:
+            name, i = _string(block, i)
+        value, i = _string(block, i)
+        out.append((name, value))
+    return out
+
+
 _status_cache: dict[bytes, int] = {}
 
 
@@ -229,6 +260,7 @@ class Stream:
         "recv_app",
         "recv_up",
         "request_block",
+        "source",
         "start",
         "status",
         "tries",
@@ -264,6 +296,7 @@ class Stream:
         self.data_sent = False  # request DATA went out: the stream can no longer move elsewhere
         self.msg_up = _Messages()  # gRPC message framing, app -> upstream (for the size limit)
         self.msg_app = _Messages()  # upstream -> app
+        self.source = ""  # the caller's service (inbound full path)
 
 
 class _Messages:
@@ -661,6 +694,7 @@ class H2Outbound:
         self.dirty: list[_Conn] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self.max_message = int(getattr(outbound, "max_message_bytes", 4 * 1024 * 1024))
+        self.name = pool.name if pool is not None else "the local app"
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -754,13 +788,13 @@ class H2Outbound:
             self.release(st, ok=False)
             if not st.app.closed:
                 if st.tries < 2:
-                    self._out.telemetry.retries.labels(self.pool.name).inc()
+                    self._out.telemetry.retries.labels(self.name).inc()
                     self.open_stream(st, exclude=up.key)
                 else:
-                    self.fail(st, UNAVAILABLE, f"weft: cannot reach upstream {self.pool.name} at {up.key}")
+                    self.fail(st, UNAVAILABLE, f"weft: cannot reach {self.name} at {up.key}")
         for st in list(up.streams.values()):
             if not st.app.closed:
-                self.fail(st, UNAVAILABLE, f"weft: the connection to upstream {self.pool.name} was lost")
+                self.fail(st, UNAVAILABLE, f"weft: the connection to {self.name} was lost")
         up.streams.clear()
         self.flush()
 
@@ -932,4 +966,121 @@ class H2Outbound:
             task.cancel()
 
 
-__all__ = ["H2Outbound", "context_free", "scan", "status_of", "trailers_only"]
+class H2Inbound(H2Outbound):
+    """The inbound full path for gRPC services, frame by frame: every stream is authorized with the
+    caller's identity (PERMISSION_DENIED naming the rule, or on to the app over plaintext h2c).
+
+    It listens on loopback and receives the decrypted connections of callers that are not passed
+    through (see ``sidecar.inbound``), whose identity it finds by the connection's source port.
+    """
+
+    def __init__(self, inbound: Any) -> None:
+        super().__init__(inbound, None)
+        self.max_message = int(inbound.max_message_bytes)
+        self.port = 0
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        await super().start(host, port)
+        assert self._server is not None
+        self.port = int(self._server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+
+    def open_stream(self, st: Stream, exclude: str = "") -> None:
+        from sidecar import authz
+
+        inbound = self._out
+        if inbound.draining:
+            self.fail(st, UNAVAILABLE, "weft: the sidecar is shutting down")
+            return
+        peer = st.app.transport.get_extra_info("peername") if st.app.transport is not None else None
+        ident = inbound.identities.get(int(peer[1])) if peer else None
+        if ident is None:
+            self.fail(st, 16, "weft: the caller's identity is unknown")
+            return
+        st.source = ident.service
+        snap = inbound.snapshot()
+        try:
+            metadata = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers_of(st.request_block)
+                        if not k.startswith(b":") and not k.endswith(b"-bin")}
+        except (ValueError, IndexError) as exc:
+            self.fail(st, 13, f"weft: unreadable request headers: {exc}")
+            return
+        decision = authz.decide(snap.policy, ident.uri, authz.GrpcRequest(st.method, metadata))
+        inbound.telemetry.decision(authz.decision_label(decision), decision.rule_label)
+        if not decision.allowed:
+            log.info("denied", source=ident.service, destination=snap.registration.service, method=st.method,
+                     rule=decision.rule_label, reason=decision.reason)
+            self.fail(st, 7, authz.denial_message(decision, ident.service, snap.registration.service, st.method))
+            return
+        if decision.audited:
+            log.warning("audit_would_deny", source=ident.service, destination=snap.registration.service,
+                        method=st.method, rule=decision.rule_label, reason=decision.reason)
+        st.tries += 1
+        st.endpoint = "app"
+        up = self._app_conn()
+        if up.ready:
+            self.send_request(st, up)
+        else:
+            up.waiting.append(st)
+
+    def _app_conn(self) -> UpConn:
+        reg = self._out.snapshot().registration
+        key = f"{reg.local_service_address}:{reg.local_service_port}"
+        up = self.ups.get(key)
+        if up is not None and (up.closed or up.goaway):
+            self.forget(up)
+            up = None
+        if up is None:
+            up = UpConn(self, key, "")
+            self.ups[key] = up
+            self.all_ups.add(up)
+            task = asyncio.ensure_future(self._connect_app(up, reg.local_service_address, reg.local_service_port))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return up
+
+    async def _connect_app(self, up: UpConn, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: up, host, port), 15)
+        except (OSError, TimeoutError) as exc:
+            log.warning("app_connect_failed", app=up.key, error=str(exc)[:200])
+            up.closed = True
+            self.up_lost(up)
+            self.flush()
+            return
+        up.start()
+        self.flush()
+
+    def up_lost(self, up: UpConn) -> None:
+        # one app, nowhere else to go: waiting streams fail at once
+        for st in up.waiting:
+            st.tries = 99
+        super().up_lost(up)
+
+    def release(self, st: Stream, *, ok: bool) -> None:
+        st.endpoint = ""
+
+    def finish(self, st: Stream, code: int) -> None:
+        if st.recorded:
+            return
+        st.recorded = True
+        seconds = time.perf_counter() - st.start
+        inbound = self._out
+        snap = inbound.snapshot()
+        dest = snap.registration.service
+        name = STATUS_NAMES[code] if 0 <= code < len(STATUS_NAMES) else "UNKNOWN"
+        label = inbound.telemetry.method_label(dest, st.method, snap.local_methods)
+        source = st.source or "unknown"
+        inbound.telemetry.request("inbound", source, dest, label, name, seconds)
+        inbound.telemetry.access.line(time.monotonic(), direction="inbound", source=source, destination=dest,
+                                      method=st.method, status=name, duration_ms=round(seconds * 1000, 3))
+
+    def on_snapshot(self) -> None:
+        reg = self._out.snapshot().registration
+        key = f"{reg.local_service_address}:{reg.local_service_port}"
+        for k, up in list(self.ups.items()):
+            if k != key:
+                self.forget(up)
+
+
+__all__ = ["H2Inbound", "H2Outbound", "context_free", "headers_of", "scan", "status_of", "trailers_only"]

@@ -102,7 +102,11 @@ class Inbound:
     """The public listener and the internal full-path servers of one sidecar."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], telemetry: Telemetry, tls: TlsContexts, *,
-                 max_message_bytes: int = 4 * 1024 * 1024, passthrough_enabled: bool = True) -> None:
+                 max_message_bytes: int = 4 * 1024 * 1024, passthrough_enabled: bool = True,
+                 grpc_engine: str = "h2") -> None:
+        if grpc_engine not in ("h2", "aio"):
+            raise ValueError(f"grpc engine {grpc_engine!r} is not h2 or aio")
+        self.grpc_engine = grpc_engine
         self.snapshot = snapshot
         self.telemetry = telemetry
         self.tls = tls
@@ -114,6 +118,7 @@ class Inbound:
         self._grpc_server: grpc.aio.Server | None = None
         self._grpc_port = 0
         self._http: Any = None  # sidecar.http_proxy.InboundHttp
+        self._h2: Any = None  # sidecar.h2_proxy.H2Inbound
         self._app_channel: UpstreamChannel | None = None
         self._app_target = ""
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -146,6 +151,8 @@ class Inbound:
             await self._grpc_server.stop(grace)
         if self._http is not None:
             await self._http.close()
+        if self._h2 is not None:
+            await self._h2.close(grace)
         deadline = time.monotonic() + grace
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -240,6 +247,14 @@ class Inbound:
     async def _internal(self, protocol: str) -> int:
         """The port of the internal full-path server for ``protocol`` (started on first use)."""
         async with self._internal_lock:
+            if protocol == "grpc" and self.grpc_engine == "h2":
+                if self._h2 is None:
+                    from sidecar.h2_proxy import H2Inbound
+
+                    h2 = H2Inbound(self)
+                    await h2.start()
+                    self._h2 = h2
+                return int(self._h2.port)
             if protocol == "grpc":
                 if self._grpc_server is None:
                     server = grpc.aio.server(options=message_options(self.max_message_bytes))
@@ -278,6 +293,8 @@ class Inbound:
     # -- policy changes ------------------------------------------------------------------------
     def on_snapshot(self, snap: Snapshot) -> None:
         """Re-decide open pass-through and TCP connections when the policy changed."""
+        if self._h2 is not None:
+            self._h2.on_snapshot()
         if snap.policy_version == self._policy_version:
             return
         self._policy_version = snap.policy_version

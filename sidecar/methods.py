@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 import structlog
-from google.protobuf import descriptor_pb2
+
+if TYPE_CHECKING:
+    from google.protobuf import descriptor_pb2
 
 from sidecar.snapshot import kind_of, validate_methods
 
@@ -45,6 +47,8 @@ def methods_of_files(files: list[descriptor_pb2.FileDescriptorProto]) -> dict[st
 
 def methods_of_descriptor_set(data: bytes) -> dict[str, str]:
     """Methods of a serialized ``FileDescriptorSet`` (raises ValueError when it is not one)."""
+    from google.protobuf import descriptor_pb2  # imported when needed: a sidecar rarely needs it
+
     fds = descriptor_pb2.FileDescriptorSet()
     try:
         fds.ParseFromString(data)
@@ -105,6 +109,8 @@ async def reflect(target: str, timeout: float = 5.0) -> dict[str, str]:
 
         listing = await one(_request(list_services=""))
         names = [s.name for s in listing.list_services_response.service]
+        from google.protobuf import descriptor_pb2
+
         files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
         for name in names:
             resp = await one(_request(file_containing_symbol=name))
