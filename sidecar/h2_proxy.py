@@ -491,7 +491,6 @@ class AppConn(_Conn):
         self.streams: dict[int, Stream] = {}
         self.decoder = Decoder()
         self.acked = False  # the app acknowledged our HEADER_TABLE_SIZE=0
-        self.free = False  # its blocks are context-free from now on
         self._preface_needed = len(PREFACE)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -527,12 +526,12 @@ class AppConn(_Conn):
         if st is not None:  # trailers from the client (rare in gRPC): pass on
             self.proxy.client_trailers(st, block, bool(flags & F_END_STREAM))
             return
-        if self.free and context_free(block):
+        if self.acked and context_free(block):
+            # once the peer acknowledged HEADER_TABLE_SIZE=0 its encoder can no longer refer to the
+            # dynamic table: a block without such references is forwarded as it is
             raw = block
         else:
             headers = self.decoder.decode(block, raw=True)
-            if self.acked and block[:1] == b"\x20":
-                self.free = True  # the app's encoder has dropped its dynamic table for good
             raw = encode_plain([(bytes(k), bytes(v)) for k, v in headers])
         path = scan(raw, b":path")
         st = Stream(self, sid, path.decode("latin-1") if path else "")
