@@ -32,6 +32,7 @@ import structlog
 from catalog.devagent import registry
 from catalog.devagent import services as sv
 from catalog.devagent.codec import MINUTE, SECOND
+from catalog.devagent.http import wait_for_change
 from catalog.devagent.state import Row, Tx
 
 if TYPE_CHECKING:
@@ -336,7 +337,7 @@ class CheckManager:
         store = self.agent.store
         node = ct.get("AliasNode") or self.agent.node_name
         sid = ct.get("AliasService") or ""
-        while True:
+        while not store.closing:  # shutting down: every watch returns at once, so stop here
             topics: list[Any] = [("nodehealth", node), ("svcchecks", node, sid)]
             rows = store.by_index("checks", "nodelevel", node)
             if sid:
@@ -345,11 +346,7 @@ class CheckManager:
             exists = store.get("services", registry.service_key(node, sid)) is not None if sid else True
             status, output = alias_status(checks, node, sid, exists)
             self._set(key, status, output)
-            fut = store.watch(topics)
-            try:
-                await fut
-            finally:
-                store.unwatch(fut, topics)
+            await wait_for_change(store, topics, None)
 
     # ----- reaper -----
     async def _reaper(self) -> None:

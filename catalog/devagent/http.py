@@ -306,14 +306,23 @@ def _expire(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-async def wait_for_change(store: Store, topics: list[Topic], timeout: float) -> None:
-    """Wait until a commit touches one of ``topics`` or ``timeout`` seconds pass (no polling)."""
+async def wait_for_change(store: Store, topics: list[Topic], timeout: float | None) -> None:
+    """Wait until a commit touches one of ``topics`` or ``timeout`` seconds pass (``None``: no
+    timeout); no polling. Once the store is closing it returns at once, so a caller's loop must stop
+    on ``store.closing``; it still yields to the event loop every time, so a loop that forgets
+    cannot starve it (and with it signal handling and the shutdown)."""
     fut = store.watch(topics)
-    handle = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+    handle = None if timeout is None else asyncio.get_running_loop().call_later(timeout, _expire, fut)
     try:
-        await fut
+        if fut.done():
+            # awaiting a done future does not suspend: without this, `while ...: await wait_for_change()`
+            # after close_watches() spins inside one event-loop step forever
+            await asyncio.sleep(0)
+        else:
+            await fut
     finally:
-        handle.cancel()
+        if handle is not None:
+            handle.cancel()
         store.unwatch(fut, topics)
 
 
