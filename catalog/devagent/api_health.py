@@ -5,6 +5,8 @@ node-level check of a node running it changes."""
 
 from __future__ import annotations
 
+import json
+import weakref
 from typing import Any
 
 from aiohttp import web
@@ -53,36 +55,97 @@ def entry_checks(store: Store, node: str, service_id: str) -> list[dict[str, Any
     return [sv.check_out(c) for c in sorted(rows, key=lambda c: c["CheckID"])]
 
 
+class _Entry:
+    """One instance's CheckServiceNode as served, with its compact JSON (built on first use).
+
+    Valid while the instance's rows are: the service row and node row are the same objects
+    (rows are immutable; a write puts a new dict), and neither ``("svcchecks", node, id)`` (the
+    service or one of its checks changed) nor ``("nodehealth", node)`` (the node or a node-level
+    check changed) has moved since; the registry touches those topics on every such write."""
+
+    __slots__ = ("_json", "entry", "node_index", "node_row", "passing", "row", "svc_index")
+
+    def __init__(self, row: Row, node_row: Row, svc_index: int, node_index: int, entry: dict[str, Any]) -> None:
+        self.row = row
+        self.node_row = node_row
+        self.svc_index = svc_index
+        self.node_index = node_index
+        self.entry = entry
+        self.passing = all(c["Status"] == sv.PASSING for c in entry["Checks"])
+        self._json: bytes | None = None
+
+    @property
+    def json(self) -> bytes:
+        if self._json is None:
+            self._json = json.dumps(self.entry, separators=(",", ":")).encode()
+        return self._json
+
+
+_ENTRIES: weakref.WeakKeyDictionary[Store, dict[str, _Entry]] = weakref.WeakKeyDictionary()
+
+
+def _entry(store: Store, cache: dict[str, _Entry], row: Row, node_row: Row) -> _Entry:
+    node, sid = row["Node"], row["ID"]
+    key = registry.service_key(node, sid)
+    svc_index = store.topic_index(("svcchecks", node, sid))
+    node_index = store.topic_index(("nodehealth", node))
+    in_tx = store.in_tx  # an open transaction's changes are not in the topic indexes yet: bypass the cache
+    hit = None if in_tx else cache.get(key)
+    if (hit is not None and hit.row is row and hit.node_row is node_row and hit.svc_index == svc_index
+            and hit.node_index == node_index):
+        return hit
+    entry = _Entry(row, node_row, svc_index, node_index,
+                   {"Node": sv.node_out(node_row), "Service": sv.node_service_cached(row),
+                    "Checks": entry_checks(store, node, sid)})
+    if not in_tx:  # uncommitted rows may roll back: never remember them
+        cache[key] = entry
+    return entry
+
+
+def _entry_cache(store: Store) -> dict[str, _Entry]:
+    cache = _ENTRIES.get(store)
+    if cache is None:
+        cache = _ENTRIES[store] = {}
+    elif len(cache) > 2 * len(store.rows("services")) + 1024:  # entries of deregistered instances
+        cache.clear()
+    return cache
+
+
 def health_entries(r: Req, rows: list[Row], topic: Any) -> tuple[QueryResult, bool]:
-    """CheckServiceNodes for ``rows`` with ``passing``/``tag``/``node-meta``/``filter`` applied."""
+    """CheckServiceNodes for ``rows`` with ``passing``/``tag``/``node-meta``/``filter`` applied.
+    Each entry and its JSON come from a per-instance cache (see ``_Entry``); the result carries
+    the entries' JSON as ``parts`` so the body is a join."""
     pred = compile_filter(r)
     meta = node_meta_filter(r)
     tags = r.query.getall("tag", [])
     passing = passing_param(r)
     store = r.agent.store
     authz = r.authz
+    nodes = store.rows("nodes")
+    cache = _entry_cache(store)
     out = []
+    parts = []
     topics: set[Any] = {topic}
     filtered = False
     for row in rows:
         if not authz.service_read(row["Service"]) or not authz.node_read(row["Node"]):
             filtered = True
             continue
-        node_row = store.get("nodes", row["Node"])
+        node_row = nodes.get(row["Node"])
         if node_row is None:
             continue
         topics.add(("nodehealth", row["Node"]))
-        if not node_matches(node_row, meta):
+        if meta and not node_matches(node_row, meta):
             continue
         if tags and not sv.has_tags(row, tags):
             continue
-        chks = entry_checks(store, row["Node"], row["ID"])
-        if passing and any(c["Status"] != sv.PASSING for c in chks):
+        e = _entry(store, cache, row, node_row)
+        if passing and not e.passing:
             continue
-        entry = {"Node": sv.node_out(node_row), "Service": sv.node_service_cached(row), "Checks": chks}
-        if pred is None or pred(entry):
-            out.append(entry)
-    return QueryResult(store.topic_index(*topics), out, topics, filtered=filtered), filtered
+        if pred is None or pred(e.entry):
+            out.append(e.entry)
+            parts.append(e.json)
+    return QueryResult(store.topic_index(*topics), out, topics, filtered=filtered, parts=parts), filtered
 
 
 async def service(r: Req) -> web.StreamResponse:

@@ -74,6 +74,9 @@ class QueryResult:
     topics: Collection[Topic]
     filtered: bool = False
     body: dict[bool, bytes] = field(default_factory=dict)  # serialised value by ``pretty``, filled lazily
+    # optional: ``value`` is a list and ``parts[i]`` is the compact JSON of ``value[i]`` (cached per row
+    # by the endpoint), so the compact body is a join instead of a serialisation of the whole list
+    parts: list[bytes] | None = None
 
 
 class Req:
@@ -238,7 +241,11 @@ def query_response(r: Req, result: QueryResult, *, not_found_when_none: bool = F
     pretty = r.has("pretty")
     body = result.body.get(pretty)
     if body is None:
-        body = result.body[pretty] = _dumps(result.value, pretty)
+        if result.parts is not None and not pretty:
+            body = b"[" + b",".join(result.parts) + b"]"
+        else:
+            body = _dumps(result.value, pretty)
+        result.body[pretty] = body
     return web.Response(status=200, body=body, content_type="application/json", headers=headers)
 
 

@@ -63,6 +63,8 @@ class _Table:
     indexes: dict[str, tuple[IndexFn, dict[str, set[str]]]] = field(default_factory=dict)
 
     _sorted: list[str] | None = None  # keys in order, rebuilt lazily after the key set changes
+    # (index name, value) -> that value's keys in order, dropped whenever that value's key set changes
+    _sorted_index: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     def set_row(self, key: str, row: Row) -> None:
         if key not in self.rows:
@@ -78,14 +80,23 @@ class _Table:
             self._sorted = sorted(self.rows)
         return self._sorted
 
+    def index_keys(self, index: str, value: str) -> list[str]:
+        """The keys of the rows found under ``value`` in ``index``, sorted (cached until they change)."""
+        cached = self._sorted_index.get((index, value))
+        if cached is None:
+            cached = self._sorted_index[(index, value)] = sorted(self.indexes[index][1].get(value, ()))
+        return cached
+
     def _index_add(self, key: str, row: Row) -> None:
-        for fn, idx in self.indexes.values():
+        for name, (fn, idx) in self.indexes.items():
             for value in fn(row):
                 idx.setdefault(value, set()).add(key)
+                self._sorted_index.pop((name, value), None)
 
     def _index_remove(self, key: str, row: Row) -> None:
-        for fn, idx in self.indexes.values():
+        for name, (fn, idx) in self.indexes.items():
             for value in fn(row):
+                self._sorted_index.pop((name, value), None)
                 keys = idx.get(value)
                 if keys is not None:
                     keys.discard(key)
@@ -199,6 +210,7 @@ class Store:
         t = self._table(table)
         idx: dict[str, set[str]] = {}
         t.indexes[name] = (fn, idx)
+        t._sorted_index.clear()
         for key, row in t.rows.items():
             for value in fn(row):
                 idx.setdefault(value, set()).add(key)
@@ -227,8 +239,10 @@ class Store:
 
     def by_index(self, table: str, index: str, value: str) -> list[Row]:
         t = self._table(table)
-        keys = t.indexes[index][1].get(value, ())
-        return [t.rows[k] for k in sorted(keys)]
+        if index not in t.indexes:
+            raise KeyError(index)
+        rows = t.rows
+        return [rows[k] for k in t.index_keys(index, value)]
 
     def index_values(self, table: str, index: str) -> Iterator[str]:
         return iter(self._table(table).indexes[index][1])
@@ -247,7 +261,15 @@ class Store:
 
     def topic_index(self, *topics: Topic) -> int:
         """The highest index at which any of the topics changed (0 if none ever did)."""
-        return max((self._topic_index.get(t, 0) for t in topics), default=0)
+        get = self._topic_index.get
+        if len(topics) == 1:
+            return get(topics[0], 0)
+        return max([get(t, 0) for t in topics], default=0)
+
+    @property
+    def in_tx(self) -> bool:
+        """A write transaction is open (its changes are not committed yet and may roll back)."""
+        return self._in_tx
 
     def current_index(self) -> int:
         return max(self.index, 1)
@@ -352,6 +374,7 @@ class Store:
             t = self._tables[name]
             for _fn, idx in t.indexes.values():
                 idx.clear()
+            t._sorted_index.clear()
             t.rows = dict(rows)
             t._sorted = None
             for key, row in t.rows.items():

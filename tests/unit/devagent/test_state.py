@@ -145,3 +145,25 @@ def test_timed_out_and_woken_waits_leave_no_watchers_behind() -> None:
         assert s.watcher_count() == 0
 
     asyncio.run(main())
+
+
+def test_by_index_order_follows_puts_deletes_and_rollbacks() -> None:
+    s = Store()
+    s.add_index("kvs", "flags", lambda row: [str(row["Flags"])])
+    with s.write() as tx:
+        for key in ("c", "a", "b"):
+            tx.put("kvs", key, kv.entry(key, None, 1, tx.index, tx.index))
+    assert [r["Key"] for r in s.by_index("kvs", "flags", "1")] == ["a", "b", "c"]
+    with s.write() as tx:
+        tx.put("kvs", "b", kv.entry("b", None, 2, tx.index, tx.index))
+        tx.delete("kvs", "a")
+        tx.put("kvs", "0", kv.entry("0", None, 1, tx.index, tx.index))
+    assert [r["Key"] for r in s.by_index("kvs", "flags", "1")] == ["0", "c"]
+    assert [r["Key"] for r in s.by_index("kvs", "flags", "2")] == ["b"]
+    with pytest.raises(RuntimeError), s.write() as tx:
+        tx.delete("kvs", "c")
+        assert [r["Key"] for r in s.by_index("kvs", "flags", "1")] == ["0"]
+        raise RuntimeError("abort")
+    assert [r["Key"] for r in s.by_index("kvs", "flags", "1")] == ["0", "c"]
+    s.load(s.dump())
+    assert [r["Key"] for r in s.by_index("kvs", "flags", "1")] == ["0", "c"]
