@@ -267,6 +267,8 @@ def _shared_run(r: Req, run: Callable[[], QueryResult]) -> QueryResult:
         result = run()
         result.index = max(result.index, 1)
         memo[key] = result
+    elif r.token:
+        r.authz  # noqa: B018 -- the token may have expired since: ACLNotFound (403) as run() would raise
     return result
 
 
@@ -278,16 +280,20 @@ async def blocking_query(r: Req, run: Callable[[], QueryResult], *, share: bool 
     (default 5m, capped at 10m, plus up to wait/16 jitter) passes, then answers the current result.
     The result index is never below 1.
 
-    ``share=True``: when a write wakes many waiters of the same query (same path, parameters other
-    than index/wait, and token), ``run`` executes once and they all answer with that result (and
-    ``query_response`` serialises it once). Only for a ``run`` that depends on nothing but the
+    ``share=True``: requests of the same query (same path, parameters other than index/wait, and
+    token) at the same store index share one result: when a write wakes many waiters, and when
+    they all come back with the new index, ``run`` executes once and ``query_response``
+    serialises it once. Only for a ``run`` that depends on nothing but the
     request and the store: no side effects, no captured per-request state.
     """
     r.check_dc()
     r.consistency()
     min_index, wait = r.blocking_options()
-    result = run()
-    result.index = max(result.index, 1)
+    if share:  # also the first run: a storm of clients re-arming after a wake-up computes it once
+        result = _shared_run(r, run)
+    else:
+        result = run()
+        result.index = max(result.index, 1)
     if min_index == 0 or result.index > min_index:
         return result
     store = r.agent.store
