@@ -9,10 +9,11 @@ Consul is unreachable it keeps its last answer and nothing changes here):
   the current leaf while the CA is down);
 - the compiled policy: KV ``weft/policy/compiled/<service>``, else ``weft/policy/compiled/*``;
   neither present means "no table" and every caller is denied (fail closed);
-- per upstream: its healthy sidecars (``/v1/health/connect/<upstream>?passing``), its protocol
-  (``service-defaults`` Protocol, else the ``protocol`` meta its sidecars publish) and its methods
-  (KV ``weft/methods/<upstream>``);
-- the own service's protocol (``service-defaults``, else the app's meta ``protocol``).
+- per upstream: its healthy sidecars (``/v1/health/connect/<upstream>?passing``);
+- protocols: one blocking list of ``service-defaults`` entries (Protocol), else the ``protocol`` meta
+  an upstream's sidecars publish (the app's own meta for the own service); an upstream's listener
+  type is decided only once that list has answered;
+- methods: one blocking prefix read of KV ``weft/methods/`` (what every gRPC sidecar publishes).
 
 Every change goes into a :class:`~sidecar.snapshot.SnapshotBuilder`; when the builder is complete,
 the new snapshot is swapped in atomically (one attribute assignment), a line per change is logged,
@@ -34,7 +35,14 @@ from ca.client import Credentials as LeafCredentials
 from ca.client import LeafManager
 from catalog.client import ConsulClient
 from catalog.models import ServiceInstance, ServiceRegistration
-from catalog.watch import WatchPolicy, agent_service_watch, config_entry_watch, health_connect_watch, kv_watch
+from catalog.watch import (
+    WatchPolicy,
+    agent_service_watch,
+    config_list_watch,
+    health_connect_watch,
+    kv_prefix_watch,
+    kv_watch,
+)
 from policies.model import WILDCARD, CompiledTable, table_key
 from sidecar import methods as methods_mod
 from sidecar.snapshot import (
@@ -107,7 +115,8 @@ class SidecarState:
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._policy_tables: dict[str, CompiledTable | None] = {}
         self._sd_protocol: dict[str, str | None] = {}
-        self._sd_answered: set[str] = set()
+        self._sd_answered = False
+        self._methods: dict[str, dict[str, str]] = {}
         self._meta_protocol: dict[str, str | None] = {registration.service: app_protocol_meta}
         self._descriptor_methods = descriptor_methods
         self._reflect = reflect
@@ -124,7 +133,8 @@ class SidecarState:
         self._spawn("registration", functools.partial(self._registration, reg.proxy_id))
         for key in (table_key(self.service), table_key(WILDCARD)):
             self._spawn(f"policy:{key}", functools.partial(self._policy_watch, key))
-        self._spawn(f"protocol:{self.service}", functools.partial(self._protocol_watch, self.service))
+        self._spawn("service-defaults", self._protocols_watch)
+        self._spawn("methods", self._methods_watch)
         self._spawn("methods:local", self._local_methods)
         self._ensure_upstreams(reg)
 
@@ -147,8 +157,10 @@ class SidecarState:
         for u in reg.upstreams:
             name = u.destination_name
             self._spawn(f"endpoints:{name}", functools.partial(self._endpoints_watch, name))
-            self._spawn(f"protocol:{name}", functools.partial(self._protocol_watch, name))
-            self._spawn(f"methods:{name}", functools.partial(self._methods_watch, name))
+        # protocols and methods of every upstream come from two prefix/list watches (see start)
+        for u in reg.upstreams:
+            self._apply_protocol(u.destination_name)
+            self.builder.set_methods(u.destination_name, self._methods.get(u.destination_name, {}))
 
     # -- publishing ----------------------------------------------------------------------------
     def _changed(self) -> None:
@@ -246,37 +258,59 @@ class SidecarState:
             if self.builder.set_endpoints(name, endpoints) or changed:
                 self._changed()
 
-    async def _protocol_watch(self, name: str) -> None:
-        watch = config_entry_watch(self.client, "service-defaults", name, policy=self._policy)
+    async def _protocols_watch(self) -> None:
+        """Every service-defaults entry in one blocking list (not one watch per upstream)."""
+        watch = config_list_watch(self.client, "service-defaults", policy=self._policy)
         self._watches.append(watch)
-        async for entry in watch:
-            value = (entry or {}).get("Protocol") if isinstance(entry, dict) else None
-            try:
-                self._sd_protocol[name] = normalize_protocol(value) if value else None
-            except SnapshotError as exc:
-                log.error("service_defaults_unusable", service=name, error=str(exc))
-                self._sd_protocol[name] = None
-            self._sd_answered.add(name)
-            if self._apply_protocol(name):
+        async for entries in watch:
+            found: dict[str, str | None] = {}
+            for entry in entries:
+                name = entry.get("Name") if isinstance(entry, dict) else None
+                if not isinstance(name, str):
+                    continue
+                value = entry.get("Protocol")
+                try:
+                    found[name] = normalize_protocol(value) if value else None
+                except SnapshotError as exc:
+                    log.error("service_defaults_unusable", service=name, error=str(exc))
+                    found[name] = None
+            self._sd_protocol = found
+            self._sd_answered = True
+            reg = self.builder.registration
+            assert reg is not None
+            changed = self._apply_protocol(self.service)
+            for u in reg.upstreams:
+                changed = self._apply_protocol(u.destination_name) or changed
+            if changed:
                 self._changed()
 
     def _apply_protocol(self, name: str) -> bool:
-        if name != self.service and name not in self._sd_answered:
+        if name != self.service and not self._sd_answered:
             return False  # wait for service-defaults before deciding an upstream's listener type
         proto = self._sd_protocol.get(name) or self._meta_protocol.get(name) or "tcp"
         return self.builder.set_protocol(name, proto)
 
-    async def _methods_watch(self, name: str) -> None:
-        key = methods_mod.methods_key(name)
-        watch = kv_watch(self.client, key, policy=self._policy)
+    async def _methods_watch(self) -> None:
+        """Every service's published methods (KV weft/methods/) in one blocking prefix read."""
+        watch = kv_prefix_watch(self.client, methods_mod.METHODS_PREFIX, policy=self._policy)
         self._watches.append(watch)
-        async for entry in watch:
-            try:
-                found = methods_mod.decode(entry.value if entry is not None else None, key=key)
-            except (ValueError, SnapshotError) as exc:
-                log.error("methods_unusable", key=key, error=str(exc))
-                continue
-            if self.builder.set_methods(name, found):
+        async for entries in watch:
+            found: dict[str, dict[str, str]] = {}
+            for entry in entries:
+                name = entry.key[len(methods_mod.METHODS_PREFIX):]
+                try:
+                    found[name] = methods_mod.decode(entry.value, key=entry.key)
+                except (ValueError, SnapshotError) as exc:
+                    log.error("methods_unusable", key=entry.key, error=str(exc))
+                    if name in self._methods:
+                        found[name] = self._methods[name]  # keep the last good one
+            self._methods = found
+            reg = self.builder.registration
+            assert reg is not None
+            changed = False
+            for u in reg.upstreams:
+                changed = self.builder.set_methods(u.destination_name, found.get(u.destination_name, {})) or changed
+            if changed:
                 self._changed()
 
     async def _local_methods(self) -> None:

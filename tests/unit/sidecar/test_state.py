@@ -63,10 +63,15 @@ class FakeConsul:
         await self._block(index, wait)
         return self.index, tuple(self.connect.get(service, ()))
 
-    async def config_get(self, kind: str, name: str, *, index: int = 0,
-                         wait: float | None = None) -> tuple[int, dict[str, Any] | None]:
+    async def config_list(self, kind: str, *, index: int = 0,
+                          wait: float | None = None) -> tuple[int, tuple[dict[str, Any], ...]]:
         await self._block(index, wait)
-        return self.index, self.config.get((kind, name))
+        return self.index, tuple(v for (k, _), v in sorted(self.config.items()) if k == kind)
+
+    async def kv_get_recurse(self, prefix: str, *, index: int = 0,
+                             wait: float | None = None) -> tuple[int, tuple[KVEntry, ...]]:
+        await self._block(index, wait)
+        return self.index, tuple(KVEntry(key=k, value=v) for k, v in sorted(self.kv.items()) if k.startswith(prefix))
 
     async def agent_service(self, service_id: str, *, hash: str = "", wait: float | None = None,
                             ) -> tuple[str, ServiceRegistration | None]:
