@@ -85,6 +85,9 @@ def _trim_heap() -> None:
 
 
 async def _trim_periodically(stop: asyncio.Event, every: float = 15.0) -> None:
+    import gc
+
+    gc.collect()  # start-up garbage (import-time cycles) first, so that its memory can go back too
     while not stop.is_set():
         _trim_heap()  # a few milliseconds at most on a heap this size
         with contextlib.suppress(TimeoutError):
@@ -129,6 +132,8 @@ def _lean_imports() -> None:
 
 def run(args: argparse.Namespace) -> int:
     global log
+    # libuv's worker pool only resolves Consul's and the CA's addresses here: two threads, not four
+    os.environ.setdefault("UV_THREADPOOL_SIZE", "2")
     _fewer_malloc_arenas()
     _lean_imports()
     import structlog
