@@ -10,7 +10,12 @@
    agent serves it.
 3. 10,000 registered instances of one service: the agent's RSS before/after, and
    ``/v1/health/service/:name`` latency with 10,000 instances against the same query for a
-   service with one instance (the baseline).
+   service with one instance (the baseline). ``health_10000_instances`` is measured after an
+   unrelated write before every read (a busy cluster's index always moves: no answer can be
+   reused whole); ``health_10000_unchanged`` repeats the read with no write in between;
+   ``health_10000_herd_50``: 50 concurrent reads at one index (clients re-arming after a change).
+4. The floor: the agent's CPU for 1,000 concurrent plain requests (``/v1/status/leader``: accept,
+   parse, answer, close), against which the wake-ups' agent CPU compares.
 
 Run alone: ``.venv/bin/python -m benchmarks devagent``.
 """
@@ -102,9 +107,13 @@ async def _serves(session: aiohttp.ClientSession, url: str) -> bool:
         return resp.status == 200
 
 
-async def _latency(session: aiohttp.ClientSession, url: str, n: int) -> dict[str, float]:
+async def _latency(session: aiohttp.ClientSession, url: str, n: int,
+                   before: Any = None) -> dict[str, float]:
+    """Sequential GETs of url; ``before()`` (awaited, not timed) runs before each."""
     times = []
     for _ in range(n):
+        if before is not None:
+            await before()
         t0 = time.perf_counter()
         async with session.get(url) as resp:
             await resp.read()
@@ -112,6 +121,31 @@ async def _latency(session: aiohttp.ClientSession, url: str, n: int) -> dict[str
                 raise RuntimeError(f"{url} answered {resp.status}")
         times.append((time.perf_counter() - t0) * 1000)
     return {"p50_ms": round(statistics.median(times), 2), "p99_ms": round(_pct(times, 99), 2)}
+
+
+async def _burst(base: str, path: str, n: int, pid: int) -> dict[str, float]:
+    """n concurrent GETs of path on fresh connections: wall time and the agent's CPU."""
+    host, port = base.removeprefix("http://").split(":")
+    conns = [await asyncio.open_connection(host, int(port)) for _ in range(n)]
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:] if ": " in line)
+            await reader.readexactly(int(headers.get("Content-Length", "0")))
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"{path} answered {head[:20]!r}")
+        finally:
+            writer.close()
+
+    await asyncio.sleep(0.2)
+    cpu0 = _cpu_s(pid)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(r, w) for r, w in conns))
+    return {"n": n, "wall_ms": round((time.perf_counter() - t0) * 1000, 1),
+            "agent_cpu_ms": round((_cpu_s(pid) - cpu0) * 1000, 1)}
 
 
 async def _register(session: aiohttp.ClientSession, base: str, name: str, i: int) -> None:
@@ -139,6 +173,7 @@ async def _main(agent: DevAgent) -> dict[str, Any]:
                 await r.read()
 
         out["kv_get_roundtrip"] = await _latency(s, base + "/v1/kv/bench/key", 200)
+        out["floor_1000_plain_requests"] = await _burst(base, "/v1/status/leader", WAITERS, agent.proc.pid)
         out["kv_wake_1"] = await _wake(s, base, "/v1/kv/bench/key", 1, kv_write, agent.proc.pid)
         out["kv_wake_1000"] = await _wake(s, base, "/v1/kv/bench/key", WAITERS, kv_write, agent.proc.pid)
         out["kv_p99_vs_single_waiter"] = round(out["kv_wake_1000"]["p99_ms"] / max(out["kv_wake_1"]["p99_ms"],
@@ -176,13 +211,19 @@ async def _main(agent: DevAgent) -> dict[str, Any]:
         out["rss_mib_before"] = round(rss_before / 1024, 1)
         out["rss_mib_with_10000"] = round(rss_after / 1024, 1)
         out["rss_kib_per_instance"] = round((rss_after - rss_before) / INSTANCES, 2)
-        one = await _latency(s, base + "/v1/health/service/bench-one", 20)
-        many = await _latency(s, base + health, 10)
-        passing = await _latency(s, base + health + "?passing", 10)
+        one = await _latency(s, base + "/v1/health/service/bench-one", 20, kv_write)
+        many = await _latency(s, base + health, 10, kv_write)
+        passing = await _latency(s, base + health + "?passing", 10, kv_write)
         out["health_1_instance"] = one
         out["health_10000_instances"] = many
         out["health_10000_passing"] = passing
         out["health_10000_vs_1_p50"] = round(many["p50_ms"] / max(one["p50_ms"], 0.01), 1)
+        out["health_10000_unchanged"] = await _latency(s, base + health, 10)
+        out["rss_mib_after_health_reads"] = round(_rss_kib(agent.proc.pid) / 1024, 1)  # with any caches built
+        await kv_write()
+        out["health_10000_herd_50"] = await _burst(base, health, 50, agent.proc.pid)
+        # 50 answers of ~6 MB in flight at once: the bodies and the transports' send buffers
+        out["rss_mib_after_herd"] = round(_rss_kib(agent.proc.pid) / 1024, 1)
     return out
 
 
