@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import importlib
+import os
 import pkgutil
+import threading
 import traceback
 from collections.abc import Awaitable, Callable
 from types import ModuleType
@@ -32,6 +34,8 @@ log = structlog.get_logger("weft.devagent")
 
 AGENT_KEY: web.AppKey[Agent] = web.AppKey("agent", Agent)
 SHUTDOWN_TIMEOUT = 2.0  # seconds in-flight requests get at shutdown
+STOP_DEADLINE = 15.0  # seconds after a stop request at which a shutdown that hangs is cut short
+EXIT_STUCK = 70  # the exit status then (EX_SOFTWARE)
 UI_DISABLED = ("Consul Agent: UI disabled. To enable, set ui_config.enabled=true in the agent configuration "
                "and restart.")
 
@@ -173,7 +177,28 @@ async def serve(config: AgentConfig, stop: asyncio.Event, on_ready: Callable[[in
     try:
         await stop.wait()
     finally:
-        agent.store.close_watches()  # blocking queries answer now instead of holding the shutdown
-        await runner.cleanup()
-        await agent.stop()
+        watchdog = _shutdown_watchdog(STOP_DEADLINE)
+        try:
+            agent.store.close_watches()  # blocking queries answer now instead of holding the shutdown
+            await runner.cleanup()
+            await agent.stop()
+        finally:
+            watchdog.cancel()
     return 0
+
+
+def _shutdown_watchdog(deadline: float) -> threading.Timer:
+    """The last resort of a stop request: if the shutdown has not finished after ``deadline``
+    seconds (a stop hook that never returns, a task that ignores cancellation, an event loop
+    that no longer turns and so no longer sees signals), log it and leave at once. Acknowledged
+    writes are already on disk (with -data-dir), so nothing acknowledged is lost."""
+
+    def expire() -> None:
+        log.error("shutdown did not finish in time; exiting now", deadline_s=deadline)
+        os._exit(EXIT_STUCK)
+
+    timer = threading.Timer(deadline, expire)
+    timer.daemon = True
+    timer.name = "devagent-shutdown-watchdog"
+    timer.start()
+    return timer
