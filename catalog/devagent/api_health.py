@@ -131,10 +131,10 @@ def health_entries(r: Req, rows: list[Row], topic: Any) -> tuple[QueryResult, bo
         if not authz.service_read(row["Service"]) or not authz.node_read(row["Node"]):
             filtered = True
             continue
+        topics.add(("nodehealth", row["Node"]))  # also when the node is missing: its arrival changes the answer
         node_row = nodes.get(row["Node"])
         if node_row is None:
             continue
-        topics.add(("nodehealth", row["Node"]))
         if meta and not node_matches(node_row, meta):
             continue
         if tags and not sv.has_tags(row, tags):
@@ -160,7 +160,7 @@ async def service(r: Req) -> web.StreamResponse:
         res, _ = health_entries(r, registry.instances(store, name), ("service", name))
         return res
 
-    res = await blocking_query(r, run, share=True)
+    res = await blocking_query(r, run, share=True, reuse=True)  # every read is under the result's topics
     return answer(r, res)
 
 
@@ -177,7 +177,7 @@ async def connect(r: Req) -> web.StreamResponse:
         res, _ = health_entries(r, rows, ("connect", name))
         return res
 
-    res = await blocking_query(r, run, share=True)
+    res = await blocking_query(r, run, share=True, reuse=True)
     return answer(r, res)
 
 

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import random
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -257,22 +258,60 @@ def _share_key(r: Req) -> tuple[Any, ...]:
     return (r.raw.path, params, r.token)
 
 
-def _shared_run(r: Req, run: Callable[[], QueryResult]) -> QueryResult:
-    """``run()``, computed once per store index for every waiter with the same path, query and token."""
+_ACL_TOPICS = ("acl_tokens", "acl_policies")
+_KEPT_MAX = 4096  # queries whose results are kept across indexes (``reuse=True``), per store
+
+
+class _Kept:
+    """A ``reuse=True`` result and what it was read at: the highest index of its topics and of the
+    ACL tables. It stays valid while neither moves (and no transaction is open)."""
+
+    __slots__ = ("acl_index", "result", "topic_index")
+
+    def __init__(self, result: QueryResult, topic_index: int, acl_index: int) -> None:
+        self.result = result
+        self.topic_index = topic_index
+        self.acl_index = acl_index
+
+
+_KEPT: weakref.WeakKeyDictionary[Store, dict[Any, _Kept]] = weakref.WeakKeyDictionary()
+
+
+def _kept_run(store: Store, key: Any, run: Callable[[], QueryResult]) -> QueryResult:
+    kept = _KEPT.get(store)
+    if kept is None:
+        kept = _KEPT[store] = {}
+    hit = kept.get(key)
+    acl_index = store.topic_index(*_ACL_TOPICS)
+    if (hit is not None and not store.in_tx and hit.acl_index == acl_index
+            and store.topic_index(*hit.result.topics) == hit.topic_index):
+        return hit.result
+    result = run()
+    if not store.in_tx:
+        if len(kept) >= _KEPT_MAX:
+            kept.clear()
+        kept[key] = _Kept(result, store.topic_index(*result.topics), acl_index)
+    return result
+
+
+def _shared_run(r: Req, run: Callable[[], QueryResult], reuse: bool = False) -> QueryResult:
+    """``run()``, computed once per store index for every waiter with the same path, query and token
+    (with ``reuse``, once for as long as none of the result's topics moves)."""
     store = r.agent.store
     memo: dict[Any, QueryResult] = store.memo()
     key = _share_key(r)
     result = memo.get(key)
     if result is None:
-        result = run()
+        result = _kept_run(store, key, run) if reuse else run()
         result.index = max(result.index, 1)
         memo[key] = result
-    elif r.token:
+    if r.token:
         r.authz  # noqa: B018 -- the token may have expired since: ACLNotFound (403) as run() would raise
     return result
 
 
-async def blocking_query(r: Req, run: Callable[[], QueryResult], *, share: bool = False) -> QueryResult:
+async def blocking_query(r: Req, run: Callable[[], QueryResult], *, share: bool = False,
+                         reuse: bool = False) -> QueryResult:
     """Run ``run`` under Consul's blocking rules and return the result to answer with.
 
     Without ``?index`` (or with 0) it answers at once. Otherwise it waits until the result's index
@@ -285,12 +324,17 @@ async def blocking_query(r: Req, run: Callable[[], QueryResult], *, share: bool 
     they all come back with the new index, ``run`` executes once and ``query_response``
     serialises it once. Only for a ``run`` that depends on nothing but the
     request and the store: no side effects, no captured per-request state.
+
+    ``reuse=True`` (with ``share``): the result is also kept across store indexes, for as long as
+    none of its ``topics`` and no ACL table has moved (writes elsewhere do not recompute it). Only
+    for a ``run`` whose every read is covered by one of the topics it returns, each a topic that
+    remembers its index (a table, or one the writers ``tx.touch``; a bare ``(table, key)`` does not).
     """
     r.check_dc()
     r.consistency()
     min_index, wait = r.blocking_options()
     if share:  # also the first run: a storm of clients re-arming after a wake-up computes it once
-        result = _shared_run(r, run)
+        result = _shared_run(r, run, reuse)
     else:
         result = run()
         result.index = max(result.index, 1)
@@ -306,7 +350,7 @@ async def blocking_query(r: Req, run: Callable[[], QueryResult], *, share: bool 
         topics = list(result.topics)
         await wait_for_change(store, topics, remaining)
         if share:
-            result = _shared_run(r, run)
+            result = _shared_run(r, run, reuse)
         else:
             result = run()
             result.index = max(result.index, 1)

@@ -4,11 +4,13 @@ joined body is byte for byte the serialisation of the answer (mocked requests, n
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from catalog.devagent import api_health, registry
@@ -125,3 +127,41 @@ def test_a_rolled_back_write_never_shows() -> None:
         raise RuntimeError("abort")
     assert _answer(agent)[0][0]["Checks"][0]["Status"] == sv.PASSING
     assert _answer(agent)[0] == _expected(store)
+
+
+def test_the_endpoint_answers_every_change_and_reuses_across_unrelated_writes() -> None:
+    agent = _agent()
+    store = agent.store
+    _node(store, "n1", "10.0.0.1")
+    _service(store, "n1", "a", [])
+    _check(store, "n1", "ca", sv.PASSING, "a")
+
+    async def get(query: str = "") -> list[dict[str, Any]]:
+        r = Req(make_mocked_request("GET", "/v1/health/service/web" + query, match_info={"name": "web"}), agent)
+        resp = await api_health.service(r)
+        assert isinstance(resp, web.Response) and isinstance(resp.body, bytes)
+        assert int(resp.headers["X-Consul-Index"]) >= 1
+        return json.loads(resp.body)  # type: ignore[no-any-return]
+
+    def kv_write() -> None:
+        with store.write() as tx:
+            tx.put("kvs", "unrelated", {"Key": "unrelated", "Value": None, "Flags": tx.index,
+                                        "CreateIndex": tx.index, "ModifyIndex": tx.index})
+
+    async def main() -> None:
+        changes: list[Callable[[], None]] = [
+            kv_write,
+            lambda: _check(store, "n1", "ca", sv.CRITICAL, "a"),
+            kv_write,
+            lambda: _check(store, "n1", "serf", sv.WARNING),
+            lambda: _node(store, "n1", "10.1.1.1"),
+            lambda: _service(store, "n1", "b", ["x"]),
+            kv_write,
+        ]
+        for change in changes:
+            change()
+            assert await get() == _expected(store)
+            assert await get("?passing") == [e for e in _expected(store)
+                                              if all(c["Status"] == sv.PASSING for c in e["Checks"])]
+
+    asyncio.run(main())

@@ -53,3 +53,44 @@ def test_first_runs_and_wakeups_share_one_result_per_index() -> None:
         assert unshared is not results[0] and len(runs) == 5
 
     asyncio.run(main())
+
+
+def test_reuse_keeps_a_result_until_one_of_its_topics_or_the_acls_move() -> None:
+    agent = Agent(AgentConfig(node_name="n"))
+    store = agent.store
+    runs: list[int] = []
+
+    def put(key: str, table: str = "kvs") -> None:
+        with store.write() as tx:
+            row = kv.entry(key, None, 0, tx.index, tx.index) if table == "kvs" else {"ID": key, "Name": key}
+            tx.put(table, key, row)
+            tx.touch(("key", key))  # a topic that remembers its index (as the registry's do)
+
+    def run() -> QueryResult:
+        runs.append(store.index)
+        return QueryResult(store.topic_index(("key", "a")), [len(runs)], [("key", "a")])
+
+    async def read(query: str = "") -> QueryResult:
+        r = Req(make_mocked_request("GET", "/v1/kv/a" + query), agent)
+        return await blocking_query(r, run, share=True, reuse=True)
+
+    async def main() -> None:
+        put("a")
+        first = await read()
+        put("b")  # another topic: the index moves, the kept result stays valid
+        assert await read() is first and len(runs) == 1
+        put("a")
+        second = await read()
+        assert second is not first and len(runs) == 2
+        put("p", table="acl_policies")  # an ACL change may change what a token sees
+        assert await read() is not second and len(runs) == 3
+        waiter = asyncio.ensure_future(read(f"?index={store.index}&wait=5s"))
+        await asyncio.sleep(0.05)
+        put("a")
+        woken = await waiter
+        assert woken.index == store.index and len(runs) == 4
+        assert (await read()).value == [4] and len(runs) == 4  # the woken result, kept
+        put("b")
+        assert (await read()).value == [4] and len(runs) == 4
+
+    asyncio.run(main())
