@@ -354,11 +354,19 @@ class _Conn(asyncio.Protocol):
         self.wq.clear()
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
+        # parse straight from what arrived; only a partial frame is kept over (in a small buffer, so
+        # that an idle connection does not hold on to the capacity of its largest read)
+        buf: bytes | bytearray
+        if self.buf:
+            self.buf += data
+            buf = self.buf
+        else:
+            buf = data
         i = self._preface_needed
         if i:
             if len(buf) < i:
+                if buf is data:
+                    self.buf = bytearray(data)
                 return
             if bytes(buf[:i]) != PREFACE:
                 self.transport.abort()
@@ -379,7 +387,7 @@ class _Conn(asyncio.Protocol):
             log.exception("h2_frame_failed", side=type(self).__name__)
             if self.transport is not None:
                 self.transport.abort()
-        del buf[:i]
+        self.buf = bytearray(buf[i:]) if i < len(buf) else bytearray()
         self.proxy.flush()
 
     def _frame(self, typ: int, flags: int, sid: int, payload: bytes) -> None:
