@@ -11,8 +11,9 @@
 3. 10,000 registered instances of one service: the agent's RSS before/after, and
    ``/v1/health/service/:name`` latency with 10,000 instances against the same query for a
    service with one instance (the baseline). ``health_10000_instances`` is measured after an
-   unrelated write before every read (a busy cluster's index always moves: no answer can be
-   reused whole); ``health_10000_unchanged`` repeats the read with no write in between;
+   unrelated write before every read (a busy cluster's index always moves);
+   ``health_10000_after_own_change`` after one of the instances' checks changed (the answer must
+   be rebuilt); ``health_10000_unchanged`` repeats the read with no write in between;
    ``health_10000_herd_50``: 50 concurrent reads at one index (clients re-arming after a change).
 4. The floor: the agent's CPU for 1,000 concurrent plain requests (``/v1/status/leader``: accept,
    parse, answer, close), against which the wake-ups' agent CPU compares.
@@ -219,6 +220,17 @@ async def _main(agent: DevAgent) -> dict[str, Any]:
         out["health_10000_passing"] = passing
         out["health_10000_vs_1_p50"] = round(many["p50_ms"] / max(one["p50_ms"], 0.01), 1)
         out["health_10000_unchanged"] = await _latency(s, base + health, 10)
+        flips = iter(range(1, 1_000_000))
+
+        async def own_change() -> None:  # one of the 10,000 instances changes its check's output
+            i = next(flips)
+            body = {"Node": "bench-node-0", "Address": "10.0.0.0",
+                    "Check": {"CheckID": "service:bench-web-1", "Name": "ok", "Status": "passing",
+                              "ServiceID": "bench-web-1", "Output": f"flip {i}"}}
+            async with s.put(base + "/v1/catalog/register", json=body) as resp:
+                await resp.read()
+
+        out["health_10000_after_own_change"] = await _latency(s, base + health, 10, own_change)
         out["rss_mib_after_health_reads"] = round(_rss_kib(agent.proc.pid) / 1024, 1)  # with any caches built
         await kv_write()
         out["health_10000_herd_50"] = await _burst(base, health, 50, agent.proc.pid)
