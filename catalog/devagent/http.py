@@ -259,7 +259,7 @@ def _share_key(r: Req) -> tuple[Any, ...]:
 
 
 _ACL_TOPICS = ("acl_tokens", "acl_policies")
-_KEPT_MAX = 4096  # queries whose results are kept across indexes (``reuse=True``), per store
+_KEPT_MAX = 200_000  # list items (or results) kept across indexes (``reuse=True``) per store, in all
 
 
 class _Kept:
@@ -274,23 +274,37 @@ class _Kept:
         self.acl_index = acl_index
 
 
-_KEPT: weakref.WeakKeyDictionary[Store, dict[Any, _Kept]] = weakref.WeakKeyDictionary()
+class _KeptResults:
+    def __init__(self) -> None:
+        self.results: dict[Any, _Kept] = {}
+        self.size = 0  # list items (or 1 per other result) held: bounded by _KEPT_MAX
+
+
+_KEPT: weakref.WeakKeyDictionary[Store, _KeptResults] = weakref.WeakKeyDictionary()
+
+
+def _size(result: QueryResult) -> int:
+    return len(result.value) if isinstance(result.value, list) else 1
 
 
 def _kept_run(store: Store, key: Any, run: Callable[[], QueryResult]) -> QueryResult:
     kept = _KEPT.get(store)
     if kept is None:
-        kept = _KEPT[store] = {}
-    hit = kept.get(key)
+        kept = _KEPT[store] = _KeptResults()
+    hit = kept.results.get(key)
     acl_index = store.topic_index(*_ACL_TOPICS)
     if (hit is not None and not store.in_tx and hit.acl_index == acl_index
             and store.topic_index(*hit.result.topics) == hit.topic_index):
         return hit.result
     result = run()
     if not store.in_tx:
-        if len(kept) >= _KEPT_MAX:
-            kept.clear()
-        kept[key] = _Kept(result, store.topic_index(*result.topics), acl_index)
+        if hit is not None:
+            kept.size -= _size(hit.result)
+        if kept.size + _size(result) > _KEPT_MAX:
+            kept.results.clear()
+            kept.size = 0
+        kept.results[key] = _Kept(result, store.topic_index(*result.topics), acl_index)
+        kept.size += _size(result)
     return result
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from catalog.devagent import kv
+from catalog.devagent import http, kv
 from catalog.devagent.agent import Agent, AgentConfig
 from catalog.devagent.http import QueryResult, Req, blocking_query
 
@@ -92,5 +93,23 @@ def test_reuse_keeps_a_result_until_one_of_its_topics_or_the_acls_move() -> None
         assert (await read()).value == [4] and len(runs) == 4  # the woken result, kept
         put("b")
         assert (await read()).value == [4] and len(runs) == 4
+
+    asyncio.run(main())
+
+
+def test_kept_results_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http, "_KEPT_MAX", 25)
+    agent = Agent(AgentConfig(node_name="n"))
+    store = agent.store
+
+    def run() -> QueryResult:
+        return QueryResult(1, list(range(10)), ["kvs"])
+
+    async def main() -> None:
+        for i in range(20):
+            r = Req(make_mocked_request("GET", f"/v1/health/service/s{i}"), agent)
+            await blocking_query(r, run, share=True, reuse=True)
+            kept = http._KEPT[store]
+            assert kept.size == sum(len(k.result.value) for k in kept.results.values()) <= 25
 
     asyncio.run(main())
