@@ -436,7 +436,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-state-dir", "--state-dir", default=".weft-dev",
                         help="where pids, ports and logs go (default .weft-dev)")
     parser.add_argument("-free-ports", "--free-ports", action="store_true",
-                        help="pick free ports instead of the fixed defaults")
+                        help="pick free ports instead of the fixed defaults (the dev agent's too, "
+                             "unless CONSUL_HTTP_ADDR is set)")
     parser.add_argument("-rps", "--rps", type=float, default=2.0, help="demo traffic, requests/s (default 2)")
     parser.add_argument("-no-traffic", "--no-traffic", action="store_true", help="do not start the traffic generator")
     parser.add_argument("-log-level", "--log-level", default="info", help="log level of the children (default info)")
@@ -528,6 +529,8 @@ class _Dev:
         from weft.cmd_register import load_files
 
         host, port, default_consul = consul_address(self.env)
+        if default_consul and self.args.free_ports:
+            port = free_port()  # -free-ports covers the dev agent too, unless CONSUL_HTTP_ADDR names one
         try:
             payloads = [payload for _, payload in load_files([DEMO_SERVICES])]
         except ServiceDefinitionError as exc:
