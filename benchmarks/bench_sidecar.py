@@ -2,7 +2,7 @@
 
 Scenarios (each on every path, interleaved so that machine noise hits them alike):
   unary_c32  gRPC unary, 100-byte payload, 32 calls in flight
-  unary_c1   gRPC unary, one call at a time (latency)
+  unary_c1   gRPC unary, one call at a time (latency), all paths in one run, call by call in turn
   bidi       bidirectional streams, 4 streams x 16 messages in flight
   tcp        raw TCP bulk echo through the TCP pair
   memory     Weft only: client sidecar RSS after N calls spread over 10 upstreams, and growth over N more
@@ -131,6 +131,24 @@ def measure(path: Route, mode: str, pids: list[int], *extra: str, target: str | 
         else:
             result["proxy_cpu_us_per_call"] = round(used / max(result["calls_total"], 1) * 1e6, 1)
     return result
+
+
+def measure_interleaved(paths: Sequence[Route], seconds: float) -> dict[str, dict[str, Any]]:
+    """Unary at concurrency 1, one call to each path in turn (benchmarks.load interleaved): per path
+    rate, p50, p99, and proxy CPU per call (each pair's processes serve only their path's calls)."""
+    before = {p.name: cpu_seconds(p.proxy_pids) for p in paths if p.proxy_pids}
+    result = load("interleaved", [p.grpc for p in paths], "--duration", str(seconds))
+    used = {name: cpu_seconds(next(p for p in paths if p.name == name).proxy_pids) - c for name, c in before.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        figures = dict(result["per_target"][path.grpc])
+        figures["interleaved_with"] = [p.name for p in paths if p is not path]
+        if path.name in used:
+            figures["proxy_cpu_us_per_call"] = round(used[path.name] / max(figures["calls_total"], 1) * 1e6, 1)
+        if result.get("first_error"):
+            figures["first_error"] = result["first_error"]
+        out[path.name] = figures
+    return out
 
 
 def _ready_grpc(target: str) -> Callable[[], bool]:
@@ -416,13 +434,23 @@ def run() -> dict[str, Any]:
 
         scenarios: dict[str, tuple[str, list[str]]] = {
             "unary_c32": ("unary", ["--concurrency", "32", "--duration", seconds]),
-            "unary_c1": ("unary", ["--concurrency", "1", "--duration", seconds]),
+            "unary_c1": ("interleaved", []),
             "bidi": ("bidi", ["--streams", "4", "--window", "16", "--duration", seconds]),
             "tcp": ("tcp", ["--connections", "2", "--duration", seconds]),
         }
         results: dict[str, dict[str, dict[str, Any]]] = {}
         for scenario, (mode, extra) in scenarios.items():
             results[scenario] = {}
+            if mode == "interleaved":  # one run, all paths call by call, as long as the rounds would take
+                try:
+                    results[scenario] = measure_interleaved(paths, float(seconds) * rounds)
+                except Exception as exc:
+                    results[scenario] = {p.name: {"error": repr(exc)[:1000]} for p in paths}
+                for name, figures in results[scenario].items():
+                    print(f"   {scenario:<10} {name:<8} {json.dumps(figures)}", flush=True)
+                for name, why in skipped.items():
+                    results[scenario][name] = {"skipped": why}
+                continue
             runs: dict[str, list[dict[str, Any]]] = {
                 path.name: [] for path in paths if path.scenarios is None or scenario in path.scenarios}
             for round_ in range(rounds):

@@ -3,6 +3,7 @@
     python -m benchmarks.load unary --target 127.0.0.1:P [--target ...] --concurrency 32 --duration 5
     python -m benchmarks.load bidi  --target 127.0.0.1:P --streams 4 --window 16 --duration 5
     python -m benchmarks.load tcp   --target 127.0.0.1:P --connections 2 --duration 5
+    python -m benchmarks.load interleaved --target A --target B ... --duration 10   (c1, per target)
 
 It prints one JSON object on stdout. gRPC calls go through grpc.aio on uvloop with pre-serialized
 request bytes and undecoded responses (the cheapest client grpc.aio allows); several `--target`s are
@@ -120,6 +121,51 @@ async def run_unary(args: argparse.Namespace) -> dict[str, Any]:
             "first_error": first_error[0] if first_error else None, "seconds": round(window, 3),
             "rps": round(measured / window, 1) if window > 0 else 0.0, **latency_summary(latencies),
             "loadgen_cpu_us_per_call": round(cpu / max(total, 1) * 1e6, 1)}
+
+
+async def run_interleaved(args: argparse.Namespace) -> dict[str, Any]:
+    """Unary at concurrency 1 to several targets in turn, call by call, each its own path.
+
+    Every target sees the same moments of machine noise, so latency differences between paths stay
+    meaningful on a busy machine where separate runs drift by more than a proxy adds. The order
+    within each turn rotates, so no target always follows another. Results per target.
+    """
+    import grpc
+
+    channels = [grpc.aio.insecure_channel(t, options=_OPTIONS) for t in args.target]
+    methods = [ch.unary_unary(UNARY, None, None) for ch in channels]
+    request = _request(args.payload)
+    for method in methods:
+        await method(request, timeout=30)
+    n = len(methods)
+    latencies: list[array[float]] = [array("d") for _ in range(n)]
+    totals, errors = [0] * n, [0] * n
+    first_error: list[str] = []
+    start = time.perf_counter()
+    measure_from, end = start + args.warmup, start + args.warmup + args.duration
+    turn = 0
+    while time.perf_counter() < end:
+        for k in range(n):
+            i = (turn + k) % n
+            t0 = time.perf_counter()
+            try:
+                await methods[i](request, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                errors[i] += 1
+                if not first_error:
+                    first_error.append(f"{args.target[i]}: {exc.code().name}: {exc.details()}")
+                continue
+            finally:
+                totals[i] += 1
+            if t0 >= measure_from:
+                latencies[i].append(time.perf_counter() - t0)
+        turn += 1
+    for ch in channels:
+        await ch.close(None)
+    return {"per_target": {t: {"calls_total": totals[i], "calls": len(latencies[i]), "errors": errors[i],
+                               "rps": round(len(latencies[i]) / args.duration, 1), **latency_summary(latencies[i])}
+                           for i, t in enumerate(args.target)},
+            "first_error": first_error[0] if first_error else None, "seconds": args.duration}
 
 
 async def run_bidi(args: argparse.Namespace) -> dict[str, Any]:
@@ -246,7 +292,7 @@ async def run_tcp(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("unary", "bidi", "tcp"))
+    parser.add_argument("mode", choices=("unary", "interleaved", "bidi", "tcp"))
     parser.add_argument("--target", action="append", required=True, help="host:port (repeat to spread calls)")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
@@ -266,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from weft.runner import install_uvloop
 
     install_uvloop()
-    runner = {"unary": run_unary, "bidi": run_bidi, "tcp": run_tcp}[args.mode]
+    runner = {"unary": run_unary, "interleaved": run_interleaved, "bidi": run_bidi, "tcp": run_tcp}[args.mode]
     result = asyncio.run(runner(args))
     print(json.dumps(result), flush=True)
     return 0
