@@ -308,6 +308,14 @@ class CAService:
             return True
         return self.clock() >= renewal.renewal_time(s.not_before, s.not_after, 0.5)
 
+    def seconds_until_serving_due(self) -> float:
+        """How long until the serving certificate is due for renewal (0 when it is due now)."""
+        s = self.serving
+        if s is None:
+            return 0.0
+        due = renewal.renewal_time(s.not_before, s.not_after, 0.5)
+        return max(0.0, (due - self.clock()).total_seconds())
+
 
 def _status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, InvalidRequest):
@@ -516,8 +524,11 @@ class CAServer:
 
     async def _upkeep(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            # Wake for the serving certificate too: with short leaf TTLs (tests, --leaf-ttl 12s) it is
+            # due long before the next maintenance round, and an expired one breaks every client.
+            interval = min(self.options.maintain_interval_s, max(0.2, self.service.seconds_until_serving_due()))
             try:
-                await asyncio.wait_for(stop.wait(), self.options.maintain_interval_s)
+                await asyncio.wait_for(stop.wait(), interval)
             except TimeoutError:
                 pass
             if stop.is_set():

@@ -185,3 +185,22 @@ def test_cli_roots_sign_rotate(agent: DevAgent, tmp_path: object) -> None:
                  and len(b.roots) == 2, timeout=20, what="the rotated bundle in KV")
     finally:
         ca.stop()
+
+
+def test_serving_certificate_outlives_a_short_leaf_ttl(agent: DevAgent) -> None:
+    # The CA's own TLS certificate has the leaf TTL; it must be renewed before it expires even when the
+    # maintenance interval (default 30s) is longer than that TTL.
+    port = free_port()
+    p = Proc([*WEFT, "ca", "serve", "-dev", "--listen", f"127.0.0.1:{port}", "--leaf-ttl", "3s",
+              "--max-leaf-ttl", "1h"], env=agent.env)
+    try:
+        wait_for(lambda: read_bundle(agent) is not None, timeout=30, what="the CA to publish roots")
+        bundle = read_bundle(agent)
+        assert bundle is not None
+        wait_for(lambda: try_sign(f"127.0.0.1:{port}", bundle)[0] == grpc.StatusCode.OK, timeout=30,
+                 what="the CA to sign")
+        time.sleep(7)  # more than two serving-certificate lifetimes
+        code, details = try_sign(f"127.0.0.1:{port}", bundle)
+        assert code == grpc.StatusCode.OK, (code, details, p.output()[-2000:])
+    finally:
+        p.stop()
