@@ -26,7 +26,7 @@ class EchoProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         if self.banner is not None:
-            transport.write(self.banner)
+            self.transport.write(self.banner)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return memoryview(self.buffer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ from tests.apps.echo import echo_pb2, echo_pb2_grpc, server
 async def stub() -> AsyncIterator[echo_pb2_grpc.EchoStub]:
     srv, port, _ = await server.start(0, name="inst-a")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield echo_pb2_grpc.EchoStub(channel)
+        yield echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]
     await srv.stop(None)
 
 
@@ -38,7 +39,7 @@ async def test_scripted_status_with_trailers(stub: echo_pb2_grpc.EchoStub) -> No
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and info.value.details() == "go away"
-    trailers = dict(info.value.trailing_metadata() or ())
+    trailers: dict[str, Any] = dict(cast(Any, info.value.trailing_metadata()) or ())
     assert trailers["x-echo-trailer"] == "go away" and trailers["x-echo-detail-bin"] == b"go away"
     assert trailers["x-echo-instance"] == "inst-a"
 
