@@ -11,12 +11,10 @@ for unary methods. Reflection's own service and health checks are included like 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import grpc
-import grpc.aio
 import structlog
 
 if TYPE_CHECKING:
@@ -93,18 +91,22 @@ def _response(data: bytes) -> Any:
 async def reflect(target: str, timeout: float = 5.0) -> dict[str, str]:
     """Ask the app at ``target`` (host:port, plaintext) for its methods by server reflection.
 
-    Raises grpc.aio.AioRpcError (UNIMPLEMENTED when the app has no reflection) or TimeoutError.
+    Raises sidecar.grpc_client.RpcError (UNIMPLEMENTED when the app has no reflection, UNAVAILABLE when
+    it does not answer yet) or ValueError. It uses the sidecar's own HTTP/2 client, not grpc.aio, so
+    that grpc's C core is not started in the sidecar for it (see sidecar.grpc_client).
     """
-    async with grpc.aio.insecure_channel(target) as channel:
-        stream = channel.stream_stream(_REFLECTION, None, None)
+    from sidecar.grpc_client import Channel
 
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"app address {target!r}: expected host:port")
+    channel = Channel(host.strip("[]"), int(port), connect_timeout=timeout)
+    try:
         async def one(request: bytes) -> Any:
-            async def single() -> AsyncIterator[bytes]:
-                yield request
-
-            call = stream(single(), timeout=timeout)
-            async for data in call:
-                return _response(data)
+            # one request per stream, half-closed at once: the server answers it and ends the stream
+            async with contextlib.aclosing(channel.stream(_REFLECTION, [request], timeout=timeout)) as answers:
+                async for data in answers:
+                    return _response(data)
             raise ValueError("the reflection service sent no answer")
 
         listing = await one(_request(list_services=""))
@@ -125,22 +127,26 @@ async def reflect(target: str, timeout: float = 5.0) -> dict[str, str]:
         # keep only services the server says it offers (a file may declare others)
         offered = set(names)
         return {p: k for p, k in methods.items() if p.split("/")[1] in offered}
+    finally:
+        channel.close()
 
 
 async def learn(target: str, *, stop: asyncio.Event, attempts: int | None = None,
                 interval: float = 1.0) -> dict[str, str] | None:
     """Reflect until it answers (the app may start after its sidecar); None when it has no reflection."""
+    from sidecar.grpc_client import UNIMPLEMENTED, RpcError
+
     n = 0
     delay = interval
     while not stop.is_set():
         n += 1
         try:
             return await reflect(target)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+        except RpcError as exc:
+            if exc.code == UNIMPLEMENTED:
                 log.info("reflection_unavailable", app=target, note="methods stay unknown: generic path")
                 return None
-            log.debug("reflection_failed", app=target, code=exc.code().name)
+            log.debug("reflection_failed", app=target, code=exc.name)
         except (TimeoutError, ValueError, OSError) as exc:
             log.debug("reflection_failed", app=target, error=str(exc))
         if attempts is not None and n >= attempts:

@@ -252,13 +252,14 @@ async def _until(stop: asyncio.Event, what: str, attempt: Any, interval: float =
 
 async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: list[tuple[str, int]],
                 descriptor_methods: dict[str, str] | None) -> int:
-    from ca.client import GrpcCA, LeafManager, fixed_resolver
+    from ca.client import LeafManager, fixed_resolver
     from ca.identity import SpiffeId
     from catalog.client import ConsulClient, ConsulError
     from catalog.models import CheckDefinition, ServiceRegistration, Upstream, parse_duration
     from catalog.registration import Registered, sidecar_registration
     from catalog.watch import WatchPolicy
     from sidecar.admin import Admin
+    from sidecar.ca_conn import H2CA
     from sidecar.inbound import Inbound
     from sidecar.outbound import Outbound
     from sidecar.snapshot import Snapshot, SnapshotError
@@ -315,7 +316,8 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
             return 0
         identity = SpiffeId.for_service(bundle.trust_domain, app.name, datacenter=dc)
         token = args.token if args.token is not None else client.token
-        ca = GrpcCA(fixed_resolver(args.ca_addr) if args.ca_addr else _consul_resolver(client))
+        # the CA over the sidecar's own HTTP/2 client, not grpc.aio (which would start grpc's C core: ~6 MB)
+        ca = H2CA(fixed_resolver(args.ca_addr) if args.ca_addr else _consul_resolver(client))
         cleanup.append(ca.close)
 
         async def bundle_source() -> Any:
