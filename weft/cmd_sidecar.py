@@ -128,6 +128,13 @@ def _lean_imports() -> None:
         std = types.ModuleType("consul.std")
         std.Consul = _NoSyncConsul  # type: ignore[attr-defined]
         sys.modules["consul.std"] = std
+        try:
+            import consul.aio  # noqa: F401  # py-consul's package __init__ runs now, against the placeholder
+        except ImportError:
+            # a py-consul whose __init__ wants more of consul.std than `Consul`: load it for real (costs RSS,
+            # never correctness)
+            for name in [m for m in sys.modules if m == "consul" or m.startswith("consul.")]:
+                del sys.modules[name]
 
 
 def run(args: argparse.Namespace) -> int:
