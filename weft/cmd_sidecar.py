@@ -6,7 +6,9 @@ Start-up:
    `Connect.SidecarService` (public port, upstreams, local service port); without one, it uses
    `--public-port` (or a free port in 21000-21255) and `--upstream NAME:PORT` flags;
 2. reads the trust bundle from KV `weft/ca/roots`, gets a leaf for `spiffe://<td>/ns/default/dc/<dc>/svc/<service>`
-   from the CA (found as Consul service `weft-ca`, or `--ca-addr`) through `ca.client.LeafManager`;
+   from the CA (found as Consul service `weft-ca`, or `--ca-addr`) through `ca.client.LeafManager`,
+   which talks to the CA through `sidecar.ca_conn.H2CA` (the sidecar's own HTTP/2 gRPC client: grpc's
+   C core is not started in a sidecar unless `--grpc-engine aio` asks for it);
 3. assembles the first complete snapshot (`sidecar.state`), opens the public mTLS listener, one local
    listener per upstream and the admin API, then registers itself as Consul registers a sidecar
    (Kind connect-proxy, `<service>-sidecar-proxy`, Proxy.DestinationServiceName/ID, LocalServicePort,
@@ -118,7 +120,8 @@ def _lean_imports() -> None:
     - structlog renders with `rich` when it is importable (in a dev venv it is, through import-linter);
       a sidecar only writes JSON lines;
     - `import consul` loads py-consul's synchronous client and with it `requests`; Weft talks to Consul
-      only through py-consul's asyncio client (catalog.client), so `consul.std` is a placeholder here.
+      only through py-consul's asyncio client (catalog.client), so `consul.std` is a placeholder here;
+      if the installed py-consul wants more of `consul.std` than `Consul`, the real module is loaded.
     """
     if "structlog" not in sys.modules:
         sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
