@@ -50,6 +50,7 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 C = TypeVar("C")
+K = TypeVar("K")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -248,6 +249,25 @@ class _WatchBase(Generic[T]):
     async def _sleep(self, seconds: float) -> None:
         await wait_event(self._task_wakeup, seconds)
 
+    async def _next(self, plan: _PlanBase[T], request: Callable[[], tuple[K, float]],
+                    fetch: Callable[[K, float], Awaitable[tuple[K, T]]], on_answer: Callable[[K, T], bool]) -> T:
+        """The loop both watches share; `K` is what the server blocks on (an index or a content hash)."""
+        while not self._closed:
+            await self._sleep(plan.delay(self._clock()))
+            if self._closed:
+                break
+            key, wait = request()
+            plan.started(self._clock())
+            result = await self._call(fetch(key, wait))
+            if result is None:
+                plan.on_error(self._clock(), self._rand())
+                continue
+            got, value = result
+            if on_answer(got, value):
+                self._last, self._has_value = value, True
+                return value
+        raise StopAsyncIteration
+
     def _record_error(self, exc: BaseException) -> None:
         was_healthy = self._healthy or self.last_error is None
         self._healthy = False
@@ -309,21 +329,7 @@ class Watch(_WatchBase[T]):
         return self.plan.index
 
     async def __anext__(self) -> T:
-        while not self._closed:
-            await self._sleep(self.plan.delay(self._clock()))
-            if self._closed:
-                break
-            index, wait = self.plan.request()
-            self.plan.started(self._clock())
-            result = await self._call(self._fetch_index(index, wait))
-            if result is None:
-                self.plan.on_error(self._clock(), self._rand())
-                continue
-            got, value = result
-            if self.plan.on_answer(got, value):
-                self._last, self._has_value = value, True
-                return value
-        raise StopAsyncIteration
+        return await self._next(self.plan, self.plan.request, self._fetch_index, self.plan.on_answer)
 
 
 class HashWatch(_WatchBase[T]):
@@ -341,21 +347,7 @@ class HashWatch(_WatchBase[T]):
         return self.plan.hash
 
     async def __anext__(self) -> T:
-        while not self._closed:
-            await self._sleep(self.plan.delay(self._clock()))
-            if self._closed:
-                break
-            h, wait = self.plan.request()
-            self.plan.started(self._clock())
-            result = await self._call(self._fetch_hash(h, wait))
-            if result is None:
-                self.plan.on_error(self._clock(), self._rand())
-                continue
-            got, value = result
-            if self.plan.on_answer(got, value):
-                self._last, self._has_value = value, True
-                return value
-        raise StopAsyncIteration
+        return await self._next(self.plan, self.plan.request, self._fetch_hash, self.plan.on_answer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
