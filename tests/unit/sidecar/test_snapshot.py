@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.snapshot import (
     Credentials,
@@ -16,7 +18,10 @@ from sidecar.snapshot import (
 )
 
 CERT = "-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n"
-KEY = "-----BEGIN EC PRIVATE KEY-----\nSECRETKEY\n-----END EC PRIVATE KEY-----\n"
+# A real key made at test time (no key material in the tree); its base64 body must never leak.
+KEY = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+KEY_BODY = KEY.splitlines()[1]
 
 
 def creds(serial: str = "01", roots: str = CERT) -> Credentials:
@@ -86,7 +91,7 @@ def test_describe_never_shows_private_key() -> None:
     snap = complete_builder().build()
     assert snap is not None
     text = repr(snap.describe()) + repr(snap)
-    assert "SECRETKEY" not in text
+    assert KEY_BODY not in text and "PRIVATE KEY" not in text
     assert snap.describe()["upstreams"]["api"]["endpoints"] == ["127.0.0.1:2000"]
 
 
