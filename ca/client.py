@@ -110,6 +110,18 @@ def fixed_resolver(*addresses: str) -> Resolver:
     return resolve
 
 
+async def ca_addresses(resolve: Resolver) -> list[str]:
+    """The CA replicas to try, in order; CAUnavailable when none can be found (shared by every CA
+    connection, the grpc one here and the sidecar's own HTTP/2 one)."""
+    try:
+        addresses = await resolve()
+    except Exception as exc:
+        raise CAUnavailable(f"cannot find the CA: {exc}") from None
+    if not addresses:
+        raise CAUnavailable(f"no healthy {SERVICE_NAME} instance is registered")
+    return addresses
+
+
 class GrpcCA:
     """Talks to the CA's replicas over TLS; tries each address until one answers."""
 
@@ -154,13 +166,7 @@ class GrpcCA:
             task.add_done_callback(self._closing.discard)
 
     async def _addresses(self) -> list[str]:
-        try:
-            addresses = await self._resolve()
-        except Exception as exc:
-            raise CAUnavailable(f"cannot find the CA: {exc}") from None
-        if not addresses:
-            raise CAUnavailable(f"no healthy {SERVICE_NAME} instance is registered")
-        return addresses
+        return await ca_addresses(self._resolve)
 
     async def sign(self, csr: bytes, *, token: str, current_chain: bytes, proof: bytes, ttl_seconds: int,
                    bundle: TrustBundle | None) -> SignResult:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ca.backend import SERVICE_NAME
-from ca.client import CARefused, CAUnavailable, Resolver, SignResult
+from ca.client import CARefused, CAUnavailable, Resolver, SignResult, ca_addresses
 from ca.identity import SpiffeId
 from ca.provider import TrustBundle
 from ca.server import bundle_from_pb
@@ -81,13 +81,7 @@ class H2CA:
             channel.close()
 
     async def _addresses(self) -> list[str]:
-        try:
-            addresses = await self._resolve()
-        except Exception as exc:
-            raise CAUnavailable(f"cannot find the CA: {exc}") from None
-        if not addresses:
-            raise CAUnavailable(f"no healthy {SERVICE_NAME} instance is registered")
-        return addresses
+        return await ca_addresses(self._resolve)
 
     async def sign(self, csr: bytes, *, token: str, current_chain: bytes, proof: bytes, ttl_seconds: int,
                    bundle: TrustBundle | None) -> SignResult:
