@@ -4,6 +4,7 @@ datacenters, register, deregister (Consul's agent/catalog_endpoint.go), with blo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -302,35 +303,31 @@ def _service_nodes(r: Req, rows: list[Row], topic: Any) -> tuple[QueryResult, bo
     return QueryResult(store.topic_index(topic), out, [topic], filtered=filtered), filtered
 
 
-async def service(r: Req) -> web.StreamResponse:
+async def _service_nodes_read(r: Req, rows: Callable[[], list[Row]], topic: Any) -> web.StreamResponse:
+    """A blocking read of catalog service entries; a bad `filter` answers 400 before the query blocks."""
     name = r.match("name")
     if not name:
         raise HTTPError(400, "Missing service name")
     compile_filter(r)
-    store = r.agent.store
 
     def run() -> QueryResult:
-        res, _ = _service_nodes(r, registry.instances(store, name), ("service", name))
+        res, _ = _service_nodes(r, rows(), topic)
         return res
 
     res = await blocking_query(r, run, share=True)
     return answer(r, res)
+
+
+async def service(r: Req) -> web.StreamResponse:
+    name = r.match("name")
+    store = r.agent.store
+    return await _service_nodes_read(r, lambda: registry.instances(store, name), ("service", name))
 
 
 async def connect(r: Req) -> web.StreamResponse:
     name = r.match("name")
-    if not name:
-        raise HTTPError(400, "Missing service name")
-    compile_filter(r)
     store = r.agent.store
-
-    def run() -> QueryResult:
-        rows = store.by_index("services", "connect", name)
-        res, _ = _service_nodes(r, rows, ("connect", name))
-        return res
-
-    res = await blocking_query(r, run, share=True)
-    return answer(r, res)
+    return await _service_nodes_read(r, lambda: store.by_index("services", "connect", name), ("connect", name))
 
 
 async def node(r: Req) -> web.StreamResponse:

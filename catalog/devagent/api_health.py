@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -222,22 +223,28 @@ def _checks_answer(r: Req, rows: list[Row], idx: int, topics: list[Any]) -> tupl
     return QueryResult(idx, out, topics, filtered=filtered), filtered
 
 
-async def checks(r: Req) -> web.StreamResponse:
-    name = r.match("name")
-    if not name:
-        raise HTTPError(400, "Missing service name")
+async def _checks_read(r: Req, rows: Callable[[], list[Row]], topic: Any) -> web.StreamResponse:
+    """A blocking read of health checks: `rows` picks them, `topic` is what the answer depends on.
+    A bad `filter` answers 400 before the query blocks."""
     compile_filter(r)
     store = r.agent.store
 
     def run() -> QueryResult:
-        rows = [c for row in registry.instances(store, name)
-                for c in registry.service_checks(store, row["Node"], row["ID"])]
-        topic = ("service", name)
-        res, _ = _checks_answer(r, rows, store.topic_index(topic), [topic])
+        res, _ = _checks_answer(r, rows(), store.topic_index(topic), [topic])
         return res
 
     res = await blocking_query(r, run, share=True)
     return answer(r, res)
+
+
+async def checks(r: Req) -> web.StreamResponse:
+    name = r.match("name")
+    if not name:
+        raise HTTPError(400, "Missing service name")
+    store = r.agent.store
+    return await _checks_read(r, lambda: [c for row in registry.instances(store, name)
+                                          for c in registry.service_checks(store, row["Node"], row["ID"])],
+                              ("service", name))
 
 
 async def state(r: Req) -> web.StreamResponse:
@@ -246,30 +253,14 @@ async def state(r: Req) -> web.StreamResponse:
         raise HTTPError(400, "Missing check state")
     if want not in STATES:
         raise HTTPError(400, f"Invalid check state: {want!r}".replace("'", '"'))
-    compile_filter(r)
     store = r.agent.store
-
-    def run() -> QueryResult:
-        rows = [c for c in store.rows("checks").values() if want == "any" or c["Status"] == want]
-        res, _ = _checks_answer(r, rows, store.topic_index("checks"), ["checks"])
-        return res
-
-    res = await blocking_query(r, run, share=True)
-    return answer(r, res)
+    return await _checks_read(
+        r, lambda: [c for c in store.rows("checks").values() if want == "any" or c["Status"] == want], "checks")
 
 
 async def node(r: Req) -> web.StreamResponse:
     name = r.match("node")
     if not name:
         raise HTTPError(400, "Missing node name")
-    compile_filter(r)
     store = r.agent.store
-
-    def run() -> QueryResult:
-        rows = store.by_index("checks", "node", name)
-        topic = ("node", name)
-        res, _ = _checks_answer(r, rows, store.topic_index(topic), [topic])
-        return res
-
-    res = await blocking_query(r, run, share=True)
-    return answer(r, res)
+    return await _checks_read(r, lambda: store.by_index("checks", "node", name), ("node", name))
