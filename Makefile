@@ -26,7 +26,7 @@ test-integration: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy weft catalog ca policies sidecar benchmarks
+	$(BIN)/mypy weft catalog devagent ca policies sidecar benchmarks
 	$(BIN)/lint-imports setup.cfg
 
 bench: $(STAMP)

@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"weft agent: {exc}", file=sys.stderr)
         return 2
-    from catalog.devagent.agent import AgentConfig
-    from catalog.devagent.codec import DecodeError, parse_duration
-    from catalog.devagent.server import serve
+    from devagent.agent import AgentConfig
+    from devagent.codec import DecodeError, parse_duration
+    from devagent.server import serve
 
     try:
         ttl_min = parse_duration(args.session_ttl_min)
@@ -104,6 +104,6 @@ def _host(addr: str) -> str:
 
 
 def _version() -> str:
-    from catalog.devagent.agent import CONSUL_VERSION
+    from devagent.agent import CONSUL_VERSION
 
     return CONSUL_VERSION

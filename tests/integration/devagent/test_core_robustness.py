@@ -170,7 +170,7 @@ def test_sigterm_stops_an_agent_with_a_connect_sidecar() -> None:
 def test_a_shutdown_that_hangs_is_cut_short() -> None:
     """The watchdog: an event loop that never turns again (as the alias runner made it) cannot keep
     the process alive past the stop deadline."""
-    code = ("from catalog.devagent import server; server._shutdown_watchdog(0.5)\n"
+    code = ("from devagent import server; server._shutdown_watchdog(0.5)\n"
             "while True:\n    pass\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, check=False)
     assert proc.returncode == 70

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from catalog.devagent import acl
+from devagent import acl
 
 RULES = '''
 service "web" { policy = "write" }

@@ -6,8 +6,8 @@ import datetime
 
 import pytest
 
-from catalog.devagent import acl, aclstore
-from catalog.devagent.agent import Agent, AgentConfig
+from devagent import acl, aclstore
+from devagent.agent import Agent, AgentConfig
 
 
 def _agent(initial: str | None = None) -> Agent:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from catalog.devagent import bexpr
+from devagent import bexpr
 
 ENTRY: dict[str, Any] = {
     "Node": {"Node": "n1", "Meta": {"zone": "a"}},

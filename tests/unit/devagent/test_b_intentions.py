@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from catalog.devagent import configentries as ce
-from catalog.devagent import intentions as ix
+from devagent import configentries as ce
+from devagent import intentions as ix
 
 
 def _entry(name: str, *sources: dict[str, Any]) -> dict[str, Any]:

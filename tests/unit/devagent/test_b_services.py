@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from catalog.devagent import checks, registry
-from catalog.devagent import services as sv
-from catalog.devagent.codec import SECOND, DecodeError
-from catalog.devagent.state import Store
+from devagent import checks, registry
+from devagent import services as sv
+from devagent.codec import SECOND, DecodeError
+from devagent.state import Store
 
 
 def _parent(**kw: Any) -> dict[str, Any]:
@@ -194,7 +194,7 @@ def test_default_tagged_addresses() -> None:
 
 
 def test_reaper_honours_the_minimum_and_spares_recovered_services() -> None:
-    from catalog.devagent.agent import Agent, AgentConfig
+    from devagent.agent import Agent, AgentConfig
 
     agent = Agent(AgentConfig(node_name="n", check_deregister_interval_min_ns=60 * SECOND))
     registry.install(agent.store)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from catalog.devagent.codec import (
+from devagent.codec import (
     MINUTE,
     MS,
     SECOND,

@@ -13,11 +13,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from catalog.devagent import api_health, registry
-from catalog.devagent import services as sv
-from catalog.devagent.agent import Agent, AgentConfig
-from catalog.devagent.http import QueryResult, Req, query_response
-from catalog.devagent.state import Store
+from devagent import api_health, registry
+from devagent import services as sv
+from devagent.agent import Agent, AgentConfig
+from devagent.http import QueryResult, Req, query_response
+from devagent.state import Store
 
 
 def _agent() -> Agent:

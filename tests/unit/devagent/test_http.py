@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from catalog.devagent.agent import Agent, AgentConfig
-from catalog.devagent.http import HTTPError, Req
+from devagent.agent import Agent, AgentConfig
+from devagent.http import HTTPError, Req
 
 
 def _req(path: str, headers: dict[str, str] | None = None) -> Req:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from catalog.devagent import kv, persist
-from catalog.devagent.agent import Agent, AgentConfig
+from devagent import kv, persist
+from devagent.agent import Agent, AgentConfig
 
 
 def _attach(path: Path) -> tuple[Agent, persist.Journal]:

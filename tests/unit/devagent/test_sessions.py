@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from catalog.devagent import kv, sessions
-from catalog.devagent.agent import Agent, AgentConfig, serf_check
-from catalog.devagent.codec import SECOND
-from catalog.devagent.state import Store
+from devagent import kv, sessions
+from devagent.agent import Agent, AgentConfig, serf_check
+from devagent.codec import SECOND
+from devagent.state import Store
 
 
 def _agent() -> Agent:

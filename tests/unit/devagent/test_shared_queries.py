@@ -9,9 +9,9 @@ from collections.abc import Callable
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from catalog.devagent import http, kv
-from catalog.devagent.agent import Agent, AgentConfig
-from catalog.devagent.http import QueryResult, Req, blocking_query
+from devagent import http, kv
+from devagent.agent import Agent, AgentConfig
+from devagent.http import QueryResult, Req, blocking_query
 
 
 def test_first_runs_and_wakeups_share_one_result_per_index() -> None:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from catalog.devagent import kv
-from catalog.devagent.state import Store
+from devagent import kv
+from devagent.state import Store
 
 
 def test_global_index_moves_only_on_change() -> None:
@@ -131,7 +131,7 @@ def test_kv_key_validation(key: str, ok: bool) -> None:
 
 
 def test_timed_out_and_woken_waits_leave_no_watchers_behind() -> None:
-    from catalog.devagent.http import wait_for_change
+    from devagent.http import wait_for_change
 
     async def main() -> None:
         s = Store()

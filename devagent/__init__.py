@@ -19,7 +19,7 @@ Modules
                     ones); ``kv.py``, ``sessions.py``, ``aclstore.py`` hold their pure semantics.
 
 Adding an endpoint group
-    Create ``catalog/devagent/api_<group>.py``; the server imports every ``api_*`` module and calls:
+    Create ``devagent/api_<group>.py``; the server imports every ``api_*`` module and calls:
 
     - ``routes(agent: Agent) -> list[Endpoint]`` (required): ``Endpoint(path, {"GET": h, "PUT": h})``;
       ``path`` is an aiohttp pattern (``/v1/health/service/{service}``). Methods not listed answer

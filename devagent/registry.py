@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from catalog.devagent import services as sv
-from catalog.devagent.state import Row, Store, Tx
+from devagent import services as sv
+from devagent.state import Row, Store, Tx
 
 
 def _connect_names(row: Row | None) -> list[str]:

@@ -9,12 +9,12 @@ from typing import Any
 
 from aiohttp import web
 
-from catalog.devagent import configentries as ce
-from catalog.devagent import intentions as ixns
-from catalog.devagent.agent import Agent
-from catalog.devagent.api_catalog import answer
-from catalog.devagent.codec import DecodeError
-from catalog.devagent.http import (
+from devagent import configentries as ce
+from devagent import intentions as ixns
+from devagent.agent import Agent
+from devagent.api_catalog import answer
+from devagent.codec import DecodeError
+from devagent.http import (
     Endpoint,
     HTTPError,
     QueryResult,
@@ -22,7 +22,7 @@ from catalog.devagent.http import (
     blocking_query,
     json_response,
 )
-from catalog.devagent.state import Row, Store, Tx
+from devagent.state import Row, Store, Tx
 
 
 def setup(agent: Agent) -> None:

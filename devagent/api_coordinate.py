@@ -10,10 +10,10 @@ from typing import Any
 
 from aiohttp import web
 
-from catalog.devagent.agent import Agent
-from catalog.devagent.codec import DecodeError, decode_struct, expect_str
-from catalog.devagent.http import Endpoint, HTTPError, QueryResult, Req, blocking_query, json_response, query_response
-from catalog.devagent.state import Row, Tx
+from devagent.agent import Agent
+from devagent.codec import DecodeError, decode_struct, expect_str
+from devagent.http import Endpoint, HTTPError, QueryResult, Req, blocking_query, json_response, query_response
+from devagent.state import Row, Tx
 
 TABLE = "coordinates"
 SPEC: dict[str, Any] = {"Node": None, "Segment": None, "Partition": None,

@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import structlog
 
-from catalog.devagent import registry
-from catalog.devagent import services as sv
-from catalog.devagent.codec import MINUTE, SECOND
-from catalog.devagent.http import wait_for_change
-from catalog.devagent.state import Row, Tx
+from devagent import registry
+from devagent import services as sv
+from devagent.codec import MINUTE, SECOND
+from devagent.http import wait_for_change
+from devagent.state import Row, Tx
 
 if TYPE_CHECKING:
-    from catalog.devagent.agent import Agent
+    from devagent.agent import Agent
 
 log = structlog.get_logger("weft.devagent.checks")
 

@@ -22,7 +22,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from catalog.devagent.codec import (
+from devagent.codec import (
     SECOND,
     DecodeError,
     decode_struct,
@@ -34,7 +34,7 @@ from catalog.devagent.codec import (
     expect_str_map,
     format_duration,
 )
-from catalog.devagent.state import Row
+from devagent.state import Row
 
 PASSING, WARNING, CRITICAL, MAINT = "passing", "warning", "critical", "maintenance"
 STATUSES = (PASSING, WARNING, CRITICAL)

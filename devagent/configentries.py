@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from catalog.devagent import acl, intentions
-from catalog.devagent.codec import DecodeError, decode_struct, expect_str, expect_str_map, fold
+from devagent import acl, intentions
+from devagent.codec import DecodeError, decode_struct, expect_str, expect_str_map, fold
 
 SERVICE_DEFAULTS = "service-defaults"
 PROXY_DEFAULTS = "proxy-defaults"

@@ -9,12 +9,12 @@ from typing import Any
 
 from aiohttp import web
 
-from catalog.devagent import registry
-from catalog.devagent import services as sv
-from catalog.devagent.agent import Agent
-from catalog.devagent.api_agent_services import compile_filter
-from catalog.devagent.codec import DecodeError, decode_struct, expect_bool, expect_str, expect_str_map
-from catalog.devagent.http import (
+from devagent import registry
+from devagent import services as sv
+from devagent.agent import Agent
+from devagent.api_agent_services import compile_filter
+from devagent.codec import DecodeError, decode_struct, expect_bool, expect_str, expect_str_map
+from devagent.http import (
     Endpoint,
     HTTPError,
     QueryResult,
@@ -23,11 +23,11 @@ from catalog.devagent.http import (
     json_response,
     query_response,
 )
-from catalog.devagent.state import Row
+from devagent.state import Row
 
 
 def setup(agent: Agent) -> None:
-    from catalog.devagent import api_txn, catalog_txn
+    from devagent import api_txn, catalog_txn
 
     api_txn.register_op("Node", catalog_txn.node_op, catalog_txn.is_write)
     api_txn.register_op("Service", catalog_txn.service_op, catalog_txn.is_write)

@@ -12,11 +12,11 @@ from typing import Any
 
 from aiohttp import web
 
-from catalog.devagent import bexpr, checks, registry
-from catalog.devagent import services as sv
-from catalog.devagent.agent import Agent
-from catalog.devagent.codec import DecodeError, decode_struct, expect_str
-from catalog.devagent.http import Endpoint, HTTPError, Req, hash_blocking, json_response
+from devagent import bexpr, checks, registry
+from devagent import services as sv
+from devagent.agent import Agent
+from devagent.codec import DecodeError, decode_struct, expect_str
+from devagent.http import Endpoint, HTTPError, Req, hash_blocking, json_response
 
 OK_EMPTY = 200
 

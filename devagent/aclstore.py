@@ -15,8 +15,8 @@ import json
 import re
 from typing import Any
 
-from catalog.devagent import acl
-from catalog.devagent.codec import (
+from devagent import acl
+from devagent.codec import (
     SECOND,
     DecodeError,
     decode_struct,
@@ -28,7 +28,7 @@ from catalog.devagent.codec import (
     new_uuid,
     parse_duration,
 )
-from catalog.devagent.state import Row, Store, Tx
+from devagent.state import Row, Store, Tx
 
 GLOBAL_MANAGEMENT_RULES = """acl = "write"
 agent_prefix "" {

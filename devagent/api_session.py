@@ -7,10 +7,10 @@ import asyncio
 import structlog
 from aiohttp import web
 
-from catalog.devagent import sessions
-from catalog.devagent.agent import Agent
-from catalog.devagent.codec import SECOND, DecodeError, new_uuid
-from catalog.devagent.http import (
+from devagent import sessions
+from devagent.agent import Agent
+from devagent.codec import SECOND, DecodeError, new_uuid
+from devagent.http import (
     Endpoint,
     HTTPError,
     QueryResult,
@@ -20,7 +20,7 @@ from catalog.devagent.http import (
     meta_headers,
     query_response,
 )
-from catalog.devagent.state import Row, Tx
+from devagent.state import Row, Tx
 
 log = structlog.get_logger("weft.devagent")
 

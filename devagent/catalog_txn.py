@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from catalog.devagent import registry
-from catalog.devagent import services as sv
-from catalog.devagent.api_txn import TxnOpError
-from catalog.devagent.codec import DecodeError, decode_struct, expect_int, expect_str, expect_str_map
-from catalog.devagent.http import Req
-from catalog.devagent.state import Row, Tx
+from devagent import registry
+from devagent import services as sv
+from devagent.api_txn import TxnOpError
+from devagent.codec import DecodeError, decode_struct, expect_int, expect_str, expect_str_map
+from devagent.http import Req
+from devagent.state import Row, Tx
 
 NODE_SPEC: dict[str, Any] = {"ID": None, "Node": None, "Address": None, "Datacenter": None,
                              "TaggedAddresses": None, "Meta": None, "ModifyIndex": None, "CreateIndex": None,

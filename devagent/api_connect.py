@@ -14,15 +14,15 @@ from typing import Any
 
 from aiohttp import web
 
-from catalog.devagent import configentries as ce
-from catalog.devagent import intentions as ixns
-from catalog.devagent import kv
-from catalog.devagent.agent import Agent
-from catalog.devagent.api_agent_services import compile_filter
-from catalog.devagent.api_catalog import answer
-from catalog.devagent.api_config import delete_entry, entries_of, put_entry
-from catalog.devagent.codec import DecodeError, decode_struct, expect_str, new_uuid, unb64
-from catalog.devagent.http import (
+from devagent import configentries as ce
+from devagent import intentions as ixns
+from devagent import kv
+from devagent.agent import Agent
+from devagent.api_agent_services import compile_filter
+from devagent.api_catalog import answer
+from devagent.api_config import delete_entry, entries_of, put_entry
+from devagent.codec import DecodeError, decode_struct, expect_str, new_uuid, unb64
+from devagent.http import (
     Endpoint,
     HTTPError,
     QueryResult,
@@ -30,7 +30,7 @@ from catalog.devagent.http import (
     blocking_query,
     json_response,
 )
-from catalog.devagent.state import Row, Store, Tx
+from devagent.state import Row, Store, Tx
 
 ROOTS_KEY = "weft/ca/roots"
 TOPIC = ("config", ce.SERVICE_INTENTIONS)

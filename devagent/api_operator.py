@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from catalog.devagent.agent import CONSUL_VERSION, Agent
-from catalog.devagent.api_status import server_addr
-from catalog.devagent.http import Endpoint, Req, json_response
+from devagent.agent import CONSUL_VERSION, Agent
+from devagent.api_status import server_addr
+from devagent.http import Endpoint, Req, json_response
 
 
 def routes(agent: Agent) -> list[Endpoint]:

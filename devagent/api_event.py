@@ -13,9 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
-from catalog.devagent.agent import Agent
-from catalog.devagent.codec import b64, new_uuid, uuid_to_uint64
-from catalog.devagent.http import Endpoint, HTTPError, Req, json_response, wait_for_change
+from devagent.agent import Agent
+from devagent.codec import b64, new_uuid, uuid_to_uint64
+from devagent.http import Endpoint, HTTPError, Req, json_response, wait_for_change
 
 USER_EVENT_SIZE_LIMIT = 512  # Serf's default user event size limit, in bytes, before encoding
 EVENTS_TOPIC = ("agent", "events")

@@ -10,10 +10,10 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from catalog.devagent import kv
-from catalog.devagent.agent import Agent
-from catalog.devagent.codec import b64, unb64
-from catalog.devagent.http import (
+from devagent import kv
+from devagent.agent import Agent
+from devagent.codec import b64, unb64
+from devagent.http import (
     MAX_BODY,
     Endpoint,
     HTTPError,

@@ -14,11 +14,11 @@ from typing import Any
 
 from aiohttp import web
 
-from catalog.devagent import acl, kv, sessions
-from catalog.devagent.agent import Agent
-from catalog.devagent.codec import DecodeError, b64, decode_struct, expect_int, expect_str, unb64
-from catalog.devagent.http import MAX_BODY, Endpoint, HTTPError, Req, json_response
-from catalog.devagent.state import Row, Tx
+from devagent import acl, kv, sessions
+from devagent.agent import Agent
+from devagent.codec import DecodeError, b64, decode_struct, expect_int, expect_str, unb64
+from devagent.http import MAX_BODY, Endpoint, HTTPError, Req, json_response
+from devagent.state import Row, Tx
 
 MAX_TXN_OPS = 64
 KV_SPEC: dict[str, Any] = {"Verb": None, "Key": None, "Value": None, "Flags": None, "Index": None,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from catalog.devagent.agent import Agent
-from catalog.devagent.http import Endpoint, Req, json_response
+from devagent.agent import Agent
+from devagent.http import Endpoint, Req, json_response
 
 SERVER_RPC_PORT = 8300  # what a Consul server advertises for RPC; the dev agent has no RPC port
 

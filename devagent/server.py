@@ -1,6 +1,6 @@
 """The dev agent's aiohttp application: endpoint discovery, Consul's error and header conventions, run.
 
-Endpoint modules are the ``catalog/devagent/api_*.py`` files, found at start-up (see the package
+Endpoint modules are the ``devagent/api_*.py`` files, found at start-up (see the package
 docstring). Every endpoint is served through the dispatcher ``_make_dispatch`` builds: it answers
 OPTIONS and wrong methods (405 with ``Allow``), turns exceptions into Consul's plain-text error
 answers (so a bad request ends only that request), adds the headers every Consul answer carries,
@@ -24,11 +24,11 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from catalog import devagent
-from catalog.devagent import acl
-from catalog.devagent.agent import Agent, AgentConfig
-from catalog.devagent.codec import DecodeError
-from catalog.devagent.http import Endpoint, HTTPError, Req, text_response
+import devagent
+from devagent import acl
+from devagent.agent import Agent, AgentConfig
+from devagent.codec import DecodeError
+from devagent.http import Endpoint, HTTPError, Req, text_response
 
 log = structlog.get_logger("weft.devagent")
 
@@ -41,11 +41,11 @@ UI_DISABLED = ("Consul Agent: UI disabled. To enable, set ui_config.enabled=true
 
 
 def endpoint_modules() -> list[ModuleType]:
-    """Every ``catalog.devagent.api_*`` module, sorted by name."""
+    """Every ``devagent.api_*`` module, sorted by name."""
     mods = []
     for info in sorted(pkgutil.iter_modules(devagent.__path__), key=lambda i: i.name):
         if info.name.startswith("api_"):
-            mods.append(importlib.import_module(f"catalog.devagent.{info.name}"))
+            mods.append(importlib.import_module(f"devagent.{info.name}"))
     return mods
 
 
@@ -138,7 +138,7 @@ def make_app(agent: Agent, modules: list[ModuleType] | None = None) -> web.Appli
 
 async def start(config: AgentConfig) -> tuple[Agent, web.AppRunner]:
     """Build the agent, load its data dir, start its modules and serve HTTP; returns (agent, runner)."""
-    from catalog.devagent import persist  # local: persistence is optional
+    from devagent import persist  # local: persistence is optional
 
     modules = endpoint_modules()
     agent = Agent(config)

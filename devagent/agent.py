@@ -17,9 +17,9 @@ from typing import Any
 
 import structlog
 
-from catalog.devagent import acl
-from catalog.devagent.codec import new_uuid
-from catalog.devagent.state import Row, Store
+from devagent import acl
+from devagent.codec import new_uuid
+from devagent.state import Row, Store
 
 log = structlog.get_logger("weft.devagent")
 
@@ -143,7 +143,7 @@ class Agent:
         """The authorizer for a token secret ("" = anonymous). Raises ``acl.ACLNotFound``."""
         if not self.config.acl_enabled:
             return acl.ALLOW_ALL
-        from catalog.devagent.aclstore import expired
+        from devagent.aclstore import expired
 
         version = self.store.topic_index("acl_tokens", "acl_policies")
         hit = self._authz_cache.get(token)
@@ -166,7 +166,7 @@ class Agent:
 
     def token_by_secret(self, secret: str) -> Row | None:
         """The live token with this secret (an expired token no longer exists, as in Consul)."""
-        from catalog.devagent.aclstore import expired
+        from devagent.aclstore import expired
 
         rows = self.store.by_index("acl_tokens", "secret", secret)
         return rows[0] if rows and not expired(rows[0]) else None

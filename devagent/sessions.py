@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from catalog.devagent import kv
-from catalog.devagent.codec import (
+from devagent import kv
+from devagent.codec import (
     HOUR,
     SECOND,
     DecodeError,
@@ -23,7 +23,7 @@ from catalog.devagent.codec import (
     format_duration,
     parse_duration,
 )
-from catalog.devagent.state import Row, Store, Tx
+from devagent.state import Row, Store, Tx
 
 SESSION_TTL_MAX = 24 * HOUR
 SESSION_TTL_MULTIPLIER = 2  # Consul lets a session live up to twice its TTL before reaping it

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from catalog.devagent.codec import DecodeError, decode_struct, expect_str, expect_str_map
+from devagent.codec import DecodeError, decode_struct, expect_str, expect_str_map
 
 WILDCARD = "*"
 DEFAULT_NS = "default"

@@ -12,13 +12,13 @@ from typing import Any
 
 from aiohttp import web
 
-from catalog.devagent import registry
-from catalog.devagent import services as sv
-from catalog.devagent.agent import Agent
-from catalog.devagent.api_agent_services import compile_filter
-from catalog.devagent.api_catalog import answer, node_matches, node_meta_filter
-from catalog.devagent.http import Endpoint, HTTPError, QueryResult, Req, blocking_query
-from catalog.devagent.state import Row, Store
+from devagent import registry
+from devagent import services as sv
+from devagent.agent import Agent
+from devagent.api_agent_services import compile_filter
+from devagent.api_catalog import answer, node_matches, node_meta_filter
+from devagent.http import Endpoint, HTTPError, QueryResult, Req, blocking_query
+from devagent.state import Row, Store
 
 STATES = ("any", sv.PASSING, sv.WARNING, sv.CRITICAL)
 

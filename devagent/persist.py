@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import structlog
 
-from catalog.devagent.agent import Agent
+from devagent.agent import Agent
 
 log = structlog.get_logger("weft.devagent")
 

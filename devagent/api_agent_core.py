@@ -11,9 +11,9 @@ from typing import Any
 
 from aiohttp import web
 
-from catalog.devagent.agent import CONSUL_VERSION, REVISION, Agent
-from catalog.devagent.codec import format_duration, lookup
-from catalog.devagent.http import Endpoint, HTTPError, Req, json_response
+from devagent.agent import CONSUL_VERSION, REVISION, Agent
+from devagent.codec import format_duration, lookup
+from devagent.http import Endpoint, HTTPError, Req, json_response
 
 SERF_LAN_PORT = 8301
 SERVER_PORT = 8300

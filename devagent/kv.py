@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Callable
 
-from catalog.devagent.state import Row, Store, Topic, Tx
+from devagent.state import Row, Store, Topic, Tx
 
 _ENCODED_TRAVERSAL = re.compile(r"(?i)(%2e%2e(%2f|%5c|/))|(\.\.%2f)|(\.\.%5c)|(%252e%252e%252f)")
 

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from catalog.devagent import acl
-from catalog.devagent.codec import SECOND, DecodeError, parse_duration, parse_uint
-from catalog.devagent.state import Store, Topic
+from devagent import acl
+from devagent.codec import SECOND, DecodeError, parse_duration, parse_uint
+from devagent.state import Store, Topic
 
 if TYPE_CHECKING:
-    from catalog.devagent.agent import Agent
+    from devagent.agent import Agent
 
 Handler = Callable[["Req"], Awaitable[web.StreamResponse]]
 

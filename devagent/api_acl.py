@@ -8,10 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
-from catalog.devagent import acl, aclstore
-from catalog.devagent.agent import Agent
-from catalog.devagent.codec import DecodeError, lookup
-from catalog.devagent.http import (
+from devagent import acl, aclstore
+from devagent.agent import Agent
+from devagent.codec import DecodeError, lookup
+from devagent.http import (
     ACLDisabled,
     Endpoint,
     HTTPError,
