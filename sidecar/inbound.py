@@ -37,6 +37,7 @@ import structlog
 from ca.identity import SpiffeId
 from sidecar import authz
 from sidecar.grpc_proxy import ProxyHandler, Refusal, Target, UpstreamChannel, message_options
+from sidecar.limits import Limits
 from sidecar.snapshot import Snapshot
 from sidecar.tcp_proxy import Pipe, TlsServerConnection
 from sidecar.telemetry import Telemetry
@@ -103,10 +104,11 @@ class Inbound:
 
     def __init__(self, snapshot: Callable[[], Snapshot], telemetry: Telemetry, tls: TlsContexts, *,
                  max_message_bytes: int = 4 * 1024 * 1024, passthrough_enabled: bool = True,
-                 grpc_engine: str = "h2") -> None:
+                 grpc_engine: str = "h2", limits: Limits | None = None) -> None:
         if grpc_engine not in ("h2", "aio"):
             raise ValueError(f"grpc engine {grpc_engine!r} is not h2 or aio")
         self.grpc_engine = grpc_engine
+        self.limits = limits or Limits()
         self.snapshot = snapshot
         self.telemetry = telemetry
         self.tls = tls

@@ -25,6 +25,7 @@ import structlog
 
 from sidecar.balance import Balancer
 from sidecar.grpc_proxy import ProxyHandler, Refusal, Target, UpstreamChannel, message_options
+from sidecar.limits import Limits
 from sidecar.snapshot import Endpoint, Snapshot, UpstreamState
 from sidecar.telemetry import Telemetry
 from sidecar.tls import TlsContexts, expected_server_name
@@ -161,10 +162,12 @@ class Outbound:
     """All upstream listeners of one sidecar."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], telemetry: Telemetry, tls: TlsContexts, *,
-                 max_message_bytes: int = 4 * 1024 * 1024, grpc_engine: str = "h2") -> None:
+                 max_message_bytes: int = 4 * 1024 * 1024, grpc_engine: str = "h2",
+                 limits: Limits | None = None) -> None:
         if grpc_engine not in ("h2", "aio"):
             raise ValueError(f"grpc engine {grpc_engine!r} is not h2 or aio")
         self.grpc_engine = grpc_engine
+        self.limits = limits or Limits()
         self.snapshot = snapshot
         self.telemetry = telemetry
         self.tls = tls

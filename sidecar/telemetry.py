@@ -15,6 +15,10 @@ Metric names (all on the admin port's ``/metrics``):
   path), ``denied`` (TCP service, closed), ``closed_by_policy`` (closed by a policy change).
 - ``weft_upstream_endpoints`` {upstream}, ``weft_upstream_ejections_total`` {upstream},
   ``weft_retries_total`` {upstream}.
+- ``weft_h2_protocol_errors_total`` {reason}: HTTP/2 peers that broke the protocol or passed a limit
+  (``sidecar.limits``) and lost their stream or connection for it; ``reason`` is a short fixed word.
+- ``weft_connections_refused_total`` {reason}: connections refused or closed by a connection limit
+  (connection cap, unfinished handshakes, handshake timeout, idle timeout).
 - ``weft_cert_expiry_timestamp_seconds``, ``weft_policy_version_info`` {version},
   ``weft_snapshot_version``.
 
@@ -69,6 +73,39 @@ class AccessLog:
             self._log.info("access", **fields)
 
 
+class RateLimitedLog:
+    """Log lines about misbehaving peers: at most ``per_second`` (burst ``burst``), the rest counted.
+
+    A peer that breaks a limit is logged once per connection by the caller; this bounds the total so
+    that a thousand abusive connections cannot turn the log into the attack.
+    """
+
+    def __init__(self, name: str, per_second: float = 5.0, burst: float = 20.0) -> None:
+        self.per_second = per_second
+        self.burst = burst
+        self._tokens = burst
+        self._last: float | None = None
+        self.suppressed = 0
+        self._log = structlog.get_logger(name)
+
+    def admit(self, now: float) -> bool:
+        last = now if self._last is None else self._last
+        self._tokens = min(self.burst, self._tokens + max(0.0, now - last) * self.per_second)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        self.suppressed += 1
+        return False
+
+    def warning(self, now: float, event: str, **fields: Any) -> None:
+        if self.admit(now):
+            if self.suppressed:
+                fields["suppressed_before"] = self.suppressed
+                self.suppressed = 0
+            self._log.warning(event, **fields)
+
+
 class Telemetry:
     """All of a sidecar's metrics in one registry, with cached children for the hot path."""
 
@@ -92,6 +129,15 @@ class Telemetry:
                                  ("upstream",), registry=self.registry)
         self.retries = Counter("weft_retries_total", "Calls retried on another endpoint after a connect failure",
                                ("upstream",), registry=self.registry)
+        self.h2_protocol_errors = Counter("weft_h2_protocol_errors_total",
+                                          "HTTP/2 peers that broke the protocol or a limit, by reason", ("reason",),
+                                          registry=self.registry)
+        self.connections_refused = Counter("weft_connections_refused_total",
+                                           "Connections refused or closed by a connection limit, by reason",
+                                           ("reason",), registry=self.registry)
+        self.peer_log = RateLimitedLog("weft.sidecar.limits")
+        self._h2_error_children: dict[str, Any] = {}
+        self._refused_children: dict[str, Any] = {}
         self.cert_expiry = Gauge("weft_cert_expiry_timestamp_seconds", "Expiry (Unix time) of the current leaf",
                                  registry=self.registry)
         self.policy_version = Gauge("weft_policy_version_info", "The compiled policy version in force (value 1)",
@@ -146,6 +192,18 @@ class Telemetry:
         if child is None:
             child = self.authz.labels(decision, rule)
             self._authz_children[key] = child
+        child.inc()
+
+    def h2_protocol_error(self, reason: str) -> None:
+        child = self._h2_error_children.get(reason)
+        if child is None:
+            child = self._h2_error_children[reason] = self.h2_protocol_errors.labels(reason)
+        child.inc()
+
+    def connection_refused(self, reason: str) -> None:
+        child = self._refused_children.get(reason)
+        if child is None:
+            child = self._refused_children[reason] = self.connections_refused.labels(reason)
         child.inc()
 
     # -- configuration -------------------------------------------------------------------------

@@ -74,6 +74,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--watch-wait", "-watch-wait", type=float, default=60.0, help="blocking query wait, seconds")
     a("--log-level", "-log-level", default=os.environ.get("WEFT_LOG_LEVEL", "info"),
       help="debug, info, warn or error")
+    from sidecar.limits import described, flag_name
+
+    group = parser.add_argument_group("limits and hardening", "what one peer may make this sidecar buffer or do "
+                                      "(see the README's \"Limits and hardening\")")
+    for name, kind, default, text in described():
+        group.add_argument(flag_name(name), dest=f"limit_{name}", type=kind, default=default,
+                           metavar="SECONDS" if kind is float else "N",
+                           help=f"{text} (default {default})")
+
+
+def limits_of(args: argparse.Namespace) -> Any:
+    """The sidecar's limits from its flags (ValueError naming the flag when one is out of range)."""
+    from sidecar.limits import Limits, described
+
+    return Limits(**{name: getattr(args, f"limit_{name}") for name, _, _, _ in described()})
 
 
 def _trim_heap() -> None:
@@ -161,6 +176,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not 0.0 <= args.access_log_sample <= 1.0 or args.access_log_rate < 0:
         print("weft sidecar: --access-log-sample must be within 0..1 and --access-log-rate >= 0", file=sys.stderr)
+        return 2
+    try:
+        limits_of(args)
+    except ValueError as exc:
+        print(f"weft sidecar: {exc}", file=sys.stderr)
         return 2
     upstreams: list[tuple[str, int]] = []
     for spec in args.upstream:
@@ -401,10 +421,11 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
 
         # listeners
         tls = TlsContexts()
+        limits = limits_of(args)
         inbound = Inbound(state.snapshot, telemetry, tls, max_message_bytes=args.max_message_bytes,
-                          passthrough_enabled=not args.no_passthrough, grpc_engine=args.grpc_engine)
+                          passthrough_enabled=not args.no_passthrough, grpc_engine=args.grpc_engine, limits=limits)
         outbound = Outbound(state.snapshot, telemetry, tls, max_message_bytes=args.max_message_bytes,
-                            grpc_engine=args.grpc_engine)
+                            grpc_engine=args.grpc_engine, limits=limits)
         bind = args.bind or (address if address else "0.0.0.0")
         try:
             await inbound.start(bind, port)
