@@ -123,7 +123,8 @@ def test_gateways_and_other_kinds() -> None:
         "protocol must be 'tcp', 'http', 'http2', or 'grpc'. 'udp' is an unsupported protocol"
     assert refused({**base, "Listeners": [{"Port": 1, "Services": [{"Name": "*"}]}]}) == \
         "Wildcard service name is only valid for protocol = 'http' (listener on port 1)"
-    assert refused({**base, "Listeners": [{"Port": 1, "Services": []}]}) == "No service declared for listener with port 1"
+    assert refused({**base, "Listeners": [{"Port": 1, "Services": []}]}) == \
+        "No service declared for listener with port 1"
     assert refused({"Kind": "terminating-gateway", "Name": "t", "Services": [{"Name": "a", "CertFile": "c"}]}) == \
         'Service "a" must have a CertFile, CAFile, and KeyFile specified for TLS origination'
     assert refused({"Kind": "api-gateway", "Name": "g", "Listeners": [{"Name": "l", "Port": 0, "Protocol": "tcp"}]}) \
@@ -150,7 +151,7 @@ def test_discovery_chain_needs_an_http_like_protocol_and_existing_subsets() -> N
                                                "advanced routing or splitting behavior"):
         graph(written=splitter)
     http_web = {"Kind": "service-defaults", "Name": "web", "Protocol": "http"}
-    with pytest.raises(ConfigEntryError, match='uses inconsistent protocols; service "b" has "tcp" which is not "http"'):
+    with pytest.raises(ConfigEntryError, match='inconsistent protocols; service "b" has "tcp" which is not "http"'):
         graph(http_web, written=splitter)
     graph({"Kind": "proxy-defaults", "Name": "global", "Config": {"protocol": "http"}}, written=splitter)
     sub = {"Kind": "service-splitter", "Name": "web", "Splits": [{"Weight": 100, "ServiceSubset": "v2"}]}
