@@ -10,13 +10,14 @@ discovery chain, subsets, gateways' listener protocols) are in ``discoverychain.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from devagent import bexpr, intentions
 from devagent import configentries as ce
-from devagent.codec import DecodeError, duration_value, format_duration
+from devagent.codec import DecodeError, duration_value, expect_str_list, format_duration
 from devagent.configentries import ConfigEntryError
 
 HTTP_LIKE = ("http", "http2", "grpc")
@@ -84,12 +85,7 @@ def _num(obj: Mapping[str, Any], field: str, what: str) -> float:
 
 
 def _strs(obj: Mapping[str, Any], field: str, what: str) -> list[str]:
-    value = obj.get(field)
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise DecodeError(f"{what}.{field}: expected a list of strings")
-    return list(value)
+    return expect_str_list(obj.get(field), f"{what}.{field}")
 
 
 def _list(obj: Mapping[str, Any], field: str) -> list[dict[str, Any]]:
@@ -653,14 +649,6 @@ _CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
 
 def normalize_and_validate(entry: Mapping[str, Any]) -> dict[str, Any]:
     """A decoded entry (``configentries.decode``) as Consul stores it; raises DecodeError/ConfigEntryError."""
-    out: dict[str, Any] = _deep_copy(entry)
+    out: dict[str, Any] = copy.deepcopy(dict(entry))
     _CHECKS[out["Kind"]](out)
     return out
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_deep_copy(v) for v in value]
-    return value

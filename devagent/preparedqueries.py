@@ -15,11 +15,22 @@ excludes; case-insensitive, as Consul's), ``NodeMeta``, ``ServiceMeta``.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from devagent.codec import DecodeError, decode_struct, duration_value, is_uuid
+from devagent.codec import (
+    DecodeError,
+    decode_struct,
+    duration_value,
+    expect_bool,
+    expect_int,
+    expect_str,
+    expect_str_list,
+    expect_str_map,
+    is_uuid,
+)
 
 TEMPLATE_TYPE = "name_prefix_match"
 FAILOVER_SPEC: dict[str, Any] = {"NearestN": None, "Datacenters": None, "Targets": None}
@@ -39,32 +50,6 @@ class QueryError(ValueError):
     """A query Consul refuses (its RPC error, a 500); the message is Consul's."""
 
 
-def _typed(value: Any, kind: type | tuple[type, ...], what: str, default: Any) -> Any:
-    if value is None:
-        return default
-    if isinstance(value, bool) and kind is int:
-        raise DecodeError(f"{what}: expected a number")
-    if not isinstance(value, kind):
-        raise DecodeError(f"{what}: expected {getattr(kind, '__name__', 'a value')}")
-    return value
-
-
-def _str_list(value: Any, what: str) -> list[str]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise DecodeError(f"{what}: expected a list of strings")
-    return list(value)
-
-
-def _str_map(value: Any, what: str) -> dict[str, str]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
-        raise DecodeError(f"{what}: expected an object of strings")
-    return dict(value)
-
-
 def decode(raw: Any) -> dict[str, Any]:
     """A request body -> a query in Consul's JSON shape (without ID and indexes); DecodeError on types."""
     if not isinstance(raw, Mapping):
@@ -77,34 +62,34 @@ def decode(raw: Any) -> dict[str, Any]:
     targets = failover.get("Targets")
     if targets is not None and not isinstance(targets, list):
         raise DecodeError("Service.Failover.Targets: expected a list")
+    connect = svc.get("Connect") or {}
+    if not isinstance(connect, Mapping):
+        raise DecodeError("Service.Connect: expected an object")
     template = d.get("Template") or {}
     dns = d.get("DNS") or {}
     return {
-        "Name": _typed(d.get("Name"), str, "Name", ""),
-        "Session": _typed(d.get("Session"), str, "Session", ""),
-        "Token": _typed(d.get("Token"), str, "Token", ""),
-        "Template": {"Type": _typed(template.get("Type"), str, "Template.Type", ""),
-                     "Regexp": _typed(template.get("Regexp"), str, "Template.Regexp", ""),
-                     "RemoveEmptyTags": _typed(template.get("RemoveEmptyTags"), bool, "Template.RemoveEmptyTags",
-                                               False)},
+        "Name": expect_str(d.get("Name"), "Name"),
+        "Session": expect_str(d.get("Session"), "Session"),
+        "Token": expect_str(d.get("Token"), "Token"),
+        "Template": {"Type": expect_str(template.get("Type"), "Template.Type"),
+                     "Regexp": expect_str(template.get("Regexp"), "Template.Regexp"),
+                     "RemoveEmptyTags": expect_bool(template.get("RemoveEmptyTags"), "Template.RemoveEmptyTags")},
         "Service": {
-            "Service": _typed(svc.get("Service"), str, "Service.Service", ""),
-            "Failover": {"NearestN": _typed(failover.get("NearestN"), int, "Service.Failover.NearestN", 0),
-                         "Datacenters": _str_list(failover.get("Datacenters"), "Service.Failover.Datacenters"),
+            "Service": expect_str(svc.get("Service"), "Service.Service"),
+            "Failover": {"NearestN": expect_int(failover.get("NearestN"), "Service.Failover.NearestN"),
+                         "Datacenters": expect_str_list(failover.get("Datacenters"), "Service.Failover.Datacenters"),
                          "Targets": list(targets or [])},
-            "IgnoreCheckIDs": _str_list(svc.get("IgnoreCheckIDs"), "Service.IgnoreCheckIDs"),
-            "OnlyPassing": _typed(svc.get("OnlyPassing"), bool, "Service.OnlyPassing", False),
-            "Near": _typed(svc.get("Near"), str, "Service.Near", ""),
-            "Tags": _str_list(svc.get("Tags"), "Service.Tags"),
-            "NodeMeta": _str_map(svc.get("NodeMeta"), "Service.NodeMeta"),
-            "ServiceMeta": _str_map(svc.get("ServiceMeta"), "Service.ServiceMeta"),
-            "Peer": _typed(svc.get("Peer"), str, "Service.Peer", ""),
-            "SamenessGroup": _typed(svc.get("SamenessGroup"), str, "Service.SamenessGroup", ""),
-            "Connect": {"Enabled": _typed((svc.get("Connect") or {}).get("Enabled")
-                                          if isinstance(svc.get("Connect"), Mapping) else None,
-                                          bool, "Service.Connect.Enabled", False)},
+            "IgnoreCheckIDs": expect_str_list(svc.get("IgnoreCheckIDs"), "Service.IgnoreCheckIDs"),
+            "OnlyPassing": expect_bool(svc.get("OnlyPassing"), "Service.OnlyPassing"),
+            "Near": expect_str(svc.get("Near"), "Service.Near"),
+            "Tags": expect_str_list(svc.get("Tags"), "Service.Tags"),
+            "NodeMeta": expect_str_map(svc.get("NodeMeta"), "Service.NodeMeta"),
+            "ServiceMeta": expect_str_map(svc.get("ServiceMeta"), "Service.ServiceMeta"),
+            "Peer": expect_str(svc.get("Peer"), "Service.Peer"),
+            "SamenessGroup": expect_str(svc.get("SamenessGroup"), "Service.SamenessGroup"),
+            "Connect": {"Enabled": expect_bool(connect.get("Enabled"), "Service.Connect.Enabled")},
         },
-        "DNS": {"TTL": _typed(dns.get("TTL"), str, "DNS.TTL", "")},
+        "DNS": {"TTL": expect_str(dns.get("TTL"), "DNS.TTL")},
     }
 
 
@@ -174,7 +159,7 @@ def lookup(id_or_name: str, queries: Iterable[Mapping[str, Any]]) -> Mapping[str
 def render(query: Mapping[str, Any], name: str, segment: str = "") -> dict[str, Any]:
     """The query with its template interpolated for ``name`` (a non-template is returned unchanged)."""
     if not query["Template"]["Type"]:
-        return dict(_copy(query))
+        return dict(copy.deepcopy(query))
     matches: list[str] = []
     regexp = query["Template"]["Regexp"]
     if regexp:
@@ -193,7 +178,7 @@ def render(query: Mapping[str, Any], name: str, segment: str = "") -> dict[str, 
             return str(values[m.group(1)])
         return _VAR.sub(one, text)
 
-    out: dict[str, Any] = dict(_interpolate(_copy(query), sub))
+    out: dict[str, Any] = dict(_interpolate(copy.deepcopy(query), sub))
     out["Template"] = dict(query["Template"])  # the template itself is not rendered
     out["Name"] = query["Name"]
     if query["Template"]["RemoveEmptyTags"]:
@@ -208,14 +193,6 @@ def _interpolate(value: Any, sub: Any) -> Any:
         return {k: _interpolate(v, sub) for k, v in value.items()}
     if isinstance(value, list):
         return [_interpolate(v, sub) for v in value]
-    return value
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
     return value
 
 
@@ -247,7 +224,7 @@ REDACTED = "<hidden>"
 
 
 def public(query: Mapping[str, Any], *, show_token: bool) -> dict[str, Any]:
-    out: dict[str, Any] = dict(_copy(query))
+    out: dict[str, Any] = dict(copy.deepcopy(query))
     if not show_token and out.get("Token"):
         out["Token"] = REDACTED
     return out
