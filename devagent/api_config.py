@@ -88,7 +88,7 @@ def _cas(r: Req) -> int | None:
         raise HTTPError(500, f'strconv.ParseUint: parsing "{text}": invalid syntax') from None
 
 
-def _check_graph(tx: Tx, kind: str, name: str, new: dict[str, Any] | None, old: Row | None, dc: str) -> None:
+def check_graph(tx: Tx, kind: str, name: str, new: dict[str, Any] | None, old: Row | None, dc: str) -> None:
     """Consul's checks across entries for the state after this write (raises ConfigEntryError)."""
     if kind in ce.GATEWAY_KINDS and new is not None:
         for other in ce.GATEWAY_KINDS:
@@ -129,7 +129,7 @@ async def apply(r: Req) -> web.StreamResponse:
         if cas and old is not None and old["ModifyIndex"] != cas:
             return json_response(r, False)
         try:
-            _check_graph(tx, kind, name, entry, old, r.agent.datacenter)
+            check_graph(tx, kind, name, entry, old, r.agent.datacenter)
         except ce.ConfigEntryError as exc:
             raise HTTPError(500, str(exc)) from None
         put_entry(tx, entry)
@@ -191,7 +191,7 @@ async def delete(r: Req) -> web.StreamResponse:
             return json_response(r, False)
         if old is not None:
             try:
-                _check_graph(tx, kind, name, None, old, r.agent.datacenter)
+                check_graph(tx, kind, name, None, old, r.agent.datacenter)
             except ce.ConfigEntryError as exc:
                 raise HTTPError(500, str(exc)) from None
         delete_entry(tx, kind, name)

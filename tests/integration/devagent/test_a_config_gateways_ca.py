@@ -96,6 +96,12 @@ def test_discovery_chain_entries_are_checked_across_entries_and_never_half_appli
     assert status == 400 and body.startswith(b"Request decoding failed: ")
     status, body, _ = call(url, "PUT", "/v1/config", {"Kind": "service-resolver", "Name": "x", "Redirect": {}})
     assert (status, body) == (500, b"Redirect is empty")
+    # an L7 intention needs an HTTP-like destination, through the intentions API too
+    l7 = {"Permissions": [{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]}
+    status, body, _ = call(url, "PUT", "/v1/connect/intentions/exact?source=ui&destination=plain-tcp", l7)
+    assert (status, body) == (500, b'service "plain-tcp" has protocol "tcp", which is incompatible with L7 '
+                                   b"intentions permissions")
+    assert call(url, "GET", "/v1/config/service-intentions/plain-tcp")[0] == 404
 
 
 def test_hostile_config_bodies_get_a_400_and_the_agent_keeps_serving(module_agent: DevAgent) -> None:
