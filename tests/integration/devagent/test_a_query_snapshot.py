@@ -189,10 +189,15 @@ def test_restore_is_durable_with_a_data_dir(tmp_path: Path) -> None:
         snap = call(a.url, "GET", "/v1/snapshot")[1]
         c.kv.put("k", "v2")
         assert call(a.url, "PUT", "/v1/snapshot", snap)[0] == 200
+        qid = c.query.create("redis", "kept-query")["ID"]
+        assert c.connect.ca.update_configuration(provider="weft", config={"LeafCertTTL": "12h"}) is True
     finally:
         a.stop()
     b = DevAgent(data_dir=tmp_path / "d")
     try:
-        assert consul.Consul(host="127.0.0.1", port=b.port).kv.get("k")[1]["Value"] == b"v1"
+        c = consul.Consul(host="127.0.0.1", port=b.port)
+        assert c.kv.get("k")[1]["Value"] == b"v1"
+        assert c.query.get(qid)[0]["Name"] == "kept-query"
+        assert c.connect.ca.configuration()["Config"]["LeafCertTTL"] == "12h"
     finally:
         b.stop()
