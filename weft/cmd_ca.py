@@ -56,6 +56,7 @@ from catalog.client import (
 from catalog.lock import LeaderLock
 from catalog.registration import service_registration, ttl_check_id
 from weft import logsetup, runner
+from weft.devstate import consul_for_cli
 
 log = structlog.get_logger("weft.ca")
 
@@ -383,7 +384,7 @@ async def _read_bundle(client: ConsulClient) -> TrustBundle | None:
 
 
 async def _roots() -> int:
-    async with ConsulClient.from_env() as client:
+    async with _client(None, "weft ca roots") as client:
         try:
             bundle = await _read_bundle(client)
         except ConsulError as exc:
@@ -396,9 +397,10 @@ async def _roots() -> int:
     return 0
 
 
-def _client(token: str | None) -> ConsulClient:
-    """A Consul client from the environment; ``--token`` replaces CONSUL_HTTP_TOKEN, as Consul's CLI does."""
-    env = dict(os.environ)
+def _client(token: str | None, prog: str) -> ConsulClient:
+    """A Consul client for an operator command: CONSUL_HTTP_ADDR, else a running weft dev's agent
+    (`weft.devstate`); ``--token`` replaces CONSUL_HTTP_TOKEN, as Consul's CLI does."""
+    env = dict(consul_for_cli(prog).env)
     if token is not None:
         env["CONSUL_HTTP_TOKEN"] = token
         env.pop("CONSUL_HTTP_TOKEN_FILE", None)
@@ -410,7 +412,7 @@ def _resolver(client: ConsulClient, ca_addr: str) -> Resolver:
 
 
 async def _rotate(args: argparse.Namespace) -> int:
-    async with _client(args.token) as client:
+    async with _client(args.token, "weft ca rotate") as client:
         token = args.token if args.token is not None else _own_token(client)
         ca = GrpcCA(_resolver(client, args.ca_addr))
         try:
@@ -446,7 +448,7 @@ async def _sign(args: argparse.Namespace) -> int:
         print(f"weft ca sign: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    async with _client(args.token) as client:
+    async with _client(args.token, "weft ca sign") as client:
         token = args.token if args.token is not None else _own_token(client)
         ca = GrpcCA(_resolver(client, args.ca_addr))
         try:
