@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -57,26 +56,9 @@ from catalog.lock import LeaderLock
 from catalog.registration import service_registration, ttl_check_id
 from weft import logsetup, runner
 from weft.devstate import consul_for_cli
+from weft.durations import parse_duration
 
 log = structlog.get_logger("weft.ca")
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|y)")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "y": 365 * 86400}
-
-
-def parse_duration(text: str) -> timedelta:
-    """`72h`, `5m`, `90s`, `1h30m`, `3650d`, `10y` -> timedelta; raises argparse.ArgumentTypeError."""
-    s = text.strip()
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(s):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(s) or not s:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use e.g. 72h, 10m, 30s, 1h30m, 3650d")
-    return timedelta(seconds=total)
-
 
 def _fmt(d: timedelta) -> str:
     return f"{int(d.total_seconds())}s"
