@@ -7,7 +7,6 @@ import json
 import signal
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 
@@ -24,16 +23,8 @@ def _get(url: str) -> tuple[int, str]:
         return int(exc.code), exc.read().decode()
 
 
-@pytest.fixture
-def agent() -> Iterator[DevAgent]:
-    a = DevAgent()
-    try:
-        yield a
-    finally:
-        a.stop()
-
-
-def test_admin_answers_while_the_sidecar_waits_for_its_registration(agent: DevAgent) -> None:
+def test_admin_answers_while_the_sidecar_waits_for_its_registration(dev_agent: DevAgent) -> None:
+    agent = dev_agent
     port = free_port()
     admin = f"http://127.0.0.1:{port}"
     sidecar = Proc([*WEFT, "sidecar", "--sidecar-for", "web-1", "--admin-port", str(port)], env=agent.env)
