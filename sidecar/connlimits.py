@@ -10,7 +10,8 @@ from their protocol callbacks and from one periodic sweep per listener.
 - :class:`IdleTracker`: which connections moved no byte in either direction (and have no open
   stream) for ``timeout`` seconds. Each sweep is given the running byte count of every connection, so
   the data path pays nothing for it (no timer reset per read); a connection is closed between
-  ``timeout`` and ``timeout + period`` seconds after its last byte.
+  ``timeout`` and ``timeout + 2 * period`` seconds after its last byte (a change is noticed at the
+  next sweep, the timeout is checked at sweeps).
 """
 
 from __future__ import annotations

@@ -78,7 +78,10 @@ class Limits:
         minimum=0.0)
     # -- HTTP/1.1 -----------------------------------------------------------------------------------
     http_max_header_size: int = _limit(
-        64 * KIB, "largest HTTP/1.1 request or response head (line + headers); above it 431", minimum=1 * KIB)
+        64 * KIB, "longest HTTP/1.1 request line or header field of a request or response head; above it 431",
+        minimum=1 * KIB)
+    http_max_headers: int = _limit(
+        100, "most header fields in one HTTP/1.1 request or response head; above it 431", minimum=1)
     http_header_timeout: float = _limit(
         10.0, "seconds an HTTP/1.1 client has to send a whole request head", minimum=0.1)
 

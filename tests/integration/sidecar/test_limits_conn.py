@@ -1,0 +1,326 @@
+"""Connection limits on real sockets (loopback, in process): the public port, the outbound listeners, HTTP/1.1,
+the pass-through guard and the aio engine's metadata bound. Each abuse is bounded in count and time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from sidecar.inbound import Inbound
+from sidecar.limits import Limits
+from sidecar.outbound import Outbound
+from sidecar.snapshot import Credentials
+from sidecar.telemetry import Telemetry
+from sidecar.tls import TlsContexts, client_context, expected_server_name
+from tests.apps.echo import echo_pb2, echo_pb2_grpc
+from tests.apps.echo import server as echo_server
+from tests.apps.httpecho import server as http_echo
+from tests.apps.tcpecho import server as tcp_echo
+from tests.integration.sidecar.harness import Authority, Holder, snapshot, table
+from tests.support import free_port
+from tests.unit.sidecar.pki import TD
+
+pytestmark = pytest.mark.integration
+
+BIG_METADATA = [("grpc.max_metadata_size", 64 * 1024), ("grpc.absolute_max_metadata_size", 64 * 1024)]
+
+
+def refused(telemetry: Telemetry, reason: str) -> float:
+    return telemetry.registry.get_sample_value("weft_connections_refused_total", {"reason": reason}) or 0.0
+
+
+def h2_errors(telemetry: Telemetry, reason: str) -> float:
+    return telemetry.registry.get_sample_value("weft_h2_protocol_errors_total", {"reason": reason}) or 0.0
+
+
+async def eventually(check: Any, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    assert check()
+
+
+async def closed_by_peer(reader: asyncio.StreamReader, seconds: float = 10.0) -> bytes:
+    """Everything the peer sends until it closes (a reset counts as a close)."""
+    got = b""
+    with contextlib.suppress(ConnectionError):
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), seconds)
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+@dataclass
+class Api:
+    ca: Authority
+    inbound: Inbound
+    telemetry: Telemetry
+
+
+@contextlib.asynccontextmanager
+async def public_port(limits: Limits, *, app_options: list[tuple[str, Any]] | None = None) -> AsyncIterator[Api]:
+    ca = Authority.root()
+    app = grpc.aio.server(options=app_options or [])
+    echo_pb2_grpc.add_EchoServicer_to_server(echo_server.EchoServicer("api-1"), app)  # type: ignore[no-untyped-call]
+    port = app.add_insecure_port("127.0.0.1:0")
+    await app.start()
+    holder = Holder(snapshot("api", ca.leaf("api"), app_port=port, policy=table("api", ("web", "allow"))))
+    tel = Telemetry()
+    inbound = Inbound(holder, tel, TlsContexts(), limits=limits)
+    await inbound.start("127.0.0.1", 0)
+    try:
+        yield Api(ca, inbound, tel)
+    finally:
+        await inbound.close(0.1)
+        await app.stop(None)
+
+
+async def call(api: Api, creds: Credentials | None = None) -> str:
+    creds = creds or api.ca.leaf("web")
+    channel_creds = grpc.ssl_channel_credentials(creds.roots_pem.encode(), creds.key_pem.encode(),
+                                                 creds.full_chain_pem.encode())
+    name = expected_server_name("api", TD)
+    async with grpc.aio.secure_channel(f"127.0.0.1:{api.inbound.port}", channel_creds,
+                                       options=[("grpc.ssl_target_name_override", name)]) as ch:
+        stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
+        resp = await stub.Unary(echo_pb2.EchoRequest(text="x"), timeout=10)
+        return str(resp.instance)
+
+
+async def test_a_handshake_that_never_starts_is_dropped_at_the_timeout() -> None:
+    async with public_port(Limits(handshake_timeout=0.3)) as api:
+        reader, writer = await asyncio.open_connection("127.0.0.1", api.inbound.port)
+        assert await closed_by_peer(reader) == b""
+        writer.close()
+        assert refused(api.telemetry, "handshake_timeout") == 1.0
+        assert len(api.inbound.admission.pending) == 0
+        assert await call(api) == "api-1"
+
+
+async def test_half_open_flood_evicts_the_oldest_and_a_real_caller_is_served() -> None:
+    async with public_port(Limits(max_pending_handshakes=8, handshake_timeout=30.0)) as api:
+        flood = [await asyncio.open_connection("127.0.0.1", api.inbound.port) for _ in range(40)]
+        await eventually(lambda: refused(api.telemetry, "pending_handshakes") >= 32)
+        assert len(api.inbound.admission.pending) == 8
+        # the oldest were dropped, the newest are still waiting
+        assert await closed_by_peer(flood[0][0], 5) == b""
+        assert await call(api) == "api-1"
+        for _, writer in flood:
+            writer.close()
+        await eventually(lambda: api.inbound.admission.gate.open == 0)
+
+
+async def test_connections_past_the_cap_are_refused_and_others_served_after() -> None:
+    async with public_port(Limits(max_connections=4)) as api:
+        held = [await asyncio.open_connection("127.0.0.1", api.inbound.port) for _ in range(4)]
+        await eventually(lambda: api.inbound.admission.gate.open == 4)
+        reader, writer = await asyncio.open_connection("127.0.0.1", api.inbound.port)
+        assert await closed_by_peer(reader, 5) == b""
+        writer.close()
+        assert refused(api.telemetry, "max_connections") == 1.0
+        for _, w in held:
+            w.close()
+        await eventually(lambda: api.inbound.admission.gate.open == 0)
+        assert await call(api) == "api-1"
+
+
+async def test_idle_passthrough_connections_are_closed_and_clients_come_back() -> None:
+    async with public_port(Limits(idle_timeout=0.3)) as api:
+        creds = api.ca.leaf("web")
+        channel_creds = grpc.ssl_channel_credentials(creds.roots_pem.encode(), creds.key_pem.encode(),
+                                                     creds.full_chain_pem.encode())
+        name = expected_server_name("api", TD)
+        async with grpc.aio.secure_channel(f"127.0.0.1:{api.inbound.port}", channel_creds,
+                                           options=[("grpc.ssl_target_name_override", name)]) as ch:
+            stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
+            assert (await stub.Unary(echo_pb2.EchoRequest(text="x"), timeout=10)).instance == "api-1"
+            await eventually(lambda: refused(api.telemetry, "idle_timeout") >= 1)
+            await eventually(lambda: not api.inbound.connections)
+            # the channel reconnects
+            assert (await stub.Unary(echo_pb2.EchoRequest(text="x"), timeout=10)).instance == "api-1"
+
+
+async def test_a_call_in_progress_is_not_idle() -> None:
+    async with public_port(Limits(idle_timeout=0.3)) as api:
+        creds = api.ca.leaf("web")
+        channel_creds = grpc.ssl_channel_credentials(creds.roots_pem.encode(), creds.key_pem.encode(),
+                                                     creds.full_chain_pem.encode())
+        name = expected_server_name("api", TD)
+        async with grpc.aio.secure_channel(f"127.0.0.1:{api.inbound.port}", channel_creds,
+                                           options=[("grpc.ssl_target_name_override", name)]) as ch:
+            stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
+            # the app answers after 1.5 s of silence: the open stream keeps the connection
+            resp = await stub.Unary(echo_pb2.EchoRequest(text="x"), metadata=(("x-echo-delay-ms", "1500"),),
+                                    timeout=10)
+            assert resp.instance == "api-1"
+            assert refused(api.telemetry, "idle_timeout") == 0.0
+
+
+def h2_client_tls(api: Api) -> ssl.SSLContext:
+    ctx = client_context(api.ca.leaf("web"), ["h2"])
+    return ctx
+
+
+async def test_passthrough_guard_sends_goaway_and_others_are_served() -> None:
+    async with public_port(Limits(h2_max_continuation_frames=4)) as api:
+        reader, writer = await asyncio.open_connection("127.0.0.1", api.inbound.port, ssl=h2_client_tls(api),
+                                                       server_hostname=expected_server_name("api", TD))
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        # HEADERS without END_HEADERS, then CONTINUATION frames past the limit
+        frames = b"\x00\x00\x01\x01\x00\x00\x00\x00\x01\x82" + b"\x00\x00\x01\x09\x00\x00\x00\x00\x01\x82" * 10
+        writer.write(frames)
+        await writer.drain()
+        data = await closed_by_peer(reader)
+        events = conn.receive_data(data)
+        goaways = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        assert goaways and goaways[0].error_code == 0xB  # ENHANCE_YOUR_CALM
+        writer.close()
+        assert h2_errors(api.telemetry, "continuation_flood") == 1.0
+        assert await call(api) == "api-1"
+
+
+async def test_passthrough_clients_learn_the_stream_bound() -> None:
+    async with public_port(Limits(h2_max_concurrent_streams=7)) as api:
+        reader, writer = await asyncio.open_connection("127.0.0.1", api.inbound.port, ssl=h2_client_tls(api),
+                                                       server_hostname=expected_server_name("api", TD))
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        await writer.drain()
+        for _ in range(20):
+            conn.receive_data(await asyncio.wait_for(reader.read(65536), 10))
+            if conn.remote_settings.max_concurrent_streams == 7:
+                break
+        assert conn.remote_settings.max_concurrent_streams == 7
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def outbound_pair(protocol: str, app_port: int, limits: Limits) -> AsyncIterator[tuple[Outbound, int, Telemetry]]:
+    ca = Authority.root()
+    api = Holder(snapshot("api", ca.leaf("api"), protocol=protocol, app_port=app_port,
+                          policy=table("api", ("web", "allow"))))
+    inbound = Inbound(api, Telemetry(), TlsContexts())
+    public = await inbound.start("127.0.0.1", 0)
+    local = free_port()
+    web = Holder(snapshot("web", ca.leaf("web"), upstreams={"api": (local, [public], protocol)}, policy=table("web")))
+    tel = Telemetry()
+    outbound = Outbound(web, tel, TlsContexts(), limits=limits)
+    await outbound.start()
+    try:
+        yield outbound, local, tel
+    finally:
+        await outbound.close(0.1)
+        await inbound.close(0.1)
+
+
+async def test_outbound_tcp_cap_and_idle_timeout() -> None:
+    server, port = await tcp_echo.start(0)
+    try:
+        async with outbound_pair("tcp", port, Limits(max_connections=2, idle_timeout=0.3)) as (_, local, tel):
+            r1, w1 = await asyncio.open_connection("127.0.0.1", local)
+            r2, w2 = await asyncio.open_connection("127.0.0.1", local)
+            w1.write(b"ping")
+            assert await asyncio.wait_for(r1.readexactly(4), 10) == b"ping"
+            r3, w3 = await asyncio.open_connection("127.0.0.1", local)
+            assert await closed_by_peer(r3, 5) == b""
+            assert refused(tel, "max_connections") == 1.0
+            # both held connections go quiet and are closed
+            assert await closed_by_peer(r1) == b""
+            assert await closed_by_peer(r2) == b""
+            assert refused(tel, "idle_timeout") == 2.0
+            for w in (w1, w2, w3):
+                w.close()
+    finally:
+        server.close()
+
+
+async def test_http_large_heads_get_431_and_slow_heads_408() -> None:
+    runner, port = await http_echo.start(0, name="api-1")
+    try:
+        limits = Limits(http_max_header_size=4096, http_header_timeout=0.3)
+        async with outbound_pair("http", port, limits) as (_, local, tel):
+            reader, writer = await asyncio.open_connection("127.0.0.1", local)
+            writer.write(b"GET /x HTTP/1.1\r\nHost: api\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n")
+            data = await closed_by_peer(reader)
+            assert data[9:12] == b"431", data[:100]
+            writer.close()
+            assert refused(tel, "http_header_size") == 1.0
+            # too many fields
+            reader, writer = await asyncio.open_connection("127.0.0.1", local)
+            writer.write(b"GET /x HTTP/1.1\r\nHost: api\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(150))
+                         + b"\r\n")
+            assert (await closed_by_peer(reader))[9:12] == b"431"
+            writer.close()
+            # a head that never ends
+            reader, writer = await asyncio.open_connection("127.0.0.1", local)
+            writer.write(b"GET /x HTTP/1.1\r\nHost: api\r\n")
+            data = await closed_by_peer(reader)
+            assert data.startswith(b"HTTP/1.1 408"), data[:100]
+            writer.close()
+            # a connection that sends nothing at all
+            reader, writer = await asyncio.open_connection("127.0.0.1", local)
+            assert (await closed_by_peer(reader)).startswith(b"HTTP/1.1 408")
+            writer.close()
+            assert refused(tel, "http_header_timeout") == 2.0
+            # a well-formed request on a fresh connection still works, and keep-alive is not a slow head
+            reader, writer = await asyncio.open_connection("127.0.0.1", local)
+            for _ in range(2):
+                writer.write(b"GET /ok HTTP/1.1\r\nHost: api\r\nX-Fine: " + b"a" * 3000 + b"\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+                             .split(b":")[1])
+                await asyncio.wait_for(reader.readexactly(length), 10)
+                await asyncio.sleep(0.5)  # idle between requests longer than the head timeout
+            writer.close()
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("passthrough", [True, False], ids=["outbound-aio", "both-aio"])
+async def test_aio_engine_accepts_metadata_up_to_the_limit(passthrough: bool) -> None:
+    ca = Authority.root()
+    app = grpc.aio.server(options=BIG_METADATA)
+    echo_pb2_grpc.add_EchoServicer_to_server(echo_server.EchoServicer("api-1"), app)  # type: ignore[no-untyped-call]
+    app_port = app.add_insecure_port("127.0.0.1:0")
+    await app.start()
+    api = Holder(snapshot("api", ca.leaf("api"), app_port=app_port, policy=table("api", ("web", "allow"))))
+    inbound = Inbound(api, Telemetry(), TlsContexts(), grpc_engine="aio", passthrough_enabled=passthrough)
+    public = await inbound.start("127.0.0.1", 0)
+    local = free_port()
+    web = Holder(snapshot("web", ca.leaf("web"), upstreams={"api": (local, [public], "grpc")}, policy=table("web")))
+    outbound = Outbound(web, Telemetry(), TlsContexts(), grpc_engine="aio")
+    await outbound.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{local}", options=BIG_METADATA)
+    try:
+        stub = echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]
+        c = stub.Unary(echo_pb2.EchoRequest(text="x"), metadata=(("x-big", "v" * 20_000),), timeout=10)
+        assert (await c).instance == "api-1"
+        assert dict(await c.initial_metadata())["x-big"] == "v" * 20_000  # and back (echoed)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Unary(echo_pb2.EchoRequest(text="x"), metadata=(("x-big", "v" * 70_000),), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # the refusal ended that call only
+        assert (await stub.Unary(echo_pb2.EchoRequest(text="x"), timeout=10)).instance == "api-1"
+    finally:
+        await channel.close(None)
+        await outbound.close(0.1)
+        await inbound.close(0.1)
+        await app.stop(None)
