@@ -601,6 +601,7 @@ class TlsServerConnection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         self.raw.abort()
+        self._release()
 
     def _fail(self, exc: BaseException) -> None:
         if self.closed:
@@ -612,6 +613,14 @@ class TlsServerConnection(asyncio.BufferedProtocol):
             self._admission.handshake_over(self)
         self._on_failure(self, exc)
         self.raw.abort()
+        self._release()
+
+    def _release(self) -> None:
+        """Free the TLS state now: this object sits in reference cycles (pipe, writer) that only the cyclic
+        GC breaks, and OpenSSL's tens of KB per connection are invisible to its thresholds."""
+        self.sslobj = None
+        self._in = None
+        self._out = None
 
     def flush(self) -> None:
         assert self._out is not None
@@ -727,6 +736,7 @@ class TlsServerConnection(asyncio.BufferedProtocol):
         if self._admitted and self._admission is not None:
             self._admitted = False
             self._admission.closed(self)
+        self._release()
         if self.handshaken:
             self.pipe.a.connection_lost(exc)
         else:
