@@ -110,6 +110,23 @@ class _Direction:
         self.kind = _SKIP
         self.sid = 0
 
+    def skip(self, i: int, n: int) -> int:
+        """Pass over the payload of the current frame as far as this chunk goes (offset ``i`` of ``n``)."""
+        take = min(self.remaining, n - i)
+        self.remaining -= take
+        return i + take
+
+    def split_header(self, data: memoryview, i: int, n: int) -> tuple[int, tuple[int, int, int] | None]:
+        """Gather a frame header that spans reads: (new offset, the header once all 9 bytes are in)."""
+        take = min(9 - len(self.hbuf), n - i)
+        self.hbuf += data[i:i + take]
+        i += take
+        if len(self.hbuf) < 9:
+            return i, None
+        header: tuple[int, int, int] = _HDR.unpack(self.hbuf)
+        self.hbuf.clear()
+        return i, header
+
 
 class H2Guard:
     """Frame-level limits on one pass-through connection: feed it the bytes of each direction as they pass.
@@ -179,27 +196,19 @@ class H2Guard:
             i = take
         d = self._c
         while i < n:
-            rem = d.remaining
-            if rem:
+            if d.remaining:
                 if d.kind == _SKIP:
-                    if rem > n - i:
-                        d.remaining = rem - (n - i)
-                        return None
-                    i += rem
-                    d.remaining = 0
+                    i = d.skip(i, n)
                     continue
                 i, v = self._client_payload(data, i, n)
                 if v is not None:
                     return v
                 continue
             if d.hbuf or n - i < 9:
-                take = min(9 - len(d.hbuf), n - i)
-                d.hbuf += data[i:i + take]
-                i += take
-                if len(d.hbuf) < 9:
+                i, header = d.split_header(data, i, n)
+                if header is None:
                     return None
-                lt, flags, sid = _HDR.unpack(d.hbuf)
-                d.hbuf.clear()
+                lt, flags, sid = header
             else:
                 lt, flags, sid = _HDR.unpack_from(data, i)
                 i += 9
@@ -426,27 +435,19 @@ class H2Guard:
         i = 0
         insert: tuple[int, bytes] | None = None
         while i < n:
-            rem = d.remaining
-            if rem:
+            if d.remaining:
                 if d.kind == _SKIP:
-                    if rem > n - i:
-                        d.remaining = rem - (n - i)
-                        return insert
-                    i += rem
-                    d.remaining = 0
+                    i = d.skip(i, n)
                     continue
                 i = self._server_settings(data, i, n)
                 if not d.remaining and self._insert_at_end:
                     insert = (i, self._end_server_settings())
                 continue
             if d.hbuf or n - i < 9:
-                take = min(9 - len(d.hbuf), n - i)
-                d.hbuf += data[i:i + take]
-                i += take
-                if len(d.hbuf) < 9:
+                i, header = d.split_header(data, i, n)
+                if header is None:
                     return insert
-                lt, flags, sid = _HDR.unpack(d.hbuf)
-                d.hbuf.clear()
+                lt, flags, sid = header
                 header_at = -1  # not in this chunk: cannot be patched
             else:
                 lt, flags, sid = _HDR.unpack_from(data, i)

@@ -89,13 +89,18 @@ async def public_port(limits: Limits, *, app_options: list[tuple[str, Any]] | No
         await app.stop(None)
 
 
-async def call(api: Api, creds: Credentials | None = None) -> str:
+def channel(api: Api, creds: Credentials | None = None) -> grpc.aio.Channel:
+    """A gRPC channel straight to the public port, as the caller ``web``."""
     creds = creds or api.ca.leaf("web")
     channel_creds = grpc.ssl_channel_credentials(creds.roots_pem.encode(), creds.key_pem.encode(),
                                                  creds.full_chain_pem.encode())
     name = expected_server_name("api", TD)
-    async with grpc.aio.secure_channel(f"127.0.0.1:{api.inbound.port}", channel_creds,
-                                       options=[("grpc.ssl_target_name_override", name)]) as ch:
+    return grpc.aio.secure_channel(f"127.0.0.1:{api.inbound.port}", channel_creds,
+                                   options=[("grpc.ssl_target_name_override", name)])
+
+
+async def call(api: Api) -> str:
+    async with channel(api) as ch:
         stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
         resp = await stub.Unary(echo_pb2.EchoRequest(text="x"), timeout=10)
         return str(resp.instance)
@@ -140,12 +145,7 @@ async def test_connections_past_the_cap_are_refused_and_others_served_after() ->
 
 async def test_idle_passthrough_connections_are_closed_and_clients_come_back() -> None:
     async with public_port(Limits(idle_timeout=0.3)) as api:
-        creds = api.ca.leaf("web")
-        channel_creds = grpc.ssl_channel_credentials(creds.roots_pem.encode(), creds.key_pem.encode(),
-                                                     creds.full_chain_pem.encode())
-        name = expected_server_name("api", TD)
-        async with grpc.aio.secure_channel(f"127.0.0.1:{api.inbound.port}", channel_creds,
-                                           options=[("grpc.ssl_target_name_override", name)]) as ch:
+        async with channel(api) as ch:
             stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
             assert (await stub.Unary(echo_pb2.EchoRequest(text="x"), timeout=10)).instance == "api-1"
             await eventually(lambda: refused(api.telemetry, "idle_timeout") >= 1)
@@ -156,12 +156,7 @@ async def test_idle_passthrough_connections_are_closed_and_clients_come_back() -
 
 async def test_a_call_in_progress_is_not_idle() -> None:
     async with public_port(Limits(idle_timeout=0.3)) as api:
-        creds = api.ca.leaf("web")
-        channel_creds = grpc.ssl_channel_credentials(creds.roots_pem.encode(), creds.key_pem.encode(),
-                                                     creds.full_chain_pem.encode())
-        name = expected_server_name("api", TD)
-        async with grpc.aio.secure_channel(f"127.0.0.1:{api.inbound.port}", channel_creds,
-                                           options=[("grpc.ssl_target_name_override", name)]) as ch:
+        async with channel(api) as ch:
             stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
             # the app answers after 1.5 s of silence: the open stream keeps the connection
             resp = await stub.Unary(echo_pb2.EchoRequest(text="x"), metadata=(("x-echo-delay-ms", "1500"),),
