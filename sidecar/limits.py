@@ -67,7 +67,8 @@ class Limits:
         10.0, "seconds a peer has to acknowledge the sidecar's SETTINGS (past it: SETTINGS_TIMEOUT)", minimum=0.1)
     # -- connections (the public port and the outbound listeners) ---------------------------------
     handshake_timeout: float = _limit(
-        10.0, "seconds a client has to finish its TLS handshake on the public port", minimum=0.1)
+        10.0, "seconds a client has to finish its TLS handshake on the public port (and the sidecar to connect "
+        "to an upstream over TLS from a TCP or HTTP outbound listener)", minimum=0.1)
     max_connections: int = _limit(
         4096, "open connections per listener; more are refused at accept", minimum=1)
     max_pending_handshakes: int = _limit(

@@ -17,6 +17,7 @@ import h2.connection
 import h2.events
 import pytest
 
+from policies.model import HttpMatch, Permission
 from sidecar.inbound import Inbound
 from sidecar.limits import Limits
 from sidecar.outbound import Outbound
@@ -319,3 +320,32 @@ async def test_aio_engine_accepts_metadata_up_to_the_limit(passthrough: bool) ->
         await outbound.close(0.1)
         await inbound.close(0.1)
         await app.stop(None)
+
+
+async def test_inbound_http_full_path_answers_431_and_408() -> None:
+    runner, port = await http_echo.start(0, name="api-1")
+    ca = Authority.root()
+    rules = (Permission(action="allow", http=HttpMatch(path_prefix="/")),)
+    policy = table("api", ("web", rules))
+    holder = Holder(snapshot("api", ca.leaf("api"), protocol="http", app_port=port, policy=policy))
+    tel = Telemetry()
+    inbound = Inbound(holder, tel, TlsContexts(), limits=Limits(http_max_header_size=4096, http_header_timeout=0.3))
+    await inbound.start("127.0.0.1", 0)
+    ctx = client_context(ca.leaf("web"), ["http/1.1"])
+    name = expected_server_name("api", TD)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", inbound.port, ssl=ctx, server_hostname=name)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: api\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200"), head  # the full path serves a normal request
+        writer.write(b"GET /x HTTP/1.1\r\nHost: api\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n")
+        assert b" 431 " in await closed_by_peer(reader)
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", inbound.port, ssl=ctx, server_hostname=name)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: api\r\n")
+        assert (await closed_by_peer(reader)).startswith(b"HTTP/1.1 408")
+        writer.close()
+        assert refused(tel, "http_header_size") == 1.0 and refused(tel, "http_header_timeout") == 1.0
+    finally:
+        await inbound.close(0.1)
+        await runner.cleanup()
