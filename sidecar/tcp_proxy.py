@@ -40,7 +40,7 @@ import structlog
 
 from sidecar.connlimits import IdleTracker, PendingHandshakes
 from sidecar.gate import ListenerGate
-from sidecar.h2guard import NO_ERROR, H2Guard, Violation, goaway
+from sidecar.h2guard import INTERNAL_ERROR, NO_ERROR, H2Guard, Violation, goaway
 from sidecar.limits import Limits
 from sidecar.telemetry import Telemetry
 
@@ -123,13 +123,17 @@ class _Half(asyncio.BufferedProtocol):
 
     def _inspect(self, guard: H2Guard, data: memoryview) -> bool:
         """Feed the guard; True when the chunk was handled here (refused, or written in pieces)."""
-        if self.guards_client:
-            violation = guard.feed_client(data)
-            if violation is None:
-                return False
-            self.pipe.refuse(violation)
+        try:
+            if self.guards_client:
+                violation = guard.feed_client(data)
+                if violation is None:
+                    return False
+                self.pipe.refuse(violation)
+                return True
+            insert = guard.feed_server(data)
+        except Exception as exc:  # a bug in the guard ends this connection only, counted and logged
+            self.pipe.refuse(Violation("guard_error", INTERNAL_ERROR, f"the guard failed: {exc!r}"[:200]))
             return True
-        insert = guard.feed_server(data)
         if insert is None:
             return False
         at, extra = insert
