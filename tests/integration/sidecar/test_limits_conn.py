@@ -349,3 +349,40 @@ async def test_inbound_http_full_path_answers_431_and_408() -> None:
     finally:
         await inbound.close(0.1)
         await runner.cleanup()
+
+
+async def test_rapid_reset_on_passthrough_is_refused_while_others_are_served() -> None:
+    async with public_port(Limits(h2_reset_burst=50, h2_reset_rate=0.0)) as api:
+        served: list[str] = []
+        done = asyncio.Event()
+
+        async def other_caller() -> None:
+            async with channel(api) as ch:
+                stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
+                while not done.is_set():
+                    served.append((await stub.Unary(echo_pb2.EchoRequest(text="x"), timeout=10)).instance)
+
+        task = asyncio.ensure_future(other_caller())
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", api.inbound.port, ssl=h2_client_tls(api),
+                                                           server_hostname=expected_server_name("api", TD))
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            headers = [(":method", "POST"), (":scheme", "https"), (":path", "/weft.test.echo.v1.Echo/Unary"),
+                       (":authority", "api"), ("content-type", "application/grpc"), ("te", "trailers")]
+            for i in range(200):
+                conn.send_headers(1 + 2 * i, headers)
+                conn.reset_stream(1 + 2 * i)
+            writer.write(conn.data_to_send())
+            await writer.drain()
+            events = conn.receive_data(await closed_by_peer(reader))
+            goaways = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+            assert goaways and goaways[0].error_code == 0xB  # ENHANCE_YOUR_CALM
+            writer.close()
+            assert h2_errors(api.telemetry, "rapid_reset") == 1.0
+            count = len(served)
+            await eventually(lambda: len(served) > count + 5)
+        finally:
+            done.set()
+            await task
+        assert set(served) == {"api-1"}
