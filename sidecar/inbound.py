@@ -212,10 +212,10 @@ class Inbound:
         if self.draining:
             conn.raw.abort()
             return
-        # decided before the first decrypted byte is read, so that a pass-through connection's guard sees them all
+        # decided before the first decrypted byte is read, so that a pass-through connection's guard sees them all;
+        # a gRPC app speaks nothing but HTTP/2, so the guard applies whatever the client's ALPN said (or omitted)
         decision = authz.decide(snap.policy, ident.uri, authz.TCP)
-        if (snap.registration.protocol == "grpc" and self.passthrough_enabled and authz.passthrough(decision)
-                and conn.sslobj.selected_alpn_protocol() == "h2"):
+        if snap.registration.protocol == "grpc" and self.passthrough_enabled and authz.passthrough(decision):
             conn.pipe.watch(H2Guard(self.limits), self._violation)
         self._spawn(self._route(conn, ident, snap, decision))
 

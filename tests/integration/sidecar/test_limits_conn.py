@@ -386,3 +386,15 @@ async def test_rapid_reset_on_passthrough_is_refused_while_others_are_served() -
             done.set()
             await task
         assert set(served) == {"api-1"}
+
+
+async def test_a_client_without_alpn_is_guarded_too() -> None:
+    async with public_port(Limits()) as api:
+        ctx = client_context(api.ca.leaf("web"))  # no ALPN offered
+        reader, writer = await asyncio.open_connection("127.0.0.1", api.inbound.port, ssl=ctx,
+                                                       server_hostname=expected_server_name("api", TD))
+        writer.write(b"GET / HTTP/1.1\r\nHost: api\r\n\r\n")
+        await writer.drain()
+        await closed_by_peer(reader)
+        writer.close()
+        assert h2_errors(api.telemetry, "preface") == 1.0
