@@ -398,3 +398,46 @@ async def test_a_client_without_alpn_is_guarded_too() -> None:
         await closed_by_peer(reader)
         writer.close()
         assert h2_errors(api.telemetry, "preface") == 1.0
+
+
+async def test_outbound_http_and_aio_listeners_cap_connections() -> None:
+    runner, port = await http_echo.start(0, name="api-1")
+    try:
+        async with outbound_pair("http", port, Limits(max_connections=1)) as (_, local, tel):
+            r1, w1 = await asyncio.open_connection("127.0.0.1", local)
+            w1.write(b"GET /ok HTTP/1.1\r\nHost: api\r\n\r\n")
+            assert (await asyncio.wait_for(r1.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+            r2, w2 = await asyncio.open_connection("127.0.0.1", local)
+            assert await closed_by_peer(r2, 5) == b""
+            assert refused(tel, "max_connections") == 1.0
+            for w in (w1, w2):
+                w.close()
+    finally:
+        await runner.cleanup()
+    app, app_port, _ = await echo_server.start(0, name="api-1")
+    try:
+        ca = Authority.root()
+        api = Holder(snapshot("api", ca.leaf("api"), app_port=app_port, policy=table("api", ("web", "allow"))))
+        inbound = Inbound(api, Telemetry(), TlsContexts())
+        public = await inbound.start("127.0.0.1", 0)
+        local = free_port()
+        web = Holder(snapshot("web", ca.leaf("web"), upstreams={"api": (local, [public], "grpc")}, policy=table("web")))
+        outbound = Outbound(web, Telemetry(), TlsContexts(), grpc_engine="aio", limits=Limits(max_connections=1))
+        await outbound.start()
+        # two channels with different options: two connections
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{local}", options=[("weft.test.channel", i)]) for i in (1, 2)]
+        try:
+            first = echo_pb2_grpc.EchoStub(channels[0])  # type: ignore[no-untyped-call]
+            assert (await first.Unary(echo_pb2.EchoRequest(text="x"), timeout=10)).instance == "api-1"
+            second = echo_pb2_grpc.EchoStub(channels[1])  # type: ignore[no-untyped-call]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await second.Unary(echo_pb2.EchoRequest(text="x"), timeout=3)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert (await first.Unary(echo_pb2.EchoRequest(text="x"), timeout=10)).instance == "api-1"
+        finally:
+            for ch in channels:
+                await ch.close(None)
+            await outbound.close(0.1)
+            await inbound.close(0.1)
+    finally:
+        await app.stop(None)
