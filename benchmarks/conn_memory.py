@@ -9,7 +9,10 @@ loopback; its RSS is read, N connections are opened and held, and its RSS is rea
 - ``tcp_no_bytes``: TCP connections that never send a byte;
 - ``client_hello``: connections that send a TLS ClientHello and never finish the handshake;
 - ``idle_passthrough``: finished mTLS handshakes (ALPN h2) that send the HTTP/2 preface and SETTINGS,
-  then nothing: connections passed through to the app.
+  then nothing: connections passed through to the app;
+- ``idle_outbound_tcp``: connections to a TCP upstream's outbound listener that send a few bytes,
+  get them echoed and stay idle. The outbound listener and the upstream's public port run in the same
+  process (the TCP echo app in another), so the figure covers both sidecars' side of each connection.
 
 The sidecar runs with ``max_pending_handshakes`` above N so that every half-open connection is held;
 ``client_hello_default_limits`` repeats ``client_hello`` with the default (256), which drops the
@@ -52,18 +55,27 @@ def vm_rss_mb(pid: int) -> float:
 
 # -- the sidecar side --------------------------------------------------------------------------------
 
-async def _serve(app_port: int, workdir: Path, pending: int, connections: int) -> None:
+async def _serve(app_port: int, workdir: Path, pending: int, connections: int, outbound_tcp: bool) -> None:
     from sidecar.inbound import Inbound
     from sidecar.limits import Limits
+    from sidecar.outbound import Outbound
     from sidecar.telemetry import Telemetry
     from sidecar.tls import TlsContexts
     from tests.integration.sidecar.harness import Authority, Holder, snapshot, table
 
     ca = Authority.root()
-    holder = Holder(snapshot("api", ca.leaf("api"), app_port=app_port, policy=table("api", ("web", "allow"))))
     limits = Limits(max_pending_handshakes=pending, max_connections=connections)
+    protocol = "tcp" if outbound_tcp else "grpc"
+    holder = Holder(snapshot("api", ca.leaf("api"), protocol=protocol, app_port=app_port,
+                             policy=table("api", ("web", "allow"))))
     inbound = Inbound(holder, Telemetry(), TlsContexts(), limits=limits)
     port = await inbound.start("127.0.0.1", 0)
+    if outbound_tcp:
+        local = free_port()
+        source = Holder(snapshot("web", ca.leaf("web"), upstreams={"api": (local, [port], "tcp")},
+                                 policy=table("web")))
+        await Outbound(source, Telemetry(), TlsContexts(), limits=limits).start()
+        port = local
     web = ca.leaf("web")
     (workdir / "roots.pem").write_text(web.roots_pem)
     (workdir / "chain.pem").write_text(web.full_chain_pem)
@@ -93,7 +105,11 @@ async def _open(scenario: str, port: int, n: int, workdir: Path) -> list[asyncio
 
     async def one() -> None:
         async with limit:
-            if scenario == "idle_passthrough":
+            if scenario == "idle_outbound_tcp":
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"ping")
+                await reader.readexactly(4)
+            elif scenario == "idle_passthrough":
                 _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=name)
                 writer.write(H2_PREFACE)
                 await writer.drain()
@@ -114,10 +130,12 @@ async def _open(scenario: str, port: int, n: int, workdir: Path) -> list[asyncio
 
 
 def run_scenario(scenario: str, n: int, app_port: int, pending: int) -> dict[str, float]:
+    """One fresh sidecar process; ``app_port`` is the gRPC echo app, or the TCP one for ``idle_outbound_tcp``."""
     with tempfile.TemporaryDirectory(prefix="weft-connmem-") as tmp:
         workdir = Path(tmp)
         sidecar = Proc([PY, "-m", "benchmarks.conn_memory", "serve", "--app-port", str(app_port),
-                        "--dir", tmp, "--pending", str(pending), "--max-connections", str(2 * n + 100)])
+                        "--dir", tmp, "--pending", str(pending), "--max-connections", str(2 * n + 100),
+                        *(["--outbound-tcp"] if scenario == "idle_outbound_tcp" else [])])
         try:
             wait_for(lambda: (workdir / "port").exists() or not sidecar.alive(), timeout=60, interval=0.1,
                      what="the sidecar")
@@ -156,26 +174,31 @@ def main(argv: list[str]) -> int:
     serve.add_argument("--dir", required=True)
     serve.add_argument("--pending", type=int, required=True)
     serve.add_argument("--max-connections", type=int, required=True)
+    serve.add_argument("--outbound-tcp", action="store_true")
     parser.add_argument("--connections", type=int, default=1000)
     args = parser.parse_args(argv)
     _raise_fd_limit()
     if args.command == "serve":
         import uvloop
 
-        uvloop.run(_serve(args.app_port, Path(args.dir), args.pending, args.max_connections))
+        uvloop.run(_serve(args.app_port, Path(args.dir), args.pending, args.max_connections, args.outbound_tcp))
         return 0
     from sidecar.limits import Limits
 
-    app_port = free_port()
+    app_port, tcp_port = free_port(), free_port()
     app = Proc([PY, "-m", "tests.apps.echo.server", "--port", str(app_port)])
+    tcp_app = Proc([PY, "-m", "tests.apps.tcpecho.server", "--port", str(tcp_port)])
     try:
         results = {s: run_scenario(s, args.connections, app_port, args.connections + 100)
                    for s in ("tcp_no_bytes", "client_hello", "idle_passthrough")}
+        results["idle_outbound_tcp"] = run_scenario("idle_outbound_tcp", args.connections, tcp_port,
+                                                    args.connections + 100)
         # with the default bound on unfinished handshakes, the oldest half-open connections are dropped
         results["client_hello_default_limits"] = run_scenario("client_hello", args.connections, app_port,
                                                               Limits().max_pending_handshakes)
     finally:
         app.stop()
+        tcp_app.stop()
     print(json.dumps(results, indent=2))
     return 0
 

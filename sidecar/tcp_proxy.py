@@ -21,6 +21,8 @@ that connects is wired *before* the connection is made, because an HTTP/2 server
 ``start_tls`` does not complete server-side handshakes on accepted connections): one context per
 connection from the current snapshot, the exact handshake error for metrics, the peer certificate
 before any byte reaches the app, and decrypted records batched into one write to the other side.
+:class:`TlsClientConnection` is the same for the TCP outbound listener's dial to an upstream (an
+idle connection costs less than with the loop's TLS transport).
 
 :class:`TlsAdmission` is a TLS listener's admission (connection cap, bounded unfinished handshakes,
 handshake timeout) and :class:`IdleSweeper` closes a listener's idle pipes.
@@ -279,13 +281,27 @@ class Pipe:
         self._lost()
 
     async def connect_b(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None,
-                        server_hostname: str | None = None, timeout: float = 10.0) -> asyncio.BaseTransport:
-        """Open side b (wired to side a first), then flush what side a received meanwhile."""
+                        server_hostname: str | None = None, timeout: float = 10.0) -> Any:
+        """Open side b (wired to side a first); with ``ssl_context`` over TLS (:class:`TlsClientConnection`).
+
+        Call :meth:`start` afterwards to flush what side a received meanwhile. Raises what the connection
+        or the handshake failed with (``TimeoutError`` past ``timeout`` for each).
+        """
         loop = asyncio.get_running_loop()
-        kwargs: dict[str, Any] = {}
-        if ssl_context is not None:
-            kwargs = {"ssl": ssl_context, "server_hostname": server_hostname, "ssl_handshake_timeout": timeout}
-        transport, _ = await asyncio.wait_for(loop.create_connection(lambda: self.b, host, port, **kwargs), timeout)
+        transport: Any
+        if ssl_context is None:
+            transport, _ = await asyncio.wait_for(loop.create_connection(lambda: self.b, host, port), timeout)
+        else:
+            hostname = server_hostname or host
+            _, tls = await asyncio.wait_for(
+                loop.create_connection(lambda: TlsClientConnection(self, ssl_context, hostname, timeout), host, port),
+                timeout)
+            try:
+                await tls.ready  # resolved by the handshake, its failure, its timeout or the connection's loss
+            except BaseException:
+                tls.drop()
+                raise
+            transport = tls.writer
         if self.a.closed:
             transport.close()
             raise ConnectionResetError("the client went away while connecting")
@@ -420,7 +436,7 @@ class _TlsWriter:
 
     __slots__ = ("_conn",)
 
-    def __init__(self, conn: TlsServerConnection) -> None:
+    def __init__(self, conn: TlsConnection) -> None:
         self._conn = conn
 
     def write(self, data: Any) -> None:
@@ -474,10 +490,10 @@ class TlsAdmission:
         self.listener = listener
         self.telemetry = telemetry
         self.gate = ListenerGate(listener, limits.max_connections, telemetry)
-        self.pending: PendingHandshakes[TlsServerConnection] = PendingHandshakes(limits.max_pending_handshakes)
+        self.pending: PendingHandshakes[TlsConnection] = PendingHandshakes(limits.max_pending_handshakes)
         self.handshake_timeout = limits.handshake_timeout
 
-    def admit(self, conn: TlsServerConnection) -> bool:
+    def admit(self, conn: TlsConnection) -> bool:
         if not self.gate.admit(conn.raw):
             return False
         oldest = self.pending.add(conn)
@@ -486,14 +502,14 @@ class TlsAdmission:
             oldest.drop()
         return True
 
-    def handshake_over(self, conn: TlsServerConnection) -> None:
+    def handshake_over(self, conn: TlsConnection) -> None:
         self.pending.done(conn)
 
-    def closed(self, conn: TlsServerConnection) -> None:
+    def closed(self, conn: TlsConnection) -> None:
         self.pending.done(conn)
         self.gate.release()
 
-    def refused(self, conn: TlsServerConnection, reason: str) -> None:
+    def refused(self, conn: TlsConnection, reason: str) -> None:
         self.telemetry.connection_refused(reason)
         self.telemetry.peer_log.warning(time.monotonic(), "connection_refused", reason=reason, listener=self.listener,
                                         peer=_peer_of(conn.raw))
@@ -543,26 +559,28 @@ class IdleSweeper:
             self._task = None
 
 
-class TlsServerConnection(asyncio.BufferedProtocol):
-    """Server-side TLS over memory BIOs on a raw connection, feeding side ``a`` of a :class:`Pipe`.
+class TlsConnection(asyncio.BufferedProtocol):
+    """TLS over memory BIOs on a raw connection, feeding one half of a :class:`Pipe` (see the two subclasses).
 
-    Doing TLS here (rather than with the loop's ``start_tls``) gives this sidecar the context of the
-    current snapshot for each connection, the exact handshake error for metrics, and the peer's
-    certificate before any byte reaches the app. Nothing is allocated for TLS before the client's
-    first byte, and reads go through one buffer shared by all connections.
+    Reads go through one buffer shared by all connections, nothing is allocated for TLS before it is
+    needed, and the TLS state is freed as soon as the connection is dropped or lost.
     """
 
-    def __init__(self, pipe: Pipe, context: Callable[[], ssl.SSLContext],
-                 on_handshake: Callable[[TlsServerConnection], None],
-                 on_failure: Callable[[TlsServerConnection, BaseException], None],
-                 handshake_timeout: float = 10.0, admission: TlsAdmission | None = None) -> None:
-        self.pipe = pipe
+    server_side = True
+
+    def __init__(self, half: _Half, context: Callable[[], ssl.SSLContext],
+                 on_handshake: Callable[[Any], None], on_failure: Callable[[Any, BaseException], None],
+                 handshake_timeout: float = 10.0, admission: TlsAdmission | None = None,
+                 server_hostname: str | None = None) -> None:
+        self.pipe = half.pipe
+        self.half = half
         self._context = context
         self._on_handshake = on_handshake
         self._on_failure = on_failure
         self._timeout = admission.handshake_timeout if admission is not None else handshake_timeout
         self._admission = admission
         self._admitted = False
+        self._server_hostname = server_hostname
         self.raw: Any = None
         self.sslobj: Any = None
         self._in: ssl.MemoryBIO | None = None
@@ -585,7 +603,8 @@ class TlsServerConnection(asyncio.BufferedProtocol):
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         try:
-            self.sslobj = self._context().wrap_bio(self._in, self._out, server_side=True)
+            self.sslobj = self._context().wrap_bio(self._in, self._out, server_side=self.server_side,
+                                                   server_hostname=self._server_hostname)
         except (ssl.SSLError, OSError, ValueError) as exc:
             self._fail(exc)
             return False
@@ -666,7 +685,7 @@ class TlsServerConnection(asyncio.BufferedProtocol):
             self._timer.cancel()
         if self._admission is not None:
             self._admission.handshake_over(self)
-        half = self.pipe.a
+        half = self.half
         half.transport = self.writer
         self._on_handshake(self)
         if not self.closed:
@@ -674,7 +693,7 @@ class TlsServerConnection(asyncio.BufferedProtocol):
 
     def _read_plain(self) -> None:
         """Decrypt everything available into the half's buffer, record after record, then pass it on once."""
-        half = self.pipe.a
+        half = self.half
         sslobj = self.sslobj
         while not self.closed:
             buf = half.get_buffer(-1)
@@ -709,14 +728,14 @@ class TlsServerConnection(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool | None:
         if self.handshaken:
-            self.pipe.a.eof_received()
+            self.half.eof_received()
         return False
 
     def pause_writing(self) -> None:
-        self.pipe.a.pause_writing()
+        self.half.pause_writing()
 
     def resume_writing(self) -> None:
-        self.pipe.a.resume_writing()
+        self.half.resume_writing()
 
     def close(self) -> None:
         if self.closed:
@@ -742,7 +761,57 @@ class TlsServerConnection(asyncio.BufferedProtocol):
             self._admission.closed(self)
         self._release()
         if self.handshaken:
-            self.pipe.a.connection_lost(exc)
+            self.half.connection_lost(exc)
         else:
-            self.pipe.a.closed = True
-            self.pipe._lost()
+            self._lost_in_handshake(exc)
+
+    def _lost_in_handshake(self, exc: Exception | None) -> None:
+        self.half.closed = True
+        self.pipe._lost()
+
+
+class TlsServerConnection(TlsConnection):
+    """Server-side TLS of the public port, feeding side ``a`` of a :class:`Pipe`.
+
+    Doing TLS here (rather than with the loop's ``start_tls``) gives this sidecar the context of the
+    current snapshot for each connection, the exact handshake error for metrics, and the peer's
+    certificate before any byte reaches the app. Nothing is allocated for TLS before the client's
+    first byte.
+    """
+
+    def __init__(self, pipe: Pipe, context: Callable[[], ssl.SSLContext],
+                 on_handshake: Callable[[TlsServerConnection], None],
+                 on_failure: Callable[[TlsServerConnection, BaseException], None],
+                 handshake_timeout: float = 10.0, admission: TlsAdmission | None = None) -> None:
+        super().__init__(pipe.a, context, on_handshake, on_failure, handshake_timeout, admission)
+
+
+class TlsClientConnection(TlsConnection):
+    """Client-side TLS to an upstream, feeding side ``b`` of a :class:`Pipe` (the TCP outbound listener's dial).
+
+    It costs an idle connection less than the loop's TLS transport, and sits in the same pipe code as
+    the public port. :attr:`ready` resolves when the handshake is done (or fails with its error);
+    before that the pipe's half is untouched, so a failed attempt can be retried on the same pipe.
+    """
+
+    server_side = False
+
+    def __init__(self, pipe: Pipe, context: ssl.SSLContext, server_hostname: str, timeout: float) -> None:
+        super().__init__(pipe.b, lambda: context, self._ready, self._failed, timeout, None, server_hostname)
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._start_tls():
+            self._handshake()  # the ClientHello
+
+    def _ready(self, conn: TlsConnection) -> None:
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def _failed(self, conn: TlsConnection, exc: BaseException) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+
+    def _lost_in_handshake(self, exc: Exception | None) -> None:
+        self._failed(self, exc or ConnectionResetError("the upstream closed the connection during the TLS handshake"))
