@@ -441,3 +441,42 @@ async def test_outbound_http_and_aio_listeners_cap_connections() -> None:
             await inbound.close(0.1)
     finally:
         await app.stop(None)
+
+
+async def test_outbound_tcp_dial_fails_over_after_a_bad_or_silent_handshake() -> None:
+    server, port = await tcp_echo.start(0)
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never answers
+    not_tls, not_tls_port = await tcp_echo.start(0)  # echoes the ClientHello back: not TLS
+    silent_port = silent.sockets[0].getsockname()[1]
+    try:
+        ca = Authority.root()
+        api = Holder(snapshot("api", ca.leaf("api"), protocol="tcp", app_port=port,
+                              policy=table("api", ("web", "allow"))))
+        inbound = Inbound(api, Telemetry(), TlsContexts())
+        public = await inbound.start("127.0.0.1", 0)
+        for bad in (silent_port, not_tls_port):
+            local = free_port()
+            web = Holder(snapshot("web", ca.leaf("web"), upstreams={"api": (local, [bad], "tcp")},
+                                  policy=table("web")))
+            outbound = Outbound(web, Telemetry(), TlsContexts(), limits=Limits(handshake_timeout=0.3))
+            await outbound.start()
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", local)
+                assert await closed_by_peer(reader) == b""  # no upstream would do: closed
+                writer.close()
+                # with a good endpoint as well, connections get through (the bad one is retried past)
+                both = snapshot("web", ca.leaf("web"), upstreams={"api": (local, [bad, public], "tcp")},
+                                policy=table("web"))
+                outbound.pools["api"].update(both.upstreams["api"], both)
+                for _ in range(4):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", local)
+                    writer.write(b"ping")
+                    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+                    writer.close()
+            finally:
+                await outbound.close(0.1)
+        await inbound.close(0.1)
+    finally:
+        server.close()
+        silent.close()
+        not_tls.close()
