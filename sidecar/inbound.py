@@ -216,6 +216,7 @@ class Inbound:
         # a gRPC app speaks nothing but HTTP/2, so the guard applies whatever the client's ALPN said (or omitted)
         decision = authz.decide(snap.policy, ident.uri, authz.TCP)
         if snap.registration.protocol == "grpc" and self.passthrough_enabled and authz.passthrough(decision):
+            conn.pipe.info["source"] = ident.service
             conn.pipe.watch(H2Guard(self.limits), self._violation)
         self._spawn(self._route(conn, ident, snap, decision))
 
@@ -258,7 +259,8 @@ class Inbound:
                 self.telemetry.inbound_connections.labels("full").inc()
             pipe.start()
         except (OSError, TimeoutError, ConnectionError) as exc:
-            log.warning("app_connect_failed", app=f"{app[0]}:{app[1]}", error=str(exc))
+            if not pipe.a.closed and pipe.violation is None:  # else the client went first (refusals are logged)
+                log.warning("app_connect_failed", app=f"{app[0]}:{app[1]}", error=str(exc))
             self.connections.pop(pipe, None)
             pipe.close(abort=True)
 
