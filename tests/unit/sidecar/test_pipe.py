@@ -149,3 +149,38 @@ def test_a_failing_guard_ends_its_connection_only() -> None:
     other, _, other_b = wired()
     feed(other.a, b"fine")
     assert other_b.data() == b"fine"
+
+
+def _tls_conn(admission: tcp_proxy.TlsAdmission, failures: list[BaseException]) -> tcp_proxy.TlsServerConnection:
+    import ssl
+
+    conn = tcp_proxy.TlsServerConnection(Pipe(), lambda: ssl.create_default_context(ssl.Purpose.CLIENT_AUTH),
+                                         lambda c: None, lambda c, exc: failures.append(exc), admission=admission)
+    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+    return conn
+
+
+async def test_admission_caps_connections_and_evicts_the_oldest_handshake() -> None:
+    from sidecar.telemetry import Telemetry
+
+    telemetry = Telemetry()
+    admission = tcp_proxy.TlsAdmission("public", Limits(max_connections=3, max_pending_handshakes=2), telemetry)
+    failures: list[BaseException] = []
+    first, second, third = (_tls_conn(admission, failures) for _ in range(3))
+    assert first.raw.aborted and first.closed  # the oldest unfinished handshake was dropped
+    assert not second.raw.aborted and not third.raw.aborted
+    assert telemetry.registry.get_sample_value("weft_connections_refused_total",
+                                               {"reason": "pending_handshakes"}) == 1.0
+    fourth = _tls_conn(admission, failures)  # the gate: three are open (the dropped one until it is lost)
+    assert fourth.raw.aborted and admission.gate.open == 3
+    first.connection_lost(None)
+    assert admission.gate.open == 2 and len(admission.pending) == 2
+    # a handshake that does not finish in time is dropped and counted, TLS state freed
+    second._handshake_timeout()
+    assert second.raw.aborted and second.sslobj is None and isinstance(failures[-1], TimeoutError)
+    assert telemetry.registry.get_sample_value("weft_connections_refused_total",
+                                               {"reason": "handshake_timeout"}) == 1.0
+    assert len(admission.pending) == 1
+    for conn in (second, third, fourth):
+        conn.connection_lost(None)
+    assert admission.gate.open == 0 and len(admission.pending) == 0
