@@ -156,11 +156,11 @@ async def test_idle_passthrough_connections_are_closed_and_clients_come_back() -
 
 
 async def test_a_call_in_progress_is_not_idle() -> None:
-    async with public_port(Limits(idle_timeout=0.3)) as api:
+    async with public_port(Limits(idle_timeout=1.0)) as api:
         async with channel(api) as ch:
             stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
-            # the app answers after 1.5 s of silence: the open stream keeps the connection
-            resp = await stub.Unary(echo_pb2.EchoRequest(text="x"), metadata=(("x-echo-delay-ms", "1500"),),
+            # the app answers after 3 s of silence: the open stream keeps the connection
+            resp = await stub.Unary(echo_pb2.EchoRequest(text="x"), metadata=(("x-echo-delay-ms", "3000"),),
                                     timeout=10)
             assert resp.instance == "api-1"
             assert refused(api.telemetry, "idle_timeout") == 0.0
