@@ -27,6 +27,9 @@ CONSUL_VERSION = "1.22.0"  # the Consul HTTP API version the dev agent follows
 REVISION = "weft"
 SERF_CHECK_ID = "serfHealth"
 SERF_CHECK_NAME = "Serf Health Status"
+SERVER_PORT = 8300  # Consul's server RPC port: the port of the ``consul`` service
+RAFT_VERSION = 3
+SERF_PROTOCOL = (1, 2, 5)  # min, current, max (the member's ProtocolMin/Cur/Max)
 MAX_EVENTS = 256  # Consul's user event buffer
 
 
@@ -117,7 +120,9 @@ class Agent:
 
     # ----- the local node -----
     def ensure_local_node(self) -> None:
-        """Register this agent's node and its passing serfHealth check (as Consul's serf join does)."""
+        """Register this agent's node, its passing serfHealth check and the ``consul`` service, as a
+        Consul server's leader does for every alive server member."""
+        from devagent import registry  # local: registry depends on the services model, the core does not
         addr = self.config.advertise_addr
         with self.store.write() as tx:
             node = self.store.get("nodes", self.node_name)
@@ -134,9 +139,15 @@ class Agent:
                 tx.put("nodes", self.node_name, {**want, "CreateIndex": create, "ModifyIndex": tx.index})
             key = f"{self.node_name}/{SERF_CHECK_ID}"
             check = self.store.get("checks", key)
-            if check is None or check.get("Status") != "passing":
+            if check is None or check.get("Status") != "passing" or not check.get("_Server"):
                 tx.put("checks", key, serf_check(self.node_name, check["CreateIndex"] if check else tx.index,
                                                  tx.index))
+            lo, cur, hi = SERF_PROTOCOL
+            registry.put_server_service(tx, self.node_name, {
+                "non_voter": "false", "read_replica": "false", "raft_version": str(RAFT_VERSION),
+                "serf_protocol_current": str(cur), "serf_protocol_min": str(lo), "serf_protocol_max": str(hi),
+                "version": CONSUL_VERSION,
+            }, SERVER_PORT)
 
     # ----- ACLs -----
     def authorizer(self, token: str) -> acl.Authorizer:
@@ -224,4 +235,5 @@ def serf_check(node: str, create_index: int, modify_index: int) -> Row:
         "Definition": {},
         "CreateIndex": create_index,
         "ModifyIndex": modify_index,
+        "_Server": True,  # written by the server, not held by the agent: not in /v1/agent/checks
     }

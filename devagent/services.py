@@ -41,6 +41,7 @@ STATUSES = (PASSING, WARNING, CRITICAL)
 CONNECT_PROXY = "connect-proxy"
 KINDS = ("", CONNECT_PROXY, "mesh-gateway", "terminating-gateway", "ingress-gateway", "api-gateway")
 SIDECAR_SUFFIX = "-sidecar-proxy"
+CONSUL_SERVICE_ID = "consul"  # the service every Consul server node carries in the catalog
 SIDECAR_MIN_PORT = 21000  # Consul's ports.sidecar_min_port
 SIDECAR_MAX_PORT = 21255  # and sidecar_max_port
 SIDECAR_CHECK_INTERVAL = 10 * SECOND
