@@ -110,6 +110,7 @@ async def register(r: Req) -> web.StreamResponse:
         meta = expect_str_map(d.get("NodeMeta"), "NodeMeta")
         tagged = expect_str_map(d.get("TaggedAddresses"), "TaggedAddresses")
         skip = expect_bool(d.get("SkipNodeUpdate"), "SkipNodeUpdate")
+        locality = sv.decode_locality(d.get("Locality"))
         svc_dec = sv.decode_service(d["Service"], what="Service") if d.get("Service") else None
         hcs: list[dict[str, Any]] = []
         if d.get("Check"):
@@ -164,6 +165,8 @@ async def register(r: Req) -> web.StreamResponse:
                 "TaggedAddresses": tagged or (existing or {}).get("TaggedAddresses") or {},
                 "Meta": meta or (existing or {}).get("Meta") or {},
             }
+            if locality is not None:
+                want["Locality"] = locality
             if existing is None or any(existing.get(k) != v for k, v in want.items()):
                 tx.put("nodes", node_name, {**want, "CreateIndex": existing["CreateIndex"] if existing else tx.index,
                                             "ModifyIndex": tx.index})
