@@ -48,6 +48,8 @@ class AgentConfig:
     session_ttl_min_ns: int = 10 * 1_000_000_000  # Consul's session_ttl_min
     check_reap_interval_ns: int = 30 * 1_000_000_000  # Consul's check_reap_interval
     check_deregister_interval_min_ns: int = 60 * 1_000_000_000  # Consul's check_deregister_interval_min
+    enable_script_checks: bool = False  # Consul's enable_script_checks: script checks from any source
+    enable_local_script_checks: bool = False  # Consul's enable_local_script_checks: from local sources only
 
     @property
     def advertise_addr(self) -> str:

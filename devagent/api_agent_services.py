@@ -82,7 +82,7 @@ def _local_checks(r: Req) -> list[Any]:
             if registry.is_agent_local(row)]
 
 
-def _local_service(r: Req, sid: str) -> Any:
+def _local_service(r: Req, sid: str) -> dict[str, Any] | None:
     row = r.agent.store.get("services", registry.service_key(r.agent.node_name, sid))
     return row if row is not None and registry.is_agent_local(row) else None
 
@@ -205,7 +205,7 @@ async def register_service(r: Req) -> web.StreamResponse:
                 raise HTTPError(400, "Status for checks must 'passing', 'warning', 'critical'")
         _vet_service_write(r, sidecar)
     if any(ct.get("ScriptArgs") for ct in [*cts, *sidecar_cts]):
-        raise HTTPError(500, sv.SCRIPTS_DISABLED)
+        _vet_script(r)
     node = r.agent.node_name
     replace = _replace_checks(r)
     svc = sv.default_tagged_addresses(svc)
@@ -355,10 +355,17 @@ async def register_check(r: Req) -> web.StreamResponse:
         else:
             r.authz.check("node:write", node)
     if ct.get("ScriptArgs"):
-        raise HTTPError(500, sv.SCRIPTS_DISABLED)
+        _vet_script(r)
     with store.write() as tx:
         registry.put_check(tx, node, cid, {**ct, "CheckID": cid}, service)
     return ok()
+
+
+def _vet_script(r: Req) -> None:
+    """A script check through the HTTP API is a "remote" registration in Consul's terms: allowed only
+    with ``enable_script_checks`` (``enable_local_script_checks`` covers configuration files only)."""
+    if not r.agent.config.enable_script_checks:
+        raise HTTPError(500, sv.SCRIPTS_DISABLED_REMOTE)
 
 
 def _vet_check_update(r: Req, cid: str) -> dict[str, Any]:

@@ -218,8 +218,8 @@ def validate_check_type(ct: Mapping[str, Any]) -> None:
         raise ServiceError("MaxOutputMaxSize must be positive")
 
 
-SCRIPTS_DISABLED = ("Scripts are disabled on this agent; to enable, configure 'enable_script_checks' or "
-                    "'enable_local_script_checks' to true")
+SCRIPTS_DISABLED_REMOTE = ("Scripts are disabled on this agent from remote calls; to enable, configure "
+                           "'enable_script_checks' to true")
 
 
 def validate_status(status: str) -> None:
