@@ -115,7 +115,7 @@ def test_node_maintenance_makes_every_instance_fail_passing(agent: DevAgent) -> 
 
 # ----- initial check statuses -----
 def test_initial_status_of_each_check(agent: DevAgent) -> None:
-    body = {"Name": "init", "ID": "init-1", "Port": 1, "Checks": [
+    body: dict[str, Any] = {"Name": "init", "ID": "init-1", "Port": 1, "Checks": [
         {"TTL": "30s"},
         {"TTL": "30s", "Status": "passing"},
         {"TTL": "30s", "Status": "warning"},
