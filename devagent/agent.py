@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from devagent import acl
+from devagent import acl, logstream, telemetry
 from devagent.codec import new_uuid
 from devagent.state import Row, Store
 
@@ -50,6 +50,7 @@ class AgentConfig:
     check_deregister_interval_min_ns: int = 60 * 1_000_000_000  # Consul's check_deregister_interval_min
     enable_script_checks: bool = False  # Consul's enable_script_checks: script checks from any source
     enable_local_script_checks: bool = False  # Consul's enable_local_script_checks: from local sources only
+    prometheus_retention_ns: int = 60 * 1_000_000_000  # Consul's telemetry.prometheus_retention_time; 0 = off
 
     @property
     def advertise_addr(self) -> str:
@@ -71,6 +72,8 @@ class Agent:
         self.durable: Callable[[], Awaitable[None]] | None = None
         self.request_stop: Callable[[], None] | None = None  # set by the server: a graceful shutdown
         self.tokens: dict[str, str] = {}  # agent tokens set with PUT /v1/agent/token/<kind> (in memory)
+        self.metrics = telemetry.Metrics()  # /v1/agent/metrics
+        self.logs = logstream.LogHub()  # /v1/agent/monitor
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
         self._policy_cache: dict[tuple[str, int], acl.Policy] = {}

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "enable-local-script-checks", action="store_true",
           help="run script checks from local sources only, as Consul's enable_local_script_checks (the dev "
                "agent reads no configuration files, so HTTP API registrations stay refused)")
+    _flag(parser, "prometheus-retention-time", default="1m",
+          help="as Consul's telemetry.prometheus_retention_time: 0 turns /v1/agent/metrics?format=prometheus "
+               "off (415, Consul's default); the dev agent keeps it on (default 1m)")
     _flag(parser, "check-deregister-interval-min", default="1m",
           help="smallest DeregisterCriticalServiceAfter honoured, as Consul's check_deregister_interval_min "
                "(default 1m)")
@@ -67,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         reap_interval = parse_duration(args.check_reap_interval)
         deregister_min = parse_duration(args.check_deregister_interval_min)
+        prometheus_retention = parse_duration(args.prometheus_retention_time)
     except DecodeError as exc:
-        print(f"weft agent: check interval flag: {exc}", file=sys.stderr)
+        print(f"weft agent: duration flag: {exc}", file=sys.stderr)
         return 2
     if reap_interval <= 0:
         print("weft agent: -check-reap-interval must be > 0", file=sys.stderr)
@@ -91,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         check_deregister_interval_min_ns=deregister_min,
         enable_script_checks=args.enable_script_checks,
         enable_local_script_checks=args.enable_local_script_checks,
+        prometheus_retention_ns=prometheus_retention,
     )
 
     def ready(port: int) -> None:

@@ -241,3 +241,75 @@ def test_local_script_checks_do_not_open_the_http_api() -> None:
         assert status == 500 and body.startswith(b"Scripts are disabled on this agent from remote calls")
     finally:
         a.stop()
+
+
+# ----- metrics, monitor, force-leave -----
+def test_metrics_json_shape_and_real_numbers(agent: DevAgent) -> None:
+    c = _c(agent)
+    c.kv.put("metrics/probe", "1")
+    status, body, _ = call(agent.url, "GET", "/v1/agent/metrics")
+    assert status == 200 and set(body) == {"Timestamp", "Gauges", "Points", "Counters", "Samples"}
+    assert body["Timestamp"].endswith(" +0000 UTC")
+    gauges = {g["Name"]: g["Value"] for g in body["Gauges"]}
+    assert gauges["consul.state.nodes"] == 1 and gauges["consul.state.kv_entries"] >= 1
+    assert gauges["consul.runtime.alloc_bytes"] > 1_000_000 and gauges["consul.runtime.num_goroutines"] >= 1
+    assert gauges["consul.server.isLeader"] == 1
+    for s in body["Samples"]:
+        assert set(s) == {"Name", "Count", "Rate", "Sum", "Min", "Max", "Mean", "Stddev", "Labels"}
+    status, text, headers = call(agent.url, "GET", "/v1/agent/metrics?format=prometheus")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert b"# TYPE consul_state_nodes gauge\nconsul_state_nodes 1\n" in text
+    assert b'consul_api_http_count{method="PUT",path="v1_kv_"}' in text  # the PUT above, counted
+    status, text, _ = call(agent.url, "GET", "/v1/agent/metrics",
+                           headers={"Accept": "application/openmetrics-text"})
+    assert status == 200 and text.startswith(b"# HELP")
+
+
+def test_prometheus_off_as_consul_default() -> None:
+    a = DevAgent("-prometheus-retention-time", "0s")
+    try:
+        status, body, _ = call(a.url, "GET", "/v1/agent/metrics?format=prometheus")
+        assert (status, body) == (415, b"Prometheus is not enabled since its retention time is not positive")
+        assert call(a.url, "GET", "/v1/agent/metrics")[0] == 200
+    finally:
+        a.stop()
+
+
+def test_monitor_streams_log_lines(agent: DevAgent) -> None:
+    import http.client
+    import json
+
+    status, body, _ = call(agent.url, "GET", "/v1/agent/monitor?loglevel=verbose")
+    assert (status, body) == (400, b"Unknown log level: verbose")
+    conns = []
+    try:
+        for query in ("loglevel=warn", "loglevel=debug&logjson"):
+            conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=20)
+            conn.request("GET", f"/v1/agent/monitor?{query}")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            conns.append((conn, resp))
+        c = _c(agent)
+        c.agent.check.register("mon-ttl", Check.ttl("1s"))
+        c.agent.check.ttl_pass("mon-ttl")  # expires a second later: a WARN line
+        text_line = conns[0][1].readline().decode()
+        assert " [WARN]  agent: check TTL expired: check=mon-ttl" in text_line
+        doc = json.loads(conns[1][1].readline())
+        assert doc["@level"] == "warn" and doc["@message"] == "check TTL expired" and doc["check"] == "mon-ttl"
+        c.agent.check.deregister("mon-ttl")
+    finally:
+        for conn, _ in conns:
+            conn.close()
+    # the agent keeps serving after the monitors left
+    wait_for(lambda: call(agent.url, "GET", "/v1/agent/self")[0] == 200, timeout=5, what="agent answers")
+
+
+def test_force_leave_as_consul(agent: DevAgent) -> None:
+    status, body, _ = call(agent.url, "PUT", "/v1/agent/force-leave/no-such-node")
+    assert (status, body) == (500, b"agent: No node found with name 'no-such-node'")
+    status, body, _ = call(agent.url, "PUT", "/v1/agent/force-leave/no-such-node?prune")
+    assert (status, body) == (500, b"agent: No node found with name 'no-such-node'")
+    assert call(agent.url, "PUT", "/v1/agent/force-leave/compat-node?prune")[0] == 200
+    assert call(agent.url, "PUT", "/v1/agent/force-leave/other.dc1?wan")[0] == 200
+    assert call(agent.url, "GET", "/v1/agent/force-leave/compat-node")[0] == 405
+    assert _c(agent).status.leader()  # still the leader, still serving
