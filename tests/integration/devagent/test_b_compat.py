@@ -313,3 +313,50 @@ def test_force_leave_as_consul(agent: DevAgent) -> None:
     assert call(agent.url, "PUT", "/v1/agent/force-leave/other.dc1?wan")[0] == 200
     assert call(agent.url, "GET", "/v1/agent/force-leave/compat-node")[0] == 405
     assert _c(agent).status.leader()  # still the leader, still serving
+
+
+# ----- peer, cached, stale, consistent -----
+def test_unknown_peer_filters_everything_out(agent: DevAgent) -> None:
+    c = _c(agent)
+    c.agent.service.register("foo", service_id="foo:1", check=Check.ttl("10s"))
+    try:
+        assert c.health.service("foo", peer="non-existent-peer")[1] == []
+        assert [n["Service"]["ID"] for n in c.health.service("foo")[1]] == ["foo:1"]
+        for path, empty in (("/v1/catalog/services", {}), ("/v1/catalog/service/foo", []),
+                            ("/v1/catalog/nodes", []), ("/v1/health/checks/foo", []),
+                            ("/v1/health/node/compat-node", []), ("/v1/health/state/any", []),
+                            ("/v1/health/connect/foo", []), ("/v1/catalog/node/compat-node", None)):
+            status, body, headers = call(agent.url, "GET", f"{path}?peer=nope")
+            assert (status, body) == (200, empty), path
+            assert int(headers["X-Consul-Index"]) >= 1
+        status, body, _ = call(agent.url, "GET", "/v1/catalog/services?peer=")
+        assert "foo" in body  # an empty peer is the local cluster
+    finally:
+        c.agent.service.deregister("foo:1")
+
+
+def test_cached_reports_consuls_cache_headers(agent: DevAgent) -> None:
+    for path in ("/v1/catalog/services", "/v1/catalog/service/consul", "/v1/health/service/consul",
+                 "/v1/health/connect/consul", "/v1/health/ingress/consul"):
+        status, _, first = call(agent.url, "GET", f"{path}?cached")
+        assert status == 200 and first["X-Cache"] == "MISS" and "Age" not in first, path
+        status, _, second = call(agent.url, "GET", f"{path}?cached")
+        assert (second["X-Cache"], second["Age"]) == ("HIT", "0"), path
+        _, _, plain = call(agent.url, "GET", path)
+        assert "X-Cache" not in plain
+    # a blocking ?cached query that has to wait for newer data is not a hit
+    _, _, h = call(agent.url, "GET", "/v1/catalog/services?cached")
+    index = h["X-Consul-Index"]
+    status, _, h = call(agent.url, "GET", f"/v1/catalog/services?cached&index={index}&wait=100ms")
+    assert status == 200 and h["X-Cache"] == "MISS"
+
+
+def test_consistency_modes(agent: DevAgent) -> None:
+    for mode, effective in (("stale", "stale"), ("consistent", "consistent"), ("", "leader")):
+        status, _, h = call(agent.url, "GET", f"/v1/catalog/nodes?{mode}")
+        assert status == 200
+        assert (h["X-Consul-KnownLeader"], h["X-Consul-LastContact"]) == ("true", "0")
+        assert h["X-Consul-Effective-Consistency"] == effective
+    status, body, _ = call(agent.url, "GET", "/v1/health/service/consul?stale&consistent")
+    assert (status, body) == (400, b"Cannot specify ?stale with ?consistent, conflicting semantics.")
+    assert call(agent.url, "GET", "/v1/status/leader")[0] == 200
