@@ -161,7 +161,7 @@ class Agent:
             return acl.ALLOW_ALL
         from devagent.aclstore import expired
 
-        version = self.store.topic_index("acl_tokens", "acl_policies")
+        version = self.store.topic_index("acl_tokens", "acl_policies", "acl_roles")
         hit = self._authz_cache.get(token)
         if hit is not None and hit[0] == version and (hit[1] is None or not expired(hit[1])):
             return hit[2]
@@ -200,11 +200,26 @@ class Agent:
             if prow["ID"] == acl.GLOBAL_MANAGEMENT_ID:
                 return acl.ManagementAuthorizer(accessor)
             policies.append(self._parsed_policy(prow))
-        for ident in row.get("ServiceIdentities") or []:
+        services = list(row.get("ServiceIdentities") or [])
+        nodes = list(row.get("NodeIdentities") or [])
+        for link in row.get("Roles") or []:  # a role adds its policies and identities (deleted: ignored)
+            role = self.store.get("acl_roles", str(link.get("ID", "")))
+            if role is None:
+                continue
+            for plink in role.get("Policies") or []:
+                prow = self.store.get("acl_policies", str(plink.get("ID", "")))
+                if prow is None:
+                    continue
+                if prow["ID"] == acl.GLOBAL_MANAGEMENT_ID:
+                    return acl.ManagementAuthorizer(accessor)
+                policies.append(self._parsed_policy(prow))
+            services.extend(role.get("ServiceIdentities") or [])
+            nodes.extend(role.get("NodeIdentities") or [])
+        for ident in services:
             dcs = ident.get("Datacenters") or []
             if not dcs or self.datacenter in dcs:
                 policies.append(acl.service_identity_policy(str(ident.get("ServiceName", ""))))
-        for ident in row.get("NodeIdentities") or []:
+        for ident in nodes:
             if ident.get("Datacenter", self.datacenter) == self.datacenter:
                 policies.append(acl.node_identity_policy(str(ident.get("NodeName", ""))))
         return acl.PolicyAuthorizer(accessor, acl.merge(policies),
