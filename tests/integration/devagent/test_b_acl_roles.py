@@ -204,6 +204,12 @@ def test_acl_permissions_and_acls_off(agent: DevAgent) -> None:
         anon.acl.role.list()
     status, _, _ = call(agent.url, "PUT", "/v1/acl/auth-method", {"Name": "x", "Type": "jwt"})
     assert status == 403
+    # the operational endpoints: agent:read for metrics and monitor, operator:write for force-leave
+    for method, path in (("GET", "/v1/agent/metrics"), ("GET", "/v1/agent/monitor"),
+                         ("PUT", "/v1/agent/force-leave/x")):
+        status, body, _ = call(agent.url, method, path)
+        assert status == 403 and body.startswith(b"Permission denied"), path
+    assert call(agent.url, "GET", "/v1/agent/metrics", token=MGMT)[0] == 200
     off = DevAgent()
     try:
         for method, path in (("GET", "/v1/acl/roles"), ("PUT", "/v1/acl/role"), ("GET", "/v1/acl/auth-methods"),
