@@ -171,20 +171,15 @@ def bootstrap_reset_index(store: Store) -> int | None:
 # ----- output -----
 def live_policy_links(store: Store, links: list[dict[str, Any]] | None) -> list[dict[str, str]] | None:
     """Policy links with the policies' current names; links to deleted policies dropped (as Consul)."""
-    out = []
-    for link in links or []:
-        policy = store.get("acl_policies", str(link.get("ID", "")))
-        if policy is not None:
-            out.append({"ID": str(policy["ID"]), "Name": str(policy["Name"])})
-    return out or None
+    return _live_links(store, "acl_policies", links)
 
 
-def _live_role_links(store: Store, links: list[dict[str, Any]] | None) -> list[dict[str, str]] | None:
+def _live_links(store: Store, table: str, links: list[dict[str, Any]] | None) -> list[dict[str, str]] | None:
     out = []
     for link in links or []:
-        role = store.get(ROLES_TABLE, str(link.get("ID", "")))
-        if role is not None:
-            out.append({"ID": str(role["ID"]), "Name": str(role["Name"])})
+        row = store.get(table, str(link.get("ID", "")))
+        if row is not None:
+            out.append({"ID": str(row["ID"]), "Name": str(row["Name"])})
     return out or None
 
 
@@ -193,7 +188,7 @@ def token_view(store: Store, row: Row, *, show_secret: bool) -> Row:
     out = dict(row)
     out["Policies"] = live_policy_links(store, row.get("Policies"))
     if row.get("Roles"):
-        out["Roles"] = _live_role_links(store, row.get("Roles"))
+        out["Roles"] = _live_links(store, ROLES_TABLE, row.get("Roles"))
     if not show_secret:
         out["SecretID"] = REDACTED
     return _drop_empty(out)
@@ -231,45 +226,33 @@ def resolve_policy_links(store: Store, links: list[dict[str, Any]] | None) -> li
 
 
 def _resolve_role_links(store: Store, links: list[dict[str, Any]] | None) -> list[dict[str, str]]:
-    out: list[dict[str, str]] = []
-    for link in links or []:
-        rid = expect_str(link.get("ID"), "Roles.ID")
-        name = expect_str(link.get("Name"), "Roles.Name")
-        role: Row | None = None
-        if rid:
-            role = store.get(ROLES_TABLE, rid)
-            if role is None:
-                raise ACLError(f'No such ACL role with ID "{rid}"')
-        elif name:
-            found = store.by_index(ROLES_TABLE, "name", name)
-            if not found:
-                raise ACLError(f'No such ACL role with name "{name}"')
-            role = found[0]
-        else:
-            raise ACLError("Encountered a Token with roles linked by Name in the state store")
-        entry = {"ID": str(role["ID"]), "Name": str(role["Name"])}
-        if entry not in out:
-            out.append(entry)
-    return out
+    return _resolve_links(store, ROLES_TABLE, links, "Roles", "role")
 
 
 def _resolve_policy_links(store: Store, links: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    return _resolve_links(store, "acl_policies", links, "Policies", "policy")
+
+
+def _resolve_links(store: Store, table: str, links: list[dict[str, Any]] | None, field: str,
+                   kind: str) -> list[dict[str, str]]:
+    """Links by ID or Name to rows of ``table`` (indexed by ``name``) -> ``[{ID, Name}]``, deduplicated;
+    an unknown one is Consul's ``No such ACL <kind> with ID/name "…"``."""
     out: list[dict[str, str]] = []
     for link in links or []:
-        pid = expect_str(link.get("ID"), "Policies.ID")
-        name = expect_str(link.get("Name"), "Policies.Name")
-        if pid:
-            policy = store.get("acl_policies", pid)
-            if policy is None:
-                raise ACLError(f"No such ACL policy with ID \"{pid}\"")
+        lid = expect_str(link.get("ID"), f"{field}.ID")
+        name = expect_str(link.get("Name"), f"{field}.Name")
+        if lid:
+            row = store.get(table, lid)
+            if row is None:
+                raise ACLError(f'No such ACL {kind} with ID "{lid}"')
         elif name:
-            found = store.by_index("acl_policies", "name", name)
+            found = store.by_index(table, "name", name)
             if not found:
-                raise ACLError(f"No such ACL policy with name \"{name}\"")
-            policy = found[0]
+                raise ACLError(f'No such ACL {kind} with name "{name}"')
+            row = found[0]
         else:
-            raise ACLError("Encountered a Token with policies linked by Name in the state store")
-        entry = {"ID": str(policy["ID"]), "Name": str(policy["Name"])}
+            raise ACLError(f"Encountered a Token with {field.lower()} linked by Name in the state store")
+        entry = {"ID": str(row["ID"]), "Name": str(row["Name"])}
         if entry not in out:
             out.append(entry)
     return out
