@@ -1,0 +1,483 @@
+"""The mesh the abuse tier attacks, the victims that keep calling through it, and the checks.
+
+One mesh for the whole tier, real processes on loopback: a dev agent, the CA, the policy service,
+the gRPC echo app ``echo`` behind its sidecar (``echo-1``, default limits) and a caller ``web``
+whose sidecar (``web-1``) has an upstream to ``echo``. Intentions for ``echo``: ``web`` allowed at
+L4 (its connections are passed through to the app), ``l7caller`` allowed by an L7 rule (every call
+on the sidecar's per-call full path), ``intruder`` denied. The attacker holds certificates of those
+three identities from the dev CA (``weft ca sign``).
+
+Targets (where an attack is aimed, and which sidecar it attacks):
+
+- ``outbound``: ``web-1``'s outbound listener, as a local app (plaintext HTTP/2);
+- ``passthrough``: ``echo-1``'s public port as ``web`` (bytes passed through to the app);
+- ``l7``: ``echo-1``'s public port as ``l7caller`` (the full path);
+- ``denied``: ``echo-1``'s public port as ``intruder`` (every call refused).
+
+While an attack runs, a victim client keeps calling through the attacked sidecar on connections
+of its own (for the public port both through ``web``'s sidecar, pass-through, and directly as
+``l7caller``, full path) and counts what succeeded. :class:`Watch` records the attacked sidecar's
+RSS (peak, sampled from /proc) and metrics before and after, and collects every unmet condition of
+issue 9's "Done when" into one failure message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from tests.apps.echo import echo_pb2, echo_pb2_grpc
+from tests.support import WEFT, DevAgent, Proc, free_port, http_ok, wait_for
+
+ECHO_PATH = "/weft.test.echo.v1.Echo/"
+UNARY = ECHO_PATH + "Unary"
+SERVER_STREAM = ECHO_PATH + "ServerStream"
+MAX_RSS_GROWTH_MB = 64.0
+MIN_VICTIM_SUCCESS = 0.99
+SETTLE = 0.5          # seconds the victim keeps calling after an attack, before the checks
+H2_ERRORS = "weft_h2_protocol_errors_total"
+REFUSED = "weft_connections_refused_total"
+TLS_ERRORS = "weft_tls_handshake_errors_total"
+
+# extra flags of the caller's sidecar: a small connection cap, so that the cap is reached cheaply
+WEB_FLAGS = ("--max-connections", "512")
+ECHO_FLAGS: tuple[str, ...] = ()  # the attacked destination runs with the default limits
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    sidecar: str                  # the attacked sidecar's service id
+    identity: str | None = None   # certificate the attacker presents (None: plaintext local app)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+OUTBOUND = Target("outbound", "web-1")
+PASSTHROUGH = Target("passthrough", "echo-1", "web")
+L7 = Target("l7", "echo-1", "l7caller")
+DENIED = Target("denied", "echo-1", "intruder")
+ALL_TARGETS = (OUTBOUND, PASSTHROUGH, L7, DENIED)
+PARSED_TARGETS = (OUTBOUND, L7, DENIED)          # connections whose HTTP/2 the sidecar parses itself
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of a process in MiB (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+@dataclass
+class Sidecar:
+    sid: str
+    proc: Proc
+    admin: int
+    public: int
+    baseline_rss: float = 0.0
+
+
+@dataclass
+class Mesh:
+    agent: DevAgent
+    tmp: Path
+    procs: list[Proc] = field(default_factory=list)
+    sidecars: dict[str, Sidecar] = field(default_factory=dict)
+    echo_app: Proc | None = None
+    echo_port: int = 0
+    web_local: int = 0
+    certs: dict[str, Path] = field(default_factory=dict)
+    trust_domain: str = ""
+    restarts: list[str] = field(default_factory=list)
+
+    # -- processes ---------------------------------------------------------------------------------
+    @property
+    def env(self) -> dict[str, str]:
+        return {**self.agent.env, "WEFT_LOG_LEVEL": "warn"}
+
+    def consul(self, method: str, path: str, body: Any = None) -> Any:
+        payload = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        req = urllib.request.Request(self.agent.url + path, data=payload, method=method)
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw.strip() else None
+
+    def proc(self, name: str, args: list[str]) -> Proc:
+        p = Proc(args, env=self.env, log=self.tmp / f"{name}-{len(self.procs)}.log")
+        self.procs.append(p)
+        return p
+
+    def start_echo_app(self) -> None:
+        self.echo_app = self.proc("echo-app", [sys.executable, "-m", "tests.apps.echo", "--port",
+                                               str(self.echo_port), "--name", "echo-1"])
+        wait_for(lambda: _connects(self.echo_port), timeout=30, what="the echo app listening")
+
+    def register(self, sid: str, name: str, port: int, public: int, upstreams: list[tuple[str, int]]) -> None:
+        self.consul("PUT", "/v1/agent/service/register", {
+            "ID": sid, "Name": name, "Address": "127.0.0.1", "Port": port, "Meta": {"protocol": "grpc"},
+            "Connect": {"SidecarService": {"Port": public, "Proxy": {"Upstreams": [
+                {"DestinationName": d, "LocalBindPort": p, "LocalBindAddress": "127.0.0.1"}
+                for d, p in upstreams]}}}})
+
+    def start_sidecar(self, sid: str, public: int, flags: Sequence[str]) -> None:
+        admin = free_port()
+        proc = self.proc(f"sidecar-{sid}", [*WEFT, "sidecar", "--sidecar-for", sid, "--admin-port", str(admin),
+                                            "--bind", "127.0.0.1", "--drain-timeout", "1", "--watch-wait", "10",
+                                            *flags])
+        self.sidecars[sid] = Sidecar(sid, proc, admin, public)
+
+    def wait_ready(self, *sids: str, timeout: float = 90) -> None:
+        def ready() -> bool:
+            for sid in sids:
+                sc = self.sidecars[sid]
+                if not sc.proc.alive():
+                    raise RuntimeError(f"sidecar {sid} exited:\n{sc.proc.output()[-3000:]}")
+            return all(http_ok(f"http://127.0.0.1:{self.sidecars[s].admin}/ready") for s in sids)
+        wait_for(ready, timeout=timeout, interval=0.2, what=f"sidecars {sids} ready")
+
+    def wait_calls(self) -> None:
+        wait_for(lambda: unary(f"127.0.0.1:{self.web_local}", timeout=3) is not None, timeout=60, interval=0.3,
+                 what="a call through web's sidecar")
+        wait_for(lambda: self.l7_call(timeout=3) is not None, timeout=60, interval=0.3,
+                 what="a call as l7caller on echo's full path")
+
+    def sign(self, service: str) -> Path:
+        out = self.tmp / f"cert-{service}"
+        res = subprocess.run([*WEFT, "ca", "sign", "--service", service, "--out", str(out), "--ttl", "2h"],
+                             env={**os.environ, **self.env}, capture_output=True, text=True, timeout=60)
+        if res.returncode != 0:
+            raise RuntimeError(f"weft ca sign --service {service}: {res.stderr}")
+        (out / "full.pem").write_text((out / "cert.pem").read_text() + (out / "chain.pem").read_text())
+        return out
+
+    def healthy(self, sid: str) -> tuple[bool, str]:
+        sc = self.sidecars[sid]
+        if not sc.proc.alive():
+            return False, f"sidecar {sid} exited with {sc.proc.popen.returncode}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{sc.admin}/ready", timeout=2) as resp:
+                if resp.status != 200:
+                    return False, f"sidecar {sid} not ready ({resp.status})"
+        except OSError as exc:
+            return False, f"sidecar {sid} does not answer its admin API: {exc!r}"
+        rss = rss_mb(sc.proc.pid)
+        if rss > sc.baseline_rss + MAX_RSS_GROWTH_MB:
+            return False, f"sidecar {sid} at {rss:.0f} MiB of RSS (started at {sc.baseline_rss:.0f})"
+        return True, "ok"
+
+    def restore(self) -> None:
+        """After a test: restart the echo app or a sidecar that an attack left dead, stuck or bloated,
+        so that one successful attack does not fail the tests after it."""
+        restarted = []
+        if self.echo_app is not None and not self.echo_app.alive():
+            restarted.append("echo app")
+            self.start_echo_app()
+        for sid in ("echo-1", "web-1"):
+            ok, why = self.healthy(sid)
+            if not ok:
+                restarted.append(f"{sid} ({why})")
+                sc = self.sidecars[sid]
+                sc.proc.kill()
+                self.start_sidecar(sid, sc.public, ECHO_FLAGS if sid == "echo-1" else WEB_FLAGS)
+                self.wait_ready(sid)
+        if restarted:
+            self.restarts.extend(restarted)
+            self.wait_calls()
+            for sid in ("echo-1", "web-1"):
+                self.sidecars[sid].baseline_rss = rss_mb(self.sidecars[sid].proc.pid)
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.agent.stop()
+
+    # -- talking to it -----------------------------------------------------------------------------
+    def metrics_text(self, sid: str, timeout: float = 2.0) -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.sidecars[sid].admin}/metrics",
+                                        timeout=timeout) as resp:
+                return str(resp.read().decode())
+        except OSError:
+            return None
+
+    def metric(self, sid: str, prefix: str) -> float:
+        """Sum of every series of a metric on a sidecar's admin /metrics (-1 when unreadable)."""
+        return metric_sum(self.metrics_text(sid), prefix)
+
+    def tls_context(self, identity: str) -> ssl.SSLContext:
+        d = self.certs[identity]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.load_verify_locations(str(d / "roots.pem"))
+        ctx.load_cert_chain(str(d / "full.pem"), str(d / "key.pem"))
+        ctx.set_alpn_protocols(["h2"])
+        return ctx
+
+    def connect(self, target: Target, *, rcvbuf: int | None = None, timeout: float = 10.0) -> socket.socket:
+        """A connection to the target as the attacker: plaintext to the outbound listener, or mTLS with
+        the target's identity to echo's public port (the handshake done)."""
+        port = self.web_local if target.identity is None else self.sidecars["echo-1"].public
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        raw.settimeout(timeout)
+        raw.connect(("127.0.0.1", port))
+        if target.identity is None:
+            return raw
+        return self.tls_context(target.identity).wrap_socket(raw, server_hostname="echo")
+
+    def grpc_credentials(self, identity: str) -> grpc.ChannelCredentials:
+        d = self.certs[identity]
+        return grpc.ssl_channel_credentials((d / "roots.pem").read_bytes(), (d / "key.pem").read_bytes(),
+                                            (d / "full.pem").read_bytes())
+
+    def l7_channel(self) -> grpc.Channel:
+        """A fresh mTLS channel to echo's public port as ``l7caller`` (the full path)."""
+        return grpc.secure_channel(f"127.0.0.1:{self.sidecars['echo-1'].public}", self.grpc_credentials("l7caller"),
+                                   options=[("grpc.ssl_target_name_override", f"echo.svc.default.{self.trust_domain}"),
+                                            ("grpc.use_local_subchannel_pool", 1)])
+
+    def l7_call(self, timeout: float = 10, **kw: Any) -> echo_pb2.EchoResponse:
+        with self.l7_channel() as ch:
+            stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
+            resp: echo_pb2.EchoResponse = stub.Unary(echo_pb2.EchoRequest(text="fresh"), timeout=timeout, **kw)
+            return resp
+
+    def victim_channels(self, target: Target) -> list[tuple[str, grpc.Channel]]:
+        web = ("via web's sidecar", grpc.insecure_channel(f"127.0.0.1:{self.web_local}",
+                                                          options=[("grpc.use_local_subchannel_pool", 1)]))
+        if target.sidecar == "web-1":
+            return [web]
+        return [web, ("as l7caller, full path", self.l7_channel())]
+
+    def watch(self, target: Target) -> Watch:
+        return Watch(self, target)
+
+
+def metric_sum(text: str | None, prefix: str) -> float:
+    if text is None:
+        return -1.0
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(prefix) and line[len(prefix):len(prefix) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _connects(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
+def unary(target: str, timeout: float = 10, **kw: Any) -> echo_pb2.EchoResponse:
+    with grpc.insecure_channel(target) as ch:
+        stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
+        resp: echo_pb2.EchoResponse = stub.Unary(echo_pb2.EchoRequest(text="hi"), timeout=timeout, **kw)
+        return resp
+
+
+class Victim:
+    """Unary calls in a loop from a thread, on channels opened (and warmed up) before the attack;
+    counts successes and failures."""
+
+    def __init__(self, channels: list[tuple[str, grpc.Channel]], response_size: int = 0) -> None:
+        self.channels = channels
+        self.response_size = response_size
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="victim")
+
+    def _call(self, name: str, ch: grpc.Channel, timeout: float) -> None:
+        stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
+        try:
+            stub.Unary(echo_pb2.EchoRequest(text="victim", response_size=self.response_size), timeout=timeout)
+            self.ok += 1
+        except grpc.RpcError as exc:
+            self.failures.append(f"{name}: {exc.code()}: {exc.details()}")  # type: ignore[attr-defined]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, ch in self.channels:
+                self._call(name, ch, 5)
+            time.sleep(0.01)
+
+    @property
+    def total(self) -> int:
+        return self.ok + len(self.failures)
+
+    def start(self) -> None:
+        for _name, ch in self.channels:  # connected and warm before the attack; not counted
+            stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    stub.Unary(echo_pb2.EchoRequest(text="warm-up"), timeout=5)
+                    break
+                except grpc.RpcError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        for _, ch in self.channels:
+            ch.close()
+
+
+class PeakRss:
+    """Samples a process's VmRSS every 50 ms from a thread; ``peak`` is the largest seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = rss_mb(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="rss")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, rss_mb(self.pid))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.peak = max(self.peak, rss_mb(self.pid))
+
+
+class Watch:
+    """Around one attack: the attacked sidecar's RSS and metrics, a victim calling through it, and
+    the list of unmet conditions (``problems``), asserted at the end by :meth:`verify`."""
+
+    def __init__(self, mesh: Mesh, target: Target, *, victim_response_size: int = 0) -> None:
+        self.mesh = mesh
+        self.target = target
+        self.sidecar = mesh.sidecars[target.sidecar]
+        self.problems: list[str] = []
+        self.notes: list[str] = []
+        self.victim = Victim(mesh.victim_channels(target), victim_response_size)
+        self.rss = PeakRss(self.sidecar.proc.pid)
+        self.before: dict[str, float] = {}
+        self.after: dict[str, float] = {}
+        self.rss_before = 0.0
+        self.rss_after = 0.0
+
+    def __enter__(self) -> Watch:
+        self.victim.start()
+        text = self.mesh.metrics_text(self.target.sidecar)
+        for name in (H2_ERRORS, REFUSED, TLS_ERRORS):
+            self.before[name] = metric_sum(text, name)
+        self.rss_before = rss_mb(self.sidecar.proc.pid)
+        self.rss.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(SETTLE)  # the victim keeps calling a little after the attack
+        self.rss.stop()
+        self.victim.stop()
+        self.rss_after = rss_mb(self.sidecar.proc.pid)
+        text = self.mesh.metrics_text(self.target.sidecar)
+        for name in (H2_ERRORS, REFUSED, TLS_ERRORS):
+            self.after[name] = metric_sum(text, name)
+
+    def expect(self, condition: bool, what: str, detail: str = "") -> None:
+        """One required behaviour of the sidecar toward the attacker."""
+        if not condition:
+            self.problems.append(f"expected {what}" + (f"; got: {detail}" if detail else ""))
+
+    def counted(self, metric: str) -> float:
+        return self.after.get(metric, 0.0) - self.before.get(metric, 0.0)
+
+    def verify(self, *, counted: str | None = None, at_least: float = 1) -> None:
+        """Assert issue 9's "Done when" for this attack: the sidecar alive (and answering), RSS growth
+        (peak during the attack) under 64 MB, the victim's calls >= 99 % successful, every expected
+        refusal seen by the attacker, and (``counted``) the refusal counted in that metric."""
+        sid = self.target.sidecar
+        alive, why = self.mesh.healthy(sid)
+        if not self.sidecar.proc.alive():
+            self.problems.append(f"the sidecar {sid} died: {self.sidecar.proc.output()[-1500:]}")
+        elif not alive and "RSS" not in why:
+            self.problems.append(why)
+        growth = max(self.rss.peak, self.rss_after) - self.rss_before
+        if growth >= MAX_RSS_GROWTH_MB:
+            self.problems.append(f"RSS of {sid} grew by {growth:.0f} MiB (from {self.rss_before:.0f}, peak "
+                                 f"{self.rss.peak:.0f}, after {self.rss_after:.0f}); limit {MAX_RSS_GROWTH_MB:.0f}")
+        v = self.victim
+        if v.total == 0 or v.ok / v.total < MIN_VICTIM_SUCCESS:
+            self.problems.append(f"victim calls: {v.ok} of {v.total} succeeded; first failures: {v.failures[:3]}")
+        if counted is not None and self.counted(counted) < at_least:
+            self.problems.append(f"{counted} on {sid} went from {self.before.get(counted)} to "
+                                 f"{self.after.get(counted)} (at least +{at_least:g} expected)")
+        summary = (f"[{self.target}] victim {v.ok}/{v.total} ok; RSS {self.rss_before:.0f} -> peak "
+                   f"{self.rss.peak:.0f} -> {self.rss_after:.0f} MiB; "
+                   + "; ".join(f"{k} +{self.counted(k):g}" for k in self.before) + "".join(
+                       f"; {n}" for n in self.notes))
+        print(summary)
+        assert not self.problems, summary + "\n" + "\n".join(f"- {p}" for p in self.problems)
+
+
+def start_mesh(tmp: Path) -> Mesh:
+    agent = DevAgent()
+    m = Mesh(agent=agent, tmp=tmp)
+    try:
+        m.proc("ca", [*WEFT, "ca", "serve", "-dev", "--listen", f"127.0.0.1:{free_port()}"])
+        m.proc("policy", [*WEFT, "policy", "serve", "-grpc-addr", f"127.0.0.1:{free_port()}"])
+        intentions = {"Kind": "service-intentions", "Name": "echo", "Sources": [
+            {"Name": "web", "Action": "allow"},
+            {"Name": "l7caller", "Permissions": [{"Action": "allow", "HTTP": {"PathPrefix": ECHO_PATH}}]},
+            {"Name": "intruder", "Action": "deny"}]}
+        m.consul("PUT", "/v1/kv/weft/intentions/echo", json.dumps(intentions).encode())
+        m.echo_port = free_port()
+        m.start_echo_app()
+        echo_public = free_port()
+        m.register("echo-1", "echo", m.echo_port, echo_public, [])
+        m.web_local = free_port()
+        web_public = free_port()
+        m.register("web-1", "web", free_port(), web_public, [("echo", m.web_local)])
+        m.start_sidecar("echo-1", echo_public, ECHO_FLAGS)
+        m.start_sidecar("web-1", web_public, WEB_FLAGS)
+        wait_for(lambda: http_ok(f"{agent.url}/v1/kv/weft/ca/roots"), timeout=60, what="the CA's roots")
+        for identity in ("web", "l7caller", "intruder"):
+            m.certs[identity] = m.sign(identity)
+        m.wait_ready("echo-1", "web-1")
+        with urllib.request.urlopen(f"http://127.0.0.1:{m.sidecars['echo-1'].admin}/config", timeout=10) as resp:
+            m.trust_domain = json.loads(resp.read())["snapshot"]["certificate"]["trust_domain"]
+        m.wait_calls()
+        for sc in m.sidecars.values():
+            sc.baseline_rss = rss_mb(sc.proc.pid)
+        return m
+    except BaseException:
+        m.stop()
+        raise
+
+
+def connection_count_fits(n: int) -> bool:
+    """Whether this process may open ``n`` more sockets (the tier holds thousands at once)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft == resource.RLIM_INFINITY or soft > n + 200
+
