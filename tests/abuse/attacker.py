@@ -181,11 +181,12 @@ class Peer:
         return self.server_settings.get(INITIAL_WINDOW_SIZE, 65535)
 
     def request(self, sid: int, path: str, authority: str, *, body: bytes | None = None, end: bool = True,
-                extra: Sequence[tuple[str, str]] = (), scheme: str = "http") -> bool:
-        """A gRPC request on stream ``sid``: HEADERS (+ CONTINUATION), and the message when given."""
+                extra: Sequence[tuple[str, str]] = (), scheme: str = "http", fragment: int | None = None) -> bool:
+        """A gRPC request on stream ``sid``: HEADERS (+ CONTINUATION, in ``fragment``-byte pieces when
+        given, else as large as the server allows), and the message when given."""
         self.streams.setdefault(sid, Stream(window=self.initial_window))
         block = encode_headers(request_headers(path, authority, scheme=scheme, extra=extra))
-        out = header_frames(sid, block, end_stream=end and body is None, max_frame=self.max_frame)
+        out = header_frames(sid, block, end_stream=end and body is None, max_frame=fragment or self.max_frame)
         if body is not None:
             out += data(sid, grpc_message(body), end=end)
         return self.send(out)

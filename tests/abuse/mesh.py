@@ -47,7 +47,7 @@ UNARY = ECHO_PATH + "Unary"
 SERVER_STREAM = ECHO_PATH + "ServerStream"
 MAX_RSS_GROWTH_MB = 64.0
 MIN_VICTIM_SUCCESS = 0.99
-SETTLE = 0.5          # seconds the victim keeps calling after an attack, before the checks
+SETTLE = 0.3          # seconds the victim keeps calling after an attack, before the checks
 H2_ERRORS = "weft_h2_protocol_errors_total"
 REFUSED = "weft_connections_refused_total"
 TLS_ERRORS = "weft_tls_handshake_errors_total"
@@ -184,9 +184,24 @@ class Mesh:
             return False, f"sidecar {sid} at {rss:.0f} MiB of RSS (started at {sc.baseline_rss:.0f})"
         return True, "ok"
 
+    def calls_work(self) -> bool:
+        try:
+            unary(f"127.0.0.1:{self.web_local}", timeout=3)
+            self.l7_call(timeout=3)
+            return True
+        except grpc.RpcError:
+            return False
+
+    def restart_sidecar(self, sid: str) -> None:
+        sc = self.sidecars[sid]
+        sc.proc.kill()
+        self.start_sidecar(sid, sc.public, ECHO_FLAGS if sid == "echo-1" else WEB_FLAGS)
+        self.wait_ready(sid)
+
     def restore(self) -> None:
-        """After a test: restart the echo app or a sidecar that an attack left dead, stuck or bloated,
-        so that one successful attack does not fail the tests after it."""
+        """After a test: restart the echo app or a sidecar that an attack left dead, stuck, bloated or
+        unable to carry calls (a leaked window), so that one successful attack does not fail the tests
+        after it."""
         restarted = []
         if self.echo_app is not None and not self.echo_app.alive():
             restarted.append("echo app")
@@ -195,10 +210,12 @@ class Mesh:
             ok, why = self.healthy(sid)
             if not ok:
                 restarted.append(f"{sid} ({why})")
-                sc = self.sidecars[sid]
-                sc.proc.kill()
-                self.start_sidecar(sid, sc.public, ECHO_FLAGS if sid == "echo-1" else WEB_FLAGS)
-                self.wait_ready(sid)
+                self.restart_sidecar(sid)
+        if not self.calls_work():
+            for sid in ("web-1", "echo-1"):
+                if sid not in " ".join(restarted):
+                    restarted.append(f"{sid} (calls through it fail)")
+                    self.restart_sidecar(sid)
         if restarted:
             self.restarts.extend(restarted)
             self.wait_calls()
