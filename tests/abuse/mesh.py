@@ -1,18 +1,20 @@
 """The mesh the abuse tier attacks, the victims that keep calling through it, and the checks.
 
 One mesh for the whole tier, real processes on loopback: a dev agent, the CA, the policy service,
-the gRPC echo app ``echo`` behind its sidecar (``echo-1``, default limits) and a caller ``web``
-whose sidecar (``web-1``) has an upstream to ``echo``. Intentions for ``echo``: ``web`` allowed at
-L4 (its connections are passed through to the app), ``l7caller`` allowed by an L7 rule (every call
-on the sidecar's per-call full path), ``intruder`` denied. The attacker holds certificates of those
-three identities from the dev CA (``weft ca sign``).
+the gRPC echo app ``echo`` behind its sidecar (``echo-1``, default limits), the HTTP echo app
+``httpapi`` behind its sidecar (``httpapi-1``), and a caller ``web`` whose sidecar (``web-1``) has
+upstreams to both. Intentions for each: ``web`` allowed at L4 (its connections are passed through
+to the app), ``l7caller`` allowed by an L7 rule (every call on the sidecar's per-call full path),
+``intruder`` denied. The attacker holds certificates of those three identities from the dev CA
+(``weft ca sign``).
 
 Targets (where an attack is aimed, and which sidecar it attacks):
 
 - ``outbound``: ``web-1``'s outbound listener, as a local app (plaintext HTTP/2);
 - ``passthrough``: ``echo-1``'s public port as ``web`` (bytes passed through to the app);
 - ``l7``: ``echo-1``'s public port as ``l7caller`` (the full path);
-- ``denied``: ``echo-1``'s public port as ``intruder`` (every call refused).
+- ``denied``: ``echo-1``'s public port as ``intruder`` (every call refused);
+- ``http_outbound`` / ``http_l7``: the same two for ``httpapi`` (HTTP/1.1).
 
 While an attack runs, a victim client keeps calling through the attacked sidecar on connections
 of its own (for the public port both through ``web``'s sidecar, pass-through, and directly as
@@ -32,7 +34,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,9 +54,12 @@ H2_ERRORS = "weft_h2_protocol_errors_total"
 REFUSED = "weft_connections_refused_total"
 TLS_ERRORS = "weft_tls_handshake_errors_total"
 
-# extra flags of the caller's sidecar: a small connection cap, so that the cap is reached cheaply
-WEB_FLAGS = ("--max-connections", "512")
-ECHO_FLAGS: tuple[str, ...] = ()  # the attacked destination runs with the default limits
+# Extra flags per sidecar. The caller's: a small connection cap, so that the cap is reached cheaply;
+# the caller's and the HTTP service's: a 1-second HTTP header timeout, so that slow clients are
+# dropped within the test's bounds; the gRPC destination runs with the default limits.
+FLAGS: dict[str, tuple[str, ...]] = {"web-1": ("--max-connections", "512", "--http-header-timeout", "1"),
+                                     "echo-1": (),
+                                     "httpapi-1": ("--http-header-timeout", "1")}
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class Target:
     name: str
     sidecar: str                  # the attacked sidecar's service id
     identity: str | None = None   # certificate the attacker presents (None: plaintext local app)
+    service: str = "echo"         # the destination service: "echo" (gRPC) or "httpapi" (HTTP/1.1)
 
     def __str__(self) -> str:
         return self.name
@@ -72,7 +78,8 @@ PASSTHROUGH = Target("passthrough", "echo-1", "web")
 L7 = Target("l7", "echo-1", "l7caller")
 DENIED = Target("denied", "echo-1", "intruder")
 ALL_TARGETS = (OUTBOUND, PASSTHROUGH, L7, DENIED)
-PARSED_TARGETS = (OUTBOUND, L7, DENIED)          # connections whose HTTP/2 the sidecar parses itself
+HTTP_OUTBOUND = Target("http_outbound", "web-1", None, "httpapi")
+HTTP_L7 = Target("http_l7", "httpapi-1", "l7caller", "httpapi")
 
 
 def rss_mb(pid: int) -> float:
@@ -103,8 +110,11 @@ class Mesh:
     procs: list[Proc] = field(default_factory=list)
     sidecars: dict[str, Sidecar] = field(default_factory=dict)
     echo_app: Proc | None = None
+    http_app: Proc | None = None
     echo_port: int = 0
-    web_local: int = 0
+    http_port: int = 0
+    web_local: int = 0             # web's outbound listener for echo
+    http_local: int = 0            # web's outbound listener for httpapi
     certs: dict[str, Path] = field(default_factory=dict)
     trust_domain: str = ""
     restarts: list[str] = field(default_factory=list)
@@ -131,14 +141,20 @@ class Mesh:
                                                str(self.echo_port), "--name", "echo-1"])
         wait_for(lambda: _connects(self.echo_port), timeout=30, what="the echo app listening")
 
-    def register(self, sid: str, name: str, port: int, public: int, upstreams: list[tuple[str, int]]) -> None:
+    def start_http_app(self) -> None:
+        self.http_app = self.proc("http-app", [sys.executable, "-m", "tests.apps.httpecho", "--port",
+                                               str(self.http_port), "--name", "httpapi-1"])
+        wait_for(lambda: _connects(self.http_port), timeout=30, what="the HTTP echo app listening")
+
+    def register(self, sid: str, name: str, port: int, public: int, upstreams: list[tuple[str, int]],
+                 protocol: str = "grpc") -> None:
         self.consul("PUT", "/v1/agent/service/register", {
-            "ID": sid, "Name": name, "Address": "127.0.0.1", "Port": port, "Meta": {"protocol": "grpc"},
+            "ID": sid, "Name": name, "Address": "127.0.0.1", "Port": port, "Meta": {"protocol": protocol},
             "Connect": {"SidecarService": {"Port": public, "Proxy": {"Upstreams": [
                 {"DestinationName": d, "LocalBindPort": p, "LocalBindAddress": "127.0.0.1"}
                 for d, p in upstreams]}}}})
 
-    def start_sidecar(self, sid: str, public: int, flags: Sequence[str]) -> None:
+    def start_sidecar(self, sid: str, public: int, flags: Sequence[str] = ()) -> None:
         admin = free_port()
         proc = self.proc(f"sidecar-{sid}", [*WEFT, "sidecar", "--sidecar-for", sid, "--admin-port", str(admin),
                                             "--bind", "127.0.0.1", "--drain-timeout", "1", "--watch-wait", "10",
@@ -159,6 +175,8 @@ class Mesh:
                  what="a call through web's sidecar")
         wait_for(lambda: self.l7_call(timeout=3) is not None, timeout=60, interval=0.3,
                  what="a call as l7caller on echo's full path")
+        wait_for(lambda: self.http_get(None) and self.http_get("l7caller"), timeout=60, interval=0.3,
+                 what="HTTP requests to httpapi through web's sidecar and as l7caller")
 
     def sign(self, service: str) -> Path:
         out = self.tmp / f"cert-{service}"
@@ -188,14 +206,14 @@ class Mesh:
         try:
             unary(f"127.0.0.1:{self.web_local}", timeout=3)
             self.l7_call(timeout=3)
-            return True
         except grpc.RpcError:
             return False
+        return self.http_get(None) and self.http_get("l7caller")
 
     def restart_sidecar(self, sid: str) -> None:
         sc = self.sidecars[sid]
         sc.proc.kill()
-        self.start_sidecar(sid, sc.public, ECHO_FLAGS if sid == "echo-1" else WEB_FLAGS)
+        self.start_sidecar(sid, sc.public, FLAGS[sid])
         self.wait_ready(sid)
 
     def restore(self) -> None:
@@ -206,20 +224,23 @@ class Mesh:
         if self.echo_app is not None and not self.echo_app.alive():
             restarted.append("echo app")
             self.start_echo_app()
-        for sid in ("echo-1", "web-1"):
+        if self.http_app is not None and not self.http_app.alive():
+            restarted.append("http app")
+            self.start_http_app()
+        for sid in FLAGS:
             ok, why = self.healthy(sid)
             if not ok:
                 restarted.append(f"{sid} ({why})")
                 self.restart_sidecar(sid)
         if not self.calls_work():
-            for sid in ("web-1", "echo-1"):
+            for sid in FLAGS:
                 if sid not in " ".join(restarted):
                     restarted.append(f"{sid} (calls through it fail)")
                     self.restart_sidecar(sid)
         if restarted:
             self.restarts.extend(restarted)
             self.wait_calls()
-            for sid in ("echo-1", "web-1"):
+            for sid in FLAGS:
                 self.sidecars[sid].baseline_rss = rss_mb(self.sidecars[sid].proc.pid)
 
     def stop(self) -> None:
@@ -240,19 +261,24 @@ class Mesh:
         """Sum of every series of a metric on a sidecar's admin /metrics (-1 when unreadable)."""
         return metric_sum(self.metrics_text(sid), prefix)
 
-    def tls_context(self, identity: str) -> ssl.SSLContext:
+    def tls_context(self, identity: str, alpn: str = "h2") -> ssl.SSLContext:
         d = self.certs[identity]
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.load_verify_locations(str(d / "roots.pem"))
         ctx.load_cert_chain(str(d / "full.pem"), str(d / "key.pem"))
-        ctx.set_alpn_protocols(["h2"])
+        ctx.set_alpn_protocols([alpn])
         return ctx
 
     def connect(self, target: Target, *, rcvbuf: int | None = None, timeout: float = 10.0) -> socket.socket:
-        """A connection to the target as the attacker: plaintext to the outbound listener, or mTLS with
-        the target's identity to echo's public port (the handshake done)."""
-        port = self.web_local if target.identity is None else self.sidecars["echo-1"].public
+        """A connection to the target as the attacker: plaintext to web's outbound listener for the
+        target's service, or mTLS with the target's identity to the service's public port (the
+        handshake done; ALPN h2 for gRPC, http/1.1 for HTTP)."""
+        http = target.service == "httpapi"
+        if target.identity is None:
+            port = self.http_local if http else self.web_local
+        else:
+            port = self.sidecars[f"{target.service}-1"].public
         raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -260,7 +286,23 @@ class Mesh:
         raw.connect(("127.0.0.1", port))
         if target.identity is None:
             return raw
-        return self.tls_context(target.identity).wrap_socket(raw, server_hostname="echo")
+        ctx = self.tls_context(target.identity, "http/1.1" if http else "h2")
+        return ctx.wrap_socket(raw, server_hostname=target.service)
+
+    def http_get(self, identity: str | None, timeout: float = 3.0) -> bool:
+        """One GET to httpapi: through web's sidecar (``identity`` None) or on a fresh mTLS connection to
+        httpapi's public port as ``identity``; True when it answered 200."""
+        if identity is None:
+            url, ctx = f"http://127.0.0.1:{self.http_local}/victim", None
+        else:
+            url, ctx = f"https://127.0.0.1:{self.sidecars['httpapi-1'].public}/victim", \
+                self.tls_context(identity, "http/1.1")
+        try:
+            with urllib.request.urlopen(url, timeout=timeout, context=ctx) as resp:
+                resp.read()
+                return bool(resp.status == 200)
+        except OSError:
+            return False
 
     def grpc_credentials(self, identity: str) -> grpc.ChannelCredentials:
         d = self.certs[identity]
@@ -285,6 +327,24 @@ class Mesh:
         if target.sidecar == "web-1":
             return [web]
         return [web, ("as l7caller, full path", self.l7_channel())]
+
+    def victim_for(self, target: Target, response_size: int = 0) -> Victim:
+        """Calls through the attacked sidecar on connections of their own: gRPC unary calls to echo (on
+        channels opened before the attack) or HTTP GETs to httpapi, the way the target's other
+        callers make them."""
+        if target.service == "httpapi":
+            calls: list[tuple[str, Callable[[], None]]] = [("GET via web's sidecar", lambda: _http_ok(self, None))]
+            if target.sidecar != "web-1":
+                calls.append(("GET as l7caller, fresh mTLS", lambda: _http_ok(self, "l7caller")))
+            return Victim(calls, [])
+        channels = self.victim_channels(target)
+        request = echo_pb2.EchoRequest(text="victim", response_size=response_size)
+
+        def caller(ch: grpc.Channel) -> Callable[[], None]:
+            stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
+            return lambda: stub.Unary(request, timeout=5)
+
+        return Victim([(name, caller(ch)) for name, ch in channels], [ch.close for _, ch in channels])
 
     def watch(self, target: Target) -> Watch:
         return Watch(self, target)
@@ -312,30 +372,36 @@ def unary(target: str, timeout: float = 10, **kw: Any) -> echo_pb2.EchoResponse:
         return resp
 
 
-class Victim:
-    """Unary calls in a loop from a thread, on channels opened (and warmed up) before the attack;
-    counts successes and failures."""
+def _http_ok(mesh: Mesh, identity: str | None) -> None:
+    if not mesh.http_get(identity, timeout=5):
+        raise OSError("the GET did not answer 200")
 
-    def __init__(self, channels: list[tuple[str, grpc.Channel]], response_size: int = 0) -> None:
-        self.channels = channels
-        self.response_size = response_size
+
+class Victim:
+    """Calls in a loop from a thread (each ``call`` raises when it fails), warmed up before the attack;
+    counts successes and failures. ``closers`` run at the end (the gRPC channels)."""
+
+    def __init__(self, calls: list[tuple[str, Callable[[], object]]], closers: list[Callable[[], None]]) -> None:
+        self.calls = calls
+        self.closers = closers
         self.ok = 0
         self.failures: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="victim")
 
-    def _call(self, name: str, ch: grpc.Channel, timeout: float) -> None:
-        stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
+    def _call(self, name: str, call: Callable[[], object]) -> None:
         try:
-            stub.Unary(echo_pb2.EchoRequest(text="victim", response_size=self.response_size), timeout=timeout)
+            call()
             self.ok += 1
         except grpc.RpcError as exc:
             self.failures.append(f"{name}: {exc.code()}: {exc.details()}")  # type: ignore[attr-defined]
+        except OSError as exc:
+            self.failures.append(f"{name}: {exc!r}")
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for name, ch in self.channels:
-                self._call(name, ch, 5)
+            for name, call in self.calls:
+                self._call(name, call)
             time.sleep(0.01)
 
     @property
@@ -343,14 +409,13 @@ class Victim:
         return self.ok + len(self.failures)
 
     def start(self) -> None:
-        for _name, ch in self.channels:  # connected and warm before the attack; not counted
-            stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
+        for _name, call in self.calls:  # connected and warm before the attack; not counted
             deadline = time.monotonic() + 15
             while True:
                 try:
-                    stub.Unary(echo_pb2.EchoRequest(text="warm-up"), timeout=5)
+                    call()
                     break
-                except grpc.RpcError:
+                except (grpc.RpcError, OSError):
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.2)
@@ -359,8 +424,8 @@ class Victim:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(30)
-        for _, ch in self.channels:
-            ch.close()
+        for close in self.closers:
+            close()
 
 
 class PeakRss:
@@ -389,13 +454,13 @@ class Watch:
     """Around one attack: the attacked sidecar's RSS and metrics, a victim calling through it, and
     the list of unmet conditions (``problems``), asserted at the end by :meth:`verify`."""
 
-    def __init__(self, mesh: Mesh, target: Target, *, victim_response_size: int = 0) -> None:
+    def __init__(self, mesh: Mesh, target: Target) -> None:
         self.mesh = mesh
         self.target = target
         self.sidecar = mesh.sidecars[target.sidecar]
         self.problems: list[str] = []
         self.notes: list[str] = []
-        self.victim = Victim(mesh.victim_channels(target), victim_response_size)
+        self.victim = mesh.victim_for(target)
         self.rss = PeakRss(self.sidecar.proc.pid)
         self.before: dict[str, float] = {}
         self.after: dict[str, float] = {}
@@ -467,19 +532,25 @@ def start_mesh(tmp: Path) -> Mesh:
             {"Name": "l7caller", "Permissions": [{"Action": "allow", "HTTP": {"PathPrefix": ECHO_PATH}}]},
             {"Name": "intruder", "Action": "deny"}]}
         m.consul("PUT", "/v1/kv/weft/intentions/echo", json.dumps(intentions).encode())
-        m.echo_port = free_port()
+        intentions = {"Kind": "service-intentions", "Name": "httpapi", "Sources": [
+            {"Name": "web", "Action": "allow"},
+            {"Name": "l7caller", "Permissions": [{"Action": "allow", "HTTP": {"PathPrefix": "/"}}]},
+            {"Name": "intruder", "Action": "deny"}]}
+        m.consul("PUT", "/v1/kv/weft/intentions/httpapi", json.dumps(intentions).encode())
+        m.echo_port, m.http_port = free_port(), free_port()
         m.start_echo_app()
-        echo_public = free_port()
-        m.register("echo-1", "echo", m.echo_port, echo_public, [])
-        m.web_local = free_port()
-        web_public = free_port()
-        m.register("web-1", "web", free_port(), web_public, [("echo", m.web_local)])
-        m.start_sidecar("echo-1", echo_public, ECHO_FLAGS)
-        m.start_sidecar("web-1", web_public, WEB_FLAGS)
+        m.start_http_app()
+        publics = {sid: free_port() for sid in FLAGS}
+        m.register("echo-1", "echo", m.echo_port, publics["echo-1"], [])
+        m.register("httpapi-1", "httpapi", m.http_port, publics["httpapi-1"], [], protocol="http")
+        m.web_local, m.http_local = free_port(), free_port()
+        m.register("web-1", "web", free_port(), publics["web-1"], [("echo", m.web_local), ("httpapi", m.http_local)])
+        for sid, flags in FLAGS.items():
+            m.start_sidecar(sid, publics[sid], flags)
         wait_for(lambda: http_ok(f"{agent.url}/v1/kv/weft/ca/roots"), timeout=60, what="the CA's roots")
         for identity in ("web", "l7caller", "intruder"):
             m.certs[identity] = m.sign(identity)
-        m.wait_ready("echo-1", "web-1")
+        m.wait_ready(*FLAGS)
         with urllib.request.urlopen(f"http://127.0.0.1:{m.sidecars['echo-1'].admin}/config", timeout=10) as resp:
             m.trust_domain = json.loads(resp.read())["snapshot"]["certificate"]["trust_domain"]
         m.wait_calls()
