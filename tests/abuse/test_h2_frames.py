@@ -53,7 +53,7 @@ pytestmark = [pytest.mark.abuse, pytest.mark.integration]
 AUTHORITY = "echo"
 BODY = echo_pb2.EchoRequest(text="attack").SerializeToString()
 FLOOD_SECONDS = 5.0   # no flood runs longer, whatever the sidecar does
-ANSWER_SECONDS = 1.5  # how long the attacker waits for the GOAWAY it should get
+ANSWER_SECONDS = 1.0  # how long the attacker waits for the GOAWAY it should get
 
 
 def open_peer(mesh: Mesh, target: Target, **kw: object) -> Peer:
