@@ -250,9 +250,9 @@ class Peer:
         if self._hdr is not None and typ == CONTINUATION and sid == self._hdr[0]:
             self._hdr[2].extend(payload)
             if flags & END_HEADERS:
-                hsid, hflags, block = self._hdr
+                hsid, hflags, fragments = self._hdr
                 self._hdr = None
-                self._headers(hsid, hflags, bytes(block))
+                self._headers(hsid, hflags, bytes(fragments))
             return
         if typ == DATA:
             st = self.streams.setdefault(sid, Stream())

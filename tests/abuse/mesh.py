@@ -381,7 +381,7 @@ class Victim:
     """Calls in a loop from a thread (each ``call`` raises when it fails), warmed up before the attack;
     counts successes and failures. ``closers`` run at the end (the gRPC channels)."""
 
-    def __init__(self, calls: list[tuple[str, Callable[[], object]]], closers: list[Callable[[], None]]) -> None:
+    def __init__(self, calls: Sequence[tuple[str, Callable[[], object]]], closers: list[Callable[[], None]]) -> None:
         self.calls = calls
         self.closers = closers
         self.ok = 0
