@@ -54,7 +54,7 @@ def test_frame_layout() -> None:
 
 
 def test_message_framing_across_frames() -> None:
-    from sidecar.h2_proxy import _Messages
+    from sidecar.h2.grpc import Messages as _Messages
 
     def msg(n: int) -> bytes:
         return b"\x00" + n.to_bytes(4, "big") + b"m" * n
