@@ -108,8 +108,8 @@ class StreamFault(Exception):
 class H2Stream:
     """One stream's state on one connection. ``call`` is the owner's object (the proxied call)."""
 
-    __slots__ = ("answered", "call", "local_closed", "recv_unacked", "recv_window", "remote_closed", "send_delta",
-                 "sid")
+    __slots__ = ("answered", "call", "headers_in", "local_closed", "recv_unacked", "recv_window", "remote_closed",
+                 "send_delta", "sid")
 
     def __init__(self, sid: int, recv_window: int, call: Any = None) -> None:
         self.sid = sid
@@ -119,6 +119,7 @@ class H2Stream:
         self.remote_closed = False  # the peer sent END_STREAM
         self.local_closed = False  # we sent END_STREAM
         self.answered = False  # we sent response HEADERS (server side): a reset no longer counts as rapid
+        self.headers_in = False  # the peer sent a header block on it (DATA may follow)
         self.call = call
 
 
@@ -341,6 +342,9 @@ class H2Connection:
         if length > s.recv_window:
             self.consumed(length)
             raise StreamFault(sid, E_FLOW, "stream_window_exceeded")
+        if not s.headers_in:
+            self.consumed(length)
+            raise StreamFault(sid, E_PROTOCOL, "data_before_headers")
         s.recv_window -= length
         if pad:  # padding is never passed on: give its window back at once
             self.consumed(pad)
@@ -408,6 +412,7 @@ class H2Connection:
                 raise StreamFault(sid, E_PROTOCOL, "trailers_without_end_stream")
             if flags & F_END_STREAM:
                 s.remote_closed = True
+            s.headers_in = True
             if oversized:
                 self.on_oversized(s, flags, block, size)
             else:
@@ -438,6 +443,7 @@ class H2Connection:
             self.spend_reset()
             return
         s = H2Stream(sid, self.local_initial_window)
+        s.headers_in = True
         if flags & F_END_STREAM:
             s.remote_closed = True
         self.streams[sid] = s
