@@ -76,6 +76,7 @@ from sidecar.h2.hpack import (
     context_free,
     encode_plain,
     headers_of,
+    list_size,
     scan,
 )
 from sidecar.limits import DEFAULT as DEFAULT_LIMITS
@@ -87,6 +88,8 @@ log = structlog.get_logger("weft.sidecar.h2")
 # a block whose decoded list cannot exceed the limit needs no decoding to check it: one encoded
 # byte decodes to at most this many bytes of RFC 9113 list size (a static entry of 28 bytes + 32)
 _MAX_EXPANSION = 60
+_REPLAY_LIMIT = 64 * 1024  # request bytes kept per call for a transparent retry after REFUSED_STREAM
+_MAX_REFUSALS = 8
 _CLOSE_GRACE = 2.0  # seconds a connection closed for an error has to take its GOAWAY before it is aborted
 
 
@@ -98,6 +101,7 @@ class Stream:
     __slots__ = (
         "a",
         "app",
+        "credited",
         "data_sent",
         "endpoint",
         "headers_sent_app",
@@ -107,6 +111,9 @@ class Stream:
         "q_app",
         "q_up",
         "recorded",
+        "refusals",
+        "replay",
+        "replay_size",
         "request_block",
         "source",
         "start",
@@ -134,7 +141,13 @@ class Stream:
         self.request_block = b""
         self.tries = 0
         self.recorded = False
-        self.data_sent = False  # request DATA went out: the stream can no longer move elsewhere
+        self.data_sent = False  # request DATA went out
+        # request data sent but not yet answered, kept (up to _REPLAY_LIMIT) so that a stream the
+        # upstream refuses unprocessed (REFUSED_STREAM) can be sent again; None once not replayable
+        self.replay: list[bytes] | None = []
+        self.replay_size = 0
+        self.credited = 0  # bytes at the head of q_up already given back to the app (a replay)
+        self.refusals = 0
         self.msg_up = Messages()  # gRPC message framing, app -> upstream (for the size limit)
         self.msg_app = Messages()  # upstream -> app
         self.source = ""  # the caller's service (inbound full path)
@@ -245,6 +258,29 @@ class _Conn(H2Connection, asyncio.Protocol):
     def stream_failed(self, st: Stream, reason: str) -> None: ...
 
 
+def _decoder(limits: Limits) -> Decoder:
+    # what a block within the block-size limit can decode to at most: a whole block is always decoded
+    # (the HPACK table stays in step) and the list limit is checked after, so that only the stream fails
+    decoder = Decoder(max_header_list_size=limits.h2_max_header_block_size * _MAX_EXPANSION)
+    decoder.max_allowed_table_size = 4096
+    return decoder
+
+
+def decode_plain(decoder: Decoder, block: bytes, limit: int) -> bytes:
+    """A block decoded with the connection's HPACK decoder, re-encoded context-free, within ``limit``."""
+    try:
+        headers = [(bytes(k), bytes(v)) for k, v in decoder.decode(block, raw=True)]
+    except OversizedHeaderListError:
+        raise ConnectionFault(E_COMPRESSION, "header_list_too_large", "a header block decoding past any bound") \
+            from None
+    except HPACKError as exc:
+        raise ConnectionFault(E_COMPRESSION, "hpack_error", f"HPACK: {exc}") from None
+    size = list_size(headers)
+    if size > limit:
+        raise HeaderListTooLarge(size, limit)
+    return encode_plain(headers)
+
+
 class AppConn(_Conn):
     """A client's plaintext HTTP/2 connection: the app's to the outbound listener, or a caller's
     decrypted one to the inbound full path."""
@@ -253,8 +289,7 @@ class AppConn(_Conn):
 
     def __init__(self, proxy: H2Outbound) -> None:
         super().__init__(proxy, proxy.limits, proxy.telemetry, client=False)
-        self.decoder = Decoder(max_header_list_size=self.limits.h2_max_header_list_size)
-        self.decoder.max_allowed_table_size = 4096
+        self.decoder = _decoder(self.limits)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gate = self.proxy.gate
@@ -290,14 +325,7 @@ class AppConn(_Conn):
             if len(block) * _MAX_EXPANSION > limit:
                 headers_of(block, limit)  # raises HeaderListTooLarge
             return block
-        try:
-            headers = self.decoder.decode(block, raw=True)
-        except OversizedHeaderListError:
-            raise ConnectionFault(E_COMPRESSION, "header_list_too_large",
-                                  "a header list above the limit before HEADER_TABLE_SIZE=0 was acknowledged") from None
-        except HPACKError as exc:
-            raise ConnectionFault(E_COMPRESSION, "hpack_error", f"HPACK: {exc}") from None
-        return encode_plain([(bytes(k), bytes(v)) for k, v in headers])
+        return decode_plain(self.decoder, block, limit)
 
     def on_request(self, s: H2Stream, flags: int, block: bytes) -> None:
         proxy = self.proxy
@@ -393,8 +421,8 @@ class UpConn(_Conn):
         self.retired = False  # no new streams (GOAWAY received, ids running out, endpoint left)
         self.waiting: list[Stream] = []  # calls for this connection that have no stream yet
         self.sid_limit = MAX_STREAM_ID - 2  # past it the connection is retired (tests lower it)
-        self.decoder = Decoder(max_header_list_size=self.limits.h2_max_header_list_size)
-        self.decoder.max_allowed_table_size = 4096
+        self.soft_limit = 0  # streams the peer really takes at once, learnt from its refusals (0: as announced)
+        self.decoder = _decoder(self.limits)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.begin(transport)
@@ -433,14 +461,7 @@ class UpConn(_Conn):
             if len(block) * _MAX_EXPANSION > limit:
                 headers_of(block, limit)
             return block
-        try:
-            headers = self.decoder.decode(block, raw=True)
-        except OversizedHeaderListError:
-            raise ConnectionFault(E_COMPRESSION, "header_list_too_large",
-                                  "a header list above the limit before HEADER_TABLE_SIZE=0 was acknowledged") from None
-        except HPACKError as exc:
-            raise ConnectionFault(E_COMPRESSION, "hpack_error", f"HPACK: {exc}") from None
-        return encode_plain([(bytes(k), bytes(v)) for k, v in headers])
+        return decode_plain(self.decoder, block, limit)
 
     def on_headers(self, s: H2Stream, flags: int, block: bytes) -> None:
         st = s.call
@@ -458,6 +479,7 @@ class UpConn(_Conn):
         end = bool(flags & F_END_STREAM)
         if end:
             st.status = status_of(raw)
+        st.replay = None  # answered: no retry any more
         self.proxy.to_app_headers(st, raw, end)
 
     def on_oversized(self, s: H2Stream, flags: int, prefix: bytes, size: int) -> None:
@@ -496,17 +518,41 @@ class UpConn(_Conn):
         if st is None:
             return
         st.u = None
-        self.start_waiting()
-        if code == E_REFUSED and st.tries < 2 and not st.headers_sent_app and not st.data_sent:
-            proxy.release(st, ok=True)
-            st.up = None
-            proxy.open_stream(st, exclude=self.key)
+        if code == E_REFUSED and self.requeue(st):
+            self.start_waiting()
             return
+        self.start_waiting()
         app = st.app
         if not app.closed and st.a.sid in app.streams:
             app.reset(st.a, code)
         proxy.drop_queues(st)
         proxy.finish(st, CANCELLED if code == E_CANCEL else UNAVAILABLE)
+
+    def requeue(self, st: Stream) -> bool:
+        """A stream the peer refused unprocessed (RST_STREAM REFUSED_STREAM) waits for a slot on this
+        connection again, with the request data it had sent; the peer had fewer slots than it announced
+        (a server may count streams a little longer than we do), so no more streams than now open."""
+        if st.headers_sent_app or st.refusals >= _MAX_REFUSALS or st.app.closed or st.a.sid not in st.app.streams:
+            return False
+        replay = st.replay
+        if st.data_sent and replay is None:
+            return False  # sent more than we kept: it cannot be sent again
+        st.refusals += 1
+        self.soft_limit = max(1, len(self.streams))
+        if replay:
+            items = [(d, False) for d in replay]
+            if not st.q_up and st.a.remote_closed and st.trailers is None:
+                items[-1] = (items[-1][0], True)
+            st.q_up[:0] = items
+            st.credited += st.replay_size
+        st.replay = []
+        st.replay_size = 0
+        st.data_sent = False
+        self.waiting.insert(0, st)
+        return True
+
+    def can_open(self) -> bool:
+        return super().can_open() and (not self.soft_limit or len(self.streams) < self.soft_limit)
 
     def stream_failed(self, st: Stream, reason: str) -> None:
         st.u = None
@@ -723,8 +769,21 @@ class H2Outbound:
             sent = up.send_data(u, data, end and st.trailers is None)
             if sent:
                 st.data_sent = True
-                app.consumed(sent)
-                app.stream_consumed(a, sent)
+                replay = st.replay
+                if replay is not None:
+                    if st.replay_size + sent <= _REPLAY_LIMIT:
+                        replay.append(data if sent == len(data) else data[:sent])
+                        st.replay_size += sent
+                    else:
+                        st.replay = None
+                credit = sent
+                if st.credited:
+                    skip = min(st.credited, sent)
+                    st.credited -= skip
+                    credit -= skip
+                if credit:
+                    app.consumed(credit)
+                    app.stream_consumed(a, credit)
             if sent < len(data):
                 if sent:
                     q[0] = (data[sent:], end)
@@ -732,6 +791,7 @@ class H2Outbound:
             q.pop(0)
         if st.trailers is not None:
             block, st.trailers = st.trailers, None
+            st.replay = None
             up.send_headers(u, block, True)
 
     def to_app_headers(self, st: Stream, block: bytes, end: bool) -> None:
@@ -795,6 +855,8 @@ class H2Outbound:
         if up is not None and u is not None:
             st.u = None
             up.close_stream(u)
+            if up.soft_limit:  # a call done: try one more at once again (up to what the peer announced)
+                up.soft_limit = 0 if up.soft_limit >= up.peer_max_concurrent else up.soft_limit + 1
             up.start_waiting()
             if (up.retired or self.ups.get(up.key) is not up) and not up.streams and not up.waiting \
                     and up.transport is not None and not up.closed:
