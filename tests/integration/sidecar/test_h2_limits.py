@@ -88,8 +88,8 @@ async def pair() -> AsyncIterator[Pair]:
 
 
 def channel(p: Pair) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(f"127.0.0.1:{p.local}", options=[("grpc.max_metadata_size", 1 << 20),
-                                                                              ("grpc.absolute_max_metadata_size", 1 << 20)])
+    options = [("grpc.max_metadata_size", 1 << 20), ("grpc.absolute_max_metadata_size", 1 << 20)]
+    return grpc.aio.insecure_channel(f"127.0.0.1:{p.local}", options=options)
 
 
 def message(req: echo_pb2.EchoRequest) -> bytes:
@@ -146,7 +146,7 @@ class RawClient:
         out: dict[str, str] = {}
         for e in self.events:
             if isinstance(e, (h2.events.ResponseReceived, h2.events.TrailersReceived)) and e.stream_id == sid:
-                out.update(dict(e.headers))
+                out.update(dict(e.headers))  # type: ignore[arg-type]
         return out
 
     def close(self) -> None:
