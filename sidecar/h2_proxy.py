@@ -850,6 +850,8 @@ class H2Outbound:
     def _ended(self, st: Stream) -> None:
         """The upstream ended the stream (END_STREAM towards the app)."""
         st.app.close_stream(st.a)  # RST_STREAM NO_ERROR if the app's side is still open
+        if st.q_up or st.trailers is not None:
+            self.drop_queues(st)  # request data the upstream will never take: the app's window back
         up = st.up
         u = st.u
         if up is not None and u is not None:

@@ -670,8 +670,8 @@ class H2Connection:
             return
         self.blocked.pop(s, None)
         self._remember_reset(s.sid)
-        if not self.dead:
-            self.control_frame(rst_stream(s.sid, code))
+        if not self.dead:  # ours to send (one per stream): not a reply the peer can make us queue
+            self.send(rst_stream(s.sid, code))
 
     def close_stream(self, s: H2Stream) -> None:
         """We are done with ``s``: forget it, resetting it (NO_ERROR) if the peer's side is still open."""

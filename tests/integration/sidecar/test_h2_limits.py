@@ -266,3 +266,34 @@ async def test_a_repeated_header_is_authorized_on_every_value() -> None:
             await stub.Unary(echo_pb2.EchoRequest(), metadata=(("x-role", "reader"), ("x-role", "admin")), timeout=10)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         await ch.close(None)
+
+
+async def test_upstream_connections_are_retired_before_their_stream_ids_run_out(pair: Pair) -> None:
+    from sidecar.h2_proxy import H2Outbound
+
+    ch = channel(pair)
+    stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
+    await stub.Unary(echo_pb2.EchoRequest(text="first"), timeout=10)
+    h2out = pair.outbound._listeners["api"]
+    assert isinstance(h2out, H2Outbound)
+    first = next(iter(h2out.ups.values()))
+    first.sid_limit = first.next_local_sid + 4  # as if the ids were about to run out
+    seen = {id(first)}
+    for i in range(8):
+        assert (await stub.Unary(echo_pb2.EchoRequest(text=str(i)), timeout=10)).text == str(i)
+        seen |= {id(u) for u in h2out.ups.values()}
+    assert len(seen) >= 2 and first.retired
+    await ch.close(None)
+
+
+async def test_drain_sends_goaway_with_the_last_stream(pair: Pair) -> None:
+    client = await RawClient.connect(pair.local)
+    client.request(1, UNARY, message(echo_pb2.EchoRequest(text="a")))
+    await client.flush()
+    await client.until(ended(1))
+    closing = asyncio.ensure_future(pair.outbound.close(0.5))
+    events = await client.until(lambda ev: any(isinstance(e, h2.events.ConnectionTerminated) for e in ev))
+    gone = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert gone[0].error_code == 0 and gone[0].last_stream_id == 1
+    await closing
+    client.close()
