@@ -74,6 +74,7 @@ from sidecar.h2.hpack import (
     MalformedRequest,
     check_request,
     context_free,
+    context_free_cached,
     encode_plain,
     headers_of,
     list_size,
@@ -144,7 +145,7 @@ class Stream:
         self.data_sent = False  # request DATA went out
         # request data sent but not yet answered, kept (up to _REPLAY_LIMIT) so that a stream the
         # upstream refuses unprocessed (REFUSED_STREAM) can be sent again; None once not replayable
-        self.replay: list[bytes] | None = []
+        self.replay: list[bytes] | tuple[()] | None = ()  # () until something is sent (no list per call)
         self.replay_size = 0
         self.credited = 0  # bytes at the head of q_up already given back to the app (a replay)
         self.refusals = 0
@@ -247,6 +248,7 @@ class _Conn(H2Connection, asyncio.Protocol):
         if transport is not None and not self.closed:
             transport.close()  # after the GOAWAY is written
             asyncio.get_running_loop().call_later(_CLOSE_GRACE, transport.abort)
+        self.closed = True  # nothing more is written to it
 
     def on_stream_error(self, s: H2Stream, code: int, reason: str, exc: BaseException | None) -> None:
         if exc is not None:
@@ -457,7 +459,7 @@ class UpConn(_Conn):
 
     def _plain(self, block: bytes) -> bytes:
         limit = self.limits.h2_max_header_list_size
-        if self.settings_acked and context_free(block):
+        if self.settings_acked and context_free_cached(block):
             if len(block) * _MAX_EXPANSION > limit:
                 headers_of(block, limit)
             return block
@@ -545,7 +547,7 @@ class UpConn(_Conn):
                 items[-1] = (items[-1][0], True)
             st.q_up[:0] = items
             st.credited += st.replay_size
-        st.replay = []
+        st.replay = ()
         st.replay_size = 0
         st.data_sent = False
         self.waiting.insert(0, st)
@@ -772,7 +774,11 @@ class H2Outbound:
                 replay = st.replay
                 if replay is not None:
                     if st.replay_size + sent <= _REPLAY_LIMIT:
-                        replay.append(data if sent == len(data) else data[:sent])
+                        chunk = data if sent == len(data) else data[:sent]
+                        if replay:
+                            replay.append(chunk)  # type: ignore[union-attr]
+                        else:
+                            st.replay = [chunk]
                         st.replay_size += sent
                     else:
                         st.replay = None

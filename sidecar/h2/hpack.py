@@ -125,6 +125,24 @@ def scan(block: bytes, want: bytes) -> bytes | None:
     return None
 
 
+_context_free_blocks: dict[bytes, bool] = {}  # short blocks seen to be context-free (responses repeat)
+CONTEXT_FREE_CACHE_ENTRIES = 1024
+CONTEXT_FREE_CACHE_MAX_BLOCK = 256
+
+
+def context_free_cached(block: bytes) -> bool:
+    """:func:`context_free`, remembering short blocks that are (response headers and trailers repeat)."""
+    if block in _context_free_blocks:
+        return True
+    if context_free(block):
+        if len(block) <= CONTEXT_FREE_CACHE_MAX_BLOCK:
+            if len(_context_free_blocks) >= CONTEXT_FREE_CACHE_ENTRIES:
+                _context_free_blocks.clear()
+            _context_free_blocks[block] = True
+        return True
+    return False
+
+
 def context_free(block: bytes) -> bool:
     """True when a block references no dynamic-table entry (only static indices below 62).
 
