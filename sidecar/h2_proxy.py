@@ -182,7 +182,14 @@ class _Conn(H2Connection, asyncio.Protocol):
             self.transport.write(b"".join(wq) if len(wq) > 1 else wq[0])
             if self.control_queued and not self.transport.get_write_buffer_size():
                 self.control_queued = 0  # the peer takes what we write
+            if self.data_queued and self.written():  # a burst was cut at max_burst: more on the next turn
+                asyncio.get_running_loop().call_soon(self._more)
         wq.clear()
+
+    def _more(self) -> None:
+        if not self.write_paused and not self.closed and self.blocked:
+            self.release_blocked()
+            self.proxy.flush()
 
     def begin(self, transport: Any) -> None:
         """connection_made's common part: limits on the write buffer, our preamble, the settings timer."""

@@ -171,6 +171,9 @@ class H2Connection:
         self.buf = bytearray()
         self.preface_needed = 0 if client else len(PREFACE)
         self.write_paused = False  # the peer does not read: no DATA is sent until it does
+        self.max_burst = limits.h2_max_buffered_bytes
+        self.data_queued = 0  # DATA bytes sent since the adapter last wrote its output out
+        self.burst_blocked = False  # a stream waits because max_burst was reached, not for window
         self.goaway_sent = False
         self.goaway_received = False
         self.dead = False  # a connection error was sent: nothing more is read
@@ -202,6 +205,15 @@ class H2Connection:
     def drained(self) -> None:
         """The adapter's output buffer is empty: the peer reads what we send."""
         self.control_queued = 0
+
+    def written(self) -> bool:
+        """The adapter wrote our output out; True when streams wait only for that (call
+        :meth:`release_blocked` on a later turn, when the transport could push back)."""
+        self.data_queued = 0
+        if self.burst_blocked:
+            self.burst_blocked = False
+            return not self.write_paused
+        return False
 
     # -- input ---------------------------------------------------------------------------------------
     def receive(self, data: bytes) -> None:
@@ -590,7 +602,7 @@ class H2Connection:
     def release_blocked(self) -> None:
         """A window opened (or the peer reads again): let waiting streams send, in the order they waited."""
         for s in list(self.blocked):
-            if self.send_window <= 0 or self.write_paused or self.dead:
+            if self.send_window <= 0 or self.write_paused or self.dead or self.data_queued >= self.max_burst:
                 return
             if self.peer_initial_window + s.send_delta > 0:
                 del self.blocked[s]
@@ -601,8 +613,9 @@ class H2Connection:
         """Send as much of ``data`` as the windows allow (nothing while the peer does not read);
         returns the bytes sent. A stream left with data is added to :attr:`blocked`."""
         n = len(data)
-        if self.write_paused:
+        if self.write_paused or self.data_queued >= self.max_burst:
             allowed = 0
+            self.burst_blocked = not self.write_paused
         else:
             allowed = min(self.peer_initial_window + s.send_delta, self.send_window, n)
         if allowed <= 0:
@@ -623,6 +636,7 @@ class H2Connection:
             self.data_frames_sent += 1
         self.send_window -= sent
         s.send_delta -= sent
+        self.data_queued += sent
         if sent < n:
             self.blocked[s] = None
         elif end:

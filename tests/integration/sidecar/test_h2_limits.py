@@ -297,3 +297,27 @@ async def test_drain_sends_goaway_with_the_last_stream(pair: Pair) -> None:
     assert gone[0].error_code == 0 and gone[0].last_stream_id == 1
     await closing
     client.close()
+
+
+async def test_a_client_that_does_not_read_is_not_buffered_for(pair: Pair) -> None:
+    from sidecar.h2_proxy import H2Outbound
+
+    h2out = pair.outbound._listeners["api"]
+    assert isinstance(h2out, H2Outbound)
+    client = await RawClient.connect(pair.local, INITIAL_WINDOW_SIZE=2**31 - 1)
+    client.conn.increment_flow_control_window(2**30)
+    client.request(1, SERVER_STREAM, message(echo_pb2.EchoRequest(response_size=1_000_000)), [("x-echo-count", "60")])
+    await client.flush()
+    await asyncio.sleep(2.0)  # 60 MB offered; the client reads nothing
+    limit = pair.outbound.limits.h2_max_buffered_bytes
+    for app in h2out.apps:
+        buffered = app.transport.get_write_buffer_size()
+        queued = sum(len(item) for s in app.streams.values() for _, item, _ in s.call.q_app)
+        assert buffered <= 2 * limit + 64 * 1024, buffered
+        assert queued <= 2 * pair.outbound.limits.h2_initial_stream_window, queued
+    # other callers are not held up meanwhile
+    ch = channel(pair)
+    stub = echo_pb2_grpc.EchoStub(ch)  # type: ignore[no-untyped-call]
+    assert (await stub.Unary(echo_pb2.EchoRequest(text="other"), timeout=10)).text == "other"
+    await ch.close(None)
+    client.close()

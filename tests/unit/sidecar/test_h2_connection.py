@@ -439,3 +439,16 @@ def test_send_headers_splits_by_the_peers_max_frame_size() -> None:
     frames = conn.take()
     assert [(t, f, len(p)) for t, f, _, p in frames] == [(HEADERS, F_END_STREAM, 16384), (CONTINUATION, 0, 16384),
                                                         (CONTINUATION, F_END_HEADERS, 7232)]
+
+
+def test_data_written_in_one_turn_is_capped_at_the_buffer_limit() -> None:
+    conn = server(Limits(h2_max_buffered_bytes=64 * 1024, h2_connection_window=16 * 1024 * 1024))
+    conn.receive(settings_frame([(S_INITIAL_WINDOW, 2**31 - 1)]) + wu(0, 2**30))
+    for sid in (1, 3):
+        open_stream(conn, sid)
+    s1, s3 = conn.streams[1], conn.streams[3]
+    assert conn.send_data(s1, b"a" * 100_000, False) == 100_000  # one call may pass the cap once
+    assert conn.send_data(s3, b"b" * 10, False) == 0 and list(conn.blocked) == [s3]
+    assert conn.written()  # the adapter wrote it out: s3 may go on the next turn
+    conn.release_blocked()
+    assert ("writable", 3) in conn.events
