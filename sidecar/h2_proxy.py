@@ -154,11 +154,35 @@ class Stream:
         self.source = ""  # the caller's service (inbound full path)
 
 
+def _decoder(limits: Limits) -> Decoder:
+    # what a block within the block-size limit can decode to at most: a whole block is always decoded
+    # (the HPACK table stays in step) and the list limit is checked after, so that only the stream fails
+    decoder = Decoder(max_header_list_size=limits.h2_max_header_block_size * _MAX_EXPANSION)
+    decoder.max_allowed_table_size = 4096
+    return decoder
+
+
+def decode_plain(decoder: Decoder, block: bytes, limit: int) -> bytes:
+    """A block decoded with the connection's HPACK decoder, re-encoded context-free, within ``limit``."""
+    try:
+        headers = [(bytes(k), bytes(v)) for k, v in decoder.decode(block, raw=True)]
+    except OversizedHeaderListError:
+        raise ConnectionFault(E_COMPRESSION, "header_list_too_large", "a header block decoding past any bound") \
+            from None
+    except HPACKError as exc:
+        raise ConnectionFault(E_COMPRESSION, "hpack_error", f"HPACK: {exc}") from None
+    size = list_size(headers)
+    if size > limit:
+        raise HeaderListTooLarge(size, limit)
+    return encode_plain(headers)
+
+
 class _Conn(H2Connection, asyncio.Protocol):
     """The asyncio adapter of one HTTP/2 connection: output batched per event-loop turn, back-pressure,
     settings timeout, and errors counted and logged once per connection."""
 
     kind = "h2"
+    is_context_free = staticmethod(context_free)
 
     def __init__(self, proxy: Any, limits: Limits | None = None, telemetry: Any = None, *, client: bool) -> None:
         H2Connection.__init__(self, limits or DEFAULT_LIMITS, client=client)
@@ -169,6 +193,7 @@ class _Conn(H2Connection, asyncio.Protocol):
         self.closed = False
         self.logged = False
         self._timer: asyncio.TimerHandle | None = None
+        self.decoder = _decoder(self.limits)
 
     # output
     def send(self, data: bytes) -> None:
@@ -266,28 +291,27 @@ class _Conn(H2Connection, asyncio.Protocol):
 
     def stream_failed(self, st: Stream, reason: str) -> None: ...
 
+    # header blocks
+    def _plain(self, block: bytes) -> bytes:
+        """A context-free copy of a peer's header block, within the header-list limit (or a fault)."""
+        limit = self.limits.h2_max_header_list_size
+        if self.settings_acked and self.is_context_free(block):
+            # once the peer acknowledged HEADER_TABLE_SIZE=0 its encoder can no longer refer to the
+            # dynamic table: a block without such references is forwarded as it is
+            if len(block) * _MAX_EXPANSION > limit:
+                headers_of(block, limit)  # raises HeaderListTooLarge
+            return block
+        return decode_plain(self.decoder, block, limit)
 
-def _decoder(limits: Limits) -> Decoder:
-    # what a block within the block-size limit can decode to at most: a whole block is always decoded
-    # (the HPACK table stays in step) and the list limit is checked after, so that only the stream fails
-    decoder = Decoder(max_header_list_size=limits.h2_max_header_block_size * _MAX_EXPANSION)
-    decoder.max_allowed_table_size = 4096
-    return decoder
-
-
-def decode_plain(decoder: Decoder, block: bytes, limit: int) -> bytes:
-    """A block decoded with the connection's HPACK decoder, re-encoded context-free, within ``limit``."""
-    try:
-        headers = [(bytes(k), bytes(v)) for k, v in decoder.decode(block, raw=True)]
-    except OversizedHeaderListError:
-        raise ConnectionFault(E_COMPRESSION, "header_list_too_large", "a header block decoding past any bound") \
-            from None
-    except HPACKError as exc:
-        raise ConnectionFault(E_COMPRESSION, "hpack_error", f"HPACK: {exc}") from None
-    size = list_size(headers)
-    if size > limit:
-        raise HeaderListTooLarge(size, limit)
-    return encode_plain(headers)
+    def on_discarded_block(self, block: bytes, truncated: bool) -> None:
+        if not self.settings_acked:  # keep the HPACK decoder in step
+            if truncated:
+                raise ConnectionFault(E_COMPRESSION, "header_block_too_large",
+                                      "a header block above the limit before HEADER_TABLE_SIZE=0 was acknowledged")
+            try:
+                self.decoder.decode(block, raw=True)
+            except HPACKError as exc:
+                raise ConnectionFault(E_COMPRESSION, "hpack_error", f"HPACK: {exc}") from None
 
 
 class AppConn(_Conn):
@@ -295,10 +319,10 @@ class AppConn(_Conn):
     decrypted one to the inbound full path."""
 
     kind = "app"
+    is_context_free = staticmethod(context_free)
 
     def __init__(self, proxy: H2Outbound) -> None:
         super().__init__(proxy, proxy.limits, proxy.telemetry, client=False)
-        self.decoder = _decoder(self.limits)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gate = self.proxy.gate
@@ -324,17 +348,6 @@ class AppConn(_Conn):
         self.streams.clear()
         self.blocked.clear()
         proxy.flush()
-
-    def _plain(self, block: bytes) -> bytes:
-        """A context-free copy of a request block, within the header-list limit (or a fault)."""
-        limit = self.limits.h2_max_header_list_size
-        if self.settings_acked and context_free(block):
-            # once the peer acknowledged HEADER_TABLE_SIZE=0 its encoder can no longer refer to the
-            # dynamic table: a block without such references is forwarded as it is
-            if len(block) * _MAX_EXPANSION > limit:
-                headers_of(block, limit)  # raises HeaderListTooLarge
-            return block
-        return decode_plain(self.decoder, block, limit)
 
     def on_request(self, s: H2Stream, flags: int, block: bytes) -> None:
         proxy = self.proxy
@@ -374,16 +387,6 @@ class AppConn(_Conn):
             self.send_data(s, text.encode(), True)
         self.close_stream(s)
 
-    def on_discarded_block(self, block: bytes, truncated: bool) -> None:
-        if not self.settings_acked:  # keep the HPACK decoder in step
-            if truncated:
-                raise ConnectionFault(E_COMPRESSION, "header_block_too_large",
-                                      "a header block above the limit before HEADER_TABLE_SIZE=0 was acknowledged")
-            try:
-                self.decoder.decode(block, raw=True)
-            except HPACKError as exc:
-                raise ConnectionFault(E_COMPRESSION, "hpack_error", f"HPACK: {exc}") from None
-
     def on_headers(self, s: H2Stream, flags: int, block: bytes) -> None:
         call = s.call
         if not isinstance(call, Stream):
@@ -420,6 +423,7 @@ class UpConn(_Conn):
     """One HTTP/2 connection to an upstream: an endpoint's sidecar (mTLS) or the local app (h2c)."""
 
     kind = "upstream"
+    is_context_free = staticmethod(context_free_cached)  # responses repeat the same few blocks
 
     def __init__(self, proxy: H2Outbound, key: str, generation: str) -> None:
         super().__init__(proxy, proxy.limits, proxy.telemetry, client=True)
@@ -431,7 +435,6 @@ class UpConn(_Conn):
         self.waiting: list[Stream] = []  # calls for this connection that have no stream yet
         self.sid_limit = MAX_STREAM_ID - 2  # past it the connection is retired (tests lower it)
         self.soft_limit = 0  # streams the peer really takes at once, learnt from its refusals (0: as announced)
-        self.decoder = _decoder(self.limits)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.begin(transport)
@@ -464,14 +467,6 @@ class UpConn(_Conn):
         self.blocked.clear()
         self.proxy.up_lost(self)
 
-    def _plain(self, block: bytes) -> bytes:
-        limit = self.limits.h2_max_header_list_size
-        if self.settings_acked and context_free_cached(block):
-            if len(block) * _MAX_EXPANSION > limit:
-                headers_of(block, limit)
-            return block
-        return decode_plain(self.decoder, block, limit)
-
     def on_headers(self, s: H2Stream, flags: int, block: bytes) -> None:
         st = s.call
         if st is None:
@@ -499,16 +494,6 @@ class UpConn(_Conn):
         if s.call is not None:
             self.proxy.fail(s.call, RESOURCE_EXHAUSTED, f"weft: response headers of {size} bytes are above the "
                                                         f"limit of {self.max_block}")
-
-    def on_discarded_block(self, block: bytes, truncated: bool) -> None:
-        if not self.settings_acked:
-            if truncated:
-                raise ConnectionFault(E_COMPRESSION, "header_block_too_large",
-                                      "a header block above the limit before HEADER_TABLE_SIZE=0 was acknowledged")
-            try:
-                self.decoder.decode(block, raw=True)
-            except HPACKError as exc:
-                raise ConnectionFault(E_COMPRESSION, "hpack_error", f"HPACK: {exc}") from None
 
     def on_data(self, s: H2Stream, end: int, data: bytes) -> None:
         st = s.call

@@ -23,20 +23,20 @@ REQUEST = [(":method", "POST"), (":scheme", "http"), (":path", "/pkg.Svc/Call"),
            ("content-type", "application/grpc"), ("te", "trailers")]
 
 
-def h2_client(**settings: int) -> h2.connection.H2Connection:
-    c = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+def h2_peer(client_side: bool, **settings: int) -> h2.connection.H2Connection:
+    c = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8"))
     c.initiate_connection()
     if settings:
         c.update_settings({getattr(h2.settings.SettingCodes, k): v for k, v in settings.items()})
     return c
+
+
+def h2_client(**settings: int) -> h2.connection.H2Connection:
+    return h2_peer(True, **settings)
 
 
 def h2_server(**settings: int) -> h2.connection.H2Connection:
-    c = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
-    c.initiate_connection()
-    if settings:
-        c.update_settings({getattr(h2.settings.SettingCodes, k): v for k, v in settings.items()})
-    return c
+    return h2_peer(False, **settings)
 
 
 def pump(peer: h2.connection.H2Connection, ours: Recorder) -> list[Any]:
