@@ -523,8 +523,8 @@ class H2Connection:
                                           f"SETTINGS_MAX_FRAME_SIZE {value} outside [16384, 2^24-1]")
                 self.peer_max_frame = value
             elif key == S_ENABLE_PUSH:
-                if value > 1:
-                    raise ConnectionFault(E_PROTOCOL, "bad_settings", f"SETTINGS_ENABLE_PUSH {value} is not 0 or 1")
+                if value > 1 or (value and self.client):  # a server must not enable push (RFC 9113 6.5.2)
+                    raise ConnectionFault(E_PROTOCOL, "bad_settings", f"SETTINGS_ENABLE_PUSH {value} is not allowed")
             elif key == S_MAX_CONCURRENT:
                 opened = opened or value > self.peer_max_concurrent
                 self.peer_max_concurrent = value

@@ -452,3 +452,9 @@ def test_data_written_in_one_turn_is_capped_at_the_buffer_limit() -> None:
     assert conn.written()  # the adapter wrote it out: s3 may go on the next turn
     conn.release_blocked()
     assert ("writable", 3) in conn.events
+
+
+def test_a_server_enabling_push_is_a_protocol_error() -> None:
+    conn = Recorder(client=True)
+    conn.receive(settings_frame([(S_ENABLE_PUSH, 1)]))
+    assert goaway_code(conn.take()) == E_PROTOCOL
