@@ -192,6 +192,7 @@ class _Conn(H2Connection, asyncio.Protocol):
         self.wq: list[bytes] = []
         self.closed = False
         self.logged = False
+        self.bug_logged = False
         self._timer: asyncio.TimerHandle | None = None
         self.decoder = _decoder(self.limits)
 
@@ -283,7 +284,8 @@ class _Conn(H2Connection, asyncio.Protocol):
         self.closed = True  # nothing more is written to it
 
     def on_stream_error(self, s: H2Stream, code: int, reason: str, exc: BaseException | None) -> None:
-        if exc is not None:
+        if exc is not None and not self.bug_logged:  # a bug of ours: logged once per connection
+            self.bug_logged = True
             log.error("h2_stream_failed", side=self.kind, sid=s.sid, error=f"{type(exc).__name__}: {exc}"[:300])
         call = s.call
         if isinstance(call, Stream):
