@@ -458,3 +458,40 @@ def test_a_server_enabling_push_is_a_protocol_error() -> None:
     conn = Recorder(client=True)
     conn.receive(settings_frame([(S_ENABLE_PUSH, 1)]))
     assert goaway_code(conn.take()) == E_PROTOCOL
+
+
+def test_initial_window_changes_apply_to_open_and_new_streams() -> None:
+    conn = server()
+    open_stream(conn, 1)
+    s1 = conn.streams[1]
+    assert conn.send_data(s1, b"x" * 1000, False) == 1000
+    conn.receive(settings_frame([(S_INITIAL_WINDOW, 500)]))  # below what s1 already sent: negative
+    assert conn.send_window_of(s1) == -500 and conn.send_data(s1, b"y", False) == 0
+    open_stream(conn, 3)
+    assert conn.send_window_of(conn.streams[3]) == 500
+    conn.receive(settings_frame([(S_INITIAL_WINDOW, 100_000)]))  # raised: the connection window still binds
+    assert conn.send_window_of(s1) == 99_000
+    assert conn.send_data(conn.streams[3], b"z" * 100_000, False) == 65535 - 1000
+
+
+def test_window_updates_for_closed_streams_are_ignored() -> None:
+    conn = server()
+    open_stream(conn, 1, end=True)
+    s = conn.streams[1]
+    conn.send_headers(s, block([(":status", "200")]), True)
+    conn.close_stream(s)
+    conn.take()
+    conn.receive(wu(1, 100) + frame(PRIORITY, 0, 1, b"\x00\x00\x00\x00\x10") + frame(RST_STREAM, 0, 1, U32.pack(0)))
+    assert not conn.dead and conn.take() == []
+
+
+def test_data_frames_received_lower_both_windows_and_credit_refills_them() -> None:
+    conn = server()
+    open_stream(conn, 1)
+    open_stream(conn, 3)
+    stream_before = conn.streams[3].recv_window
+    conn_before = conn.recv_window
+    conn.receive(frame(DATA, 0, 1, b"x" * 1000))
+    assert conn.recv_window == conn_before - 1000 and conn.streams[3].recv_window == stream_before
+    conn.consumed(conn.limits.h2_connection_window // 4)  # enough passed on: a WINDOW_UPDATE goes out
+    assert [t for t, _, sid, _ in conn.take()] == [WINDOW_UPDATE]
