@@ -59,6 +59,7 @@ from sidecar.h2.grpc import (
     CANCELLED,
     INTERNAL,
     RESOURCE_EXHAUSTED,
+    STATUS_NAMES,
     UNAUTHENTICATED,
     UNAVAILABLE,
     Messages,
@@ -80,6 +81,7 @@ from sidecar.h2.hpack import (
     list_size,
     scan,
 )
+from sidecar.h2.hpack import known_context_free as _known_context_free
 from sidecar.limits import DEFAULT as DEFAULT_LIMITS
 from sidecar.limits import Limits
 from sidecar.telemetry import RateLimitedLog, Telemetry
@@ -208,8 +210,12 @@ class _Conn(H2Connection, asyncio.Protocol):
             self.transport.write(b"".join(wq) if len(wq) > 1 else wq[0])
             if self.control_queued and not self.transport.get_write_buffer_size():
                 self.control_queued = 0  # the peer takes what we write
-            if self.data_queued and self.written():  # a burst was cut at max_burst: more on the next turn
-                asyncio.get_running_loop().call_soon(self._more)
+            if self.data_queued:
+                self.data_queued = 0
+                if self.burst_blocked:  # a burst was cut at max_burst: more on the next turn
+                    self.burst_blocked = False
+                    if not self.write_paused:
+                        asyncio.get_running_loop().call_soon(self._more)
         wq.clear()
 
     def _more(self) -> None:
@@ -296,7 +302,7 @@ class _Conn(H2Connection, asyncio.Protocol):
     # header blocks
     def _plain(self, block: bytes) -> bytes:
         """A context-free copy of a peer's header block, within the header-list limit (or a fault)."""
-        limit = self.limits.h2_max_header_list_size
+        limit = self.max_list
         if self.settings_acked and self.is_context_free(block):
             # once the peer acknowledged HEADER_TABLE_SIZE=0 its encoder can no longer refer to the
             # dynamic table: a block without such references is forwarded as it is
@@ -474,7 +480,10 @@ class UpConn(_Conn):
         if st is None:
             return
         try:
-            raw = self._plain(block)
+            if self.settings_acked and block in _known_context_free and len(block) * _MAX_EXPANSION <= self.max_list:
+                raw = block  # a block seen before (responses repeat): no need to read it again
+            else:
+                raw = self._plain(block)
         except HeaderListTooLarge as exc:
             self.counted("header_list_too_large")
             self.proxy.fail(st, RESOURCE_EXHAUSTED, f"weft: response headers of {exc.size} bytes or more are above "
@@ -548,7 +557,10 @@ class UpConn(_Conn):
         return True
 
     def can_open(self) -> bool:
-        return super().can_open() and (not self.soft_limit or len(self.streams) < self.soft_limit)
+        n = len(self.streams)
+        return (n < self.peer_max_concurrent and (not self.soft_limit or n < self.soft_limit)
+                and self.next_local_sid <= MAX_STREAM_ID and not self.goaway_received and not self.goaway_sent
+                and not self.dead)
 
     def stream_failed(self, st: Stream, reason: str) -> None:
         st.u = None
@@ -782,8 +794,7 @@ class H2Outbound:
                     st.credited -= skip
                     credit -= skip
                 if credit:
-                    app.consumed(credit)
-                    app.stream_consumed(a, credit)
+                    app.passed_on(a, credit)
             if sent < len(data):
                 if sent:
                     q[0] = (data[sent:], end)
@@ -835,9 +846,10 @@ class H2Outbound:
                 continue
             sent = app.send_data(a, item, end)
             if sent and up is not None:
-                up.consumed(sent)
                 if u is not None:
-                    up.stream_consumed(u, sent)
+                    up.passed_on(u, sent)
+                else:
+                    up.consumed(sent)
             if sent < len(item):
                 if sent:
                     q[0] = (kind, item[sent:], end)
@@ -859,7 +871,8 @@ class H2Outbound:
             up.close_stream(u)
             if up.soft_limit:  # a call done: try one more at once again (up to what the peer announced)
                 up.soft_limit = 0 if up.soft_limit >= up.peer_max_concurrent else up.soft_limit + 1
-            up.start_waiting()
+            if up.waiting:
+                up.start_waiting()
             if (up.retired or self.ups.get(up.key) is not up) and not up.streams and not up.waiting \
                     and up.transport is not None and not up.closed:
                 up.transport.close()  # a retired connection closes once its last stream is done
@@ -926,7 +939,7 @@ class H2Outbound:
         out = self._out
         snap = out.snapshot()
         up = snap.upstreams.get(self.pool.name)
-        name = status_name(code)
+        name = STATUS_NAMES[code] if 0 <= code < 17 else "UNKNOWN"
         label = out.telemetry.method_label(self.pool.name, st.method, up.methods if up is not None else None)
         source = snap.registration.service
         out.telemetry.request("outbound", source, self.pool.name, label, name, seconds)

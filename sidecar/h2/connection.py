@@ -135,6 +135,9 @@ class H2Connection:
         self.local_initial_window = limits.h2_initial_stream_window
         self.local_max_concurrent = limits.h2_max_concurrent_streams
         self.max_block = limits.h2_max_header_block_size
+        self.max_list = limits.h2_max_header_list_size
+        self.conn_update_at = limits.h2_connection_window >> 2  # credit given back in WINDOW_UPDATEs this big
+        self.stream_update_at = limits.h2_initial_stream_window >> 1
         # what the peer advertised
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = DEFAULT_MAX_FRAME
@@ -253,7 +256,14 @@ class H2Connection:
             i = end
             sid &= MAX_STREAM_ID
             try:
-                self._frame(typ, flags, sid, payload)
+                if self._hdr_sid or not self.settings_seen:  # the uncommon states: checked in _frame
+                    self._frame(typ, flags, sid, payload)
+                elif typ == DATA:
+                    self._data(flags, sid, payload)
+                elif typ == HEADERS:
+                    self._headers(flags, sid, payload)
+                else:
+                    self._frame(typ, flags, sid, payload)
             except StreamFault as fault:
                 self.stream_error(fault.sid, fault.code, fault.reason)
             except ConnectionFault as fault:
@@ -583,7 +593,7 @@ class H2Connection:
     def consumed(self, n: int) -> None:
         """``n`` bytes received on the connection were passed on (or dropped): give the window back."""
         self.recv_unacked += n
-        if self.recv_unacked >= self.limits.h2_connection_window >> 2:
+        if self.recv_unacked >= self.conn_update_at:
             self.send(window_update(0, self.recv_unacked))
             self.recv_window += self.recv_unacked
             self.recv_unacked = 0
@@ -591,10 +601,25 @@ class H2Connection:
     def stream_consumed(self, s: H2Stream, n: int) -> None:
         """``n`` bytes received on stream ``s`` were passed on: give the stream's window back."""
         s.recv_unacked += n
-        if s.recv_unacked >= self.local_initial_window >> 1 and s.sid in self.streams and not s.remote_closed:
+        if s.recv_unacked >= self.stream_update_at and s.sid in self.streams and not s.remote_closed:
             self.send(window_update(s.sid, s.recv_unacked))
             s.recv_window += s.recv_unacked
             s.recv_unacked = 0
+
+    def passed_on(self, s: H2Stream, n: int) -> None:
+        """:meth:`consumed` and :meth:`stream_consumed` in one call (the proxy's per-DATA path)."""
+        unacked = self.recv_unacked + n
+        if unacked >= self.conn_update_at:
+            self.send(window_update(0, unacked))
+            self.recv_window += unacked
+            unacked = 0
+        self.recv_unacked = unacked
+        unacked = s.recv_unacked + n
+        if unacked >= self.stream_update_at and s.sid in self.streams and not s.remote_closed:
+            self.send(window_update(s.sid, unacked))
+            s.recv_window += unacked
+            unacked = 0
+        s.recv_unacked = unacked
 
     def send_window_of(self, s: H2Stream) -> int:
         return self.peer_initial_window + s.send_delta

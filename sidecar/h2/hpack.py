@@ -125,20 +125,20 @@ def scan(block: bytes, want: bytes) -> bytes | None:
     return None
 
 
-_context_free_blocks: dict[bytes, bool] = {}  # short blocks seen to be context-free (responses repeat)
+known_context_free: dict[bytes, bool] = {}  # short blocks seen to be context-free (responses repeat)
 CONTEXT_FREE_CACHE_ENTRIES = 1024
 CONTEXT_FREE_CACHE_MAX_BLOCK = 256
 
 
 def context_free_cached(block: bytes) -> bool:
     """:func:`context_free`, remembering short blocks that are (response headers and trailers repeat)."""
-    if block in _context_free_blocks:
+    if block in known_context_free:
         return True
     if context_free(block):
         if len(block) <= CONTEXT_FREE_CACHE_MAX_BLOCK:
-            if len(_context_free_blocks) >= CONTEXT_FREE_CACHE_ENTRIES:
-                _context_free_blocks.clear()
-            _context_free_blocks[block] = True
+            if len(known_context_free) >= CONTEXT_FREE_CACHE_ENTRIES:
+                known_context_free.clear()
+            known_context_free[block] = True
         return True
     return False
 
@@ -146,26 +146,43 @@ def context_free_cached(block: bytes) -> bool:
 def context_free(block: bytes) -> bool:
     """True when a block references no dynamic-table entry (only static indices below 62).
 
-    Raises :class:`HpackError` on a truncated or malformed block.
+    Raises :class:`HpackError` on a truncated or malformed block. (Every request block goes through
+    here: one-byte integers and string lengths, the common case, are read inline.)
     """
     try:
         i, n = 0, len(block)
         while i < n:
             b = block[i]
-            if b & 0x80:
-                idx, i = _int(block, i, 7)
+            if b & 0x80:  # indexed field
+                idx = b & 0x7F
                 if idx > 61 or idx == 0:
                     return False
+                i += 1
                 continue
-            if b & 0xE0 == 0x20:
+            if b & 0xE0 == 0x20:  # dynamic table size update
                 _, i = _int(block, i, 5)
                 continue
-            idx, i = _int(block, i, 6 if b & 0xC0 == 0x40 else 4)
+            if b & 0xC0 == 0x40:  # literal with incremental indexing (6-bit index)
+                idx = b & 0x3F
+                if idx == 0x3F:
+                    idx, i = _int(block, i, 6)
+                else:
+                    i += 1
+            else:  # literal without indexing or never indexed (4-bit index)
+                idx = b & 0x0F
+                if idx == 0x0F:
+                    idx, i = _int(block, i, 4)
+                else:
+                    i += 1
             if idx > 61:
                 return False
-            if not idx:
-                i = _skip_string(block, i)
-            i = _skip_string(block, i)
+            if not idx:  # a literal name, then the value
+                length = block[i] & 0x7F
+                i = i + 1 + length if length < 0x7F else _skip_string(block, i)
+            length = block[i] & 0x7F
+            i = i + 1 + length if length < 0x7F else _skip_string(block, i)
+        if i > n:
+            raise HpackError("HPACK string runs past the end of the header block")
         return True
     except IndexError:
         raise HpackError("truncated header block") from None
