@@ -147,7 +147,8 @@ class Stream:
         self.data_sent = False  # request DATA went out
         # request data sent but not yet answered, kept (up to _REPLAY_LIMIT) so that a stream the
         # upstream refuses unprocessed (REFUSED_STREAM) can be sent again; None once not replayable
-        self.replay: list[bytes] | tuple[()] | None = ()  # () until something is sent (no list per call)
+        # () until something is sent, then the one chunk sent (most calls), then a list of chunks
+        self.replay: bytes | list[bytes] | tuple[()] | None = ()
         self.replay_size = 0
         self.credited = 0  # bytes at the head of q_up already given back to the app (a replay)
         self.refusals = 0
@@ -545,7 +546,7 @@ class UpConn(_Conn):
         st.refusals += 1
         self.soft_limit = max(1, len(self.streams))
         if replay:
-            items = [(d, False) for d in replay]
+            items = [(d, False) for d in ([replay] if isinstance(replay, bytes) else replay)]
             if not st.q_up and st.a.remote_closed and st.trailers is None:
                 items[-1] = (items[-1][0], True)
             st.q_up[:0] = items
@@ -781,10 +782,12 @@ class H2Outbound:
                 if replay is not None:
                     if st.replay_size + sent <= _REPLAY_LIMIT:
                         chunk = data if sent == len(data) else data[:sent]
-                        if replay:
-                            replay.append(chunk)  # type: ignore[union-attr]
+                        if not replay:
+                            st.replay = chunk
+                        elif isinstance(replay, bytes):
+                            st.replay = [replay, chunk]
                         else:
-                            st.replay = [chunk]
+                            replay.append(chunk)  # type: ignore[union-attr]
                         st.replay_size += sent
                     else:
                         st.replay = None

@@ -247,3 +247,17 @@ async def test_settings_timeout_ends_the_connection_with_goaway() -> None:
     await asyncio.sleep(0.2)
     frames = t.take()
     assert frames[-1][0] == 7 and U32.unpack_from(frames[-1][3], 4)[0] == 4 and t.closed  # GOAWAY SETTINGS_TIMEOUT
+
+
+async def test_a_refused_stream_sends_every_chunk_again_and_the_app_window_is_not_given_twice() -> None:
+    rig = Rig(Limits())
+    rig.app_in(frame(HEADERS, F_END_HEADERS, 1, REQUEST) + frame(DATA, 0, 1, MSG[:4]) + frame(DATA, 0, 1, MSG[4:]))
+    rig.up_t.take()
+    credited = rig.app.recv_unacked
+    rig.up_in(frame(RST_STREAM, 0, 1, U32.pack(E_REFUSED)))
+    again = rig.up_t.take()
+    assert kinds(again) == [(HEADERS, 3, F_END_HEADERS), (DATA, 3, 0), (DATA, 3, 0)]
+    assert b"".join(p for t, _, _, p in again if t == DATA) == MSG
+    assert rig.app.recv_unacked == credited  # what the app sent was given back once, not twice
+    rig.app_in(frame(DATA, F_END_STREAM, 1, b""))
+    assert kinds(rig.up_t.take()) == [(DATA, 3, F_END_STREAM)]
