@@ -29,7 +29,7 @@ from sidecar.h2.connection import H2Stream
 from sidecar.h2.frames import E_CALM, E_CANCEL, E_REFUSED, F_END_STREAM
 from sidecar.h2.grpc import STATUS_NAMES
 from sidecar.h2.hpack import encode_plain
-from sidecar.h2_proxy import _Conn
+from sidecar.h2_conn import Conn
 
 OK, CANCELLED, UNKNOWN, DEADLINE_EXCEEDED = 0, 1, 2, 4
 PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, UNAUTHENTICATED = 7, 8, 12, 13, 14, 16
@@ -107,7 +107,7 @@ class _Call:
 
 
 class _Owner:
-    """What h2_proxy._Conn expects of its proxy: connections with output pending, and a flush."""
+    """What h2_conn.Conn expects of its proxy: connections with output pending, and a flush."""
 
     def __init__(self) -> None:
         self.dirty: list[Any] = []
@@ -118,7 +118,7 @@ class _Owner:
         self.dirty.clear()
 
 
-class _ClientConn(_Conn):
+class _ClientConn(Conn):
     """The client side of the HTTP/2 state machine (sidecar.h2.connection) with calls on its streams."""
 
     kind = "client"
