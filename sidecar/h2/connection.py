@@ -83,6 +83,9 @@ from sidecar.h2.frames import (
 from sidecar.limits import Limits
 
 RECENT_RESETS = 256  # stream ids we reset lately, whose in-flight frames are ignored rather than refused
+# a stream the client resets after this long (unanswered) is a cancellation, not rapid reset (Envoy's
+# premature-reset minimum stream lifetime): a burst of deadline expiries does not cost the budget
+RAPID_RESET_WINDOW = 1.0
 
 
 class ConnectionFault(Exception):
@@ -108,8 +111,8 @@ class StreamFault(Exception):
 class H2Stream:
     """One stream's state on one connection. ``call`` is the owner's object (the proxied call)."""
 
-    __slots__ = ("answered", "call", "headers_in", "local_closed", "recv_unacked", "recv_window", "remote_closed",
-                 "send_delta", "sid")
+    __slots__ = ("answered", "call", "headers_in", "local_closed", "opened", "recv_unacked", "recv_window",
+                 "remote_closed", "send_delta", "sid")
 
     def __init__(self, sid: int, recv_window: int, call: Any = None) -> None:
         self.sid = sid
@@ -120,6 +123,7 @@ class H2Stream:
         self.local_closed = False  # we sent END_STREAM
         self.answered = False  # we sent response HEADERS (server side): a reset no longer counts as rapid
         self.headers_in = False  # the peer sent a header block on it (DATA may follow)
+        self.opened = 0.0  # when the peer opened it (server side), for the rapid-reset budget
         self.call = call
 
 
@@ -466,6 +470,7 @@ class H2Connection:
             return
         s = H2Stream(sid, self.local_initial_window)
         s.headers_in = True
+        s.opened = self.clock()
         if flags & F_END_STREAM:
             s.remote_closed = True
         self.streams[sid] = s
@@ -561,7 +566,7 @@ class H2Connection:
             return
         self.blocked.pop(s, None)
         self.on_reset(s, U32.unpack(payload)[0])
-        if not self.client and not s.answered:
+        if not self.client and not s.answered and self.clock() - s.opened < RAPID_RESET_WINDOW:
             self.spend_reset()
 
     def _priority(self, sid: int, payload: bytes) -> None:

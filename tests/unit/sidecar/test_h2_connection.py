@@ -495,3 +495,14 @@ def test_data_frames_received_lower_both_windows_and_credit_refills_them() -> No
     assert conn.recv_window == conn_before - 1000 and conn.streams[3].recv_window == stream_before
     conn.consumed(conn.limits.h2_connection_window // 4)  # enough passed on: a WINDOW_UPDATE goes out
     assert [t for t, _, sid, _ in conn.take()] == [WINDOW_UPDATE]
+
+
+def test_resetting_a_stream_that_waited_long_is_not_rapid_reset() -> None:
+    clock = Clock()
+    conn = server(Limits(h2_reset_burst=2, h2_reset_rate=0.0), clock)
+    for sid in (1, 3, 5, 7):
+        open_stream(conn, sid)
+    clock.now += 2.0  # the calls waited (deadlines expiring): their resets are cancellations
+    for sid in (1, 3, 5, 7):
+        conn.receive(frame(RST_STREAM, 0, sid, U32.pack(8)))
+    assert not conn.dead and conn.reset_tokens == 2.0
