@@ -68,6 +68,21 @@ _MAX_REFUSALS = 8
 _CLOSE_GRACE = 2.0  # seconds a connection closed for an error has to take its GOAWAY before it is aborted
 
 
+def _linger(transport: Any) -> None:
+    """Close after a connection error without losing the GOAWAY: a socket closed with unread input
+    sends RST, and the peer's kernel then drops what it had not read yet (the GOAWAY that says why).
+    So the write side is shut after the buffered bytes, reading resumes (what arrives is discarded),
+    and the socket closes on the peer's EOF or is aborted after ``_CLOSE_GRACE``."""
+    try:
+        if transport.can_write_eof():
+            transport.write_eof()
+            transport.resume_reading()
+            return
+    except (OSError, RuntimeError, NotImplementedError, AttributeError):
+        pass
+    transport.close()
+
+
 # -- streams and connections ----------------------------------------------------------------------
 
 class Stream:
@@ -217,6 +232,8 @@ class Conn(H2Connection, asyncio.Protocol):
             self._timer = None
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return  # lingering after a connection error: read and discarded (see _linger)
         self.receive(data)
         self.proxy.flush()
 
@@ -258,9 +275,9 @@ class Conn(H2Connection, asyncio.Protocol):
         self.proxy.flush()
         transport = self.transport
         if transport is not None and not self.closed:
-            transport.close()  # after the GOAWAY is written
+            _linger(transport)
             asyncio.get_running_loop().call_later(_CLOSE_GRACE, transport.abort)
-        self.closed = True  # nothing more is written to it
+        self.closed = True  # nothing more is written to it, and what it still sends is discarded
 
     def on_stream_error(self, s: H2Stream, code: int, reason: str, exc: BaseException | None) -> None:
         if exc is not None and not self.bug_logged:  # a bug of ours: logged once per connection
