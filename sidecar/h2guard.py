@@ -32,8 +32,14 @@ would refuse on its own HTTP/2 paths. From the client (the caller), a connection
   (PROTOCOL_ERROR) or one that takes the connection window the client grants the app past 2^31-1
   (FLOW_CONTROL_ERROR; the window is tracked from the app's DATA frames).
 
-Stream-level errors (a stream WINDOW_UPDATE of 0, DATA after END_STREAM) are left to the app, which
-answers them with RST_STREAM without harm to others. The app's own frames are parsed for state only.
+- stream state: HEADERS or DATA after the client's END_STREAM, DATA on a closed stream
+  (STREAM_CLOSED), HEADERS that open a stream id not above the last one (PROTOCOL_ERROR), except on
+  the last ``APP_RESETS_KEPT`` streams the app reset, whose in-flight frames the app ignores (RFC
+  9113 5.1). RFC 9113 5.4.1 lets an endpoint treat these stream errors as connection errors; the guard
+  must, since it cannot drop a frame without desynchronising HPACK.
+
+Other stream-level errors (a stream WINDOW_UPDATE of 0) are left to the app, which answers them with
+RST_STREAM without harm to others. The app's own frames are parsed for state only.
 
 Cost: no payload byte is copied; the guard keeps at most a partial frame header (9 bytes), a partial
 SETTINGS entry or WINDOW_UPDATE increment (6 bytes) and one small record per open stream (bounded by
@@ -44,6 +50,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,6 +67,7 @@ NO_ERROR = 0x0
 PROTOCOL_ERROR = 0x1
 INTERNAL_ERROR = 0x2
 FLOW_CONTROL_ERROR = 0x3
+STREAM_CLOSED = 0x5
 FRAME_SIZE_ERROR = 0x6
 ENHANCE_YOUR_CALM = 0xB
 
@@ -83,6 +91,7 @@ _SKIP, _CLIENT_SETTINGS, _CLIENT_WINDOW_UPDATE, _SERVER_SETTINGS = range(4)
 _CLIENT_ENDED = 1
 _SERVER_ENDED = 2
 _ANSWERED = 4
+APP_RESETS_KEPT = 256  # stream ids the app reset lately: the client's frames in flight on them are ignored
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +160,10 @@ class H2Guard:
         self.streams: dict[int, int] = {}
         self.last_client_stream = 0
         self.streams_opened = 0
+        # streams the app reset lately (RFC 9113 5.1: frames the client sent before it saw the RST_STREAM
+        # are ignored by the app, so they are no violation); bounded FIFO
+        self._app_resets: set[int] = set()
+        self._app_reset_order: deque[int] = deque()
         self._our_max_streams = limits.h2_max_concurrent_streams
         self.max_streams = limits.h2_max_concurrent_streams  # in force (acknowledged by the client)
         self._pending_server_settings: list[int] = []  # max streams each unacknowledged app SETTINGS carries
@@ -236,6 +249,11 @@ class H2Guard:
         if ftype == DATA:
             if sid == 0 or sid > self.last_client_stream:
                 return self._fail("stream_id", PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            state = self.streams.get(sid)
+            if state is None and sid not in self._app_resets:
+                return self._fail("data_on_closed_stream", STREAM_CLOSED, f"DATA on closed stream {sid}")
+            if state is not None and state & _CLIENT_ENDED:
+                return self._fail("data_after_end_stream", STREAM_CLOSED, f"DATA after END_STREAM on stream {sid}")
             if length == 0 and not flags & FLAG_END_STREAM:
                 return self._empty_frame()
             self._empty = 0
@@ -252,6 +270,15 @@ class H2Guard:
                 self.last_client_stream = sid
                 self.streams_opened += 1
                 self.streams[sid] = 0
+            else:  # trailers on an open stream, or a stream id used again
+                state = self.streams.get(sid)
+                if state is None and sid not in self._app_resets:
+                    return self._fail("stream_id_reused", PROTOCOL_ERROR,
+                                      f"HEADERS on stream {sid}, not above the last opened stream "
+                                      f"{self.last_client_stream}")
+                if state is not None and state & _CLIENT_ENDED:
+                    return self._fail("headers_after_end_stream", STREAM_CLOSED,
+                                      f"HEADERS after END_STREAM on stream {sid}")
             if length > self.limits.h2_max_header_block_size:
                 return self._fail("header_block_size", ENHANCE_YOUR_CALM,
                                   f"header block over {self.limits.h2_max_header_block_size} bytes")
@@ -413,6 +440,12 @@ class H2Guard:
         self._reset_tokens -= 1.0
         return None
 
+    def _app_reset(self, sid: int) -> None:
+        self._app_resets.add(sid)
+        self._app_reset_order.append(sid)
+        if len(self._app_reset_order) > APP_RESETS_KEPT:
+            self._app_resets.discard(self._app_reset_order.popleft())
+
     def _end(self, sid: int, bit: int) -> None:
         state = self.streams.get(sid)
         if state is None:
@@ -471,7 +504,8 @@ class H2Guard:
                     if flags & FLAG_END_STREAM:
                         self._end(sid, _SERVER_ENDED)
             elif ftype == RST_STREAM:
-                self.streams.pop(sid, None)
+                if self.streams.pop(sid, None) is not None:
+                    self._app_reset(sid)
             elif ftype == PING:
                 if flags & FLAG_ACK and self._unanswered_control:
                     self._unanswered_control -= 1

@@ -23,6 +23,7 @@ from sidecar.h2guard import (
     PROTOCOL_ERROR,
     RST_STREAM,
     SETTINGS,
+    STREAM_CLOSED,
     WINDOW_UPDATE,
     H2Guard,
     Violation,
@@ -328,3 +329,56 @@ def test_the_app_speaking_first_in_split_reads_keeps_state() -> None:
     pair = Pair(chunk=1)
     assert pair.call(1) is None
     assert pair.guard.server_at_frame_boundary()
+
+
+def test_a_stream_id_used_again_or_below_the_last_is_refused() -> None:
+    pair = Pair()
+    assert pair.call(1) is None  # stream 1 is closed now
+    v = pair.send_client(frame(HEADERS, 0x4 | 0x1, 1, b"\x83\x86\x84"))
+    assert v is not None and v.reason == "stream_id_reused" and v.code == PROTOCOL_ERROR
+    pair = Pair()
+    assert pair.call(5, answer=False) is None
+    v = pair.send_client(frame(HEADERS, 0x4 | 0x1, 3, b"\x83\x86\x84"))
+    assert v is not None and v.reason == "stream_id_reused" and v.code == PROTOCOL_ERROR
+
+
+def test_frames_after_the_clients_end_stream_are_stream_closed() -> None:
+    pair = Pair()
+    assert pair.call(1, answer=False) is None  # the client ended stream 1; the app has not answered
+    v = pair.send_client(frame(DATA, 0x1, 1, b"\0\0\0\0\0"))
+    assert v is not None and v.reason == "data_after_end_stream" and v.code == STREAM_CLOSED
+    pair = Pair()
+    assert pair.call(1, answer=False) is None
+    v = pair.send_client(frame(HEADERS, 0x4 | 0x1, 1, b"\x40\x0bgrpc-status\x010"))
+    assert v is not None and v.reason == "headers_after_end_stream" and v.code == STREAM_CLOSED
+    pair = Pair()
+    assert pair.call(1) is None  # answered and closed on both sides
+    v = pair.send_client(frame(DATA, 0x1, 1, b""))
+    assert v is not None and v.reason == "data_on_closed_stream" and v.code == STREAM_CLOSED
+
+
+def test_frames_in_flight_on_a_stream_the_app_reset_are_no_violation() -> None:
+    pair = Pair()
+    pair.client.send_headers(1, REQUEST)
+    assert pair.exchange() is None
+    pair.server.reset_stream(1)
+    pair.exchange()
+    assert pair.guard.open_streams == 0
+    # what the client sent before it saw the reset: the app ignores it (RFC 9113 5.1), so does the guard
+    assert pair.guard.feed_client(memoryview(bytearray(frame(DATA, 0x1, 1, b"\0\0\0\0\0")))) is None
+    trailers = frame(HEADERS, 0x4 | 0x1, 1, b"\x40\x0bgrpc-status\x010")
+    assert pair.guard.feed_client(memoryview(bytearray(trailers))) is None
+
+
+def test_the_apps_resets_are_remembered_within_a_bound() -> None:
+    from sidecar.h2guard import APP_RESETS_KEPT
+
+    pair = Pair(Limits(h2_max_concurrent_streams=APP_RESETS_KEPT * 4))
+    for sid in range(1, 2 * (APP_RESETS_KEPT + 10), 2):
+        pair.client.send_headers(sid, REQUEST)
+        assert pair.exchange() is None
+        pair.server.reset_stream(sid)
+        pair.exchange()
+    assert len(pair.guard._app_resets) == APP_RESETS_KEPT
+    v = pair.guard.feed_client(memoryview(bytearray(frame(DATA, 0x1, 1, b""))))  # forgotten: a closed stream
+    assert v is not None and v.reason == "data_on_closed_stream"
