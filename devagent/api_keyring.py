@@ -13,6 +13,8 @@ from devagent.codec import DecodeError, decode_struct, expect_str
 from devagent.http import Endpoint, HTTPError, Req
 
 MAX_RELAY_FACTOR = 5  # Consul's ParseRelayFactor bound
+GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")  # what Go's strconv.ParseBool accepts
+GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
 
 
 def routes(agent: Agent) -> list[Endpoint]:
@@ -36,12 +38,13 @@ async def keyring(r: Req) -> web.StreamResponse:
         if not 0 <= factor <= MAX_RELAY_FACTOR:
             raise HTTPError(400, f"Invalid relay-factor: Relay factor must be in range: [0, {MAX_RELAY_FACTOR}]")
     local_only = r.param("local-only")
+    local = local_only in GO_TRUE
     if local_only:
-        if local_only.lower() not in ("1", "t", "true", "0", "f", "false"):
+        if local_only not in GO_TRUE + GO_FALSE:
             raise HTTPError(400, f'Error parsing local-only: strconv.ParseBool: parsing "{local_only}": '
                                  "invalid syntax")
-        if r.method != "GET" and local_only.lower() in ("1", "t", "true"):
+        if r.method != "GET" and local:
             raise HTTPError(400, "Invalid use of local-only: local-only can only be set for list requests")
     r.authz.check("keyring:read" if r.method == "GET" else "keyring:write")
     message = operator.KEYRING_LIST_DISABLED if r.method == "GET" else operator.KEYRING_MODIFY_DISABLED
-    raise HTTPError(500, operator.keyring_failure(r.agent.node_name, r.agent.datacenter, message))
+    raise HTTPError(500, operator.keyring_failure(r.agent.node_name, r.agent.datacenter, message, wan=not local))

@@ -86,13 +86,12 @@ def transfer_leader_error(*, server_id: str, target: str) -> str:
     return f"Could not find address for server id {target}"
 
 
-def keyring_failure(node: str, datacenter: str, message: str) -> str:
+def keyring_failure(node: str, datacenter: str, message: str, *, wan: bool = True) -> str:
     """Consul's answer to a keyring operation when gossip encryption is off: each pool (WAN, then the
-    LAN of the datacenter) reports its one node's refusal, joined as go-multierror words it."""
-    errors = [
-        "WAN error: 1/1 nodes reported failure", f"{node}.{datacenter}: {message}",
-        f"{datacenter} (LAN) error: 1/1 nodes reported failure", f"{node}: {message}",
-    ]
+    LAN of the datacenter; only the LAN for a ``?local-only`` list) reports its one node's refusal,
+    joined as go-multierror words it."""
+    errors = ["WAN error: 1/1 nodes reported failure", f"{node}.{datacenter}: {message}"] if wan else []
+    errors += [f"{datacenter} (LAN) error: 1/1 nodes reported failure", f"{node}: {message}"]
     return f"{len(errors)} errors occurred:\n" + "".join(f"\t* {e}\n" for e in errors) + "\n"
 
 

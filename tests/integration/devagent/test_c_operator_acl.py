@@ -121,6 +121,8 @@ def test_keyring_without_gossip_encryption(agent: DevAgent) -> None:
         assert status == 500 and b"No keyring to modify (encryption not enabled)" in body
     status, body, _ = _call(agent, "POST", "/v1/operator/keyring", {"Key": 5})
     assert status == 400 and body.startswith(b"Request decode failed")
+    status, body, _ = _call(agent, "GET", "/v1/operator/keyring?local-only=true")
+    assert status == 500 and body.startswith(b"2 errors occurred:") and b"WAN" not in body
     status, body, _ = _call(agent, "GET", "/v1/operator/keyring?relay-factor=9")
     assert (status, body) == (400, b"Invalid relay-factor: Relay factor must be in range: [0, 5]")
     status, body, _ = _call(agent, "PUT", "/v1/operator/keyring?local-only=true", key)

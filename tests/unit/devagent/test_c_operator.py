@@ -44,6 +44,8 @@ def test_keyring_failure_text_is_go_multierror() -> None:
                     "\t* node-a.dc7: Keyring is empty (encryption not enabled)\n"
                     "\t* dc7 (LAN) error: 1/1 nodes reported failure\n"
                     "\t* node-a: Keyring is empty (encryption not enabled)\n\n")
+    local = operator.keyring_failure("node-a", "dc7", operator.KEYRING_LIST_DISABLED, wan=False)
+    assert local.startswith("2 errors occurred:\n\t* dc7 (LAN) error") and "WAN" not in local
 
 
 def test_service_usage_counts() -> None:
