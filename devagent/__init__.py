@@ -21,6 +21,9 @@ Modules
                     Consul's Normalize/Validate per kind, and its write-time checks across entries.
     ``gateways.py``, ``preparedqueries.py``, ``snapshotfile.py``  the pure parts of
                     gateway-services, prepared queries and ``/v1/snapshot`` archives.
+    ``operator.py`` / ``acltemplates.py``  the pure parts of the operator endpoints (autopilot
+                    configuration, raft refusals, keyring words, usage) and of ACL templated
+                    policies (``api_operator``, ``api_keyring``, ``api_acl_templates`` serve them).
 
 Adding an endpoint group
     Create ``devagent/api_<group>.py``; the server imports every ``api_*`` module and calls:

@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any
 
-from devagent import acl
+from devagent import acl, acltemplates
 from devagent.codec import (
     SECOND,
     DecodeError,
@@ -70,6 +70,7 @@ TOKEN_SPEC: dict[str, Any] = {
     "Roles": [{"ID": None, "Name": None}],
     "ServiceIdentities": [{"ServiceName": None, "Datacenters": None}],
     "NodeIdentities": [{"NodeName": None, "Datacenter": None}],
+    "TemplatedPolicies": None,  # decoded by acltemplates.decode_token_templates
     "Local": None, "ExpirationTime": None, "ExpirationTTL": None, "Namespace": None, "Partition": None,
 }
 POLICY_SPEC: dict[str, Any] = {"ID": None, "Name": None, "Description": None, "Rules": None,
@@ -122,13 +123,16 @@ def _token_row(accessor: str, secret: str, description: str, policies: list[dict
         "Roles": extra.get("Roles") or None,
         "ServiceIdentities": extra.get("ServiceIdentities") or None,
         "NodeIdentities": extra.get("NodeIdentities") or None,
+        "TemplatedPolicies": extra.get("TemplatedPolicies") or None,
         "Local": bool(extra.get("Local", False)),
         "CreateTime": extra.get("CreateTime") or now_rfc3339(),
         "CreateIndex": create_index if create_index is not None else index,
         "ModifyIndex": index,
     }
-    row["Hash"] = _hash({k: row[k] for k in ("Description", "Policies", "Roles", "ServiceIdentities",
-                                             "NodeIdentities", "Local")})
+    hashed = ["Description", "Policies", "Roles", "ServiceIdentities", "NodeIdentities", "Local"]
+    if row["TemplatedPolicies"]:  # only when present, so tokens without them keep their hash
+        hashed.append("TemplatedPolicies")
+    row["Hash"] = _hash({k: row[k] for k in hashed})
     return row
 
 
@@ -197,7 +201,8 @@ def token_view(store: Store, row: Row, *, show_secret: bool) -> Row:
 def _drop_empty(token: Row) -> Row:
     # Consul omits empty Policies/ServiceIdentities/NodeIdentities (omitempty)
     return {k: v for k, v in token.items()
-            if not (k in ("Policies", "ServiceIdentities", "NodeIdentities", "Roles") and not v)}
+            if not (k in ("Policies", "ServiceIdentities", "NodeIdentities", "Roles", "TemplatedPolicies")
+                    and not v)}
 
 
 def token_stub(store: Store, row: Row, *, show_secret: bool) -> Row:
@@ -329,10 +334,14 @@ def token_set(store: Store, tx: Tx, req: dict[str, Any], *, create: bool, access
     policies = _resolve_policy_links(store, req.get("Policies"))
     services = _service_identities(req.get("ServiceIdentities"))
     nodes = _node_identities(req.get("NodeIdentities"), datacenter)
+    try:
+        templated = acltemplates.decode_token_templates(req.get("TemplatedPolicies"))
+    except acltemplates.TemplateError as exc:
+        raise ACLError(str(exc)) from None
     row = _token_row(
         accessor, secret, expect_str(req.get("Description"), "Description"), policies, tx.index,
         create_index=int(existing["CreateIndex"]) if existing else None,
-        ServiceIdentities=services, NodeIdentities=nodes, Roles=roles,
+        ServiceIdentities=services, NodeIdentities=nodes, Roles=roles, TemplatedPolicies=templated,
         Local=expect_bool(req.get("Local"), "Local", default=bool(existing["Local"]) if existing else False),
         CreateTime=existing["CreateTime"] if existing else None,
     )

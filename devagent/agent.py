@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from devagent import acl, logstream, telemetry
+from devagent import acl, acltemplates, logstream, telemetry
 from devagent.codec import new_uuid
 from devagent.state import Row, Store
 
@@ -222,8 +222,20 @@ class Agent:
         for ident in nodes:
             if ident.get("Datacenter", self.datacenter) == self.datacenter:
                 policies.append(acl.node_identity_policy(str(ident.get("NodeName", ""))))
+        for entry in row.get("TemplatedPolicies") or []:  # each renders to a synthetic policy, as in Consul
+            dcs = entry.get("Datacenters") or []
+            if not dcs or self.datacenter in dcs:
+                policies.append(self._template_policy(acltemplates.rules_for(entry)))
         return acl.PolicyAuthorizer(accessor, acl.merge(policies),
                                     default_allow=self.config.acl_default_policy == "allow")
+
+    def _template_policy(self, rules: str) -> acl.Policy:
+        key = ("template:" + rules, 0)
+        cached = self._policy_cache.get(key)
+        if cached is None:
+            cached = acl.parse_rules(rules)  # builtin templates always parse
+            self._policy_cache[key] = cached
+        return cached
 
     def _parsed_policy(self, prow: Row) -> acl.Policy:
         key = (str(prow["ID"]), int(prow.get("ModifyIndex", 0)))

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from devagent import acl, aclstore
 from devagent.agent import Agent
-from devagent.codec import DecodeError, lookup
+from devagent.codec import DecodeError, lookup, uuid_index_error
 from devagent.http import (
     ACLDisabled,
     Endpoint,
@@ -134,6 +134,9 @@ async def token_read(r: Req) -> web.StreamResponse:
     if not accessor:
         raise HTTPError(400, "Missing token AccessorID")
     r.authz.check("acl:read")
+    bad = uuid_index_error(accessor)
+    if bad:  # Consul looks accessors up in a UUID index, which refuses anything else
+        raise HTTPError(500, f"failed acl token lookup: {bad}")
     store = r.agent.store
     show = r.authz.acl_write()
 
@@ -234,6 +237,9 @@ async def policy_update(r: Req) -> web.StreamResponse:
 
 async def _policy_read(r: Req, pid: str, name: str) -> web.StreamResponse:
     r.authz.check("acl:read")
+    bad = uuid_index_error(pid) if pid else None
+    if bad:  # policy IDs live in a UUID index too
+        raise HTTPError(500, f"failed acl policy lookup: {bad}")
     store = r.agent.store
 
     def run() -> QueryResult:

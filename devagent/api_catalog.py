@@ -215,8 +215,11 @@ async def deregister(r: Req) -> web.StreamResponse:
         node_name = expect_str(d.get("Node"), "Node")
         sid = expect_str(d.get("ServiceID"), "ServiceID")
         cid = expect_str(d.get("CheckID"), "CheckID")
+        dc = expect_str(d.get("Datacenter"), "Datacenter")
     except DecodeError as exc:
         raise HTTPError(400, f"Request decode failed: {exc}") from None
+    if dc and dc != r.agent.datacenter:  # Consul routes by the body's Datacenter, as for register
+        raise HTTPError(500, "No path to datacenter")
     if not node_name:
         raise HTTPError(500, "Must provide node")
     store = r.agent.store

@@ -1,11 +1,14 @@
 """``/v1/coordinate/*``: network coordinates (Serf's Vivaldi), for the one-node dev cluster.
 
 The agent's own node gets the origin coordinate at start-up, as a freshly joined Consul agent
-reports; ``PUT /v1/coordinate/update`` stores a coordinate for any registered node.
+reports; ``PUT /v1/coordinate/update`` stores a coordinate for any registered node and, as Consul's
+state store does, silently drops one for a node the catalog does not hold. ``/datacenters`` names
+servers without the ``.<dc>`` suffix of their WAN names, as Consul's ListDatacenters strips it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +19,8 @@ from devagent.http import Endpoint, HTTPError, QueryResult, Req, blocking_query,
 from devagent.state import Row, Tx
 
 TABLE = "coordinates"
+DIMENSIONALITY = 8  # Serf's default Vivaldi dimensionality, which Consul's agents use
+COORD_SCALARS = ("Error", "Adjustment", "Height")
 SPEC: dict[str, Any] = {"Node": None, "Segment": None, "Partition": None,
                         "Coord": {"Vec": None, "Error": None, "Adjustment": None, "Height": None}}
 
@@ -54,7 +59,7 @@ async def datacenters(r: Req) -> web.StreamResponse:
     row = agent.store.get(TABLE, agent.node_name)
     coord = row["Coord"] if row else origin()
     return json_response(r, [{"Datacenter": agent.datacenter, "AreaID": "wan",
-                              "Coordinates": [{"Node": f"{agent.node_name}.{agent.datacenter}", "Coord": coord}]}])
+                              "Coordinates": [{"Node": agent.node_name, "Coord": coord}]}])
 
 
 def _visible(r: Req, rows: list[Row]) -> QueryResult:
@@ -100,16 +105,22 @@ async def update(r: Req) -> web.StreamResponse:
         if not isinstance(coord, dict) or not isinstance(coord.get("Vec"), list) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in coord["Vec"]):
             raise DecodeError("Coord: expected {Vec: [numbers], Error, Adjustment, Height}")
-        for field in ("Error", "Adjustment", "Height"):
+        for field in COORD_SCALARS:
             value = coord.get(field, 0)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise DecodeError(f"Coord.{field}: expected a number")
     except DecodeError as exc:
         raise HTTPError(400, f"Request decode failed: {exc}") from None
+    if len(coord["Vec"]) != DIMENSIONALITY:
+        raise HTTPError(500, "incompatible coordinate")  # Consul: not IsCompatibleWith the agent's own
+    if not all(math.isfinite(float(v)) for v in [*coord["Vec"], *(coord.get(f, 0) for f in COORD_SCALARS)]):
+        raise HTTPError(500, "invalid coordinate")
     r.authz.check("node:write", name)
     store = r.agent.store
     if store.get("nodes", name) is None:
-        raise HTTPError(500, f"rpc error making call: Node '{name}' not found" if name else "Missing node name")
+        # Consul's state store silently drops updates for nodes it does not know (they fix
+        # themselves on the node's next update), so the write still answers 200.
+        return web.Response(status=200)
     with store.write() as tx:
         old = store.get(TABLE, name)
         tx.put(TABLE, name, {

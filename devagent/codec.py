@@ -256,6 +256,19 @@ def is_uuid(text: str) -> bool:
     return bool(_UUID_RE.match(text))
 
 
+def uuid_index_error(text: str) -> str | None:
+    """Why Consul's state store cannot look ``text`` up in a UUID index (its uuidStringToBytes, as
+    go-memdb reports it), or None when ``text`` is a well-formed UUID."""
+    if len(text) != 36:
+        return "index error: UUID must be 36 characters"
+    if any(text[i] != "-" for i in (8, 13, 18, 23)):
+        return "index error: UUID improperly formatted"
+    for ch in text.replace("-", ""):
+        if ch not in "0123456789abcdefABCDEF":
+            return f"index error: encoding/hex: invalid byte: U+{ord(ch):04X} {ch!r}"
+    return None
+
+
 def uuid_to_uint64(value: str) -> int:
     """Consul's event index: the XOR of the two 64-bit halves of a UUID."""
     lower = value[0:8] + value[9:13] + value[14:18]

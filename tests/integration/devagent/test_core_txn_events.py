@@ -199,7 +199,7 @@ def test_operator_raft_configuration(agent: DevAgent) -> None:
 def test_coordinates(agent: DevAgent) -> None:
     c = _c(agent)
     dcs = c.coordinate.datacenters()
-    assert dcs[0]["Datacenter"] == "dc7" and dcs[0]["Coordinates"][0]["Node"] == "node-a.dc7"
+    assert dcs[0]["Datacenter"] == "dc7" and dcs[0]["Coordinates"][0]["Node"] == "node-a"
     _, coords = c.coordinate.nodes()
     assert [x["Node"] for x in coords] == ["node-a"] and len(coords[0]["Coord"]["Vec"]) == 8
     vec = [0.1] * 8
@@ -210,3 +210,9 @@ def test_coordinates(agent: DevAgent) -> None:
     assert status == 200 and body[0]["Coord"]["Vec"] == vec
     assert _http(agent, "GET", "/v1/coordinate/node/nope")[0] == 404
     assert _http(agent, "PUT", "/v1/coordinate/update", {"Node": "node-a", "Coord": {"Vec": "x"}})[0] == 400
+    # Consul accepts an update for a node it does not know and drops it (state store CoordinateBatchUpdate)
+    assert _http(agent, "PUT", "/v1/coordinate/update", {"Node": "ghost", "Coord": {"Vec": vec}})[0] == 200
+    assert _http(agent, "GET", "/v1/coordinate/node/ghost")[0] == 404
+    # a coordinate of another dimensionality is not compatible with the agent's own
+    status, _, body = _http(agent, "PUT", "/v1/coordinate/update", {"Node": "node-a", "Coord": {"Vec": [0.1] * 3}})
+    assert status == 500 and "incompatible coordinate" in str(body)
