@@ -6,6 +6,10 @@
 - ``/metrics``: Prometheus text format (see ``sidecar.telemetry``).
 - ``/config``: the current snapshot as JSON: registration, certificate (serial, expiry, PEM of the
   leaf only), policy version, upstreams with endpoints and methods. Never a private key.
+- ``/tap?direction=&source=&destination=&method=&status=&min_ms=&limit=&payload=1``: the calls this
+  sidecar proxies, live, one JSON object per line (NDJSON, close-delimited), redacted (see
+  ``sidecar.tap``); it ends when the client disconnects or ``limit`` calls were sent. A bad parameter
+  answers 400 naming it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from typing import Any
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from sidecar import methods
 from sidecar.snapshot import Snapshot
+from sidecar.tap import OFF, TapError, TapSettings, TapStream, parse_filter
 from sidecar.telemetry import Telemetry
 
 # A handful of GET endpoints on loopback do not need a web framework: a minimal HTTP/1.1 server on
@@ -28,6 +34,7 @@ from sidecar.telemetry import Telemetry
 # (about 1 MB of RSS) out of the sidecar; aiohttp's server is loaded only to proxy HTTP services.
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
             503: "Service Unavailable"}
+TAP_WRITE_TIMEOUT = 30.0  # a tap reader that accepts nothing for this long is closed
 MAX_HEAD = 16 * 1024
 log = structlog.get_logger("weft.sidecar.admin")
 READ_TIMEOUT = 10.0
@@ -47,6 +54,12 @@ class Admin:
             "/ready": self._get_ready, "/live": self._get_live, "/metrics": self._get_metrics,
             "/config": self._get_config}
         self.port = 0
+        # the hub reads the service's tap settings (KV weft/tap/<service>) from the current snapshot
+        telemetry.tap.bind_settings(self._tap_settings)
+
+    def _tap_settings(self) -> TapSettings:
+        snap = self._snapshot()
+        return snap.tap if snap is not None else OFF
 
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
@@ -91,6 +104,9 @@ class Admin:
             if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or len(head) > MAX_HEAD:
                 status, ctype, body = 400, "text/plain; charset=utf-8", b"bad request\n"
                 method = "GET"
+            elif parts[1].split("?", 1)[0] == "/tap" and parts[0] == "GET":
+                await self._tap(parts[1].partition("?")[2], reader, writer)
+                return
             else:
                 method = parts[0]
                 status, ctype, body = self.answer(method, parts[1])
@@ -104,6 +120,40 @@ class Admin:
             writer.close()
             if task is not None:
                 self._handlers.discard(task)
+
+    async def _tap(self, query: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Stream matching calls as NDJSON until the client goes away or the limit is reached."""
+        hub = self._telemetry.tap
+        try:
+            flt = parse_filter(query)
+            wake = asyncio.Event()
+            sub = hub.subscribe(flt, wake.set)
+        except TapError as exc:
+            body = (str(exc) + "\n").encode()
+            writer.write(f"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+            return
+        log.info("tap_opened", filter=query[:300], taps=len(hub.subscribers))
+        stream = TapStream(sub, hub.settings, methods.learnt.decode)
+        gone = asyncio.ensure_future(reader.read(1))  # EOF (or anything) from the client: it left
+        try:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-store\r\n"
+                         b"Connection: close\r\n\r\n")
+            await writer.drain()
+            while not stream.done and not gone.done():
+                waiter = asyncio.ensure_future(wake.wait())
+                await asyncio.wait((waiter, gone), return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                wake.clear()
+                lines = stream.lines()
+                if lines:
+                    writer.write(b"".join(lines))
+                    await asyncio.wait_for(writer.drain(), TAP_WRITE_TIMEOUT)
+        finally:
+            hub.unsubscribe(sub)
+            gone.cancel()
+            log.info("tap_closed", sent=stream.sent, dropped=sub.dropped, taps=len(hub.subscribers))
 
     def _get_ready(self) -> tuple[int, str, bytes]:
         ok, why = self._ready()
