@@ -17,6 +17,10 @@ Modules
     ``api_*.py``    endpoint groups (``api_kv``, ``api_session``, ``api_txn``, ``api_event``,
                     ``api_status``, ``api_agent_core``, ``api_acl``, ``api_operator`` are the core
                     ones); ``kv.py``, ``sessions.py``, ``aclstore.py`` hold their pure semantics.
+    ``configentries.py`` / ``configcheck.py`` / ``discoverychain.py``  config entries: decoding,
+                    Consul's Normalize/Validate per kind, and its write-time checks across entries.
+    ``gateways.py``, ``preparedqueries.py``, ``snapshotfile.py``  the pure parts of
+                    gateway-services, prepared queries and ``/v1/snapshot`` archives.
 
 Adding an endpoint group
     Create ``devagent/api_<group>.py``; the server imports every ``api_*`` module and calls:

@@ -389,18 +389,46 @@ async def node_services(r: Req) -> web.StreamResponse:
     return answer(r, res)
 
 
+def typical_service_names(store: Any) -> list[str]:
+    """Names of the catalog's typical services (not proxies or gateways), for gateway wildcards."""
+    return [name for name in store.index_values("services", "name")
+            if any(not row.get("Kind") for row in registry.instances(store, name))]
+
+
 async def gateway_services(r: Req) -> web.StreamResponse:
-    """Services linked to a gateway by its ingress/terminating-gateway config entry: the dev agent keeps
-    no gateway config entries, so the answer is always empty (Consul's answer without them)."""
+    """Services linked to a gateway by its ingress-gateway or terminating-gateway config entry
+    (Consul's GatewayServices rows, ``*`` expanded over the catalog; see ``gateways.py``)."""
+    from devagent import configentries as ce
+    from devagent import gateways
+
     name = r.match("name")
     if not name:
         raise HTTPError(400, "Missing gateway name")
     r.authz.check("service:read", name)
     store = r.agent.store
-    topics = [("config", "ingress-gateway"), ("config", "terminating-gateway")]
+    config_topics = [("config", ce.INGRESS_GATEWAY), ("config", ce.TERMINATING_GATEWAY),
+                     ("config", ce.SERVICE_DEFAULTS)]
+
+    def destination(svc: str) -> bool:
+        sd = store.get("config_entries", ce.key(ce.SERVICE_DEFAULTS, svc))
+        return bool(sd and sd.get("Destination"))
 
     def run() -> QueryResult:
-        return QueryResult(store.topic_index(*topics), [], topics)
+        entry = (store.get("config_entries", ce.key(ce.INGRESS_GATEWAY, name))
+                 or store.get("config_entries", ce.key(ce.TERMINATING_GATEWAY, name)))
+        wildcard = entry is not None and "*" in json_names(entry)
+        topics: list[Any] = [*config_topics, "services"] if wildcard else list(config_topics)
+        rows = gateways.gateway_services(name, entry, typical_service_names(store) if wildcard else (), destination)
+        authz = r.authz
+        visible = [g for g in rows if authz.service_read(g["Service"]["Name"])]
+        return QueryResult(store.topic_index(*topics), visible, topics, filtered=len(visible) != len(rows))
 
     res = await blocking_query(r, run, share=True)
     return answer(r, res)
+
+
+def json_names(entry: Row) -> set[str]:
+    """The service names a gateway entry lists (listeners' services or linked services)."""
+    names = {str(s.get("Name")) for s in entry.get("Services") or []}
+    names.update(str(s.get("Name")) for lis in entry.get("Listeners") or [] for s in lis.get("Services") or [])
+    return names

@@ -9,11 +9,13 @@ from typing import Any
 
 from aiohttp import web
 
+from devagent import configcheck as check
 from devagent import configentries as ce
+from devagent import discoverychain as chain
 from devagent import intentions as ixns
 from devagent.agent import Agent
 from devagent.api_catalog import answer
-from devagent.codec import DecodeError
+from devagent.codec import DecodeError, parse_uint
 from devagent.http import (
     Endpoint,
     HTTPError,
@@ -75,43 +77,76 @@ def delete_entry(tx: Tx, kind: str, name: str) -> bool:
     return True
 
 
+def _cas(r: Req) -> int | None:
+    """``?cas=``; Consul hands strconv's error back as a 500."""
+    text = r.param("cas")
+    if not text:
+        return None
+    try:
+        return parse_uint(text, "cas")
+    except DecodeError:
+        raise HTTPError(500, f'strconv.ParseUint: parsing "{text}": invalid syntax') from None
+
+
+def check_graph(tx: Tx, kind: str, name: str, new: dict[str, Any] | None, old: Row | None, dc: str) -> None:
+    """Consul's checks across entries for the state after this write (raises ConfigEntryError)."""
+    if kind in ce.GATEWAY_KINDS and new is not None:
+        for other in ce.GATEWAY_KINDS:
+            if other != kind and tx.get("config_entries", ce.key(other, name)) is not None:
+                raise ce.ConfigEntryError(f'cannot create a "{kind}" config entry with name "{name}", a "{other}" '
+                                          "config entry with that name already exists")
+    if kind not in chain.GRAPH_KINDS:
+        return
+    store = tx._store
+    proposed = ce.key(kind, name)
+
+    def lookup(k: str, n: str) -> Row | None:
+        return new if ce.key(k, n) == proposed else store.get("config_entries", ce.key(k, n))
+
+    rows = [row for k in chain.GRAPH_KINDS for row in entries_of(store, k) if ce.key(k, row["Name"]) != proposed]
+    if new is not None:
+        rows.append(new)
+    chain.check(lookup, rows, written_kind=kind, affected=chain.affected_services(kind, [new, old]),
+                datacenter=dc)
+
+
 async def apply(r: Req) -> web.StreamResponse:
     r.check_dc()
     body = await r.json(required=True, failed="Request decoding failed")
     try:
-        entry = ce.decode(body)
+        entry = check.normalize_and_validate(ce.decode(body))
     except DecodeError as exc:
         raise HTTPError(400, f"Request decoding failed: {exc}") from None
     except ce.ConfigEntryError as exc:
-        raise HTTPError(400, str(exc)) from None
-    try:
-        ce.validate(entry)
-    except ce.ConfigEntryError as exc:
-        raise HTTPError(400, str(exc)) from None
-    ce.check_write(r.authz, entry["Kind"], entry["Name"])
-    cas = r.uint_param("cas") if r.has("cas") else None
-    store = r.agent.store
-    with store.write() as tx:
-        old = tx.get("config_entries", ce.key(entry["Kind"], entry["Name"]))
-        if cas is not None:
-            if cas == 0 and old is not None:
-                return json_response(r, False)
-            if cas != 0 and (old is None or old["ModifyIndex"] != cas):
-                return json_response(r, False)
+        raise HTTPError(500, str(exc)) from None
+    kind, name = entry["Kind"], entry["Name"]
+    ce.check_write(r.authz, kind, name, chain.related_services(entry))
+    cas = _cas(r)
+    with r.agent.store.write() as tx:
+        old = tx.get("config_entries", ce.key(kind, name))
+        if cas is not None and (old is None if cas != 0 else old is not None):
+            return json_response(r, False)
+        if cas and old is not None and old["ModifyIndex"] != cas:
+            return json_response(r, False)
+        try:
+            check_graph(tx, kind, name, entry, old, r.agent.datacenter)
+        except ce.ConfigEntryError as exc:
+            raise HTTPError(500, str(exc)) from None
         put_entry(tx, entry)
     return json_response(r, True)
 
 
 def _kind(r: Req) -> str:
+    """The kind in the path; an unknown one is the error Consul's RPC returns (a 500)."""
     kind = r.match("kind")
     if kind not in ce.KINDS:
-        raise HTTPError(400, f"invalid config entry kind: {kind}")
+        raise HTTPError(500, f"invalid config entry kind: {kind}")
     return kind
 
 
 async def get(r: Req) -> web.StreamResponse:
     kind = _kind(r)
-    name = r.match("name")
+    name = ce.FIXED_NAMES.get(kind) or r.match("name")
     ce.check_read(r.authz, kind, name)
     store = r.agent.store
     topic = ("config", kind)
@@ -122,7 +157,7 @@ async def get(r: Req) -> web.StreamResponse:
 
     res = await blocking_query(r, run, share=True)
     if res.value is None:
-        raise HTTPError(404, f'Config entry not found for "{kind}" / "{name}"')
+        raise HTTPError(404, f'Config entry not found for "{kind}" / "{r.match("name")}"')
     return answer(r, res)
 
 
@@ -144,16 +179,20 @@ async def list_kind(r: Req) -> web.StreamResponse:
 
 async def delete(r: Req) -> web.StreamResponse:
     r.check_dc()
-    kind = _kind(r)
-    name = r.match("name")
+    kind = r.match("kind")
+    if kind not in ce.KINDS:  # Consul's MakeConfigEntry refuses it before any RPC: a 400
+        raise HTTPError(400, f"invalid config entry kind: {kind}")
+    name = ce.FIXED_NAMES.get(kind) or r.match("name")
     ce.check_write(r.authz, kind, name)
-    cas = r.uint_param("cas") if r.has("cas") else None
+    cas = _cas(r)
     with r.agent.store.write() as tx:
         old = tx.get("config_entries", ce.key(kind, name))
-        if cas is not None:
-            if old is None or old["ModifyIndex"] != cas:
-                return json_response(r, False)
-            delete_entry(tx, kind, name)
-            return json_response(r, True)
+        if cas is not None and (old is None or old["ModifyIndex"] != cas):
+            return json_response(r, False)
+        if old is not None:
+            try:
+                check_graph(tx, kind, name, None, old, r.agent.datacenter)
+            except ce.ConfigEntryError as exc:
+                raise HTTPError(500, str(exc)) from None
         delete_entry(tx, kind, name)
-    return json_response(r, {})
+    return json_response(r, True if cas is not None else {})

@@ -20,7 +20,7 @@ from devagent import kv
 from devagent.agent import Agent
 from devagent.api_agent_services import compile_filter
 from devagent.api_catalog import answer
-from devagent.api_config import delete_entry, entries_of, put_entry
+from devagent.api_config import check_graph, delete_entry, entries_of, put_entry
 from devagent.codec import DecodeError, decode_struct, expect_str, new_uuid, unb64
 from devagent.http import (
     Endpoint,
@@ -66,7 +66,7 @@ def _entry(store: Store, dest: str) -> Row | None:
     return store.get("config_entries", ce.key(ce.SERVICE_INTENTIONS, dest))
 
 
-def _write(tx: Tx, dest: str, entry: dict[str, Any] | None, *, legacy: bool) -> None:
+def _write(tx: Tx, dest: str, entry: dict[str, Any] | None, *, legacy: bool, datacenter: str) -> None:
     """Validate and store (or delete, when ``entry`` is None) the destination's entry."""
     if entry is None:
         delete_entry(tx, ce.SERVICE_INTENTIONS, dest)
@@ -81,6 +81,10 @@ def _write(tx: Tx, dest: str, entry: dict[str, Any] | None, *, legacy: bool) -> 
         ixns.validate_entry(plain, legacy_write=False)
     except ixns.IntentionError as exc:
         raise HTTPError(400, str(exc)) from None
+    try:  # Consul's state store checks an intention write like any config entry (L7 needs HTTP)
+        check_graph(tx, ce.SERVICE_INTENTIONS, dest, norm, _entry(tx._store, dest), datacenter)
+    except ce.ConfigEntryError as exc:
+        raise HTTPError(500, str(exc)) from None
     put_entry(tx, norm)
 
 
@@ -204,7 +208,7 @@ async def put_exact(r: Req) -> web.StreamResponse:
         entry = ixns.upsert_source(old, destination, src, now=ixns.now_rfc3339())
         if ixn.get("Meta") and not (prev or {}).get("LegacyID"):
             entry["Meta"] = {**(entry.get("Meta") or {}), **ixn["Meta"]}
-        _write(tx, destination, entry, legacy=False)
+        _write(tx, destination, entry, legacy=False, datacenter=r.agent.datacenter)
     return json_response(r, True)
 
 
@@ -215,7 +219,7 @@ async def delete_exact(r: Req) -> web.StreamResponse:
     with store.write() as tx:
         old = _entry(store, destination)
         if old is not None:
-            _write(tx, destination, ixns.remove_source(old, source), legacy=False)
+            _write(tx, destination, ixns.remove_source(old, source), legacy=False, datacenter=r.agent.datacenter)
     return json_response(r, True)
 
 
@@ -247,7 +251,7 @@ async def create_legacy(r: Req) -> web.StreamResponse:
                     raise HTTPError(500, f"duplicate intention found: {ixns.intention_string(dup)}")
         src = ixns.source_from_intention(ixn, legacy_id=new_id, created=now, updated=now)
         entry = ixns.upsert_source(old, ixn["DestinationName"], src, now=now)
-        _write(tx, ixn["DestinationName"], entry, legacy=True)
+        _write(tx, ixn["DestinationName"], entry, legacy=True, datacenter=r.agent.datacenter)
     return json_response(r, {"ID": new_id})
 
 
@@ -285,10 +289,11 @@ async def update_legacy(r: Req) -> web.StreamResponse:
         src = ixns.source_from_intention(ixn, legacy_id=ixn_id, created=old_src.get("LegacyCreateTime", now),
                                          updated=now)
         if old_entry["Name"] != ixn["DestinationName"] or old_src["Name"] != ixn["SourceName"]:
-            _write(tx, old_entry["Name"], ixns.remove_source(old_entry, old_src["Name"]), legacy=True)
+            _write(tx, old_entry["Name"], ixns.remove_source(old_entry, old_src["Name"]), legacy=True,
+                   datacenter=r.agent.datacenter)
         current = _entry(store, ixn["DestinationName"])
         _write(tx, ixn["DestinationName"], ixns.upsert_source(current, ixn["DestinationName"], src, now=now),
-               legacy=True)
+               legacy=True, datacenter=r.agent.datacenter)
     return web.Response(status=200)
 
 
@@ -301,7 +306,7 @@ async def delete_legacy(r: Req) -> web.StreamResponse:
     entry, src = found
     r.authz.check("intention:write", entry["Name"])
     with store.write() as tx:
-        _write(tx, entry["Name"], ixns.remove_source(entry, src["Name"]), legacy=True)
+        _write(tx, entry["Name"], ixns.remove_source(entry, src["Name"]), legacy=True, datacenter=r.agent.datacenter)
     return json_response(r, True)
 
 

@@ -183,18 +183,32 @@ async def connect(r: Req) -> web.StreamResponse:
 
 
 async def ingress(r: Req) -> web.StreamResponse:
-    """Ingress gateways exposing the service: the dev agent keeps no ingress-gateway config entries,
-    so (as Consul without them) the answer is always empty; it still blocks like Consul's."""
+    """The ingress gateways exposing the service (named in, or matched by ``*`` in, an
+    ingress-gateway config entry), as health entries of the gateways' instances, as Consul's
+    ``/v1/health/ingress/:service``."""
+    from devagent import configentries as ce
+    from devagent import gateways
+    from devagent.api_catalog import typical_service_names
+
     name = r.match("name")
     if not name:
         raise HTTPError(400, "Missing service name")
     compile_filter(r)
     passing_param(r)
     store = r.agent.store
-    topic = ("config", "ingress-gateway")
+    topic = ("config", ce.INGRESS_GATEWAY)
 
     def run() -> QueryResult:
-        return QueryResult(store.topic_index(topic), [], [topic])
+        entries = store.by_index("config_entries", "kind", ce.INGRESS_GATEWAY)
+        wildcard = any("*" == s.get("Name") for e in entries for lis in e.get("Listeners") or []
+                       for s in lis.get("Services") or [])
+        names = gateways.ingress_gateways_for(name, entries, typical_service_names(store) if wildcard else ())
+        rows = [row for gw in names for row in registry.instances(store, gw) if row.get("Kind") == "ingress-gateway"]
+        res, _ = health_entries(r, rows, topic)
+        extra: list[Any] = [("service", gw) for gw in names] + (["services"] if wildcard else [])
+        res.topics = {*res.topics, *extra}
+        res.index = store.topic_index(*res.topics)
+        return res
 
     res = await blocking_query(r, run, share=True)
     return answer(r, res)

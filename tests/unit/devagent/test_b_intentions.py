@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from devagent import configcheck as check
 from devagent import configentries as ce
 from devagent import intentions as ix
 
@@ -105,7 +106,7 @@ def test_spiffe_and_components() -> None:
 
 
 def test_config_entry_decoding_and_rules() -> None:
-    entry = ce.decode({"kind": "service-defaults", "name": "db", "protocol": "GRPC"})
+    entry = check.normalize_and_validate(ce.decode({"kind": "service-defaults", "name": "db", "protocol": "GRPC"}))
     assert entry == {"Kind": "service-defaults", "Name": "db", "Protocol": "grpc", "TransparentProxy": {},
                      "MeshGateway": {}, "Expose": {}}
     with pytest.raises(Exception, match="invalid config entry kind"):
@@ -115,9 +116,11 @@ def test_config_entry_decoding_and_rules() -> None:
     with pytest.raises(Exception, match="invalid config key"):
         ce.decode({"Kind": "service-defaults", "Name": "x", "Bogus": 1})
     with pytest.raises(ce.ConfigEntryError, match='only "global" is supported'):
-        ce.validate(ce.decode({"Kind": "proxy-defaults", "Name": "x"}))
+        check.normalize_and_validate(ce.decode({"Kind": "proxy-defaults", "Name": "x"}))
     with pytest.raises(ce.ConfigEntryError, match="must be 100"):
-        ce.validate(ce.decode({"Kind": "service-splitter", "Name": "x", "Splits": [{"Weight": 60}, {"Weight": 30}]}))
-    ce.validate(ce.decode({"Kind": "service-splitter", "Name": "x", "Splits": [{"Weight": 60}, {"Weight": 40}]}))
+        check.normalize_and_validate(ce.decode({"Kind": "service-splitter", "Name": "x",
+                                                "Splits": [{"Weight": 60}, {"Weight": 30, "Service": "y"}]}))
+    check.normalize_and_validate(ce.decode({"Kind": "service-splitter", "Name": "x",
+                                            "Splits": [{"Weight": 60}, {"Weight": 40, "Service": "y"}]}))
     row = {"Kind": ix.KIND, "Name": "db", "Sources": [{"Name": "web", "_CreatedAt": "t"}], "_x": 1}
     assert ce.public_entry(row) == {"Kind": ix.KIND, "Name": "db", "Sources": [{"Name": "web"}]}

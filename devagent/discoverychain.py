@@ -1,0 +1,321 @@
+"""The checks Consul makes across config entries before it accepts a write (pure: no I/O).
+
+Consul's state store compiles the discovery chain of every service a proposed write touches
+(``validateProposedConfigEntryInGraph``) and refuses the write when a chain does not compile:
+
+- a service-router or service-splitter on a chain whose protocol is not HTTP-like (http, http2,
+  grpc), the protocol coming from service-defaults, else proxy-defaults ``Config.protocol``,
+  else ``tcp``;
+- services of one chain with different protocols;
+- a subset a route, split, redirect or failover names that the service's resolver does not define;
+- circular resolver redirects and circular splitter references;
+- an ingress-gateway listener whose services' protocol differs from the listener's;
+- an intention with L7 permissions on a service whose protocol is not HTTP-like.
+
+The same checks run when an entry is deleted (deleting the service-defaults that made a splitter
+legal is refused too). ``check(lookup, written_kind)`` raises ``ConfigEntryError`` with Consul's
+words; Consul answers those with 500.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from devagent import configentries as ce
+from devagent.configcheck import WILDCARD, is_http_like
+from devagent.configentries import ConfigEntryError
+
+# (kind, name) -> the entry as it would be after the write, or None
+Lookup = Callable[[str, str], Mapping[str, Any] | None]
+
+GRAPH_KINDS = (ce.SERVICE_DEFAULTS, ce.PROXY_DEFAULTS, *ce.DISCOVERY_CHAIN_KINDS, ce.INGRESS_GATEWAY,
+               ce.SERVICE_INTENTIONS)
+
+
+def protocol_of(lookup: Lookup, service: str) -> str:
+    """Consul's protocolForService: service-defaults, else proxy-defaults ``Config.protocol``, else tcp."""
+    sd = lookup(ce.SERVICE_DEFAULTS, service)
+    if sd is not None and sd.get("Protocol"):
+        return str(sd["Protocol"]).lower()
+    pd = lookup(ce.PROXY_DEFAULTS, ce.PROXY_DEFAULTS_NAME)
+    cfg = (pd or {}).get("Config") or {}
+    if isinstance(cfg, Mapping):
+        for k, v in cfg.items():
+            if str(k).lower() == "protocol" and isinstance(v, str) and v:
+                return v.lower()
+    return "tcp"
+
+
+@dataclass(frozen=True)
+class _Target:
+    service: str
+    subset: str
+    datacenter: str
+
+    @property
+    def id(self) -> str:
+        base = f"{self.service}.default.default.{self.datacenter}"
+        return f"{self.subset}.{base}" if self.subset else base
+
+
+def _sid(service: str) -> str:
+    return f"{service}.default.default"
+
+
+class _Compiler:
+    """One chain's compilation, as far as it can fail (Consul's discoverychain compiler)."""
+
+    def __init__(self, lookup: Lookup, service: str, datacenter: str) -> None:
+        self.lookup = lookup
+        self.service = service
+        self.dc = datacenter
+        self.protocol = ""
+        self.advanced = False
+        self.splitter_edges: dict[str, list[str]] = {}  # splitter node -> splitter nodes it leads to
+        self.resolved: set[str] = set()
+        self.touched: set[str] = set()  # every service the chain reaches
+
+    def record_protocol(self, service: str) -> None:
+        self.touched.add(service)
+        proto = protocol_of(self.lookup, service)
+        if not self.protocol:
+            self.protocol = proto
+        elif proto != self.protocol:
+            raise ConfigEntryError(f'discovery chain "{self.service}" uses inconsistent protocols; service '
+                                   f'"{service}" has "{proto}" which is not "{self.protocol}"')
+
+    def compile(self) -> str:
+        """Returns the type of the chain's first node (router, splitter or resolver)."""
+        router = self.lookup(ce.SERVICE_ROUTER, self.service)
+        if router is not None:
+            top = "router"
+            self.advanced = True
+            self.record_protocol(self.service)
+            for route in router.get("Routes") or []:
+                dest = route.get("Destination") or {}
+                svc = dest.get("Service") or self.service
+                if dest.get("ServiceSubset"):
+                    self.resolver(_Target(svc, dest["ServiceSubset"], self.dc))
+                else:
+                    self.splitter_or_resolver(svc)
+            self.splitter_or_resolver(self.service)
+        else:
+            top = self.splitter_or_resolver(self.service)
+        self.detect_cycles()
+        if self.advanced and not is_http_like(self.protocol):
+            raise ConfigEntryError(f'discovery chain "{self.service}" uses a protocol "{self.protocol}" that does '
+                                   "not permit advanced routing or splitting behavior")
+        return top
+
+    def splitter_or_resolver(self, service: str) -> str:
+        if self.splitter(service):
+            return "splitter"
+        self.resolver(_Target(service, "", self.dc))
+        return "resolver"
+
+    def splitter(self, service: str) -> bool:
+        node = "splitter:" + _sid(service)
+        if node in self.splitter_edges:
+            return True
+        entry = self.lookup(ce.SERVICE_SPLITTER, service)
+        if entry is None:
+            return False
+        edges: list[str] = []
+        self.splitter_edges[node] = edges  # recorded before recursing: a loop ends here
+        for split in entry.get("Splits") or []:
+            svc = split.get("Service") or service
+            subset = split.get("ServiceSubset") or ""
+            if svc != service and not subset and self.splitter(svc):
+                edges.append("splitter:" + _sid(svc))
+                continue
+            self.resolver(_Target(svc, subset, self.dc))
+        self.advanced = True
+        return True
+
+    def resolver(self, target: _Target, *, for_failover: bool = False) -> None:
+        history: list[str] = []
+        while True:
+            if target.id in self.resolved and not for_failover:
+                return
+            self.record_protocol(target.service)
+            entry = self.lookup(ce.SERVICE_RESOLVER, target.service) or {}
+            if target.id in history:
+                history.append(target.id)
+                raise ConfigEntryError(f"detected circular resolver redirect: [{' -> '.join(history)}]")
+            history.append(target.id)
+            redirect = entry.get("Redirect")
+            if redirect:
+                moved = _rewrite(target, redirect)
+                if moved != target:
+                    target = moved
+                    continue
+            if not target.subset and entry.get("DefaultSubset"):
+                target = _Target(target.service, str(entry["DefaultSubset"]), target.datacenter)
+                continue
+            if target.subset and target.subset not in (entry.get("Subsets") or {}):
+                raise ConfigEntryError(f'service "{target.service}" does not have a subset named '
+                                       f'"{target.subset}"')
+            break
+        if for_failover:
+            return
+        self.resolved.add(target.id)
+        failovers = entry.get("Failover") or {}
+        failover = failovers.get(target.subset, failovers.get(WILDCARD))
+        if not failover:
+            return
+        goals: list[_Target] = []
+        if failover.get("Datacenters"):
+            goals = [_rewrite(target, {**failover, "Datacenter": dc}) for dc in failover["Datacenters"]]
+        elif failover.get("Targets"):
+            goals = [_rewrite(target, t) for t in failover["Targets"]]
+        else:
+            goals = [_rewrite(target, failover)]
+        for goal in goals:
+            if goal != target:
+                self.resolver(goal, for_failover=True)
+
+    def detect_cycles(self) -> None:
+        done: set[str] = set()
+
+        def visit(node: str, path: list[str]) -> None:
+            if node in path:
+                raise ConfigEntryError(f"detected circular reference: [{' -> '.join([*path, node])}]")
+            if node in done:
+                return
+            for nxt in self.splitter_edges.get(node, []):
+                visit(nxt, [*path, node])
+            done.add(node)
+
+        for node in list(self.splitter_edges):
+            visit(node, [])
+
+
+def _rewrite(target: _Target, opts: Mapping[str, Any]) -> _Target:
+    service, subset, dc = target.service, target.subset, target.datacenter
+    if opts.get("Service") and opts["Service"] != service:
+        service, subset = str(opts["Service"]), ""
+    if opts.get("ServiceSubset"):
+        subset = str(opts["ServiceSubset"])
+    if opts.get("Datacenter"):
+        dc = str(opts["Datacenter"])
+    return _Target(service, subset, dc)
+
+
+def compile_chain(lookup: Lookup, service: str, datacenter: str = "dc1") -> tuple[str, str]:
+    """(protocol, first node type) of ``service``'s chain; raises ConfigEntryError as Consul's compiler."""
+    protocol, top, _ = _compile(lookup, service, datacenter)
+    return protocol, top
+
+
+def _compile(lookup: Lookup, service: str, datacenter: str) -> tuple[str, str, set[str]]:
+    c = _Compiler(lookup, service, datacenter)
+    c.touched.add(service)
+    try:
+        top = c.compile()
+    except ConfigEntryError as exc:
+        exc.touched = c.touched  # type: ignore[attr-defined]
+        raise
+    return c.protocol or protocol_of(lookup, service), top, c.touched
+
+
+def chain_services(entries: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Every service whose chain an entry of these may change: the entries' names and the services
+    their routes, splits, redirects and failovers name."""
+    names: set[str] = set()
+    for e in entries:
+        kind = e.get("Kind")
+        if kind in (ce.SERVICE_DEFAULTS, *ce.DISCOVERY_CHAIN_KINDS):
+            names.add(str(e["Name"]))
+            names.update(related_services(e))
+    return names
+
+
+def related_services(entry: Mapping[str, Any]) -> list[str]:
+    """Consul's ListRelatedServices: the other services a chain entry sends traffic to."""
+    name = str(entry.get("Name", ""))
+    found: set[str] = set()
+    kind = entry.get("Kind")
+    if kind == ce.SERVICE_ROUTER:
+        for route in entry.get("Routes") or []:
+            dest = route.get("Destination")
+            if dest:
+                found.add(dest.get("Service") or name)
+    elif kind == ce.SERVICE_SPLITTER:
+        found.update(s.get("Service") or name for s in entry.get("Splits") or [])
+    elif kind == ce.SERVICE_RESOLVER:
+        if entry.get("Redirect"):
+            found.add(entry["Redirect"].get("Service") or name)
+        for f in (entry.get("Failover") or {}).values():
+            if f.get("Targets"):
+                found.update(t.get("Service") or name for t in f["Targets"] if not t.get("Peer"))
+            else:
+                found.add(f.get("Service") or name)
+    found.discard(name)
+    return sorted(found)
+
+
+def affected_services(kind: str, entries: Iterable[Mapping[str, Any] | None]) -> set[str] | None:
+    """The services whose checks a write of ``kind`` (old and new versions in ``entries``) can change;
+    None when it can change every service's (proxy-defaults sets the default protocol)."""
+    if kind == ce.PROXY_DEFAULTS:
+        return None
+    names: set[str] = set()
+    for e in entries:
+        if e is None:
+            continue
+        if kind == ce.INGRESS_GATEWAY:
+            names.update(s.get("Name", "") for lis in e.get("Listeners") or [] for s in lis.get("Services") or [])
+        else:
+            names.add(str(e.get("Name", "")))
+            names.update(related_services(e))
+    names.discard("")
+    return names
+
+
+def check(lookup: Lookup, entries: Iterable[Mapping[str, Any]], *, written_kind: str,
+          affected: set[str] | None, datacenter: str = "dc1") -> None:
+    """Refuse (ConfigEntryError) a proposed state (``lookup``, ``entries``: every entry of it) in which
+    a chain reaching an ``affected`` service (None: any) does not compile, an ingress listener
+    exposing one speaks another protocol, or an L7 intention on one is not on an HTTP-like service."""
+    all_entries = list(entries)
+    chains: dict[str, tuple[str, str]] = {}
+
+    def hit(names: Iterable[str]) -> bool:
+        return affected is None or any(n in affected for n in names)
+
+    def chain(service: str) -> tuple[str, str]:
+        if service not in chains:
+            chains[service] = compile_chain(lookup, service, datacenter)
+        return chains[service]
+
+    for service in sorted(chain_services(all_entries) | (affected or set())):
+        try:
+            protocol, top, _touched = _compile(lookup, service, datacenter)
+        except ConfigEntryError as exc:
+            if hit(getattr(exc, "touched", {service})):
+                raise
+            continue
+        chains[service] = (protocol, top)
+    strict = written_kind == ce.INGRESS_GATEWAY
+    for e in all_entries:
+        if e.get("Kind") == ce.INGRESS_GATEWAY:
+            for listener in e.get("Listeners") or []:
+                want = listener.get("Protocol") or "tcp"
+                for svc in listener.get("Services") or []:
+                    name = svc.get("Name", "")
+                    if not name or name == WILDCARD or not hit([name]):
+                        continue
+                    proto, top = chain(name)
+                    if proto != want and (strict or want != "tcp" or top != "resolver"):
+                        raise ConfigEntryError(f'service "{name}" has protocol "{proto}", which does not match '
+                                               f'defined listener protocol "{want}"')
+        elif e.get("Kind") == ce.SERVICE_INTENTIONS:
+            dest = str(e.get("Name", ""))
+            if dest == WILDCARD or not hit([dest]) or not any(s.get("Permissions") for s in e.get("Sources") or []):
+                continue
+            proto, _ = chain(dest)
+            if not is_http_like(proto):
+                raise ConfigEntryError(f'service "{dest}" has protocol "{proto}", which is incompatible with L7 '
+                                       "intentions permissions")
