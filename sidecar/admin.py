@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar import methods
 from sidecar.snapshot import Snapshot
-from sidecar.tap import OFF, TapError, TapSettings, TapStream, parse_filter
+from sidecar.tap import OFF, QUEUE_SIZE, TapError, TapSettings, TapStream, parse_filter
 from sidecar.telemetry import Telemetry
 
 # A handful of GET endpoints on loopback do not need a web framework: a minimal HTTP/1.1 server on
@@ -35,6 +36,9 @@ from sidecar.telemetry import Telemetry
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
             503: "Service Unavailable"}
 TAP_WRITE_TIMEOUT = 30.0  # a tap reader that accepts nothing for this long is closed
+# what one tap may hold in socket buffers: a slow reader makes its own queue drop (and the drops are
+# counted) instead of making the sidecar buffer megabytes for it
+TAP_SEND_BUFFER = 64 * 1024
 MAX_HEAD = 16 * 1024
 log = structlog.get_logger("weft.sidecar.admin")
 READ_TIMEOUT = 10.0
@@ -42,7 +46,9 @@ READ_TIMEOUT = 10.0
 
 class Admin:
     def __init__(self, snapshot: Callable[[], Snapshot | None], telemetry: Telemetry,
-                 ready: Callable[[], tuple[bool, str]], extra: Callable[[], dict[str, Any]] | None = None) -> None:
+                 ready: Callable[[], tuple[bool, str]], extra: Callable[[], dict[str, Any]] | None = None, *,
+                 tap_queue: int = QUEUE_SIZE) -> None:
+        self._tap_queue = tap_queue
         self._snapshot = snapshot
         self._telemetry = telemetry
         self._ready = ready
@@ -80,7 +86,7 @@ class Admin:
         path = target.split("?", 1)[0]
         handler = self.routes.get(path)
         if handler is None:
-            why = f"no such path {path[:200]!r}; try /ready /live /metrics /config\n"
+            why = f"no such path {path[:200]!r}; try /ready /live /metrics /config /tap\n"
             return 404, "text/plain; charset=utf-8", why.encode()
         if method not in ("GET", "HEAD"):
             return 405, "text/plain; charset=utf-8", b"only GET\n"
@@ -116,6 +122,8 @@ class Admin:
             await writer.drain()
         except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass  # the client went away or never sent a request: nothing to answer
+        except asyncio.CancelledError:
+            pass  # close() ends open taps; the task ends here rather than reporting its cancellation
         finally:
             writer.close()
             if task is not None:
@@ -127,7 +135,7 @@ class Admin:
         try:
             flt = parse_filter(query)
             wake = asyncio.Event()
-            sub = hub.subscribe(flt, wake.set)
+            sub = hub.subscribe(flt, wake.set, self._tap_queue)
         except TapError as exc:
             body = (str(exc) + "\n").encode()
             writer.write(f"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -136,6 +144,11 @@ class Admin:
             return
         log.info("tap_opened", filter=query[:300], taps=len(hub.subscribers))
         stream = TapStream(sub, hub.settings, methods.learnt.decode)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, TAP_SEND_BUFFER)
+        writer.transport.set_write_buffer_limits(high=TAP_SEND_BUFFER)
         gone = asyncio.ensure_future(reader.read(1))  # EOF (or anything) from the client: it left
         try:
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nCache-Control: no-store\r\n"

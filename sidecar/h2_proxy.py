@@ -263,6 +263,7 @@ class Stream:
         "source",
         "start",
         "status",
+        "tap",
         "tries",
         "up",
         "up_done",
@@ -297,6 +298,7 @@ class Stream:
         self.msg_up = _Messages()  # gRPC message framing, app -> upstream (for the size limit)
         self.msg_app = _Messages()  # upstream -> app
         self.source = ""  # the caller's service (inbound full path)
+        self.tap: Any = None  # a sidecar.tap.CallRecord while a tap that may match this call is open
 
 
 class _Messages:
@@ -715,6 +717,8 @@ class H2Outbound:
     # -- streams -----------------------------------------------------------------------------------
     def open_stream(self, st: Stream, exclude: str = "") -> None:
         out = self._out
+        if st.tries == 0 and out.telemetry.tap.active:
+            self._tap_start(st, "outbound", out.snapshot().registration.service, self.name)
         if out.draining:
             self.fail(st, UNAVAILABLE, "weft: the sidecar is shutting down")
             return
@@ -731,6 +735,16 @@ class H2Outbound:
             self.send_request(st, up)
         else:
             up.waiting.append(st)
+
+    def _tap_start(self, st: Stream, direction: str, source: str, destination: str) -> None:
+        """Only while a tap is open: a record for this call, with its request headers."""
+        rec = self._out.telemetry.tap.start(direction, source, destination, st.method)
+        if rec is not None:
+            try:
+                rec.request_headers = headers_of(st.request_block)
+            except (ValueError, IndexError):
+                rec.request_headers = [(b"weft-tap", b"unreadable request headers")]
+            st.tap = rec
 
     def _up(self, key: str) -> UpConn:
         snap = self._out.snapshot()
@@ -825,6 +839,8 @@ class H2Outbound:
             self.fail(st, RESOURCE_EXHAUSTED,
                       f"weft: request message of {size} bytes is larger than the limit of {self.max_message}")
             return
+        if st.tap is not None:
+            st.tap.request_data(data)
         st.q_up.append((data, end))
         if st.up is not None and st.up.ready:
             self.flush_to_up(st)
@@ -849,6 +865,8 @@ class H2Outbound:
             q.pop(0)
 
     def to_app_headers(self, st: Stream, block: bytes, end: bool) -> None:
+        if st.tap is not None:
+            self._tap_headers(st, block, end)
         app = st.app
         if app.closed:
             return
@@ -869,6 +887,8 @@ class H2Outbound:
             self.fail(st, RESOURCE_EXHAUSTED,
                       f"weft: response message of {size} bytes is larger than the limit of {self.max_message}")
             return
+        if st.tap is not None:
+            st.tap.response_data(data)
         st.q_app.append((data, end))
         st.pending_frames.append((DATA, 0, b""))
         self.flush_to_app(st)
@@ -918,8 +938,20 @@ class H2Outbound:
                 up.transport.close()  # a retired connection closes once its last stream is done
         self.finish(st, st.status if st.status is not None else 2)
 
+    def _tap_headers(self, st: Stream, block: bytes, end: bool) -> None:
+        try:
+            headers = headers_of(block)
+        except (ValueError, IndexError):
+            headers = [(b"weft-tap", b"unreadable headers")]
+        if end:
+            st.tap.trailers = headers
+        else:
+            st.tap.response_headers = headers
+
     def fail(self, st: Stream, code: int, message: str) -> None:
         app = st.app
+        if st.tap is not None:
+            self._tap_headers(st, trailers_only(code, message, with_status=not st.headers_sent_app), True)
         if not app.closed:
             app.headers_frames(st.app_sid, trailers_only(code, message, with_status=not st.headers_sent_app), True)
             app.streams.pop(st.app_sid, None)
@@ -947,6 +979,8 @@ class H2Outbound:
         label = out.telemetry.method_label(self.pool.name, st.method, up.methods if up is not None else None)
         source = snap.registration.service
         out.telemetry.request("outbound", source, self.pool.name, label, name, seconds)
+        if st.tap is not None:
+            out.telemetry.tap.finish(st.tap, name, seconds)
         out.telemetry.access.line(time.monotonic(), direction="outbound", source=source, destination=self.pool.name,
                                   method=st.method, status=name, duration_ms=round(seconds * 1000, 3))
 
@@ -1005,6 +1039,8 @@ class H2Inbound(H2Outbound):
             return
         st.source = ident.service
         snap = inbound.snapshot()
+        if inbound.telemetry.tap.active:
+            self._tap_start(st, "inbound", ident.service, snap.registration.service)
         try:
             metadata = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers_of(st.request_block)
                         if not k.startswith(b":") and not k.endswith(b"-bin")}
@@ -1079,6 +1115,8 @@ class H2Inbound(H2Outbound):
         label = inbound.telemetry.method_label(dest, st.method, snap.local_methods)
         source = st.source or "unknown"
         inbound.telemetry.request("inbound", source, dest, label, name, seconds)
+        if st.tap is not None:
+            inbound.telemetry.tap.finish(st.tap, name, seconds)
         inbound.telemetry.access.line(time.monotonic(), direction="inbound", source=source, destination=dest,
                                       method=st.method, status=name, duration_ms=round(seconds * 1000, 3))
 

@@ -453,23 +453,30 @@ def redact_json(value: Any, settings: TapSettings, depth: int = 0) -> Any:
                 for k, v in value.items()}
     if isinstance(value, list):
         return [redact_json(v, settings, depth + 1) for v in value]
+    if isinstance(value, str) and len(value) > 2:
+        return redact_text(value, settings)  # a string field may carry JSON, a form or headers as text
     return value
 
 
 _JSONISH_FIELD = re.compile(r'"((?:[^"\\]|\\.){1,128})"\s*:\s*("(?:[^"\\]|\\.)*"?|[^,}\]\s]*)')
-_FORM_FIELD = re.compile(r"(^|[&\s])([A-Za-z0-9_.\-]{1,128})=([^&\s]*)")
+_FORM_FIELD = re.compile(r"(^|[&\s?])([A-Za-z0-9_.\-]{1,128})=([^&\s]*)")
+_HEADER_LINE = re.compile(r"(^|\n)([A-Za-z0-9_.\-]{1,128}):[ \t]*([^\r\n]*)")
 
 
 def redact_text(text: str, settings: TapSettings) -> str:
-    """Text that could not be parsed (e.g. JSON cut at MaxBytes): secret ``"name": value`` and
-    ``name=value`` pairs are redacted by pattern, so a truncated body cannot leak them."""
+    """Text that could not be parsed (e.g. JSON cut at MaxBytes), or a string inside JSON: secret
+    ``"name": value``, ``name=value`` and ``Name: value`` (header line) pairs are redacted by pattern,
+    so a truncated body or an echoed request cannot leak them."""
     def field_sub(m: re.Match[str]) -> str:
         return f'"{m.group(1)}": "{REDACTED}"' if secret_name(m.group(1), settings) else m.group(0)
 
     def form_sub(m: re.Match[str]) -> str:
         return f"{m.group(1)}{m.group(2)}={REDACTED}" if secret_name(m.group(2), settings) else m.group(0)
 
-    return _FORM_FIELD.sub(form_sub, _JSONISH_FIELD.sub(field_sub, text))
+    def line_sub(m: re.Match[str]) -> str:
+        return f"{m.group(1)}{m.group(2)}: {REDACTED}" if secret_name(m.group(2), settings) else m.group(0)
+
+    return _HEADER_LINE.sub(line_sub, _FORM_FIELD.sub(form_sub, _JSONISH_FIELD.sub(field_sub, text)))
 
 
 def _textual(data: bytes) -> str | None:

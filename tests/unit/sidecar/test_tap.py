@@ -21,6 +21,7 @@ from sidecar.tap import (
     parse_filter,
     parse_settings,
     redact_headers,
+    redact_json,
     redact_text,
     render,
 )
@@ -128,6 +129,9 @@ def test_truncated_text_is_redacted_by_pattern() -> None:
     out = redact_text(text, s)
     assert "hunter2" not in out and '"user": "ann"' in out and '"x' not in out.replace(REDACTED, "")
     assert "hunter2" not in redact_text("user=ann&password=hunter2", s)
+    assert "hunter2" not in redact_text("GET /x HTTP/1.1\nAuthorization: Bearer hunter2\nHost: h", s)
+    embedded = {"body": '{"password": "hunter2"}', "note": "/login?password=hunter2"}
+    assert "hunter2" not in json.dumps(redact_json(embedded, s))
 
 
 def test_render_redacts_everywhere_and_previews_payloads() -> None:
