@@ -47,7 +47,7 @@ function drawTopology(topo) {
   const W = 150, H = 40;
   for (const n of topo.nodes) {
     const i = (perLayer[n.layer] = (perLayer[n.layer] || 0) + 1) - 1;
-    pos[n.name] = {x: 30 + n.layer * 300, y: 30 + i * 90};
+    pos[n.name] = {x: 30 + n.layer * 380, y: 40 + i * 90};
   }
   const width = Math.max(600, ...Object.values(pos).map((p) => p.x + W + 30));
   const height = Math.max(200, ...Object.values(pos).map((p) => p.y + H + 30));
@@ -59,9 +59,10 @@ function drawTopology(topo) {
                         "data-state": e.state});
     const x1 = a.x + W, y1 = a.y + H / 2, x2 = b.x, y2 = b.y + H / 2;
     g.appendChild(svg("line", {x1, y1, x2: x2 - 2, y2}));
-    const label = e.rps === null ? "no calls yet"
-      : `${e.rps.toFixed(1)} rps · ${fmtPct(e.success_rate)} · p50 ${fmtMs(e.p50_ms)} · p99 ${fmtMs(e.p99_ms)}`;
-    g.appendChild(svg("text", {x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 8, "text-anchor": "middle"}, label));
+    const top = e.rps === null ? "no calls yet" : `${e.rps.toFixed(1)} rps · ${fmtPct(e.success_rate)} ok`;
+    const bottom = e.rps === null ? "" : `p50 ${fmtMs(e.p50_ms)} · p99 ${fmtMs(e.p99_ms)}`;
+    g.appendChild(svg("text", {x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 8, "text-anchor": "middle"}, top));
+    g.appendChild(svg("text", {x: (x1 + x2) / 2, y: (y1 + y2) / 2 + 16, "text-anchor": "middle"}, bottom));
     root.appendChild(g);
   }
   for (const n of topo.nodes) {
