@@ -1,0 +1,152 @@
+"""`python -m benchmarks tap`: what an open tap costs the sidecars, per call.
+
+The Weft pair of `benchmarks/weft_pair.py` (real processes on loopback), gRPC unary calls with
+100-byte payloads, 32 in flight (`benchmarks/load.py`); proxy CPU per call is read from /proc for
+both sidecars of the pair, as in `bench_sidecar`.
+
+- `full_path`: the L7 pair (client -> echol7, whose sidecar authorizes every call on its per-call
+  path). Rounds alternate "no tap" and "one tap open on each sidecar of the pair, matching every
+  call, payloads on (KV weft/tap/<service> {"Payload": true, "MaxBytes": 1024}), read as fast as it
+  comes". `tap_vs_no_tap` is the ratio of the medians (target at most 1.25).
+- `passthrough_pair`: the L4 pair (client -> echo). A tap on the callee's sidecar moves its callers
+  from pass-through to the per-call path (so that the tap sees their calls): the ratio there is
+  mostly the price of the per-call path, reported for information.
+- `no_tap_noise`: two "no tap" rounds of the full path against each other: how far apart two
+  identical runs are on this machine, the yardstick for "within noise".
+- `inactive_hook_ns_per_call`: the hooks a call meets while nobody taps (an attribute check each),
+  timed in process, and as a share of the per-call CPU of the pair.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+import timeit
+from pathlib import Path
+from typing import Any
+
+from benchmarks import weft_pair
+from benchmarks.bench_sidecar import Route, _processes, _ready_grpc, _start_app, measure
+from tests.support import free_port, wait_for
+
+PAYLOAD_SETTINGS = b'{"Payload": true, "MaxBytes": 1024}'
+HOOKS_PER_UNARY_CALL = 8  # tap checks on one h2 unary call through both sidecars (start, data, headers, finish)
+
+
+class TapReader:
+    """One /tap?payload=1 stream read in a thread, as fast as the sidecar sends."""
+
+    def __init__(self, admin_port: int) -> None:
+        self.lines = 0
+        self.dropped = 0
+        self._conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=30)
+        self._conn.request("GET", "/tap?payload=1")
+        self._resp = self._conn.getresponse()
+        if self._resp.status != 200:
+            raise RuntimeError(f"/tap answered {self._resp.status}")
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for raw in self._resp:
+                if raw.startswith(b'{"dropped"'):
+                    self.dropped += int(json.loads(raw)["dropped"])
+                else:
+                    self.lines += 1
+        except (OSError, ValueError, http.client.HTTPException):
+            pass
+
+    def close(self) -> None:
+        self._conn.close()  # the sidecar sees the client leave and closes the tap
+
+
+def _unary(route: Route, seconds: str) -> float:
+    result = measure(route, "unary", route.proxy_pids, "--concurrency", "32", "--duration", seconds)
+    return float(result["proxy_cpu_us_per_call"])
+
+
+def _tapped(stack: Any, services: list[str], route: Route, seconds: str) -> tuple[float, int, int]:
+    readers = [TapReader(stack.sidecars[s][1]) for s in services]
+    try:
+        time.sleep(0.3)  # the sidecars subscribed before answering 200; let the callers' connections move
+        cpu = _unary(route, seconds)
+    finally:
+        for r in readers:
+            r.close()
+    time.sleep(0.3)
+    return cpu, sum(r.lines for r in readers), sum(r.dropped for r in readers)
+
+
+def inactive_hook_ns() -> float:
+    """Nanoseconds of the checks a call meets while nobody taps (the hub's flag, a record slot)."""
+    from sidecar.tap import TapHub
+
+    class Holder:
+        __slots__ = ("tap",)
+
+        def __init__(self) -> None:
+            self.tap = TapHub()
+
+    h = Holder()
+    n = 2_000_000
+    seconds = min(timeit.repeat("h.tap.active", globals={"h": h}, number=n, repeat=5))
+    return seconds / n * 1e9 * HOOKS_PER_UNARY_CALL
+
+
+def run() -> dict[str, Any]:
+    seconds = os.environ.get("WEFT_BENCH_SECONDS", "4")
+    rounds = int(os.environ.get("WEFT_BENCH_ROUNDS", "3"))
+    out: dict[str, Any] = {"payload_bytes": 100, "concurrency": 32, "seconds_per_run": float(seconds),
+                           "rounds": rounds, "targets": {"tap_vs_no_tap": 1.25}}
+    with tempfile.TemporaryDirectory(prefix="weft-bench-tap-") as tmp, _processes() as started:
+        workdir = Path(tmp)
+        app_port, tcp_port = free_port(), free_port()
+        started.append(_start_app("tests.apps.echo", app_port, workdir, "--name", "bench-echo"))
+        started.append(_start_app("tests.apps.tcpecho", tcp_port, workdir))
+        wait_for(_ready_grpc(f"127.0.0.1:{app_port}"), timeout=30, what="echo app")
+        stack = weft_pair.Stack(workdir, app_port, tcp_port)
+        started.append(stack)
+        stack.start()
+        for service in ("client", "echo", "echol7"):
+            stack._consul("PUT", f"/v1/kv/weft/tap/{service}", PAYLOAD_SETTINGS)
+        time.sleep(1.0)  # the sidecars' KV watches pick the settings up
+        l7 = Route("weft_l7", stack.l7_target, None, stack.l7_pids)
+        l4 = Route("weft", stack.grpc_target, None, stack.grpc_pids)
+
+        # the pass-through pair first (a tap moves its connections to the per-call path for good)
+        l4_plain = _unary(l4, seconds)
+        l4_tap, l4_lines, l4_dropped = _tapped(stack, ["client", "echo"], l4, seconds)
+        out["passthrough_pair"] = {
+            "no_tap_cpu_us_per_call": l4_plain, "tap_cpu_us_per_call": l4_tap,
+            "tap_vs_no_tap": round(l4_tap / l4_plain, 3), "tap_lines": l4_lines, "tap_dropped": l4_dropped,
+            "note": "the tap also moves the callee's callers from pass-through to the per-call path"}
+
+        plain: list[float] = []
+        tapped: list[float] = []
+        lines = dropped = 0
+        for _ in range(rounds):
+            plain.append(_unary(l7, seconds))
+            cpu, n, d = _tapped(stack, ["client", "echol7"], l7, seconds)
+            tapped.append(cpu)
+            lines += n
+            dropped += d
+        plain.append(_unary(l7, seconds))
+        no_tap = statistics.median(plain)
+        with_tap = statistics.median(tapped)
+        out["full_path"] = {"no_tap_cpu_us_per_call": plain, "tap_cpu_us_per_call": tapped,
+                            "tap_vs_no_tap": round(with_tap / no_tap, 3), "tap_lines": lines,
+                            "tap_dropped": dropped}
+        out["no_tap_noise"] = round(max(plain) / min(plain), 3)
+        hook_ns = inactive_hook_ns()
+        out["inactive_hook_ns_per_call"] = round(hook_ns, 1)
+        out["inactive_hook_share_of_call_cpu"] = round(hook_ns / 1000 / no_tap, 5)
+        out["tap_vs_no_tap"] = out["full_path"]["tap_vs_no_tap"]
+        out["met"] = {"tap_vs_no_tap": out["tap_vs_no_tap"] <= 1.25}
+    print(json.dumps(out, indent=2), flush=True)
+    return out
