@@ -19,14 +19,17 @@ both sidecars of the pair, as in `bench_sidecar`.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import socket
 import statistics
 import tempfile
 import threading
 import time
 import timeit
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +66,12 @@ class TapReader:
             pass
 
     def close(self) -> None:
-        self._conn.close()  # the sidecar sees the client leave and closes the tap
+        sock = self._conn.sock
+        if sock is not None:  # the response still holds the socket: shut it so that the sidecar sees EOF
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._conn.close()
+        self._thread.join(5)
 
 
 def _unary(route: Route, seconds: str) -> float:
@@ -79,8 +87,13 @@ def _tapped(stack: Any, services: list[str], route: Route, seconds: str) -> tupl
     finally:
         for r in readers:
             r.close()
-    time.sleep(0.3)
+    wait_for(lambda: all(_taps_open(stack, s) == 0 for s in services), timeout=10, what="the taps to close")
     return cpu, sum(r.lines for r in readers), sum(r.dropped for r in readers)
+
+
+def _taps_open(stack: Any, service: str) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.sidecars[service][1]}/config", timeout=10) as resp:
+        return int(json.loads(resp.read()).get("taps_open", 0))
 
 
 def inactive_hook_ns() -> float:

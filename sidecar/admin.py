@@ -185,6 +185,7 @@ class Admin:
             body["snapshot"] = None
         else:
             body["snapshot"] = snap.describe()
+        body["taps_open"] = len(self._telemetry.tap.subscribers)
         if self._extra is not None:
             body.update(self._extra())
         return 200, "application/json", (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
