@@ -157,7 +157,15 @@ class TapFilter:
 
 def parse_filter(query: str | Mapping[str, Sequence[str]]) -> TapFilter:
     """A filter from /tap's query string (or parsed parameters); raises TapError naming the bad one."""
-    params = parse_qs(query, keep_blank_values=True, max_num_fields=32) if isinstance(query, str) else query
+    if isinstance(query, str):
+        if len(query) > 4096:
+            raise TapError(f"tap query of {len(query)} characters; at most 4096")
+        try:
+            params: Mapping[str, Sequence[str]] = parse_qs(query, keep_blank_values=True, max_num_fields=32)
+        except ValueError as exc:  # more fields than max_num_fields
+            raise TapError(f"tap query: {exc}") from None
+    else:
+        params = query
     got: dict[str, str] = {}
     for name, values in params.items():
         if name not in FILTER_KEYS:

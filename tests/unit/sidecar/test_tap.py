@@ -55,6 +55,9 @@ def test_filter_from_query_and_back() -> None:
     ("colour=blue", "unknown tap parameter"),
     ("limit=1&limit=2", "given 2 times"),
     ("method=/a&path=/b", "not both"),
+    ("limit=1&" * 40, "fields"),
+    ("method=" + "a" * 5000, "at most 4096"),
+    ("method=/a%00b", "printable"),
 ])
 def test_bad_filters_are_refused_naming_the_parameter(query: str, words: str) -> None:
     with pytest.raises(TapError, match=words):
