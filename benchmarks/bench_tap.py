@@ -20,7 +20,6 @@ both sidecars of the pair, as in `bench_sidecar`.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import socket
@@ -42,36 +41,39 @@ HOOKS_PER_UNARY_CALL = 8  # tap checks on one h2 unary call through both sidecar
 
 
 class TapReader:
-    """One /tap?payload=1 stream read in a thread, as fast as the sidecar sends."""
+    """One /tap?payload=1 stream read in a thread, as fast as the sidecar sends (a plain socket, so
+    that closing it really closes the connection and the sidecar closes the tap)."""
 
     def __init__(self, admin_port: int) -> None:
         self.lines = 0
         self.dropped = 0
-        self._conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=30)
-        self._conn.request("GET", "/tap?payload=1")
-        self._resp = self._conn.getresponse()
-        if self._resp.status != 200:
-            raise RuntimeError(f"/tap answered {self._resp.status}")
+        self._sock = socket.create_connection(("127.0.0.1", admin_port), timeout=30)
+        self._sock.sendall(b"GET /tap?payload=1 HTTP/1.1\r\nHost: bench\r\n\r\n")
+        self._file = self._sock.makefile("rb")
+        status = self._file.readline()
+        if b" 200 " not in status:
+            raise RuntimeError(f"/tap answered {status!r}")
+        while self._file.readline() not in (b"\r\n", b""):
+            pass
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
     def _read(self) -> None:
         try:
-            for raw in self._resp:
+            for raw in self._file:
                 if raw.startswith(b'{"dropped"'):
                     self.dropped += int(json.loads(raw)["dropped"])
                 else:
                     self.lines += 1
-        except (OSError, ValueError, http.client.HTTPException):
+        except (OSError, ValueError):
             pass
 
     def close(self) -> None:
-        sock = self._conn.sock
-        if sock is not None:  # the response still holds the socket: shut it so that the sidecar sees EOF
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        self._conn.close()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(5)
+        self._file.close()
+        self._sock.close()
 
 
 def _unary(route: Route, seconds: str) -> float:
