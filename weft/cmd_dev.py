@@ -216,6 +216,7 @@ def summary(plan: Plan, *, started_agent: bool, state_dir: Path, traffic_rps: fl
         f"  curl 'http://127.0.0.1:{frontend.port}/hello?name=ada'",
         f"  curl 'http://127.0.0.1:{frontend.port}/stream?name=ada&count=3'",
         "  weft top                                  # live rps, success rate, p50/p99 per edge",
+        "  weft tap greeter                          # live calls into and out of greeter, one line each",
         "  weft status                               # services, sidecars, certificates, policy versions",
         "  weft intention deny frontend greeter      # frontend's calls now fail with 403 PERMISSION_DENIED",
         "  weft intention allow frontend greeter     # and succeed again",
