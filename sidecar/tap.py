@@ -46,7 +46,12 @@ QUEUE_SIZE = 256  # records per tap waiting for its reader; beyond: dropped and 
 MAX_TAPS = 16  # open taps per sidecar
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _STATUS = re.compile(r"^([A-Z_]{1,40}|[1-5][0-9]{2}|[1-5]xx|closed|denied)$")
-FILTER_KEYS = ("direction", "source", "destination", "method", "path", "status", "min_ms", "limit", "payload")
+FILTER_KEYS = ("direction", "source", "destination", "method", "path", "status", "min_ms", "limit", "payload",
+               "max_rps")
+# calls per second one tap records at most (as linkerd's tap): what a tap costs is bounded by what it
+# asks for, not by the traffic; the calls above it are counted and reported as skipped. 0: no cap.
+DEFAULT_MAX_RPS = 100.0
+MAX_MAX_RPS = 100_000.0
 
 # (method path, is_request, one message's bytes) -> its JSON form, or None when the type is unknown
 Decoder = Callable[[str, bool, bytes], Any]
@@ -134,12 +139,18 @@ class TapFilter:
     min_ms: float = 0.0
     limit: int | None = None
     payload: bool = False
+    max_rps: float = DEFAULT_MAX_RPS
 
     def could_match(self, direction: str, source: str, destination: str) -> bool:
         """Whether a call between these parties may match (decided before its method and status)."""
         return ((self.direction is None or self.direction == direction)
                 and (self.source is None or self.source == source)
                 and (self.destination is None or self.destination == destination))
+
+    def could_match_call(self, direction: str, source: str, destination: str, method: str, path: str) -> bool:
+        """Whether a call starting now may match (everything but its status and duration)."""
+        return self.could_match(direction, source, destination) and (
+            self.method is None or method.startswith(self.method) or path.startswith(self.method))
 
     def matches(self, rec: CallRecord) -> bool:
         if not self.could_match(rec.direction, rec.source, rec.destination):
@@ -205,12 +216,20 @@ def parse_filter(query: str | Mapping[str, Sequence[str]]) -> TapFilter:
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
             raise TapError(f"limit {raw[:40]!r} must be an integer from 1 to {MAX_LIMIT}")
         limit = int(raw)
+    max_rps = DEFAULT_MAX_RPS
+    if got.get("max_rps"):
+        try:
+            max_rps = float(got["max_rps"])
+        except ValueError:
+            raise TapError(f"max_rps {got['max_rps'][:40]!r} is not a number") from None
+        if not math.isfinite(max_rps) or not 0 <= max_rps <= MAX_MAX_RPS:
+            raise TapError(f"max_rps {got['max_rps'][:40]!r} must be from 0 (no cap) to {MAX_MAX_RPS:g}")
     payload_raw = got.get("payload", "0").lower()
     if payload_raw not in ("", "0", "1", "true", "false"):
         raise TapError(f"payload {payload_raw[:40]!r} must be 1 or 0")
     return TapFilter(direction=direction, source=names["source"], destination=names["destination"],
                      method=method, status=status, min_ms=min_ms, limit=limit,
-                     payload=payload_raw in ("1", "true"))
+                     payload=payload_raw in ("1", "true"), max_rps=max_rps)
 
 
 def filter_query(f: TapFilter) -> str:
@@ -226,6 +245,8 @@ def filter_query(f: TapFilter) -> str:
         parts.append(("limit", str(f.limit)))
     if f.payload:
         parts.append(("payload", "1"))
+    if f.max_rps != DEFAULT_MAX_RPS:
+        parts.append(("max_rps", repr(f.max_rps)))
     return "&".join(f"{k}={quote(v, safe='/')}" for k, v in parts)
 
 
@@ -257,6 +278,7 @@ class CallRecord:
         "seconds",
         "source",
         "status",
+        "subscribers",
         "trailers",
     )
 
@@ -281,6 +303,7 @@ class CallRecord:
         self.response_body: bytearray | None = bytearray() if max_bytes else None
         self.request_bytes = 0
         self.response_bytes = 0
+        self.subscribers: tuple[Subscriber, ...] = ()  # the taps that took this call (see TapHub.start)
 
     def request_data(self, data: bytes) -> None:
         """Payload bytes from the caller (only the first ``max_bytes`` are kept)."""
@@ -299,15 +322,32 @@ class CallRecord:
 class Subscriber:
     """One open tap: its filter, a bounded queue of records, and how many it lost."""
 
-    __slots__ = ("capacity", "delivered", "dropped", "filter", "notify", "queue")
+    __slots__ = ("capacity", "delivered", "dropped", "filter", "last", "notify", "queue", "skipped", "tokens")
 
     def __init__(self, flt: TapFilter, notify: Callable[[], None], capacity: int = QUEUE_SIZE) -> None:
         self.filter = flt
         self.queue: deque[CallRecord] = deque()
         self.capacity = capacity
         self.notify = notify
-        self.dropped = 0
+        self.dropped = 0  # recorded, but the reader was too slow to take them
+        self.skipped = 0  # not recorded: above the tap's max_rps
         self.delivered = 0
+        self.tokens = flt.max_rps  # a token bucket of max_rps per second, burst max_rps
+        self.last: float | None = None
+
+    def admit(self, now: float) -> bool:
+        """Whether this tap records one more call now (its max_rps allows it)."""
+        rate = self.filter.max_rps
+        if rate <= 0:
+            return True
+        if self.last is not None:
+            self.tokens = min(rate, self.tokens + (now - self.last) * rate)
+        self.last = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        self.skipped += 1
+        return False
 
     def offer(self, rec: CallRecord) -> bool:
         if len(self.queue) >= self.capacity:
@@ -327,7 +367,9 @@ class TapHub:
     """The open taps of one sidecar. The data path reads ``active`` before doing anything else."""
 
     def __init__(self, service: str = "", *, on_drop: Callable[[], None] | None = None,
-                 settings: Callable[[], TapSettings] | None = None, max_taps: int = MAX_TAPS) -> None:
+                 settings: Callable[[], TapSettings] | None = None, max_taps: int = MAX_TAPS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.service = service
         self.active = False
         self.subscribers: list[Subscriber] = []
@@ -372,15 +414,20 @@ class TapHub:
               protocol: str = "grpc") -> CallRecord | None:
         """A record to fill for a call starting now, or None when no open tap can match it.
 
-        Payloads are captured only when the service's settings enable them AND a matching tap asked."""
+        Payloads are captured only when the service's settings enable them AND a matching tap asked.
+        A tap past its max_rps does not take the call (it counts it as skipped)."""
         want_payload = False
-        matched = False
+        taking: list[Subscriber] = []
+        now = 0.0
         for sub in self.subscribers:
             f = sub.filter
-            if f.could_match(direction, source, destination):
-                matched = True
-                want_payload = want_payload or f.payload
-        if not matched:
+            if f.could_match_call(direction, source, destination, method, path or method):
+                if not now:
+                    now = self.clock()
+                if sub.admit(now):
+                    taking.append(sub)
+                    want_payload = want_payload or f.payload
+        if not taking:
             return None
         max_bytes = 0
         payload_off = False
@@ -390,14 +437,16 @@ class TapHub:
                 max_bytes = settings.max_bytes
             else:
                 payload_off = True
-        return CallRecord(direction, source, destination, method, path=path, protocol=protocol,
-                          max_bytes=max_bytes, payload_off=payload_off)
+        rec = CallRecord(direction, source, destination, method, path=path, protocol=protocol,
+                         max_bytes=max_bytes, payload_off=payload_off)
+        rec.subscribers = tuple(taking)
+        return rec
 
     def finish(self, rec: CallRecord, status: str, seconds: float) -> None:
         """The call ended: offer its record to every tap it matches."""
         rec.status = status
         rec.seconds = seconds
-        for sub in self.subscribers:
+        for sub in rec.subscribers:
             if sub.filter.matches(rec) and not sub.offer(rec):
                 self.dropped += 1
                 if self._on_drop is not None:
@@ -586,6 +635,7 @@ class TapStream:
     decoder: Decoder | None = None
     sent: int = 0
     _reported_drops: int = field(default=0)
+    _reported_skips: int = field(default=0)
 
     def lines(self) -> list[bytes]:
         """The NDJSON lines ready now (at most up to the filter's limit)."""
@@ -601,6 +651,11 @@ class TapStream:
             # the reader fell behind: tell it how many calls it did not see
             out.append(json.dumps({"dropped": self.subscriber.dropped - self._reported_drops}).encode() + b"\n")
             self._reported_drops = self.subscriber.dropped
+        if self.subscriber.skipped > self._reported_skips and not self.done and out:
+            # calls above max_rps were not recorded: say so with the next calls shown
+            out.append(json.dumps({"skipped": self.subscriber.skipped - self._reported_skips,
+                                   "max_rps": self.subscriber.filter.max_rps}).encode() + b"\n")
+            self._reported_skips = self.subscriber.skipped
         return out
 
     @property

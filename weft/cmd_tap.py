@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.tap import TapError, TapFilter, filter_query, parse_filter
+from sidecar.tap import DEFAULT_MAX_RPS, TapError, TapFilter, filter_query, parse_filter
 from weft.devstate import ConsulChoice, admin_urls, consul_for_cli
 
 
@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-payload", "--payload", action="store_true",
                         help="include payload previews (when KV weft/tap/SERVICE enables them)")
     parser.add_argument("-n", "--n", type=int, default=None, metavar="N", help="stop after N calls")
+    parser.add_argument("-max-rps", "--max-rps", type=float, default=DEFAULT_MAX_RPS,
+                        help="calls per second each sidecar records for this tap at most (0: no cap); the rest "
+                             "are counted as skipped")
     parser.add_argument("-o", "--output", default="line", choices=("line", "wide", "json"),
                         help="one line per call (default), wide (headers and payloads too), or json")
     parser.add_argument("-target", "--target", action="append", default=[], metavar="URL",
@@ -54,7 +57,8 @@ def tap_filter(args: argparse.Namespace) -> TapFilter:
     if args.n is not None and args.n < 1:
         raise TapError("-n must be at least 1")
     flt = TapFilter(direction=args.direction, source=args.source, destination=args.to, method=args.method,
-                    status=args.status, min_ms=args.min_ms, limit=args.n, payload=args.payload)
+                    status=args.status, min_ms=args.min_ms, limit=args.n, payload=args.payload,
+                    max_rps=args.max_rps)
     return parse_filter(filter_query(flt))  # the same validation a sidecar applies
 
 
@@ -79,6 +83,8 @@ def format_line(rec: Mapping[str, Any], *, wide: bool = False, sidecar: str = ""
     """One call as one line (`wide`: plus headers, trailers and payload previews on indented lines)."""
     if "dropped" in rec and "method" not in rec:
         return f"! {sidecar or 'a sidecar'} dropped {rec['dropped']} call(s): this tap read too slowly"
+    if "skipped" in rec and "method" not in rec:
+        return f"! {sidecar or 'a sidecar'} skipped {rec['skipped']} call(s) above --max-rps {rec.get('max_rps')}"
     ts = str(rec.get("ts", ""))[11:23]
     arrow = "<-" if rec.get("direction") == "inbound" else "->"
     who = f"{rec.get('destination')} {arrow} {rec.get('source')}" if rec.get("direction") == "inbound" else \

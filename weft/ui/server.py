@@ -152,7 +152,7 @@ class Dashboard:
         try:
             flt = parse_filter(filter_query(TapFilter(
                 source=q.get("source") or None, destination=q.get("to") or None, method=q.get("method") or None,
-                direction=q.get("direction") or None, payload=q.get("payload") in ("1", "true"))))
+                direction=q.get("direction") or None, payload=q.get("payload") in ("1", "true"))))  # default max_rps
             if not service:
                 raise TapError("service is required")
         except TapError as exc:

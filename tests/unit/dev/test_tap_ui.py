@@ -24,6 +24,8 @@ def test_tap_flags_become_the_sidecars_filter() -> None:
                                  "greeter", "--payload", "-n", "5", "--min-ms", "2"))
     assert (f.method, f.source, f.destination, f.payload, f.limit, f.min_ms) == \
         ("/demo.v1.Greeter/", "frontend", "greeter", True, 5, 2.0)
+    assert cmd_tap.tap_filter(_args("greeter")).max_rps == 100.0
+    assert cmd_tap.tap_filter(_args("greeter", "--max-rps", "0")).max_rps == 0.0
     with pytest.raises(TapError, match="-n"):
         cmd_tap.tap_filter(_args("greeter", "-n", "0"))
     with pytest.raises(TapError, match="source"):
@@ -46,6 +48,7 @@ def test_one_line_per_call_and_wide() -> None:
     assert '"authorization":"[redacted]"' in wide and '{"name":"ada"}' in wide
     assert '{"message":"Hello, ada!"} (truncated)' in wide and '"grpc-status":"0"' in wide
     assert "dropped 3" in cmd_tap.format_line({"dropped": 3}, sidecar="http://x")
+    assert "skipped 7 call(s) above --max-rps 100.0" in cmd_tap.format_line({"skipped": 7, "max_rps": 100.0})
 
 
 def test_ui_address() -> None:

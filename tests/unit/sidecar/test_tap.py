@@ -249,3 +249,28 @@ def test_stream_stops_at_limit_and_too_many_taps_are_refused() -> None:
         hub.finish(rec, "OK", 0.0)
     stream = TapStream(sub, lambda: OFF)
     assert len(stream.lines()) == 2 and stream.done
+
+
+def test_max_rps_bounds_what_a_tap_records() -> None:
+    now = [100.0]
+    hub = TapHub(clock=lambda: now[0])
+    capped = hub.subscribe(parse_filter("max_rps=2"), lambda: None)
+    uncapped = hub.subscribe(parse_filter("max_rps=0&method=/s/"), lambda: None)
+    assert parse_filter("").max_rps == 100.0 and filter_query(parse_filter("max_rps=0")) == "max_rps=0.0"
+    for _ in range(5):
+        rec = hub.start("inbound", "a", "b", "/s/m")
+        assert rec is not None
+        hub.finish(rec, "OK", 0.0)
+    assert len(capped.queue) == 2 and capped.skipped == 3 and capped.dropped == 0
+    assert len(uncapped.queue) == 5 and uncapped.skipped == 0
+    assert hub.start("inbound", "a", "b", "/other/m") is None  # capped has no tokens, uncapped's method differs
+    now[0] += 1.0  # a second later: two more
+    for _ in range(3):
+        rec = hub.start("inbound", "a", "b", "/t/m")
+        if rec is not None:
+            hub.finish(rec, "OK", 0.0)
+    assert len(capped.queue) == 4
+    lines = [json.loads(x) for x in TapStream(capped, lambda: OFF).lines()]
+    assert lines[-1] == {"skipped": 5, "max_rps": 2.0}
+    with pytest.raises(TapError, match="max_rps"):
+        parse_filter("max_rps=-1")

@@ -183,8 +183,9 @@ function startTap(ev) {
   tapSource.addEventListener("problem", (e) => { $("tap-state").textContent = JSON.parse(e.data); });
   tapSource.addEventListener("call", (e) => {
     const c = JSON.parse(e.data);
-    if (c.dropped !== undefined && c.method === undefined) {
-      $("tap-state").textContent = `${c.dropped} call(s) dropped: the tap fell behind`;
+    if (c.method === undefined) {  // a note from a sidecar, not a call
+      $("tap-state").textContent = c.dropped !== undefined ? `${c.dropped} call(s) dropped: the tap fell behind`
+        : `${c.skipped} call(s) skipped above ${c.max_rps} calls/s`;
       return;
     }
     tapCount++;
