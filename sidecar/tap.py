@@ -30,7 +30,7 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote
@@ -254,7 +254,9 @@ def filter_query(f: TapFilter) -> str:
 # Records (filled by the data path) and the hub
 
 
-Headers = Sequence[tuple[Any, Any]]  # (name, value) pairs, str or bytes
+# (name, value) pairs, str or bytes; or a function giving them, so that the data path hands over the
+# raw header block and decoding it happens on the reader's side
+Headers = Sequence[tuple[Any, Any]] | Callable[[], Sequence[tuple[Any, Any]]]
 
 
 class CallRecord:
@@ -463,22 +465,52 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+_SECRET_NAMES: dict[TapSettings, dict[str, bool]] = {}  # memo: names repeat on every call
+_LAST_MEMO: list[Any] = [None, {}]  # (settings, its memo): the last used
+
+
 def secret_name(name: str, settings: TapSettings) -> bool:
     """Whether the value under this header, parameter or JSON field name is redacted."""
-    n = name.lower()
-    if n in ALWAYS_REDACTED:
-        return True
-    if n.endswith("-bin") and n not in settings.allow_binary:
-        return True
-    return any(p in n for p in settings.redact)
+    memo: dict[str, bool] | None
+    if settings is _LAST_MEMO[0]:  # the same settings object as last time: no hashing of it
+        memo = _LAST_MEMO[1]
+    else:
+        memo = _SECRET_NAMES.get(settings)
+        if memo is None:
+            if len(_SECRET_NAMES) >= 8:
+                _SECRET_NAMES.clear()
+            memo = _SECRET_NAMES[settings] = {}
+        _LAST_MEMO[:] = [settings, memo]
+    assert memo is not None
+    found = memo.get(name)
+    if found is None:
+        n = name.lower()
+        found = n in ALWAYS_REDACTED or (n.endswith("-bin") and n not in settings.allow_binary) \
+            or any(p in n for p in settings.redact)
+        if len(memo) >= 4096:  # bounded: names come from peers
+            memo.clear()
+        memo[name] = found
+    return found
 
 
-def redact_headers(headers: Iterable[tuple[Any, Any]], settings: TapSettings) -> dict[str, str | list[str]]:
+def _pairs(headers: Headers) -> Sequence[tuple[Any, Any]]:
+    if callable(headers):
+        try:
+            return headers()
+        except (ValueError, IndexError):  # a header block the decoder cannot read
+            return [("weft-tap", "unreadable header block")]
+    return headers
+
+
+def redact_headers(headers: Headers, settings: TapSettings) -> dict[str, str | list[str]]:
     """Headers as a JSON object (repeated names as lists), secret values replaced by ``[redacted]``."""
     out: dict[str, str | list[str]] = {}
-    for raw_name, raw_value in headers:
-        name = _text(raw_name).lower()
-        value = REDACTED if secret_name(name, settings) else _text(raw_value)
+    for raw_name, raw_value in _pairs(headers):
+        name = raw_name.decode("latin-1").lower() if raw_name.__class__ is bytes else _text(raw_name).lower()
+        if secret_name(name, settings):
+            value = REDACTED
+        else:
+            value = raw_value.decode("latin-1") if raw_value.__class__ is bytes else _text(raw_value)
         prev = out.get(name)
         if prev is None:
             out[name] = value
@@ -510,7 +542,7 @@ def redact_json(value: Any, settings: TapSettings, depth: int = 0) -> Any:
                 for k, v in value.items()}
     if isinstance(value, list):
         return [redact_json(v, settings, depth + 1) for v in value]
-    if isinstance(value, str) and len(value) > 2:
+    if isinstance(value, str) and len(value) > 2 and ("=" in value or ":" in value):
         return redact_text(value, settings)  # a string field may carry JSON, a form or headers as text
     return value
 
