@@ -40,7 +40,7 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
     host, port = parse_addr(args.http_addr)
     consul = consul_for_cli("weft ui", args.state_dir)
-    runner = web.AppRunner(make_app(Dashboard(consul, interval=args.interval)), access_log=None,
+    runner = web.AppRunner(make_app(Dashboard(consul, interval=args.interval), host), access_log=None,
                            handle_signals=False)
     await runner.setup()
     try:

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,12 @@ class Dashboard:
                 raise TapError("service is required")
         except TapError as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        urls, problems = await find_sidecars(service, self.consul)
+        from catalog.client import ConsulError
+
+        try:
+            urls, problems = await find_sidecars(service, self.consul)
+        except ConsulError as exc:
+            return web.json_response({"error": f"Consul: {exc}"}, status=502)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
         await resp.prepare(request)
 
@@ -199,8 +205,29 @@ class Dashboard:
         return resp
 
 
-def make_app(dashboard: Dashboard) -> web.Application:
-    app = web.Application(client_max_size=MAX_CHECK_BODY)
+def allowed_host(host_header: str, bound_host: str) -> bool:
+    """Whether a request's Host names this server: loopback names, or the address it was told to bind.
+
+    A page on another site that rebinds its DNS name to 127.0.0.1 sends its own name as Host: refused,
+    so that it cannot read live calls (payloads included) from a dashboard on loopback."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host in ("127.0.0.1", "localhost", "::1") or (bool(bound_host) and host == bound_host.lower()
+                                                          and bound_host not in ("0.0.0.0", "::"))
+
+
+def make_app(dashboard: Dashboard, bound_host: str = "127.0.0.1") -> web.Application:
+    @web.middleware
+    async def only_our_host(request: web.Request,
+                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if not allowed_host(request.headers.get("Host", ""), bound_host) and bound_host not in ("0.0.0.0", "::"):
+            return web.Response(status=403, text="weft ui: unexpected Host header\n")
+        return await handler(request)
+
+    app = web.Application(client_max_size=MAX_CHECK_BODY, middlewares=[only_our_host])
     app.router.add_get("/", dashboard.index)
     app.router.add_get("/api/overview", dashboard.get_overview)
     app.router.add_post("/api/check", dashboard.post_check)

@@ -95,3 +95,13 @@ def test_services_and_intentions_views() -> None:
     rows = [{"Source": "frontend", "Destination": "greeter", "Action": "allow", "Mode": "enforce", "Precedence": 9,
              "Origin": "KV weft/intentions/greeter Sources[0]", "Description": ""}]
     assert model.intentions_by_destination(rows)["greeter"][0]["origin"] == "KV weft/intentions/greeter Sources[0]"
+
+
+def test_dashboard_answers_only_to_its_own_host_names() -> None:
+    from weft.ui.server import allowed_host
+
+    for host in ("127.0.0.1:8580", "localhost:8580", "[::1]:8580", "LOCALHOST"):
+        assert allowed_host(host, "127.0.0.1"), host
+    assert not allowed_host("evil.example:8580", "127.0.0.1")  # DNS rebinding
+    assert not allowed_host("", "127.0.0.1")
+    assert allowed_host("10.1.2.3:8580", "10.1.2.3")
