@@ -26,7 +26,6 @@ upstream's RST_STREAM), as a direct client would see.
 from __future__ import annotations
 
 import asyncio
-import functools
 import ssl
 import struct
 import time
@@ -38,6 +37,8 @@ from hpack.huffman import HuffmanEncoder
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.huffman_table import decode_huffman
 from hpack.struct import NeverIndexedHeaderTuple
+
+from sidecar.tap import HeaderBlock
 
 log = structlog.get_logger("weft.sidecar.h2")
 
@@ -741,7 +742,7 @@ class H2Outbound:
         """Only while a tap is open: a record for this call, with its request headers."""
         rec = self._out.telemetry.tap.start(direction, source, destination, st.method)
         if rec is not None:
-            rec.request_headers = functools.partial(headers_of, st.request_block)  # decoded by the tap's reader
+            rec.request_headers = HeaderBlock(headers_of, st.request_block)  # decoded by the tap's reader
             st.tap = rec
 
     def _up(self, key: str) -> UpConn:
@@ -937,7 +938,7 @@ class H2Outbound:
         self.finish(st, st.status if st.status is not None else 2)
 
     def _tap_headers(self, st: Stream, block: bytes, end: bool) -> None:
-        headers = functools.partial(headers_of, block)  # decoded by the tap's reader
+        headers = HeaderBlock(headers_of, block)  # decoded by the tap's reader
         if end:
             st.tap.trailers = headers
         else:

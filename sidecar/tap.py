@@ -254,9 +254,20 @@ def filter_query(f: TapFilter) -> str:
 # Records (filled by the data path) and the hub
 
 
-# (name, value) pairs, str or bytes; or a function giving them, so that the data path hands over the
-# raw header block and decoding it happens on the reader's side
-Headers = Sequence[tuple[Any, Any]] | Callable[[], Sequence[tuple[Any, Any]]]
+class HeaderBlock:
+    """A raw (context-free) HTTP/2 header block and the function that decodes it: what the data path
+    hands over, so that decoding happens on the reader's side, and identical blocks (the same response
+    headers and trailers on every call) are decoded and redacted once (see :func:`redact_headers`)."""
+
+    __slots__ = ("decode", "raw")
+
+    def __init__(self, decode: Callable[[bytes], Sequence[tuple[Any, Any]]], raw: bytes) -> None:
+        self.decode = decode
+        self.raw = raw
+
+
+# (name, value) pairs, str or bytes; or a raw block to decode on the reader's side
+Headers = Sequence[tuple[Any, Any]] | HeaderBlock
 
 
 class CallRecord:
@@ -493,19 +504,34 @@ def secret_name(name: str, settings: TapSettings) -> bool:
     return found
 
 
-def _pairs(headers: Headers) -> Sequence[tuple[Any, Any]]:
-    if callable(headers):
-        try:
-            return headers()
-        except (ValueError, IndexError):  # a header block the decoder cannot read
-            return [("weft-tap", "unreadable header block")]
-    return headers
+_BLOCKS: dict[tuple[TapSettings, bytes], dict[str, str | list[str]]] = {}  # rendered blocks, bounded
+MAX_BLOCKS = 512
 
 
 def redact_headers(headers: Headers, settings: TapSettings) -> dict[str, str | list[str]]:
-    """Headers as a JSON object (repeated names as lists), secret values replaced by ``[redacted]``."""
+    """Headers as a JSON object (repeated names as lists), secret values replaced by ``[redacted]``.
+
+    A raw block already rendered with the same settings is not decoded again (the result is shared:
+    callers only serialize it)."""
+    if isinstance(headers, HeaderBlock):
+        key = (settings, headers.raw)
+        done = _BLOCKS.get(key)
+        if done is None:
+            try:
+                pairs = headers.decode(headers.raw)
+            except (ValueError, IndexError):  # a header block the decoder cannot read
+                pairs = [("weft-tap", "unreadable header block")]
+            done = _redact_pairs(pairs, settings)
+            if len(_BLOCKS) >= MAX_BLOCKS:
+                _BLOCKS.clear()
+            _BLOCKS[key] = done
+        return done
+    return _redact_pairs(headers, settings)
+
+
+def _redact_pairs(pairs: Sequence[tuple[Any, Any]], settings: TapSettings) -> dict[str, str | list[str]]:
     out: dict[str, str | list[str]] = {}
-    for raw_name, raw_value in _pairs(headers):
+    for raw_name, raw_value in pairs:
         name = raw_name.decode("latin-1").lower() if raw_name.__class__ is bytes else _text(raw_name).lower()
         if secret_name(name, settings):
             value = REDACTED

@@ -274,3 +274,25 @@ def test_max_rps_bounds_what_a_tap_records() -> None:
     assert lines[-1] == {"skipped": 5, "max_rps": 2.0}
     with pytest.raises(TapError, match="max_rps"):
         parse_filter("max_rps=-1")
+
+
+def test_raw_header_blocks_are_decoded_on_the_readers_side_once() -> None:
+    from sidecar.tap import HeaderBlock
+
+    calls: list[bytes] = []
+
+    def decode(raw: bytes) -> list[tuple[bytes, bytes]]:
+        calls.append(raw)
+        if raw == b"bad":
+            raise ValueError("dynamic table reference")
+        return [(b"authorization", b"Bearer s3cret"), (b"grpc-status", b"0")]
+
+    s = TapSettings()
+    first = redact_headers(HeaderBlock(decode, b"block-1"), s)
+    again = redact_headers(HeaderBlock(decode, b"block-1"), s)
+    assert first == again == {"authorization": REDACTED, "grpc-status": "0"}
+    assert calls == [b"block-1"]
+    assert redact_headers(HeaderBlock(decode, b"bad"), s) == {"weft-tap": "unreadable header block"}
+    # other settings: rendered again, with their own redaction
+    assert redact_headers(HeaderBlock(decode, b"block-1"), TapSettings(redact=("grpc-status",)))["grpc-status"] \
+        == REDACTED
