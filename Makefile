@@ -18,6 +18,7 @@ dev: $(STAMP)
 	$(BIN)/weft dev $(ARGS)
 
 test: $(STAMP)
+	sh tests/browser/install.sh
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 test-unit: $(STAMP)

@@ -108,6 +108,7 @@ class Stream:
         "source",
         "start",
         "status",
+        "tap",
         "trailers",
         "tries",
         "u",
@@ -142,6 +143,7 @@ class Stream:
         self.msg_up = Messages()  # gRPC message framing, app -> upstream (for the size limit)
         self.msg_app = Messages()  # upstream -> app
         self.source = ""  # the caller's service (inbound full path)
+        self.tap: Any = None  # a sidecar.tap.CallRecord while a tap that may match this call is open
 
 
 def _decoder(limits: Limits) -> Decoder:

@@ -65,7 +65,15 @@ from sidecar.h2.hpack import (
 from sidecar.h2_conn import REPLAY_LIMIT, AppConn, Conn, Stream, UpConn, log
 from sidecar.limits import DEFAULT as DEFAULT_LIMITS
 from sidecar.limits import Limits
+from sidecar.tap import HeaderBlock
 from sidecar.telemetry import RateLimitedLog, Telemetry
+
+TAP_MAX_HEADER_LIST = 64 * 1024  # what a tap's reader decodes of one header block at most
+
+
+def _tap_headers_of(block: bytes) -> list[tuple[bytes, bytes]]:
+    """A header block as the tap's reader decodes it (bounded; HpackError, a ValueError, past it)."""
+    return headers_of(block, TAP_MAX_HEADER_LIST)
 
 
 class H2Outbound:
@@ -104,6 +112,8 @@ class H2Outbound:
     # -- streams -----------------------------------------------------------------------------------
     def open_stream(self, st: Stream, exclude: str = "") -> None:
         out = self._out
+        if st.tries == 0 and out.telemetry.tap.active:
+            self._tap_start(st, "outbound", out.snapshot().registration.service, self.pool.name)
         if out.draining:
             self.fail(st, UNAVAILABLE, "weft: the sidecar is shutting down")
             return
@@ -116,6 +126,19 @@ class H2Outbound:
             return
         st.endpoint = key
         self.route(st, self._up(key))
+
+    def _tap_start(self, st: Stream, direction: str, source: str, destination: str) -> None:
+        """Only while a tap is open: a record for this call, with its request header block."""
+        rec = self._out.telemetry.tap.start(direction, source, destination, st.method)
+        if rec is not None:
+            rec.request_headers = HeaderBlock(_tap_headers_of, st.request_block)  # decoded by the tap's reader
+            st.tap = rec
+
+    def _tap_headers(self, st: Stream, block: bytes, end: bool) -> None:
+        if end:
+            st.tap.trailers = HeaderBlock(_tap_headers_of, block)
+        else:
+            st.tap.response_headers = HeaderBlock(_tap_headers_of, block)
 
     def route(self, st: Stream, up: UpConn) -> None:
         st.up = up
@@ -228,6 +251,8 @@ class H2Outbound:
             self.fail(st, RESOURCE_EXHAUSTED,
                       f"weft: request message of {size} bytes is larger than the limit of {self.max_message}")
             return
+        if st.tap is not None:
+            st.tap.request_data(data)
         st.q_up.append((data, end))
         if st.u is not None:
             self.flush_to_up(st)
@@ -276,6 +301,8 @@ class H2Outbound:
             up.send_headers(u, block, True)
 
     def to_app_headers(self, st: Stream, block: bytes, end: bool) -> None:
+        if st.tap is not None:
+            self._tap_headers(st, block, end)
         app = st.app
         if app.closed:
             return
@@ -295,6 +322,8 @@ class H2Outbound:
             self.fail(st, RESOURCE_EXHAUSTED,
                       f"weft: response message of {size} bytes is larger than the limit of {self.max_message}")
             return
+        if st.tap is not None:
+            st.tap.response_data(data)
         st.q_app.append((DATA, data, end))
         self.flush_to_app(st)
 
@@ -387,6 +416,8 @@ class H2Outbound:
     def fail(self, st: Stream, code: int, message: str) -> None:
         app = st.app
         a = st.a
+        if st.tap is not None:
+            self._tap_headers(st, trailers_only(code, message, with_status=not st.headers_sent_app), True)
         if not app.closed and a.sid in app.streams and not app.dead:
             app.send_headers(a, trailers_only(code, message, with_status=not st.headers_sent_app), True)
             app.close_stream(a)
@@ -413,6 +444,8 @@ class H2Outbound:
         label = out.telemetry.method_label(self.pool.name, st.method, up.methods if up is not None else None)
         source = snap.registration.service
         out.telemetry.request("outbound", source, self.pool.name, label, name, seconds)
+        if st.tap is not None:
+            out.telemetry.tap.finish(st.tap, name, seconds)
         out.telemetry.access.line(time.monotonic(), direction="outbound", source=source, destination=self.pool.name,
                                   method=st.method, status=name, duration_ms=round(seconds * 1000, 3))
 
@@ -480,6 +513,8 @@ class H2Inbound(H2Outbound):
             return
         st.source = ident.service
         snap = inbound.snapshot()
+        if inbound.telemetry.tap.active:
+            self._tap_start(st, "inbound", ident.service, snap.registration.service)
         try:
             headers = headers_of(st.request_block, self.limits.h2_max_header_list_size)
             check_request(headers)
@@ -565,6 +600,8 @@ class H2Inbound(H2Outbound):
         label = inbound.telemetry.method_label(dest, st.method, snap.local_methods)
         source = st.source or "unknown"
         inbound.telemetry.request("inbound", source, dest, label, name, seconds)
+        if st.tap is not None:
+            inbound.telemetry.tap.finish(st.tap, name, seconds)
         inbound.telemetry.access.line(time.monotonic(), direction="inbound", source=source, destination=dest,
                                       method=st.method, status=name, duration_ms=round(seconds * 1000, 3))
 

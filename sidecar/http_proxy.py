@@ -54,8 +54,19 @@ def route_label(method: str, path: str) -> str:
     return f"{method} /{first[:40]}"
 
 
-async def _body(content: aiohttp.StreamReader, idle: float) -> AsyncIterator[bytes]:
-    """A request body, chunk by chunk as it arrives; a client that sends no byte for ``idle`` seconds ends it."""
+def _tap_start(hub: Any, direction: str, source: str, destination: str, request: web.BaseRequest) -> Any:
+    """Only while a tap is open: a sidecar.tap.CallRecord for this request (None when no tap matches)."""
+    rec = hub.start(direction, source, destination, f"{request.method} {request.path}", path=request.path_qs,
+                    protocol="http")
+    if rec is not None:
+        rec.request_headers = list(request.headers.items())
+    return rec
+
+
+async def _body(content: aiohttp.StreamReader, idle: float, tap: Any = None) -> AsyncIterator[bytes]:
+    """A request body, chunk by chunk as it arrives; a client that sends no byte for ``idle`` seconds ends it.
+    With a tap recording payloads, its first bytes are kept for the tap."""
+    record = tap is not None and tap.request_body is not None
     while True:
         if idle > 0:
             async with asyncio.timeout(idle):
@@ -64,14 +75,18 @@ async def _body(content: aiohttp.StreamReader, idle: float) -> AsyncIterator[byt
             chunk = await content.readany()
         if not chunk:
             return
+        if record:
+            tap.request_data(chunk)
         yield chunk
 
 
-async def _relay(request: web.BaseRequest, session: aiohttp.ClientSession, url: str, idle: float,
+async def _relay(request: web.BaseRequest, session: aiohttp.ClientSession, url: str, idle: float, tap: Any = None,
                  **kwargs: Any) -> web.StreamResponse:
-    body = _body(request.content, idle) if request.body_exists else None
+    body = _body(request.content, idle, tap) if request.body_exists else None
     async with session.request(request.method, url, headers=_forward_headers(request.headers), data=body,
                                allow_redirects=False, auto_decompress=False, **kwargs) as upstream:
+        if tap is not None:
+            tap.response_headers = list(upstream.headers.items())
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for k, v in upstream.headers.items():
             if k.lower() not in HOP_BY_HOP:
@@ -80,6 +95,8 @@ async def _relay(request: web.BaseRequest, session: aiohttp.ClientSession, url: 
             response.content_length = upstream.content_length
         await response.prepare(request)
         async for chunk in upstream.content.iter_chunked(_CHUNK):
+            if tap is not None:
+                tap.response_data(chunk)
             await response.write(chunk)
         await response.write_eof()
         return response
@@ -264,6 +281,9 @@ class OutboundHttp:
         pool = self._pool
         out = self._out
         status = "502"
+        tap = None
+        if out.telemetry.tap.active:
+            tap = _tap_start(out.telemetry.tap, "outbound", out.snapshot().registration.service, pool.name, request)
         try:
             if out.draining:
                 status = "503"
@@ -277,7 +297,7 @@ class OutboundHttp:
             t0 = time.perf_counter()
             try:
                 response = await _relay(request, self._session(), f"https://{ep.address}:{ep.port}{request.path_qs}",
-                                        self._limits.idle_timeout,
+                                        self._limits.idle_timeout, tap,
                                         server_hostname=expected_server_name(pool.name, creds.trust_domain))
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 pool.observe(key, False, time.perf_counter() - t0)
@@ -292,6 +312,8 @@ class OutboundHttp:
             route = route_label(request.method, request.path)
             out.telemetry.request("outbound", source, pool.name, out.telemetry.method_label(pool.name, route),
                                   status, seconds)
+            if tap is not None:
+                out.telemetry.tap.finish(tap, status, seconds)
             out.telemetry.access.line(time.monotonic(), direction="outbound", source=source, destination=pool.name,
                                       method=request.method, path=request.path, status=status,
                                       duration_ms=round(seconds * 1000, 3))
@@ -325,6 +347,8 @@ class InboundHttp:
         ident = inbound.identities.get(int(peer[1])) if peer else None
         source = ident.service if ident is not None else "unknown"
         status = "502"
+        tap = _tap_start(inbound.telemetry.tap, "inbound", source, dest, request) if inbound.telemetry.tap.active \
+            else None
         try:
             if ident is None:
                 status = "403"
@@ -347,7 +371,7 @@ class InboundHttp:
             try:
                 response = await _relay(request, self._session,
                                         f"http://{reg.local_service_address}:{reg.local_service_port}{request.path_qs}",
-                                        self._limits.idle_timeout)
+                                        self._limits.idle_timeout, tap)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 return web.Response(status=502, text=f"weft: the local app failed: {exc}\n")
             status = str(response.status)
@@ -357,6 +381,8 @@ class InboundHttp:
             route = route_label(request.method, request.path)
             inbound.telemetry.request("inbound", source, dest, inbound.telemetry.method_label(dest, route), status,
                                       seconds)
+            if tap is not None:
+                inbound.telemetry.tap.finish(tap, status, seconds)
             inbound.telemetry.access.line(time.monotonic(), direction="inbound", source=source, destination=dest,
                                           method=request.method, path=request.path, status=status,
                                           duration_ms=round(seconds * 1000, 3))

@@ -136,6 +136,7 @@ class Inbound:
         self.port = 0
         self.admission = TlsAdmission("public", self.limits, telemetry)
         self._idle = IdleSweeper("public", self.limits.idle_timeout, lambda: self.connections, telemetry)
+        telemetry.tap.changed.append(self._tap_changed)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, host: str, port: int) -> int:
@@ -242,7 +243,8 @@ class Inbound:
                 self.connections[pipe] = (ident, "tcp")
                 await pipe.connect_b(*app)
                 self.telemetry.inbound_connections.labels("passthrough").inc()
-            elif self.passthrough_enabled and authz.passthrough(decision):
+            elif self.passthrough_enabled and authz.passthrough(decision) \
+                    and not self.telemetry.tap.wants_calls_from(ident.service, snap.registration.service):
                 # pass-through, checked frame by frame when it is HTTP/2 (see _handshaken)
                 self.telemetry.decision("allow", decision.rule_label)
                 pipe.info.update(source=ident.service, mode="passthrough")
@@ -318,6 +320,16 @@ class Inbound:
             snap = self.snapshot()
             self.telemetry.request("inbound", entry[0].service, snap.registration.service, "tcp", "closed",
                                    time.monotonic() - pipe.started)
+
+    def _tap_changed(self, hub: Any) -> None:
+        """A tap opened: pass-through connections of the callers it may match are closed, so that they
+        come back through the per-call path where the tap sees their calls (as after a policy change)."""
+        service = self.snapshot().registration.service
+        for pipe, (ident, mode) in list(self.connections.items()):
+            if mode == "passthrough" and hub.wants_calls_from(ident.service, service):
+                log.info("connection_closed_for_tap", source=ident.service, destination=service)
+                self.connections.pop(pipe, None)
+                pipe.close(abort=True)
 
     # -- policy changes ------------------------------------------------------------------------
     def on_snapshot(self, snap: Snapshot) -> None:

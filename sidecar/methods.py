@@ -52,7 +52,90 @@ def methods_of_descriptor_set(data: bytes) -> dict[str, str]:
         fds.ParseFromString(data)
     except Exception as exc:  # protobuf's DecodeError
         raise ValueError(f"not a FileDescriptorSet: {exc}") from None
+    learnt.add_files(list(fds.file))
     return methods_of_files(list(fds.file))
+
+
+class MessageTypes:
+    """The request and response types of the methods whose descriptors this process learnt (by
+    reflection or a descriptor set), to decode tap payload previews to JSON (``sidecar.tap``).
+
+    One per process (:data:`learnt`): a sidecar serves one app, and what it learns about that app's
+    messages is the same for every tap. Files that clash with ones already known are skipped."""
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+        self._files: set[str] = set()
+        self._types: dict[str, tuple[str, str]] = {}  # method path -> (input type, output type)
+        self._classes: dict[str, Any] = {}
+
+    def add_files(self, files: list[descriptor_pb2.FileDescriptorProto]) -> None:
+        from google.protobuf import descriptor_pool
+
+        if self._pool is None:
+            self._pool = descriptor_pool.DescriptorPool()
+        pending = [f for f in files if f.name not in self._files]
+        while pending:  # dependencies first; a file whose dependency never comes is given up
+            progress = False
+            for fd in list(pending):
+                if all(dep in self._files or self._borrow(dep) for dep in fd.dependency):
+                    pending.remove(fd)
+                    progress = True
+                    try:
+                        self._pool.Add(fd)
+                    except (TypeError, ValueError) as exc:  # a clash with a file already added
+                        log.debug("descriptor_skipped", file=fd.name, error=str(exc)[:200])
+                        continue
+                    self._files.add(fd.name)
+                    prefix = f"{fd.package}." if fd.package else ""
+                    for svc in fd.service:
+                        for m in svc.method:
+                            self._types[f"/{prefix}{svc.name}/{m.name}"] = (m.input_type.lstrip("."),
+                                                                             m.output_type.lstrip("."))
+            if not progress:
+                log.debug("descriptors_missing_dependencies", files=[f.name for f in pending])
+                return
+
+    def _borrow(self, name: str) -> bool:
+        """A well-known file (google/protobuf/*.proto) from protobuf's own pool, when a server omitted it."""
+        from google.protobuf import descriptor_pb2 as d
+        from google.protobuf import descriptor_pool
+
+        try:
+            found = descriptor_pool.Default().FindFileByName(name)
+        except KeyError:
+            return False
+        proto = d.FileDescriptorProto()
+        found.CopyToProto(proto)
+        try:
+            self._pool.Add(proto)
+        except (TypeError, ValueError):
+            return False
+        self._files.add(name)
+        return True
+
+    def knows(self, method: str) -> bool:
+        return method in self._types
+
+    def decode(self, method: str, is_request: bool, data: bytes) -> Any:
+        """One message of ``method`` as JSON-able data, or None when its type is unknown."""
+        types = self._types.get(method)
+        if types is None:
+            return None
+        name = types[0] if is_request else types[1]
+        cls = self._classes.get(name)
+        if cls is None:
+            from google.protobuf import message_factory
+
+            cls = self._classes[name] = message_factory.GetMessageClass(self._pool.FindMessageTypeByName(name))
+        from google.protobuf import json_format
+
+        msg = cls()
+        msg.ParseFromString(data)
+        return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+learnt = MessageTypes()
 
 
 def encode(service: str, methods: dict[str, str]) -> bytes:
@@ -124,6 +207,7 @@ async def reflect(target: str, timeout: float = 5.0) -> dict[str, str]:
                 fd.ParseFromString(raw)
                 files[fd.name] = fd
         methods = methods_of_files(list(files.values()))
+        learnt.add_files(list(files.values()))
         # keep only services the server says it offers (a file may declare others)
         offered = set(names)
         return {p: k for p, k in methods.items() if p.split("/")[1] in offered}

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sidecar.tap import OFF, TapSettings
+
 PROTOCOLS = ("grpc", "http", "tcp")
 DEFAULT_PROTOCOL = "tcp"  # Consul's default when neither service-defaults nor meta say otherwise
 
@@ -189,6 +191,8 @@ class Snapshot:
     upstreams: Mapping[str, UpstreamState]
     local_methods: Mapping[str, str] = field(default_factory=dict)  # of the app behind this sidecar
     version: int = 0
+    tap: TapSettings = OFF  # KV weft/tap/<service>: payload previews and redaction
+
 
     def upstream(self, name: str) -> UpstreamState | None:
         return self.upstreams.get(name)
@@ -215,6 +219,8 @@ class Snapshot:
             },
             "policy_version": self.policy_version,
             "local_methods": dict(sorted(self.local_methods.items())),
+            "tap": {"payload": self.tap.payload, "max_bytes": self.tap.max_bytes, "redact": list(self.tap.redact),
+                    "allow_binary": sorted(self.tap.allow_binary)},
             "upstreams": {
                 name: {
                     "local_bind": f"{u.config.local_bind_address}:{u.config.local_bind_port}",
@@ -246,7 +252,13 @@ class SnapshotBuilder:
     protocols: dict[str, str] = field(default_factory=dict)
     methods: dict[str, dict[str, str]] = field(default_factory=dict)
     local_methods: dict[str, str] = field(default_factory=dict)
+    tap: TapSettings = OFF
     _published: int = 0
+
+    def set_tap(self, settings: TapSettings) -> bool:
+        changed = settings != self.tap
+        self.tap = settings
+        return changed
 
     def set_registration(self, reg: Registration) -> bool:
         changed = reg != self.registration
@@ -332,6 +344,7 @@ class SnapshotBuilder:
             upstreams=ups,
             local_methods=dict(self.local_methods),
             version=self._published,
+            tap=self.tap,
         )
 
 
@@ -353,6 +366,9 @@ def diff(old: Snapshot | None, new: Snapshot) -> list[dict[str, Any]]:
     if old is not None and old.registration.protocol != new.registration.protocol:
         changes.append({"change": "protocol", "service": new.registration.service,
                         "protocol": new.registration.protocol})
+    if old is not None and old.tap != new.tap:
+        changes.append({"change": "tap", "payload": new.tap.payload, "max_bytes": new.tap.max_bytes,
+                        "redact": list(new.tap.redact)})
     if old is not None and dict(old.local_methods) != dict(new.local_methods):
         changes.append({"change": "local_methods", "count": len(new.local_methods)})
     for name, up in sorted(new.upstreams.items()):

@@ -13,7 +13,9 @@ Consul is unreachable it keeps its last answer and nothing changes here):
 - protocols: one blocking list of ``service-defaults`` entries (Protocol), else the ``protocol`` meta
   an upstream's sidecars publish (the app's own meta for the own service); an upstream's listener
   type is decided only once that list has answered;
-- methods: one blocking prefix read of KV ``weft/methods/`` (what every gRPC sidecar publishes).
+- methods: one blocking prefix read of KV ``weft/methods/`` (what every gRPC sidecar publishes);
+- tap: KV ``weft/tap/<service>`` (payload previews and redaction of ``/tap``; not required for a
+  snapshot: absent means payloads off).
 
 Every change goes into a :class:`~sidecar.snapshot.SnapshotBuilder`; when the builder is complete,
 the new snapshot is swapped in atomically (one attribute assignment), a line per change is logged,
@@ -56,6 +58,7 @@ from sidecar.snapshot import (
     diff,
     normalize_protocol,
 )
+from sidecar.tap import TapError, parse_settings, tap_key
 
 log = structlog.get_logger("weft.sidecar.state")
 config_log = structlog.get_logger("weft.sidecar.config")
@@ -139,6 +142,7 @@ class SidecarState:
         self._spawn("service-defaults", self._protocols_watch)
         self._spawn("methods", self._methods_watch)
         self._spawn("methods:local", self._local_methods)
+        self._spawn("tap", self._tap_watch)
         self._ensure_upstreams(reg)
 
     async def close(self) -> None:
@@ -250,6 +254,21 @@ class SidecarState:
         version = (table.version or "unversioned") if table is not None else "none (deny all)"
         if self.builder.set_policy(table, version):
             self._changed()
+
+    async def _tap_watch(self) -> None:
+        """KV weft/tap/<service>: payload previews and redaction for this service's taps. A bad
+        document is refused (logged with what is wrong) and the last good settings stay."""
+        key = tap_key(self.service)
+        watch = kv_watch(self.client, key, policy=self._policy)
+        self._watches.append(watch)
+        async for entry in watch:
+            try:
+                settings = parse_settings(entry.value if entry is not None else None, key=key)
+            except TapError as exc:
+                log.error("tap_settings_unusable", key=key, error=str(exc)[:300], note="keeping the last good ones")
+                continue
+            if self.builder.set_tap(settings):
+                self._changed()
 
     async def _endpoints_watch(self, name: str) -> None:
         watch = health_connect_watch(self.client, name, policy=self._policy)

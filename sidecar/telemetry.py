@@ -19,6 +19,8 @@ Metric names (all on the admin port's ``/metrics``):
   (``sidecar.limits``) and lost their stream or connection for it; ``reason`` is a short fixed word.
 - ``weft_connections_refused_total`` {reason}: connections refused or closed by a connection limit
   (connection cap, unfinished handshakes, handshake timeout, idle timeout).
+- ``weft_tap_dropped_total``: tap records dropped because a tap's reader fell behind (``sidecar.tap``:
+  a tap never slows a call).
 - ``weft_cert_expiry_timestamp_seconds``, ``weft_policy_version_info`` {version},
   ``weft_snapshot_version``.
 
@@ -36,6 +38,8 @@ from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from sidecar.tap import TapHub
 
 MAX_SERVICES = 256
 MAX_METHODS = 64
@@ -136,6 +140,10 @@ class Telemetry:
                                            "Connections refused or closed by a connection limit, by reason",
                                            ("reason",), registry=self.registry)
         self.peer_log = RateLimitedLog("weft.sidecar.limits")
+        self.tap_dropped = Counter("weft_tap_dropped_total", "Tap records dropped because a tap's reader fell behind",
+                                   registry=self.registry)
+        # the live taps of this sidecar: the data path checks `tap.active` and nothing else when nobody taps
+        self.tap = TapHub(on_drop=self.tap_dropped.inc)
         self._h2_error_children: dict[str, Any] = {}
         self._refused_children: dict[str, Any] = {}
         self.cert_expiry = Gauge("weft_cert_expiry_timestamp_seconds", "Expiry (Unix time) of the current leaf",

@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "register": ("weft.cmd_register", "register a Consul service definition (HCL or JSON)"),
     "status": ("weft.cmd_status", "show services, sidecars, certificates and policy versions"),
     "top": ("weft.cmd_top", "live golden metrics per edge"),
+    "tap": ("weft.cmd_tap", "live calls of a service, with headers and payload previews"),
+    "ui": ("weft.cmd_ui", "the web dashboard: topology, golden metrics, intentions, live tap"),
     "systemd-unit": ("weft.cmd_systemd", "print a systemd unit for a Weft process"),
 }
 

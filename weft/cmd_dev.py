@@ -216,6 +216,7 @@ def summary(plan: Plan, *, started_agent: bool, state_dir: Path, traffic_rps: fl
         f"  curl 'http://127.0.0.1:{frontend.port}/hello?name=ada'",
         f"  curl 'http://127.0.0.1:{frontend.port}/stream?name=ada&count=3'",
         "  weft top                                  # live rps, success rate, p50/p99 per edge",
+        "  weft tap greeter                          # live calls into and out of greeter, one line each",
         "  weft status                               # services, sidecars, certificates, policy versions",
         "  weft intention deny frontend greeter      # frontend's calls now fail with 403 PERMISSION_DENIED",
         "  weft intention allow frontend greeter     # and succeed again",
@@ -609,6 +610,20 @@ class _Dev:
                                        "-rps", str(rps), "-log-level", self.args.log_level], tier=4)
         self.say(summary(plan, started_agent=started_agent, state_dir=self.state_dir, traffic_rps=rps,
                          default_consul=default_consul))
+        self._dashboard()
+
+    def _dashboard(self) -> None:
+        """`weft ui` on loopback: 8580, or a free port when that is taken or with -free-ports."""
+        port = 8580
+        if self.args.free_ports or not port_free("127.0.0.1", port):
+            port = free_port()
+        url = f"http://127.0.0.1:{port}/"
+        self.sup.start("ui", [*self.weft, "ui", "-http-addr", f"127.0.0.1:{port}", "-state-dir", str(self.state_dir)],
+                       tier=4)
+        self.sup.info["ui"] = url
+        self.sup.save()
+        self.wait_for(f"the dashboard ({url})", functools.partial(_http_ok, url))
+        self.say(f"weft dev: dashboard at {url} (weft ui)")
 
     def _check_ports(self, plan: Plan, *, skip_consul: bool) -> None:
         busy = [f"{port} ({role})" for role, port in plan.ports().items()

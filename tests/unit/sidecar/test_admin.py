@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 from sidecar.admin import Admin
+from sidecar.tap import TapHub
 
 
 class _Telemetry:
+    tap = TapHub()
+
     def render(self) -> bytes:
         return b"weft_requests_total 1\n"
 

@@ -276,3 +276,25 @@ def _creds() -> Any:
     leaf.callbacks.append(got.append)
     leaf.publish(Authority.root(), 1)
     return credentials_of(got[0])
+
+
+async def test_tap_settings_follow_kv_and_a_bad_document_keeps_the_last_good(world: Any) -> None:
+    from sidecar.tap import OFF, tap_key
+
+    consul, leaf, state, _snaps = world
+    consul.connect["api"] = [instance("api", 21001)]
+    consul.bump()
+    leaf.publish(Authority.root(), 1)
+    await wait_until(lambda: cur(state) is not None, "first snapshot")
+    assert cur(state).tap == OFF  # no document: payloads off
+    consul.kv[tap_key("web")] = b'{"Payload": true, "MaxBytes": 64, "Redact": ["password"]}'
+    consul.bump()
+    await wait_until(lambda: cur(state).tap.payload and cur(state).tap.max_bytes == 64, "tap settings")
+    consul.kv[tap_key("web")] = b'{"Payload": true, "MaxBytes": "lots"}'
+    consul.bump()
+    await asyncio.sleep(0.2)
+    assert cur(state).tap.max_bytes == 64 and cur(state).tap.redact == ("password",)
+    assert cur(state).describe()["tap"]["payload"] is True
+    del consul.kv[tap_key("web")]
+    consul.bump()
+    await wait_until(lambda: cur(state).tap == OFF, "tap settings removed")
