@@ -52,6 +52,7 @@ import consul.aio
 import structlog
 from consul import base as consul_base
 
+from catalog import configentry
 from catalog.models import (
     JSON,
     AclToken,
@@ -722,10 +723,10 @@ class ConsulClient:
     async def config_put(self, entry: Mapping[str, Any], *, cas: int | None = None,
                          token: str | None = None) -> bool:
         """`PUT /v1/config` (entry needs Kind and Name); False when `cas` does not match."""
-        kind, name = entry.get("Kind", entry.get("kind")), entry.get("Name", entry.get("name"))
-        if not isinstance(kind, str) or not kind:
+        kind, name = configentry.kind_and_name(entry)
+        if not kind:
             raise ValueError("config entry: Kind is required")
-        if not isinstance(name, str) or not name:
+        if not name:
             raise ValueError("config entry: Name is required")
         params: Params = [("cas", str(cas))] if cas is not None else []
         r = await self.request("PUT", "/v1/config", params=params, body=dict(entry), token=token)

@@ -110,6 +110,11 @@ def _guess_format(text: str, source: str) -> str:
     return "json" if text.lstrip().startswith("{") else "hcl"
 
 
+def load_hcl(text: str, source: str) -> Any:
+    """python-hcl2's reading of ``text`` without its metadata keys; ServiceDefinitionError when not HCL."""
+    return _clean(_load_hcl(text, source))
+
+
 def _load_hcl(text: str, source: str) -> Any:
     import hcl2  # pure parser; imported here so JSON-only users never pay for lark
 
