@@ -53,6 +53,7 @@ import structlog
 from consul import base as consul_base
 
 from catalog import configentry
+from catalog.chain import CompiledChain, parse_chain
 from catalog.models import (
     JSON,
     AclToken,
@@ -745,6 +746,15 @@ class ConsulClient:
             return _bool_body(v, "config delete")
 
         return _parse(r, "config delete", conv)
+
+    async def discovery_chain(self, service: str, *, compile_dc: str = "", index: int = 0,
+                              wait: float | None = None, token: str | None = None) -> tuple[int, CompiledChain]:
+        """`GET /v1/discovery-chain/:service` -> (index, the compiled chain, typed and checked)."""
+        _require(service, "service")
+        params: Params = [("compile-dc", compile_dc)] if compile_dc else []
+        w = _blocking(params, index, wait)
+        r = await self._get(f"/v1/discovery-chain/{service}", params, token=token, wait=w)
+        return (r.index, _parse(r, "discovery chain", parse_chain))
 
     async def intentions_list(self, *, filter: str = "", index: int = 0, wait: float | None = None,
                               token: str | None = None) -> tuple[int, tuple[dict[str, Any], ...]]:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import structlog
 
 if TYPE_CHECKING:
+    from catalog.chain import CompiledChain
     from catalog.client import ConsulClient
     from catalog.models import KVEntry, ServiceInstance, ServiceRegistration
 
@@ -396,6 +397,15 @@ def config_list_watch(client: ConsulClient, kind: str, *,
     async def fetch(index: int, wait: float) -> tuple[int, tuple[dict[str, Any], ...]]:
         return await client.config_list(kind, index=index, wait=wait)
     return Watch(fetch, name=f"config:{kind}", policy=policy)
+
+
+def discovery_chain_watch(client: ConsulClient, service: str, *, compile_dc: str = "",
+                          policy: WatchPolicy | None = None) -> Watch[CompiledChain]:
+    """The compiled discovery chain of `service` (fail static: the last good chain stays while Consul is
+    unreachable or answers a chain that does not parse)."""
+    async def fetch(index: int, wait: float) -> tuple[int, CompiledChain]:
+        return await client.discovery_chain(service, compile_dc=compile_dc, index=index, wait=wait)
+    return Watch(fetch, name=f"discovery-chain:{service}", policy=policy)
 
 
 def intentions_watch(client: ConsulClient, *,
