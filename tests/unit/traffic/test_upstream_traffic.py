@@ -49,7 +49,7 @@ def test_ejected_endpoint_gets_no_calls_until_base_ejection_time_passed() -> Non
     bad = plan.endpoint
     for _ in range(2):
         t.started(plan, 0.0)
-        ejected = t.finished(plan, 0.0, latency=0.01, failed=True)
+        ejected = t.finished(plan, 0.0, latency=0.0, failed=True)  # fails fast, as a broken app does
     assert ejected and t.describe(1.0)["ejected"] == {bad: 4.0}
     slow = Request("POST", "/demo.v1.Greeter/SlowHello", {})
     assert all(t.plan(slow, 1.0).endpoint != bad for _ in range(50))
