@@ -1,19 +1,21 @@
 # The two set-up commands are `make dev` and `make test`; both create .venv on their own.
+# `make dev ARGS=-free-ports` passes flags to `weft dev` (see `weft dev --help`).
 PYTHON ?= python3
+ARGS   ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: dev test test-unit test-integration lint bench proto clean
 
-$(STAMP): setup.cfg setup.py
+$(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 dev: $(STAMP)
-	$(BIN)/weft dev
+	$(BIN)/weft dev $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests

@@ -216,6 +216,8 @@ def parse_rules(text: str) -> Policy:
     policy = Policy()
     for raw_name, value in doc.items():
         name = str(raw_name)
+        if name.startswith("__"):  # the HCL parser's own keys (comments, line numbers), not rules
+            continue
         if name in TOPLEVEL:
             level = _unquote(value)
             if level not in (DENY, READ, WRITE):

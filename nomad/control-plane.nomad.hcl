@@ -9,8 +9,11 @@
 # block cannot carry (no TTL checks there); the CA also ties its leader session to that check, so a
 # dead leader is replaced within the check's TTL. Sidecars find the CA as Consul service weft-ca.
 #
-# Before the first run, store the CA's key-encryption key and a Consul token as Nomad variables:
-#   nomad var put nomad/jobs/weft-control-plane ca_kek="$(head -c 32 /dev/urandom | base64)" consul_token=...
+# With Consul ACLs on, each process runs with its own Consul token (policies in deploy/acl/), and the
+# templates read Consul with the task's workload identity (identity "consul_default"; see nomad/README.md).
+# Before the first run, store the CA's key-encryption key and the two tokens as a Nomad variable:
+#   nomad var put nomad/jobs/weft-control-plane ca_kek="$(head -c 32 /dev/urandom | base64)" \
+#       ca_consul_token=<token with policy weft-ca> policy_consul_token=<token with policy weft-policy>
 # Runtime settings come from Consul KV (keyOrDefault: the job starts with defaults when a key is absent):
 #   weft/config/ca/leaf-ttl            leaf certificate lifetime (default 72h)
 #   weft/config/policy/default-policy  allow | deny (default deny)
@@ -74,6 +77,13 @@ job "weft-control-plane" {
         ]
       }
 
+      # the templates below read Consul KV with this task's workload identity (Nomad 1.7+)
+      identity {
+        name = "consul_default"
+        aud  = ["consul.io"]
+        ttl  = "1h"
+      }
+
       env {
         CONSUL_HTTP_ADDR = var.consul_addr
         PYTHONUNBUFFERED = "1"
@@ -90,7 +100,7 @@ job "weft-control-plane" {
 
       template {
         data        = <<-EOT
-          {{ with nomadVar "nomad/jobs/weft-control-plane" }}CONSUL_HTTP_TOKEN={{ .consul_token }}{{ end }}
+          {{ with nomadVar "nomad/jobs/weft-control-plane" }}CONSUL_HTTP_TOKEN={{ .ca_consul_token }}{{ end }}
         EOT
         destination = "secrets/consul.env"
         env         = true
@@ -151,6 +161,13 @@ job "weft-control-plane" {
         ]
       }
 
+      # the templates below read Consul KV with this task's workload identity (Nomad 1.7+)
+      identity {
+        name = "consul_default"
+        aud  = ["consul.io"]
+        ttl  = "1h"
+      }
+
       env {
         CONSUL_HTTP_ADDR = var.consul_addr
         PYTHONUNBUFFERED = "1"
@@ -158,7 +175,7 @@ job "weft-control-plane" {
 
       template {
         data        = <<-EOT
-          {{ with nomadVar "nomad/jobs/weft-control-plane" }}CONSUL_HTTP_TOKEN={{ .consul_token }}{{ end }}
+          {{ with nomadVar "nomad/jobs/weft-control-plane" }}CONSUL_HTTP_TOKEN={{ .policy_consul_token }}{{ end }}
         EOT
         destination = "secrets/consul.env"
         env         = true

@@ -11,6 +11,11 @@
 # Needs: the control plane (control-plane.nomad.hcl) running, raw_exec enabled on the clients, Weft
 # installed at var.weft / var.python on every client, and intentions:
 #   weft intention allow frontend greeter && weft intention allow greeter store
+# With Consul ACLs on: Nomad registers each group's service with the service's workload identity
+# (`identity` in the service block), templates read Consul with the task's (identity "consul_default"),
+# and each sidecar runs with a Consul token of its own, kept in a Nomad variable of its group
+# (service identity of the service + policies weft-sidecar and weft-methods-<service>, deploy/acl/):
+#   nomad var put nomad/jobs/weft-demo/store consul_token=...      (likewise greeter, frontend)
 # Runtime settings from Consul KV (keyOrDefault: defaults apply when a key is absent):
 #   weft/config/log-level            debug | info | warn | error (default info)
 #   weft/config/demo/traffic-rps     requests/s of the traffic generator (default 2)
@@ -53,6 +58,13 @@ job "weft-demo" {
     service {
       name     = "store"
       provider = "consul"
+
+      # Nomad registers it with this service's workload identity (a Consul service identity token)
+      identity {
+        aud = ["consul.io"]
+        ttl = "1h"
+      }
+
       port     = "app"
       address  = "127.0.0.1"
       meta = {
@@ -95,6 +107,24 @@ job "weft-demo" {
         PYTHONUNBUFFERED = "1"
       }
 
+      # its templates read Consul (the service's registration, KV settings) with this task's workload identity
+      identity {
+        name = "consul_default"
+        aud  = ["consul.io"]
+        ttl  = "1h"
+      }
+
+      # its own Consul token (for its registration and the CA), from the group's Nomad variable
+      template {
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/weft-demo/store" }}CONSUL_HTTP_TOKEN={{ .consul_token }}{{ end }}
+        EOT
+        destination = "secrets/consul.env"
+        env         = true
+        perms       = "0600"
+        change_mode = "restart"
+      }
+
       # The ID Nomad gave the group's service registration (it contains the allocation ID).
       template {
         data        = <<-EOT
@@ -114,6 +144,14 @@ job "weft-demo" {
 
     task "app" {
       driver = "raw_exec"
+
+      # its template reads Consul KV with this task's workload identity
+      identity {
+        name = "consul_default"
+        aud  = ["consul.io"]
+        ttl  = "1h"
+      }
+
 
       config {
         command = var.python
@@ -148,6 +186,13 @@ job "weft-demo" {
     service {
       name     = "greeter"
       provider = "consul"
+
+      # Nomad registers it with this service's workload identity (a Consul service identity token)
+      identity {
+        aud = ["consul.io"]
+        ttl = "1h"
+      }
+
       port     = "app"
       address  = "127.0.0.1"
       meta = {
@@ -191,6 +236,24 @@ job "weft-demo" {
         PYTHONUNBUFFERED = "1"
       }
 
+      # its templates read Consul (the service's registration, KV settings) with this task's workload identity
+      identity {
+        name = "consul_default"
+        aud  = ["consul.io"]
+        ttl  = "1h"
+      }
+
+      # its own Consul token (for its registration and the CA), from the group's Nomad variable
+      template {
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/weft-demo/greeter" }}CONSUL_HTTP_TOKEN={{ .consul_token }}{{ end }}
+        EOT
+        destination = "secrets/consul.env"
+        env         = true
+        perms       = "0600"
+        change_mode = "restart"
+      }
+
       template {
         data        = <<-EOT
           {{ range service "greeter|any" }}{{ if .ID | regexMatch (env "NOMAD_ALLOC_ID") }}SIDECAR_FOR={{ .ID }}{{ end }}{{ end }}
@@ -209,6 +272,14 @@ job "weft-demo" {
 
     task "app" {
       driver = "raw_exec"
+
+      # its template reads Consul KV with this task's workload identity
+      identity {
+        name = "consul_default"
+        aud  = ["consul.io"]
+        ttl  = "1h"
+      }
+
 
       config {
         command = var.python
@@ -245,6 +316,13 @@ job "weft-demo" {
     service {
       name     = "frontend"
       provider = "consul"
+
+      # Nomad registers it with this service's workload identity (a Consul service identity token)
+      identity {
+        aud = ["consul.io"]
+        ttl = "1h"
+      }
+
       port     = "app"
       address  = "127.0.0.1"
       meta = {
@@ -288,6 +366,24 @@ job "weft-demo" {
         PYTHONUNBUFFERED = "1"
       }
 
+      # its templates read Consul (the service's registration, KV settings) with this task's workload identity
+      identity {
+        name = "consul_default"
+        aud  = ["consul.io"]
+        ttl  = "1h"
+      }
+
+      # its own Consul token (for its registration and the CA), from the group's Nomad variable
+      template {
+        data        = <<-EOT
+          {{ with nomadVar "nomad/jobs/weft-demo/frontend" }}CONSUL_HTTP_TOKEN={{ .consul_token }}{{ end }}
+        EOT
+        destination = "secrets/consul.env"
+        env         = true
+        perms       = "0600"
+        change_mode = "restart"
+      }
+
       template {
         data        = <<-EOT
           {{ range service "frontend|any" }}{{ if .ID | regexMatch (env "NOMAD_ALLOC_ID") }}SIDECAR_FOR={{ .ID }}{{ end }}{{ end }}
@@ -306,6 +402,14 @@ job "weft-demo" {
 
     task "app" {
       driver = "raw_exec"
+
+      # its template reads Consul KV with this task's workload identity
+      identity {
+        name = "consul_default"
+        aud  = ["consul.io"]
+        ttl  = "1h"
+      }
+
 
       config {
         command = var.python
@@ -332,6 +436,14 @@ job "weft-demo" {
     # The gentle traffic generator, next to the frontend it calls (plain HTTP on loopback).
     task "traffic" {
       driver = "raw_exec"
+
+      # its template reads Consul KV with this task's workload identity
+      identity {
+        name = "consul_default"
+        aud  = ["consul.io"]
+        ttl  = "1h"
+      }
+
 
       lifecycle {
         hook    = "poststart"

@@ -47,5 +47,11 @@ def decision_label(decision: Decision) -> str:
 
 
 def denial_message(decision: Decision, source: str, destination: str, what: str = "") -> str:
+    """``weft: web -> api/pkg.Svc/Method denied: intention web -> api (KV weft/intentions/api Sources[0])
+    denies``: the rule named once. The evaluator's reasons name their rule (or the default policy); a
+    reason that does not gets the rule's label in front."""
     target = f"{destination}{what}" if what else destination
-    return f"weft: {source} -> {target} denied by {decision.rule_label}: {decision.reason}"
+    reason = decision.reason
+    if decision.rule is not None and decision.rule.rule_id not in reason:
+        reason = f"{decision.rule_label}: {reason}"
+    return f"weft: {source} -> {target} denied: {reason}"

@@ -33,7 +33,7 @@ import structlog
 
 from ca.client import Credentials as LeafCredentials
 from ca.client import LeafManager
-from catalog.client import ConsulClient
+from catalog.client import ConsulClient, ConsulError
 from catalog.models import ServiceInstance, ServiceRegistration
 from catalog.watch import (
     WatchPolicy,
@@ -72,8 +72,11 @@ def credentials_of(c: LeafCredentials) -> Credentials:
 
 
 def registration_of(proxy: ServiceRegistration, app: ServiceRegistration, *, protocol: str,
-                    datacenter: str = "dc1") -> Registration:
-    """The snapshot's registration from the sidecar's connect-proxy registration and the app's."""
+                    datacenter: str = "dc1", bind: str = "") -> Registration:
+    """The snapshot's registration from the sidecar's connect-proxy registration and the app's.
+
+    ``bind``: the address the public listener is bound to, which ``/config`` reports (the registration's
+    address is what callers dial, and may be another, e.g. the node's)."""
     p = proxy.proxy
     if p is None:
         raise SnapshotError(f"{proxy.service_id} has no Proxy block")
@@ -81,7 +84,7 @@ def registration_of(proxy: ServiceRegistration, app: ServiceRegistration, *, pro
                 for u in p.upstreams if (u.destination_type or "service") == "service")
     return Registration(
         service=p.destination_service_name or app.name, service_id=p.destination_service_id or app.service_id,
-        proxy_id=proxy.service_id, public_address=proxy.address or "0.0.0.0", public_port=proxy.port,
+        proxy_id=proxy.service_id, public_address=bind or proxy.address or "0.0.0.0", public_port=proxy.port,
         local_service_address=p.local_service_address or "127.0.0.1",
         local_service_port=p.local_service_port or app.port, upstreams=ups, protocol=protocol,
         datacenter=datacenter)
@@ -252,7 +255,10 @@ class SidecarState:
         watch = health_connect_watch(self.client, name, policy=self._policy)
         self._watches.append(watch)
         async for instances in watch:
-            self._meta_protocol[name] = _instances_protocol(instances)
+            protocol = _instances_protocol(instances)
+            if protocol is None and not self._sd_protocol.get(name):
+                protocol = await self._declared_protocol(name)
+            self._meta_protocol[name] = protocol
             changed = self._apply_protocol(name)
             endpoints = [Endpoint(i.address, i.port, i.service_id, i.node) for i in instances if i.port]
             if self.builder.set_endpoints(name, endpoints) or changed:
@@ -284,9 +290,20 @@ class SidecarState:
             if changed:
                 self._changed()
 
+    async def _declared_protocol(self, name: str) -> str | None:
+        """The protocol an upstream's own instances declare in their Meta: what decides while none of its
+        sidecars has registered yet (at start-up), so that its listener is not opened as TCP first and
+        reopened as gRPC a moment later (leaving `method="tcp"` series behind on a gRPC edge)."""
+        try:
+            _, instances = await self.client.health_service(name, passing=False)
+        except ConsulError as exc:
+            log.debug("declared_protocol_unknown", upstream=name, error=str(exc))
+            return None
+        return _instances_protocol(instances)
+
     def _apply_protocol(self, name: str) -> bool:
-        if name != self.service and not self._sd_answered:
-            return False  # wait for service-defaults before deciding an upstream's listener type
+        if name != self.service and (not self._sd_answered or name not in self._meta_protocol):
+            return False  # wait for service-defaults and the upstream's first answer before deciding its listener
         proto = self._sd_protocol.get(name) or self._meta_protocol.get(name) or "tcp"
         return self.builder.set_protocol(name, proto)
 

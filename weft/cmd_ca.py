@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -56,26 +55,10 @@ from catalog.client import (
 from catalog.lock import LeaderLock
 from catalog.registration import service_registration, ttl_check_id
 from weft import logsetup, runner
+from weft.devstate import consul_for_cli
+from weft.durations import parse_duration
 
 log = structlog.get_logger("weft.ca")
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|y)")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "y": 365 * 86400}
-
-
-def parse_duration(text: str) -> timedelta:
-    """`72h`, `5m`, `90s`, `1h30m`, `3650d`, `10y` -> timedelta; raises argparse.ArgumentTypeError."""
-    s = text.strip()
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(s):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(s) or not s:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use e.g. 72h, 10m, 30s, 1h30m, 3650d")
-    return timedelta(seconds=total)
-
 
 def _fmt(d: timedelta) -> str:
     return f"{int(d.total_seconds())}s"
@@ -383,7 +366,7 @@ async def _read_bundle(client: ConsulClient) -> TrustBundle | None:
 
 
 async def _roots() -> int:
-    async with ConsulClient.from_env() as client:
+    async with _client(None, "weft ca roots") as client:
         try:
             bundle = await _read_bundle(client)
         except ConsulError as exc:
@@ -396,9 +379,10 @@ async def _roots() -> int:
     return 0
 
 
-def _client(token: str | None) -> ConsulClient:
-    """A Consul client from the environment; ``--token`` replaces CONSUL_HTTP_TOKEN, as Consul's CLI does."""
-    env = dict(os.environ)
+def _client(token: str | None, prog: str) -> ConsulClient:
+    """A Consul client for an operator command: CONSUL_HTTP_ADDR, else a running weft dev's agent
+    (`weft.devstate`); ``--token`` replaces CONSUL_HTTP_TOKEN, as Consul's CLI does."""
+    env = dict(consul_for_cli(prog).env)
     if token is not None:
         env["CONSUL_HTTP_TOKEN"] = token
         env.pop("CONSUL_HTTP_TOKEN_FILE", None)
@@ -410,7 +394,7 @@ def _resolver(client: ConsulClient, ca_addr: str) -> Resolver:
 
 
 async def _rotate(args: argparse.Namespace) -> int:
-    async with _client(args.token) as client:
+    async with _client(args.token, "weft ca rotate") as client:
         token = args.token if args.token is not None else _own_token(client)
         ca = GrpcCA(_resolver(client, args.ca_addr))
         try:
@@ -446,7 +430,7 @@ async def _sign(args: argparse.Namespace) -> int:
         print(f"weft ca sign: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    async with _client(args.token) as client:
+    async with _client(args.token, "weft ca sign") as client:
         token = args.token if args.token is not None else _own_token(client)
         ca = GrpcCA(_resolver(client, args.ca_addr))
         try:

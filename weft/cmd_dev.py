@@ -45,13 +45,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from weft import devstate
+
 DEMO_SERVICES = Path(__file__).resolve().parent / "demo" / "services"
 DEMO_ORDER = ("store", "greeter", "frontend")  # start order: callees first
 ADMIN_PORTS = {"frontend": 19102, "greeter": 19202, "store": 19302}
 CA_PORT = 8553
 POLICY_PORT = 8507
 INTENTIONS = (("frontend", "greeter"), ("greeter", "store"))
-STATE_FILE = "state.json"
+STATE_FILE = devstate.STATE_FILE
 
 
 class DevError(Exception):
@@ -206,7 +208,9 @@ def summary(plan: Plan, *, started_agent: bool, state_dir: Path, traffic_rps: fl
     if traffic_rps:
         lines.append(f"  traffic      {traffic_rps:g} requests/s to http://127.0.0.1:{frontend.port}")
     lines += ["", "Try (in another terminal):"]
-    if not default_consul:
+    if not default_consul or (plan.consul_host, plan.consul_port) != ("127.0.0.1", 8500):
+        # weft status/top/intention find this agent through the state file when run here; other
+        # tools (curl, consul, consul-template) need the address
         lines.append(f"  export CONSUL_HTTP_ADDR={plan.consul_host}:{plan.consul_port}")
     lines += [
         f"  curl 'http://127.0.0.1:{frontend.port}/hello?name=ada'",
@@ -237,22 +241,9 @@ def _pdeathsig() -> None:  # runs in the child between fork and exec
         pass
 
 
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot (Linux); "" when unknown or gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[-1].split()[19]
-
-
-def _running(pid: int, started: str) -> bool:
-    """The recorded process still runs (same pid, same start time, not a zombie)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
-    except OSError:
-        return False
-    return fields[0] != "Z" and fields[19] == started
+# the process helpers live with the state file's reader (weft.devstate); the names here stay for callers
+_start_time = devstate.process_start_time
+_running = devstate.running
 
 
 @dataclass
@@ -304,6 +295,7 @@ class Supervisor:
     def save(self) -> None:
         state = dict(self.info)
         state["supervisor_pid"] = os.getpid()
+        state["supervisor_started"] = _start_time(os.getpid())
         state["children"] = [{"name": c.name, "pid": c.pid, "started": c.started, "argv": c.argv}
                              for c in self.children]
         tmp = self.state_dir / (STATE_FILE + ".tmp")
@@ -383,6 +375,20 @@ def _http_status(url: str, timeout: float = 1.0) -> int:
 
 def _http_ok(url: str, timeout: float = 1.0) -> bool:
     return _http_status(url, timeout) == 200
+
+
+def _upstreams_known(config_url: str, timeout: float = 1.0) -> bool:
+    """A sidecar's /config shows at least one endpoint for each of its upstreams."""
+    try:
+        with urllib.request.urlopen(config_url, timeout=timeout) as resp:
+            doc = json.loads(resp.read(1 << 20))
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
+        return False
+    snapshot = doc.get("snapshot") if isinstance(doc, dict) else None
+    if not isinstance(snapshot, dict):
+        return False
+    upstreams = snapshot.get("upstreams") or {}
+    return all(isinstance(u, dict) and u.get("endpoints") for u in upstreams.values())
 
 
 def _tcp_open(host: str, port: int) -> bool:
@@ -468,7 +474,8 @@ class _Dev:
             self.hurry = True  # a second Ctrl-C while stopping: kill what is left
         self.stop_requested = True
 
-    def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float | None = None) -> None:
+    def wait_for(self, what: str, predicate: Callable[[], bool], timeout: float | None = None,
+                 interval: float = 0.1) -> None:
         deadline = time.monotonic() + (timeout or self.args.ready_timeout)
         while True:
             if self.stop_requested:
@@ -485,13 +492,14 @@ class _Dev:
                 pass
             if time.monotonic() > deadline:
                 raise DevError(f"timed out waiting for {what}")
-            time.sleep(0.1)
+            time.sleep(interval)
 
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         lock = self._lock()
+        devstate.write_pointer(os.environ, self.state_dir)  # weft status & co. find this weft dev from anywhere
         try:
             stale = reap_stale(self.state_dir)
             if stale:
@@ -509,6 +517,7 @@ class _Dev:
             self._stop()
             return 0
         finally:
+            devstate.remove_pointer(os.environ, self.state_dir)
             with contextlib.suppress(OSError):
                 lock.close()
 
@@ -585,9 +594,14 @@ class _Dev:
         for s in plan.services:
             admin = f"http://127.0.0.1:{s.admin_port}"
             self.wait_for(f"{s.name}'s sidecar ({admin}/ready)", functools.partial(_http_ok, admin + "/ready"))
+        for s in plan.services:  # a sidecar is ready before it knows its upstreams' endpoints
+            admin = f"http://127.0.0.1:{s.admin_port}"
+            self.wait_for(f"{s.name}'s sidecar to know its upstreams' endpoints ({admin}/config)",
+                          functools.partial(_upstreams_known, admin + "/config"))
         frontend = f"http://127.0.0.1:{plan.service('frontend').port}"
+        # each failed probe is a warning in the frontend's log: not too often
         self.wait_for("a first call frontend -> greeter -> store through the sidecars",
-                      lambda: _http_status(frontend + "/hello?name=weft-dev", timeout=5) == 200)
+                      lambda: _http_status(frontend + "/hello?name=weft-dev", timeout=5) == 200, interval=0.5)
         rps: float | None = None
         if not self.args.no_traffic:
             rps = self.args.rps
@@ -601,7 +615,7 @@ class _Dev:
                 if not (role == "consul" and skip_consul) and not port_free("127.0.0.1", port)]
         if busy:
             raise DevError("port(s) in use: " + ", ".join(busy) + ". Stop what uses them, or run "
-                           "`weft dev -free-ports` to pick free ports.")
+                           "`weft dev -free-ports` (`make dev ARGS=-free-ports`) to pick free ports.")
 
     def _consul(self, fn: Callable[[Any], Any]) -> Any:
         import asyncio

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from policies.model import (
     intentions_key,
     table_key_candidates,
 )
+from weft.devstate import consul_for_cli
 
 CAS_RETRIES = 8
 
@@ -264,8 +266,8 @@ async def find_table(consul: ConsulClient, destination: str, default_policy: str
 # ----------------------------------------------------------------------------------------------------------
 
 
-async def _run(args: argparse.Namespace) -> int:
-    async with ConsulClient.from_env() as consul:
+async def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    async with ConsulClient.from_env(env) as consul:
         if args.action in ("allow", "deny"):
             _check_name("SRC", args.source)
             _check_name("DST", args.destination)
@@ -346,8 +348,9 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "validate":
         return _validate(args)
     failed = 2 if args.action == "check" else 1  # check: 1 means denied
+    consul = consul_for_cli("weft intention")
     try:
-        return asyncio.run(_run(args))
+        return asyncio.run(_run(args, consul.env))
     except (IntentionError, ConsulError, ValueError) as exc:
         print(f"weft intention: {exc}", file=sys.stderr)
         return failed

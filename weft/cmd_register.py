@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from catalog.client import ConsulClient, ConsulError
 from catalog.servicedef import ServiceDefinitionError, parse, upstreams_of
+from weft.devstate import consul_for_cli
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,8 +73,9 @@ def describe(payload: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-async def _apply(loaded: list[tuple[Path, dict[str, Any]]], args: argparse.Namespace) -> int:
-    async with ConsulClient.from_env() as consul:
+async def _apply(loaded: list[tuple[Path, dict[str, Any]]], args: argparse.Namespace,
+                 env: Mapping[str, str] | None = None) -> int:
+    async with ConsulClient.from_env(env) as consul:
         for path, payload in loaded:
             sid = payload.get("ID") or payload["Name"]
             if args.deregister:
@@ -99,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
 
         print(json.dumps([payload for _, payload in loaded], indent=2))
         return 0
+    consul = consul_for_cli("weft register")
     try:
-        return asyncio.run(_apply(loaded, args))
+        return asyncio.run(_apply(loaded, args, consul.env))
     except (ConsulError, ValueError) as exc:
         print(f"weft register: {exc}", file=sys.stderr)
         return 1

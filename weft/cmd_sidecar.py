@@ -28,8 +28,10 @@ import dataclasses
 import os
 import socket
 import sys
-from datetime import timedelta
+import time
 from typing import Any
+
+from weft.durations import parse_duration_or_seconds
 
 log: Any = None  # structlog's logger, bound in run() (structlog is imported only then, see _lean_imports)
 
@@ -69,8 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "or aio (grpc.aio servers and channels)")
     a("--no-passthrough", "-no-passthrough", action="store_true",
       help="authorize every call on the full path even for L4-allowed callers (slower; per-call inbound metrics)")
-    a("--leaf-ttl", "-leaf-ttl", type=float, default=0.0,
-      help="leaf certificate TTL to ask for, seconds (0: CA default)")
+    a("--leaf-ttl", "-leaf-ttl", type=parse_duration_or_seconds, default=None,
+      help="leaf certificate lifetime to ask the CA for, as `weft ca serve --leaf-ttl` takes it (72h, 90m; a plain "
+           "number is still read as seconds, the older form) (default: the CA's)")
     a("--watch-wait", "-watch-wait", type=float, default=60.0, help="blocking query wait, seconds")
     a("--log-level", "-log-level", default=os.environ.get("WEFT_LOG_LEVEL", "info"),
       help="debug, info, warn or error")
@@ -81,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, kind, default, text in described():
         group.add_argument(flag_name(name), dest=f"limit_{name}", type=kind, default=default,
                            metavar="SECONDS" if kind is float else "N",
-                           help=f"{text} (default {default})")
+                           help=f"{text} (default: {default})")
 
 
 def limits_of(args: argparse.Namespace) -> Any:
@@ -259,22 +262,34 @@ def _free_port_in_range() -> int:
     raise OSError(f"no free port in {PORT_RANGE[0]}-{PORT_RANGE[1]}")
 
 
-async def _until(stop: asyncio.Event, what: str, attempt: Any, interval: float = 1.0) -> Any:
-    """Call ``attempt()`` until it returns non-None; None if ``stop`` is set first."""
+STILL_WAITING_EVERY = 30.0  # seconds between "still waiting" lines while a start-up step waits
+
+
+async def _until(stop: asyncio.Event, what: str, attempt: Any, waiting: dict[str, str],
+                 interval: float = 1.0) -> Any:
+    """Call ``attempt()`` until it returns non-None; None if ``stop`` is set first. While it waits,
+    ``waiting["what"]`` says for what and why (the admin API's ``/ready`` answers with it), and a log
+    line says so at once and again every STILL_WAITING_EVERY seconds."""
     from catalog.client import ConsulError
 
-    warned = False
+    started = time.monotonic()
+    next_line = started
+    first = True
     while not stop.is_set():
         try:
             result = await attempt()
             if result is not None:
+                waiting["what"] = ""
                 return result
             why = "not there yet"
         except (ConsulError, OSError) as exc:
             why = str(exc)
-        if not warned:
-            log.info("waiting", what=what, why=why)
-            warned = True
+        waiting["what"] = f"{what} ({why})"
+        now = time.monotonic()
+        if now >= next_line:
+            log.info("waiting" if first else "still_waiting", what=what, why=why, waited_seconds=round(now - started))
+            next_line = now + STILL_WAITING_EVERY
+            first = False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
     return None
@@ -300,12 +315,55 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
     sid = args.sidecar_for
     client = ConsulClient.from_env()
     cleanup: list[Any] = []
+    # the admin API answers from the start: /live, and /ready with what the sidecar still waits for
+    telemetry = Telemetry(access_per_second=args.access_log_rate, access_sample=args.access_log_sample)
+    waiting = {"what": f"service {sid} registered with the local agent"}
+    parts: dict[str, Any] = {}  # "state" and "leaf" once they exist
+    listening: dict[str, Any] = {"up": False, "draining": False, "public": "", "admin": ""}
+
+    def ready() -> tuple[bool, str]:
+        if listening["draining"]:
+            return False, "draining"
+        state, leaf = parts.get("state"), parts.get("leaf")
+        if state is None or leaf is None:
+            return False, "waiting for " + waiting["what"]
+        if state.current is None:
+            missing = state.builder.missing()
+            if "leaf certificate" in missing and leaf.last_error:
+                missing[missing.index("leaf certificate")] = f"leaf certificate ({leaf.last_error})"
+            return False, "waiting for a complete snapshot: " + ", ".join(missing)
+        if not listening["up"]:
+            return False, "listeners not up"
+        return True, "ready"
+
+    def extra() -> dict[str, Any]:
+        out: dict[str, Any] = {"ready": ready()[1],
+                               "listeners": {"public": listening["public"] or None, "admin": listening["admin"]}}
+        leaf = parts.get("leaf")
+        if leaf is not None:
+            out["leaf"] = {"renewals": leaf.renewals, "failures": leaf.failures, "last_error": leaf.last_error}
+        return out
+
+    def current_snapshot() -> Any:
+        state = parts.get("state")
+        return state.current if state is not None else None
+
+    admin = Admin(current_snapshot, telemetry, ready, extra)
+    try:
+        admin_port = await admin.start(args.admin_bind, args.admin_port)
+    except OSError as exc:
+        print(f"weft sidecar: cannot listen on admin port {args.admin_bind}:{args.admin_port}: {exc}",
+              file=sys.stderr)
+        await client.close()
+        return 1
+    listening["admin"] = f"{args.admin_bind}:{admin_port}"
+    cleanup.append(admin.close)
     try:
         # 1. the app's registration, and the proxy's
         async def get_app() -> ServiceRegistration | None:
             return (await client.agent_service(sid))[1]
 
-        app = await _until(stop, f"service {sid} registered with the local agent", get_app)
+        app = await _until(stop, f"service {sid} registered with the local agent", get_app, waiting)
         if app is None:
             return 0
         proxy_id = f"{sid}-sidecar-proxy"
@@ -323,9 +381,10 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
             address = proxy.address
         else:
             port = args.public_port or _free_port_in_range()
-            ups = [Upstream(name, bind) for name, bind in flag_upstreams]
+            ups = [Upstream(name, local_port) for name, local_port in flag_upstreams]
             local_port, local_addr, address = app.port, "127.0.0.1", ""
         app_protocol = protocol_of_meta(app.meta_dict())
+        bind = args.bind or (address if address else "0.0.0.0")
         try:
             parse_duration(args.ttl, "--ttl")
             reg = sidecar_registration(
@@ -335,13 +394,13 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
                       "weft-agent-made": "1" if agent_made or previous_agent_made else "0"}, ttl=args.ttl,
                 deregister_critical_after=args.deregister_after)
             dc = await _datacenter(client)
-            registration = registration_of(reg, app, protocol=app_protocol or "tcp", datacenter=dc)
+            registration = registration_of(reg, app, protocol=app_protocol or "tcp", datacenter=dc, bind=bind)
         except (ValueError, SnapshotError) as exc:
             print(f"weft sidecar: {exc}", file=sys.stderr)
             return 2
 
         # 2. trust bundle and leaf
-        bundle = await _until(stop, "the trust bundle in KV weft/ca/roots", lambda: _read_bundle(client))
+        bundle = await _until(stop, "the trust bundle in KV weft/ca/roots", lambda: _read_bundle(client), waiting)
         if bundle is None:
             return 0
         identity = SpiffeId.for_service(bundle.trust_domain, app.name, datacenter=dc)
@@ -357,7 +416,9 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
                 return None
 
         leaf = LeafManager(identity, ca, token=token, bundle=bundle, bundle_source=bundle_source,
-                           ttl=timedelta(seconds=args.leaf_ttl) if args.leaf_ttl else None)
+                           ttl=args.leaf_ttl or None)
+        parts["leaf"] = leaf
+        waiting["what"] = "the first snapshot"
         leaf_stop = asyncio.Event()
         leaf_task = leaf.start(leaf_stop)
 
@@ -369,7 +430,6 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
         cleanup.append(leaf_cleanup)
 
         # 3. snapshot
-        telemetry = Telemetry(access_per_second=args.access_log_rate, access_sample=args.access_log_sample)
         state = SidecarState(client, leaf, registration, app_protocol_meta=app_protocol,
                              watch_policy=WatchPolicy(wait=args.watch_wait), descriptor_methods=descriptor_methods,
                              reflect=not args.no_reflection)
@@ -381,33 +441,7 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
             telemetry.snapshot_version.set(snap.version)
 
         state.listeners.append(on_snapshot)
-
-        listening = {"up": False, "draining": False}
-
-        def ready() -> tuple[bool, str]:
-            if listening["draining"]:
-                return False, "draining"
-            if state.current is None:
-                missing = state.builder.missing()
-                if "leaf certificate" in missing and leaf.last_error:
-                    missing[missing.index("leaf certificate")] = f"leaf certificate ({leaf.last_error})"
-                return False, "waiting for a complete snapshot: " + ", ".join(missing)
-            if not listening["up"]:
-                return False, "listeners not up"
-            return True, "ready"
-
-        def extra() -> dict[str, Any]:
-            return {"ready": ready()[1], "leaf": {"renewals": leaf.renewals, "failures": leaf.failures,
-                                                   "last_error": leaf.last_error}}
-
-        admin = Admin(lambda: state.current, telemetry, ready, extra)
-        try:
-            admin_port = await admin.start(args.admin_bind, args.admin_port)
-        except OSError as exc:
-            print(f"weft sidecar: cannot listen on admin port {args.admin_bind}:{args.admin_port}: {exc}",
-                  file=sys.stderr)
-            return 1
-        cleanup.append(admin.close)
+        parts["state"] = state
 
         state.start()
         log.info("starting", service=app.name, service_id=sid, identity=str(identity), public_port=port)
@@ -426,7 +460,6 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
                           passthrough_enabled=not args.no_passthrough, grpc_engine=args.grpc_engine, limits=limits)
         outbound = Outbound(state.snapshot, telemetry, tls, max_message_bytes=args.max_message_bytes,
                             grpc_engine=args.grpc_engine, limits=limits)
-        bind = args.bind or (address if address else "0.0.0.0")
         try:
             await inbound.start(bind, port)
             await outbound.start()
@@ -439,6 +472,7 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
         current = state.snapshot()
         inbound.on_snapshot(current)
         outbound.on_snapshot(current)
+        listening["public"] = f"{bind}:{inbound.port}"
         listening["up"] = True
 
         # 4. register, keep the TTL check passing while ready

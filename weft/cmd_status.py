@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from weft.devstate import ConsulChoice, admin_urls, consul_for_cli
+
 ROOTS_KEY = "weft/ca/roots"
 COMPILED_PREFIX = "weft/policy/compiled/"
 _RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
@@ -168,8 +170,10 @@ def format_remaining(until: float | None, now: float) -> str:
     return f"{m}m{s:02d}s"
 
 
-def _short(version: str) -> str:
-    return version[:12] if version else "-"
+def _version(version: str) -> str:
+    """A policy version as the sidecars and `weft intention check` print it: whole (16 hex digits, or
+    words such as "none (deny all)"), never cut."""
+    return version or "-"
 
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -193,7 +197,7 @@ def render(report: StatusReport, now: float) -> str:
         if not inst.sidecars:
             rows.append([*base, "-", "-", "-", "-", "-"])
         for sc in inst.sidecars:
-            version = _short(sc.policy_version)
+            version = _version(sc.policy_version)
             if sc.policy_version and table is not None and table.version and sc.policy_version != table.version:
                 version += " (stale)"
             rows.append([*base, f"{sc.id}:{sc.port}", sc.health, format_remaining(sc.cert_expiry, now), version,
@@ -224,7 +228,7 @@ def render(report: StatusReport, now: float) -> str:
                          if policy_for(inst.service, report.policies) is p]
             current = sum(1 for sc in enforcing if sc.policy_version == p.version)
             sync = f"{current}/{len(enforcing)}" if enforcing else "-"
-            sync_rows.append([p.destination, _short(p.version) if not p.error else p.error, p.default_policy or "-",
+            sync_rows.append([p.destination, _version(p.version) if not p.error else p.error, p.default_policy or "-",
                               str(p.rules), sync])
         lines += ["  " + line for line in _table(["DESTINATION", "VERSION", "DEFAULT", "RULES", "SIDECARS CURRENT"],
                                                  sync_rows)]
@@ -269,15 +273,15 @@ async def _sidecar_metrics(session: Any, url: str) -> tuple[float | None, str, s
         return None, "", f"{type(exc).__name__}: {exc}"
 
 
-async def collect(state_dir: str = ".weft-dev") -> StatusReport:
+async def collect(consul_choice: ConsulChoice) -> StatusReport:
     import aiohttp
 
     from catalog.client import ConsulClient, ConsulError
-    from weft.cmd_top import admin_url, dev_admin_urls
+    from weft.cmd_top import admin_url
 
-    dev_admin = dev_admin_urls(state_dir)
+    dev_admin = admin_urls(consul_choice)
 
-    async with ConsulClient.from_env() as consul:
+    async with ConsulClient.from_env(consul_choice.env) as consul:
         report = StatusReport(consul=consul.address)
         _, services = await consul.catalog_services()
         proxies: dict[str, list[Any]] = {}
@@ -328,15 +332,18 @@ async def collect(state_dir: str = ".weft-dev") -> StatusReport:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-json", "--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("-state-dir", "--state-dir", default=".weft-dev",
-                        help="a running `weft dev`'s state dir: admin URLs of sidecars that publish none")
+    parser.add_argument("-state-dir", "--state-dir", default=None,
+                        help="a running `weft dev`'s state dir (its agent when CONSUL_HTTP_ADDR is unset; admin URLs "
+                             "of sidecars that publish none); default: .weft-dev here or in a parent directory, "
+                             "else the last weft dev started ($XDG_RUNTIME_DIR/weft-dev.json)")
 
 
 def run(args: argparse.Namespace) -> int:
     from catalog.client import ConsulError
 
+    consul = consul_for_cli("weft status", args.state_dir)
     try:
-        report = asyncio.run(collect(args.state_dir))
+        report = asyncio.run(collect(consul))
     except (ConsulError, ValueError) as exc:
         print(f"weft status: {exc}", file=sys.stderr)
         return 1

@@ -1,14 +1,24 @@
 """`weft systemd-unit agent|ca|policy|sidecar [options] [-arg=ARG ...]`: print a systemd unit.
 
 For running Weft on VMs next to a real Consul agent. The unit runs the `weft` binary given with
-`-weft` (default: the one running this command) as an unprivileged user, restarts it on failure,
-stops it with SIGTERM (every Weft process shuts down cleanly on it) and sets `CONSUL_HTTP_ADDR`
-and `CONSUL_HTTP_TOKEN_FILE` in its environment. Tokens and keys never go into the unit itself (unit
-files are world-readable): pass files (`-token-file`, `-kek-file`, `-env-file`).
+`-weft` (default: the one running this command) as an unprivileged user (`-user`, default `weft`,
+which must exist), restarts it on failure, stops it with SIGTERM (every Weft process shuts down
+cleanly on it) and sets `CONSUL_HTTP_ADDR` in its environment. Tokens and keys never go into the unit
+itself (unit files are world-readable), and the unprivileged user never needs to read them where
+they lie: `-token-file` and `-kek-file` become systemd credentials (`LoadCredential=`, systemd 248
+or newer), which systemd reads as root (the files stay root-owned, mode 0600) and hands to the
+process in its own credentials directory (`%d`): `CONSUL_HTTP_TOKEN_FILE=%d/consul-token`,
+`--kek-file %d/kek`. `-env-file` is read by systemd as root too.
 
     weft systemd-unit ca -kek-file /etc/weft/kek > /etc/systemd/system/weft-ca.service
     weft systemd-unit sidecar > /etc/systemd/system/weft-sidecar@.service   # a template: one per service ID
     systemctl enable --now weft-sidecar@web-1
+
+The sidecar template runs one sidecar per service ID on the host, so each instance needs its own
+admin port: the template passes `--admin-port 0` (a free port, published in the sidecar's Consul
+registration as Meta `weft-admin-addr`, where `weft status` and `weft top` find it), and an optional
+per-instance file `/etc/weft/sidecar/<ID>.env` may set `WEFT_SIDECAR_ARGS` (e.g.
+`WEFT_SIDECAR_ARGS=--admin-port 19001` for a fixed one) and the instance's own `CONSUL_HTTP_TOKEN`.
 
 Generation is pure text (`render`), tested without systemd.
 """
@@ -32,6 +42,10 @@ _DESCRIPTIONS = {
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_ENV = ("CONSUL_HTTP_TOKEN", "WEFT_CA_KEK")
 _UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|target|socket|mount)$")
+TOKEN_CREDENTIAL = "consul-token"
+KEK_CREDENTIAL = "kek"
+SIDECAR_INSTANCE_ENV_DIR = "/etc/weft/sidecar"
+SIDECAR_ARGS_VARIABLE = "WEFT_SIDECAR_ARGS"
 
 
 class UnitError(ValueError):
@@ -109,8 +123,8 @@ def command_line(spec: UnitSpec) -> list[str]:
         args += ["ca", "serve"]
         if spec.dev:
             args.append("-dev")
-        if spec.kek_file:
-            args += ["--kek-file", spec.kek_file]
+        if spec.kek_file:  # the credential systemd copies from spec.kek_file (see render)
+            args += ["--kek-file", f"%d/{KEK_CREDENTIAL}"]
         if spec.listen:
             args += ["--listen", spec.listen]
         if spec.advertise:
@@ -125,6 +139,8 @@ def command_line(spec: UnitSpec) -> list[str]:
         args += ["sidecar", "--sidecar-for", spec.sidecar_for or "%i"]
         if spec.admin_port:
             args += ["--admin-port", str(spec.admin_port)]
+        elif not spec.sidecar_for:  # a template: several instances on one host, each on a free admin port
+            args += ["--admin-port", "0"]
     return args + list(spec.extra_args)
 
 
@@ -149,6 +165,11 @@ def validate(spec: UnitSpec) -> None:
     if spec.advertise and p == "policy" and _hostport(spec.advertise):
         raise UnitError(f"-advertise: the policy service advertises an address (its port is the -listen port), "
                         f"got {spec.advertise!r}")
+    if p == "sidecar" and spec.admin_port and not spec.sidecar_for:
+        raise UnitError(f"-admin-port: the template unit runs one sidecar per service on this host and they cannot "
+                        f"share a port; leave it out (each instance takes a free one and publishes it in Consul), "
+                        f"set {SIDECAR_ARGS_VARIABLE}=--admin-port N in {SIDECAR_INSTANCE_ENV_DIR}/<ID>.env, "
+                        f"or give -sidecar-for for a unit of one service")
     for name, port in (("-http-port", spec.http_port), ("-admin-port", spec.admin_port)):
         if port and not 0 < port < 65536:
             raise UnitError(f"{name}: must be 1..65535, got {port}")
@@ -202,20 +223,31 @@ def render(spec: UnitSpec) -> str:
     service = ["[Service]", "Type=exec", f"User={spec.user}"]
     if spec.group:
         service.append(f"Group={spec.group}")
+    # secrets: systemd (as root) copies each file into the service's private credentials directory, %d
+    if spec.token_file:
+        service.append(f"LoadCredential={TOKEN_CREDENTIAL}:{spec.token_file}")
+    if spec.kek_file:
+        service.append(f"LoadCredential={KEK_CREDENTIAL}:{spec.kek_file}")
     env: list[tuple[str, str]] = [("PYTHONUNBUFFERED", "1")]
     if spec.consul_addr:
         env.append(("CONSUL_HTTP_ADDR", spec.consul_addr))
-    if spec.token_file:
-        env.append(("CONSUL_HTTP_TOKEN_FILE", spec.token_file))
     env.extend(spec.env)
     for key, value in env:
         service.append("Environment=" + _quote(f"{key}={value}", f"-env {key}", exec_line=False))
+    if spec.token_file:
+        service.append(f"Environment=CONSUL_HTTP_TOKEN_FILE=%d/{TOKEN_CREDENTIAL}")
     if spec.env_file:
         service.append(f"EnvironmentFile={spec.env_file}")
+    template = p == "sidecar" and not spec.sidecar_for
+    if template:  # optional ("-"): per-instance settings, e.g. a fixed admin port or the instance's own token
+        service.append(f"EnvironmentFile=-{SIDECAR_INSTANCE_ENV_DIR}/%i.env")
     words = command_line(spec)
-    quoted = [_quote(w, "argument") for w in words]
-    if p == "sidecar" and not spec.sidecar_for:  # keep the template specifier live
-        quoted = [q.replace("%%i", "%i") if w == "%i" else q for w, q in zip(words, quoted, strict=True)]
+    live = {"%i"} if template else set()  # specifiers that must stay specifiers
+    if spec.kek_file:
+        live.add(f"%d/{KEK_CREDENTIAL}")
+    quoted = [w if w in live else _quote(w, "argument") for w in words]
+    if template:  # zero or more words from the instance's file ($VAR unquoted: split on whitespace)
+        quoted.append(f"${SIDECAR_ARGS_VARIABLE}")
     service.append("ExecStart=" + " ".join(quoted))
     service += [
         "KillSignal=SIGTERM",

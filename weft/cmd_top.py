@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from weft.devstate import ConsulChoice, admin_urls, consul_for_cli
+
 # ---------------------------------------------------------------------------------------------------
 # Pure: parsing
 
@@ -274,15 +276,13 @@ def admin_url(address: str, meta: Mapping[str, str]) -> str | None:
 
 
 def dev_admin_urls(state_dir: str | Path = ".weft-dev") -> dict[str, str]:
-    """Admin URLs by service name that a running `weft dev` recorded in its state file (empty if none).
+    """Admin URLs by service name that a `weft dev` recorded in its state file (empty if none).
 
     A fallback for sidecars whose registrations publish no admin address."""
-    try:
-        state = json.loads((Path(state_dir) / "state.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    admin = state.get("admin") if isinstance(state, dict) else None
-    return {str(k): str(v) for k, v in admin.items()} if isinstance(admin, dict) else {}
+    from weft.devstate import read_state
+
+    state = read_state(Path(state_dir))
+    return dict(state.admin) if state is not None else {}
 
 
 @dataclass(frozen=True)
@@ -292,15 +292,17 @@ class SidecarTarget:
     url: str  # admin base URL
 
 
-async def discover_targets(fallback: Mapping[str, str] | None = None) -> tuple[list[SidecarTarget], list[str]]:
+async def discover_targets(fallback: Mapping[str, str] | None = None,
+                           env: Mapping[str, str] | None = None) -> tuple[list[SidecarTarget], list[str]]:
     """Every connect-proxy instance in the catalog with its admin address: from its registration's Meta,
-    else from `fallback` (service name -> admin URL); and the problems met."""
+    else from `fallback` (service name -> admin URL); and the problems met. `env`: where Consul is
+    (default: this process's environment)."""
     from catalog.client import ConsulClient
 
     fallback = fallback or {}
     targets: list[SidecarTarget] = []
     problems: list[str] = []
-    async with ConsulClient.from_env() as consul:
+    async with ConsulClient.from_env(env) as consul:
         _, services = await consul.catalog_services()
         for name in sorted(services):
             if not name.endswith("-sidecar-proxy"):
@@ -347,32 +349,33 @@ async def scrape_all(session: Any, targets: Sequence[str]) -> tuple[list[Scrape]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-interval", "--interval", type=float, default=2.0,
-                        help="seconds between scrapes (default 2)")
+    parser.add_argument("-interval", "--interval", type=float, default=2.0, help="seconds between scrapes")
     parser.add_argument("-target", "--target", action="append", default=[], metavar="URL",
                         help="a sidecar admin URL to scrape (repeatable); default: every sidecar found in Consul")
-    parser.add_argument("-state-dir", "--state-dir", default=".weft-dev",
-                        help="a running `weft dev`'s state dir: admin URLs of sidecars that publish none")
+    parser.add_argument("-state-dir", "--state-dir", default=None,
+                        help="a running `weft dev`'s state dir (its agent when CONSUL_HTTP_ADDR is unset; admin URLs "
+                             "of sidecars that publish none); default: .weft-dev here or in a parent directory, "
+                             "else the last weft dev started ($XDG_RUNTIME_DIR/weft-dev.json)")
     parser.add_argument("-methods", "--methods", action="store_true",
                         help="one row per edge and method (gRPC method, HTTP route) instead of per edge")
     parser.add_argument("-once", "--once", action="store_true", help="print one snapshot (two scrapes) and exit")
     parser.add_argument("-json", "--json", action="store_true", help="with -once: print JSON instead of a table")
 
 
-async def _targets(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+async def _targets(args: argparse.Namespace, consul: ConsulChoice) -> tuple[list[str], list[str]]:
     if args.target:
         return [t.rstrip("/") for t in args.target], []
-    found, problems = await discover_targets(dev_admin_urls(args.state_dir))
+    found, problems = await discover_targets(admin_urls(consul), consul.env)
     return [t.url for t in found], problems
 
 
-async def _main(args: argparse.Namespace, stop: asyncio.Event) -> int:
+async def _main(args: argparse.Namespace, stop: asyncio.Event, consul: ConsulChoice) -> int:
     import aiohttp
 
     from catalog.client import ConsulError
 
     try:
-        targets, problems = await _targets(args)
+        targets, problems = await _targets(args, consul)
     except ConsulError as exc:
         print(f"weft top: {exc}", file=sys.stderr)
         return 1
@@ -392,7 +395,7 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 pass
             if not args.target:  # sidecars come and go
                 try:
-                    targets, problems = await _targets(args)
+                    targets, problems = await _targets(args, consul)
                 except ConsulError as exc:
                     problems = [f"Consul: {exc} (using the last list of sidecars)"]
             cur, errors = await scrape_all(session, targets)
@@ -418,4 +421,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from weft import runner
 
-    return runner.run(lambda stop: _main(args, stop))
+    consul = consul_for_cli("weft top", args.state_dir, quiet=bool(args.target))
+    return runner.run(lambda stop: _main(args, stop, consul))

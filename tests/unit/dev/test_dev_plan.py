@@ -12,6 +12,7 @@ from weft.cmd_dev import (
     ADMIN_PORTS,
     DEMO_SERVICES,
     DevError,
+    Plan,
     app_command,
     consul_address,
     demo_services,
@@ -119,6 +120,15 @@ def test_summary_says_where_to_look() -> None:
     assert "http://127.0.0.1:19102" in text  # frontend's admin
     assert "curl 'http://127.0.0.1:19100/hello?name=ada'" in text
     assert "2 requests/s" in text
-    quiet = summary(plan, started_agent=False, state_dir=Path("/tmp/x"), traffic_rps=None, default_consul=True)
+    default = make_plan(demo_payloads(), consul_host="127.0.0.1", consul_port=8500)
+    quiet = summary(default, started_agent=False, state_dir=Path("/tmp/x"), traffic_rps=None, default_consul=True)
     assert "export CONSUL_HTTP_ADDR" not in quiet and "requests/s" not in quiet
     assert "(already running)" in quiet
+
+
+def test_free_ports_summary_says_which_consul_address_to_export() -> None:
+    """`weft dev -free-ports` without CONSUL_HTTP_ADDR moves the dev agent off 8500: say where it is."""
+    plan = make_plan(demo_payloads(), consul_host="127.0.0.1", consul_port=8500)
+    moved = Plan("127.0.0.1", 41234, plan.ca_port, plan.policy_port, plan.services)
+    text = summary(moved, started_agent=True, state_dir=Path("/tmp/x"), traffic_rps=2.0, default_consul=True)
+    assert "export CONSUL_HTTP_ADDR=127.0.0.1:41234" in text

@@ -251,3 +251,57 @@ def test_demo_sidecar_args_are_accepted_by_weft_sidecar() -> None:
         cmd_sidecar.add_arguments(parser)
         ns = _parse(parser, args[1:])
         assert ns.sidecar_for == "x"
+
+
+def _tasks(path: Path) -> list[tuple[str, str, dict[str, Any]]]:
+    _, job = job_of(path)
+    return [(gname, tname, task) for gname, group in named(job["group"]).items()
+            for tname, task in named(group.get("task", [])).items()]
+
+
+_CONSUL_TEMPLATE = re.compile(r"\{\{[^}]*\b(key|keyOrDefault|ls|tree|service|services|connect|caRoots|caLeaf)\b")
+
+
+@pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
+def test_tasks_whose_templates_read_consul_have_a_consul_workload_identity(path: Path) -> None:
+    """With ACLs on (and from Nomad 1.10 always), a template reads Consul with the task's workload identity."""
+    checked = 0
+    for gname, tname, task in _tasks(path):
+        if not any(_CONSUL_TEMPLATE.search(t.get("data", "")) for t in task.get("template", [])):
+            continue
+        identities = {i.get("name", "default"): i for i in task.get("identity", [])}
+        assert "consul_default" in identities, f"{gname}.{tname}: no identity \"consul_default\""
+        assert identities["consul_default"].get("aud") == ["consul.io"], f"{gname}.{tname}"
+        checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
+def test_every_weft_process_gets_a_consul_token_of_its_own(path: Path) -> None:
+    """Each CA, policy service and sidecar task runs with CONSUL_HTTP_TOKEN from a Nomad variable its task can
+    read, rendered into secrets/ with mode 0600 (never into the job file or local/)."""
+    job_name, _ = job_of(path)
+    tokens_used: list[tuple[str, str]] = []
+    for gname, tname, task in _tasks(path):
+        if one(task, "config").get("command") != "${var.weft}":
+            continue
+        tokens = [t for t in task.get("template", []) if "CONSUL_HTTP_TOKEN=" in t.get("data", "")]
+        assert len(tokens) == 1, f"{gname}.{tname}: no CONSUL_HTTP_TOKEN template"
+        [t] = tokens
+        assert t["destination"].startswith("secrets/") and t["perms"] == "0600" and t["env"] is True
+        [var_path] = re.findall(r'nomadVar "([^"]+)"', t["data"])
+        # a task may read its job's, its group's and its own variables (Nomad's implicit workload policy)
+        assert var_path in (f"nomad/jobs/{job_name}", f"nomad/jobs/{job_name}/{gname}",
+                            f"nomad/jobs/{job_name}/{gname}/{tname}"), var_path
+        [field] = re.findall(r"CONSUL_HTTP_TOKEN=\{\{ \.(\w+) \}\}", t["data"])
+        tokens_used.append((var_path, field))
+    assert tokens_used, "no Weft process in the job"
+    assert len(set(tokens_used)) == len(tokens_used), f"processes share a token: {tokens_used}"
+
+
+def test_demo_services_are_registered_with_their_workload_identity() -> None:
+    _, job = job_of(NOMAD / "demo.nomad.hcl")
+    for gname, group in named(job["group"]).items():
+        for service in services_of(group):
+            [identity] = service.get("identity", [{}])
+            assert identity.get("aud") == ["consul.io"], gname

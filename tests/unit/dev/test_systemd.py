@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import os
 import shlex
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -30,10 +34,13 @@ def test_ca_unit_runs_ca_serve_with_the_kek_file_and_consul_settings() -> None:
                                             "-consul-addr", "10.0.0.5:8500", "-token-file", "/etc/weft/token"))
     unit = _parse_unit(render(spec))
     exec_start = unit["Service"]["ExecStart"]
-    assert shlex.split(exec_start) == ["/opt/weft/bin/weft", "ca", "serve", "--kek-file", "/etc/weft/kek"]
+    # secrets are systemd credentials: read by systemd as root, handed to the unprivileged process in %d
+    assert shlex.split(exec_start) == ["/opt/weft/bin/weft", "ca", "serve", "--kek-file", "%d/kek"]
     text = render(spec)
     assert "Environment=CONSUL_HTTP_ADDR=10.0.0.5:8500" in text
-    assert "Environment=CONSUL_HTTP_TOKEN_FILE=/etc/weft/token" in text
+    assert "LoadCredential=consul-token:/etc/weft/token" in text
+    assert "LoadCredential=kek:/etc/weft/kek" in text
+    assert "Environment=CONSUL_HTTP_TOKEN_FILE=%d/consul-token" in text
     assert unit["Service"]["User"] == "weft"
     assert unit["Service"]["KillSignal"] == "SIGTERM"
     assert unit["Service"]["Restart"] == "on-failure"
@@ -42,12 +49,22 @@ def test_ca_unit_runs_ca_serve_with_the_kek_file_and_consul_settings() -> None:
 
 
 def test_sidecar_without_an_id_is_a_template_unit() -> None:
-    spec = UnitSpec(process="sidecar", admin_port=19000)
+    spec = UnitSpec(process="sidecar", token_file="/etc/weft/sidecar/%i.token")
     text = render(spec)
     assert unit_name(spec) == "weft-sidecar@.service"
     exec_start = _parse_unit(text)["Service"]["ExecStart"]
-    assert shlex.split(exec_start)[1:] == ["sidecar", "--sidecar-for", "%i", "--admin-port", "19000"]
+    # one instance per service on a host: each on a free admin port (published in Consul), or its own
+    # from /etc/weft/sidecar/<ID>.env; and each with its own token
+    assert shlex.split(exec_start)[1:] == ["sidecar", "--sidecar-for", "%i", "--admin-port", "0",
+                                           "$WEFT_SIDECAR_ARGS"]
+    assert "EnvironmentFile=-/etc/weft/sidecar/%i.env" in text
+    assert "LoadCredential=consul-token:/etc/weft/sidecar/%i.token" in text
     assert "Description=Weft sidecar for %i" in text
+
+
+def test_a_template_refuses_one_admin_port_for_every_instance() -> None:
+    with pytest.raises(UnitError, match="-admin-port: the template unit runs one sidecar per service"):
+        render(UnitSpec(process="sidecar", admin_port=19000))
 
 
 def test_sidecar_for_one_service_starts_before_its_app_and_stops_with_it() -> None:
@@ -63,7 +80,7 @@ def test_ca_and_policy_listen_on_the_network_for_other_vms() -> None:
     ca = _parse_unit(render(UnitSpec(process="ca", kek_file="/k", listen="0.0.0.0:8553",
                                      advertise="10.0.0.5:8553")))
     assert shlex.split(ca["Service"]["ExecStart"])[3:] == [
-        "--kek-file", "/k", "--listen", "0.0.0.0:8553", "--advertise", "10.0.0.5:8553"]
+        "--kek-file", "%d/kek", "--listen", "0.0.0.0:8553", "--advertise", "10.0.0.5:8553"]
     policy = _parse_unit(render(UnitSpec(process="policy", listen="0.0.0.0:8507", advertise="10.0.0.5")))
     assert shlex.split(policy["Service"]["ExecStart"])[3:] == [
         "-grpc-addr", "0.0.0.0:8507", "-advertise-addr", "10.0.0.5"]
@@ -95,7 +112,7 @@ def test_specifiers_and_variables_are_escaped() -> None:
     (UnitSpec(process="policy", env=(("CONSUL_HTTP_TOKEN", "s3cret"),)), "-env: CONSUL_HTTP_TOKEN is a secret"),
     (UnitSpec(process="policy", env=(("1BAD", "x"),)), "not a valid environment variable name"),
     (UnitSpec(process="policy", extra_args=("a\nb",)), "line breaks"),
-    (UnitSpec(process="sidecar", admin_port=70000), "-admin-port: must be 1..65535"),
+    (UnitSpec(process="sidecar", sidecar_for="web-1", admin_port=70000), "-admin-port: must be 1..65535"),
     (UnitSpec(process="sidecar", app_unit="web"), "-app-unit: expected a unit name"),
     (UnitSpec(process="sidecar", sidecar_for="a b"), "is not a service ID"),
     (UnitSpec(process="policy", user="Root User"), "-user"),
@@ -137,8 +154,41 @@ def test_generated_command_lines_are_accepted_by_the_real_commands(spec: UnitSpe
     module = importlib.import_module(f"weft.{module_name}")
     parser = argparse.ArgumentParser()
     module.add_arguments(parser)
-    words = shlex.split(_parse_unit(render(spec))["Service"]["ExecStart"])
+    # an unset $VAR word expands to no word at all (the template's per-instance arguments)
+    words = [w for w in shlex.split(_parse_unit(render(spec))["Service"]["ExecStart"]) if not w.startswith("$")]
     try:
         parser.parse_args(words[2:])  # after `weft <process>`
     except SystemExit as exc:
         raise AssertionError(f"`weft {spec.process}` rejects {words}") from exc
+
+
+def _verify_units(tmp_path: Path, units: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    for name, text in units.items():
+        (tmp_path / name).write_text(text)
+    return subprocess.run(["systemd-analyze", "verify", *[str(tmp_path / n) for n in units]], capture_output=True,
+                          text=True, timeout=120, check=False, env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"})
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+def test_systemd_analyze_verifies_the_units_of_the_vm_guide(tmp_path: Path) -> None:
+    """The units the README's VM guide makes, checked by systemd itself (where it is installed)."""
+    weft = cmd_systemd._default_weft()
+    if not Path(weft).exists():
+        pytest.skip("no weft executable next to this Python for ExecStart to point at")
+    units = {
+        "weft-ca.service": render(UnitSpec(process="ca", weft=weft, kek_file="/etc/weft/kek",
+                                           token_file="/etc/weft/ca.token", listen="0.0.0.0:8553",
+                                           advertise="10.0.0.5:8553")),
+        "weft-policy.service": render(UnitSpec(process="policy", weft=weft, token_file="/etc/weft/policy.token")),
+        # the template, as systemd instantiates it for one service ID
+        "weft-sidecar@web-1.service": render(UnitSpec(process="sidecar", weft=weft,
+                                                      token_file="/etc/weft/sidecar/%i.token")),
+        "weft-sidecar-api-1.service": render(UnitSpec(process="sidecar", weft=weft, sidecar_for="api-1",
+                                                      admin_port=19001, app_unit="api.service")),
+        "weft-agent.service": render(UnitSpec(process="agent", weft=weft, data_dir="/var/lib/weft")),
+    }
+    result = _verify_units(tmp_path, units)
+    problems = [line for line in (result.stdout + result.stderr).splitlines()
+                if "weft" in line and "api.service" not in line]  # the app's unit is not ours to provide
+    assert result.returncode == 0 or not problems, result.stdout + result.stderr
+    assert problems == [], "\n".join(problems)

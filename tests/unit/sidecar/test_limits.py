@@ -46,4 +46,4 @@ def test_every_limit_is_a_sidecar_flag_with_its_default() -> None:
     help_text = parser.format_help()
     for name, _, default, _ in described():
         assert flag_name(name) in help_text
-        assert f"(default {default})" in " ".join(help_text.split())
+        assert f"(default: {default})" in " ".join(help_text.split())

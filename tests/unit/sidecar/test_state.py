@@ -31,6 +31,7 @@ class FakeConsul:
         self.index = 1
         self.kv: dict[str, bytes] = {}
         self.connect: dict[str, list[ServiceInstance]] = {}
+        self.services: dict[str, list[ServiceInstance]] = {}  # the apps' own instances
         self.config: dict[tuple[str, str], dict[str, Any]] = {}
         self.agent: dict[str, ServiceRegistration] = {}
         self.down = False
@@ -62,6 +63,11 @@ class FakeConsul:
                              wait: float | None = None) -> tuple[int, tuple[ServiceInstance, ...]]:
         await self._block(index, wait)
         return self.index, tuple(self.connect.get(service, ()))
+
+    async def health_service(self, service: str, *, passing: bool = True) -> tuple[int, tuple[ServiceInstance, ...]]:
+        if self.down:
+            raise ConsulUnavailable("connection refused")
+        return self.index, tuple(self.services.get(service, ()))
 
     async def config_list(self, kind: str, *, index: int = 0,
                           wait: float | None = None) -> tuple[int, tuple[dict[str, Any], ...]]:
@@ -115,6 +121,11 @@ def proxy_reg(*ups: str) -> ServiceRegistration:
                                proxy=ProxyConfig(destination_service_name="web", destination_service_id="web-1",
                                                  local_service_port=8080,
                                                  upstreams=tuple(Upstream(u, 9000 + i) for i, u in enumerate(ups))))
+
+
+def app_instance(service: str, port: int, protocol: str) -> ServiceInstance:
+    return ServiceInstance(node="n1", node_address="127.0.0.1", service_id=f"{service}-1", service=service,
+                           address="127.0.0.1", port=port, meta=(("protocol", protocol),))
 
 
 def instance(service: str, port: int, protocol: str = "") -> ServiceInstance:
@@ -225,3 +236,43 @@ async def test_consul_down_keeps_last_snapshot(world: Any) -> None:
 
 def test_methods_value_shape() -> None:
     assert json.loads(encode("api", {"/a.B/C": "unary"})) == {"Methods": {"/a.B/C": "unary"}, "Service": "api"}
+
+
+async def test_an_upstream_without_sidecars_yet_takes_the_protocol_its_app_declares(world: Any) -> None:
+    """At start-up the upstream's sidecar may not be registered yet: its listener must not be opened as
+    TCP (and reopened as gRPC a moment later) when the upstream's own registration says grpc."""
+    consul, leaf, state, snaps = world
+    consul.services["api"] = [app_instance("api", 8081, "grpc")]
+    consul.bump()
+    leaf.publish(Authority.root(), 1)
+    await wait_until(lambda: cur(state) is not None, "first snapshot")
+    assert cur(state).upstreams["api"].endpoints == ()
+    assert [s.upstreams["api"].protocol for s in snaps] == ["grpc"] * len(snaps)
+    consul.connect["api"] = [instance("api", 21001, "grpc")]
+    consul.bump()
+    await wait_until(lambda: len(cur(state).upstreams["api"].endpoints) == 1, "the upstream's sidecar")
+    assert {s.upstreams["api"].protocol for s in snaps} == {"grpc"}
+
+
+def test_config_reports_the_address_the_public_listener_is_bound_to() -> None:
+    """/config shows where the public listener really is: `--bind 127.0.0.1` on a registration without an
+    address is 127.0.0.1, not 0.0.0.0."""
+    from sidecar.state import registration_of
+
+    app = ServiceRegistration(name="web", id="web-1", port=8080)
+    bound = registration_of(proxy_reg("api"), app, protocol="grpc", bind="127.0.0.1")
+    assert bound.public_address == "127.0.0.1"
+    snap_view = Snapshot(registration=bound, credentials=_creds(), policy=None, policy_version="none",
+                         upstreams={}).describe()
+    assert snap_view["public_listener"] == "127.0.0.1:21000"
+    assert registration_of(proxy_reg("api"), app, protocol="grpc").public_address == "0.0.0.0"
+
+
+def _creds() -> Any:
+    from sidecar.state import credentials_of
+
+    leaf = FakeLeaf()
+    got: list[LeafCredentials] = []
+    leaf.callbacks.append(got.append)
+    leaf.publish(Authority.root(), 1)
+    return credentials_of(got[0])
