@@ -377,12 +377,15 @@ def health_service_watch(client: ConsulClient, service: str, *, passing: bool = 
     return Watch(fetch, name=f"health-service:{service}", policy=policy)
 
 
-def health_connect_watch(client: ConsulClient, service: str, *, passing: bool = True,
+def health_connect_watch(client: ConsulClient, service: str, *, passing: bool = True, filter: str = "",
                          policy: WatchPolicy | None = None) -> Watch[tuple[ServiceInstance, ...]]:
-    """The healthy sidecars (and Connect-native instances) of `service`: what an upstream resolves to."""
+    """The healthy sidecars (and Connect-native instances) of `service`: what an upstream resolves to;
+    `filter` narrows them (a service-resolver subset's expression, evaluated by Consul)."""
     async def fetch(index: int, wait: float) -> tuple[int, tuple[ServiceInstance, ...]]:
+        if filter:
+            return await client.health_connect(service, passing=passing, filter=filter, index=index, wait=wait)
         return await client.health_connect(service, passing=passing, index=index, wait=wait)
-    return Watch(fetch, name=f"health-connect:{service}", policy=policy)
+    return Watch(fetch, name=f"health-connect:{service}" + (f"[{filter}]" if filter else ""), policy=policy)
 
 
 def config_entry_watch(client: ConsulClient, kind: str, name: str, *,
