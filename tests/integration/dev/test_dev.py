@@ -180,7 +180,7 @@ def test_operator_commands_find_the_dev_agent_without_consul_http_addr(dev: Dev,
     top = subprocess.run([*WEFT, "top", "-once", "-json", "-interval", "1"], cwd=sub, env=_without_consul_addr(),
                          capture_output=True, text=True, timeout=60, check=False)
     assert top.returncode == 0, top.stderr
-    assert len(json.loads(top.stdout)["targets"]) == 3
+    assert len(json.loads(top.stdout)["targets"]) == 4  # frontend, greeter v1 and v2, store
 
 
 def test_start_up_leaves_no_tcp_series_on_grpc_edges_and_few_warnings(dev: Dev) -> None:
