@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import grpc
 import grpc.aio
 
+from sidecar.limits import Limits
 from sidecar.snapshot import UNARY
 
 # Headers that belong to one HTTP/2 hop, not to the call.
@@ -53,6 +54,33 @@ def _md(metadata: Any) -> Metadata:
 def message_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     return [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes)]
+
+
+def _metadata_options(limits: Limits) -> list[tuple[str, Any]]:
+    # gRPC core refuses metadata above a soft limit (8 KiB by default) with some probability and above the
+    # absolute one (16 KiB) always: both at the sidecar's header-list limit, like the h2 engine
+    return [("grpc.max_metadata_size", limits.h2_max_header_list_size),
+            ("grpc.absolute_max_metadata_size", limits.h2_max_header_list_size)]
+
+
+def channel_options(max_message_bytes: int, limits: Limits) -> list[tuple[str, Any]]:
+    """Options of the aio engine's channels (to upstreams, to the app): message and metadata sizes."""
+    return [*message_options(max_message_bytes), *_metadata_options(limits)]
+
+
+def server_options(max_message_bytes: int, limits: Limits) -> list[tuple[str, Any]]:
+    """Options of the aio engine's servers: message and metadata sizes and the connection limits of ``limits``.
+
+    Streams per connection are bounded by SETTINGS_MAX_CONCURRENT_STREAMS, open connections by
+    ``grpc.max_allowed_incoming_connections``, and a connection without a call for ``idle_timeout``
+    is closed by gRPC with GOAWAY (``grpc.max_connection_idle_ms``).
+    """
+    options = [*channel_options(max_message_bytes, limits),
+               ("grpc.max_concurrent_streams", limits.h2_max_concurrent_streams),
+               ("grpc.max_allowed_incoming_connections", limits.max_connections)]
+    if limits.idle_timeout > 0:
+        options.append(("grpc.max_connection_idle_ms", int(limits.idle_timeout * 1000)))
+    return options
 
 
 class Refusal(Exception):

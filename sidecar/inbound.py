@@ -20,6 +20,12 @@ Then the caller's identity is authorized for the connection (``policies.evaluate
 When the policy changes, open pass-through connections (and TCP connections) are re-decided and
 closed if their pair is no longer allowed that way; gRPC clients reconnect and come back through
 the path that now applies.
+
+Bounds (``sidecar.limits``): at most ``max_connections`` open connections and
+``max_pending_handshakes`` unfinished handshakes (the oldest dropped past it), each handshake within
+``handshake_timeout`` (``sidecar.tcp_proxy.TlsAdmission``); pass-through and TCP connections that
+move no byte (and, for HTTP/2, have no open stream) for ``idle_timeout`` are closed; the frames of
+pass-through HTTP/2 connections are checked in both directions by ``sidecar.h2guard``.
 """
 
 from __future__ import annotations
@@ -36,16 +42,15 @@ import structlog
 
 from ca.identity import SpiffeId
 from sidecar import authz
-from sidecar.grpc_proxy import ProxyHandler, Refusal, Target, UpstreamChannel, message_options
+from sidecar.grpc_proxy import ProxyHandler, Refusal, Target, UpstreamChannel, channel_options, server_options
+from sidecar.h2guard import H2Guard, Violation
 from sidecar.limits import Limits
 from sidecar.snapshot import Snapshot
-from sidecar.tcp_proxy import Pipe, TlsServerConnection
+from sidecar.tcp_proxy import IdleSweeper, Pipe, TlsAdmission, TlsServerConnection
 from sidecar.telemetry import Telemetry
 from sidecar.tls import PeerIdentityError, TlsContexts, peer_identity, tls_error_reason
 
 log = structlog.get_logger("weft.sidecar.inbound")
-
-HANDSHAKE_TIMEOUT = 10.0
 
 
 def _port_of_peer(peer: str) -> int:
@@ -129,6 +134,8 @@ class Inbound:
         self.connections: dict[Pipe, tuple[SpiffeId, str]] = {}
         self._policy_version = ""
         self.port = 0
+        self.admission = TlsAdmission("public", self.limits, telemetry)
+        self._idle = IdleSweeper("public", self.limits.idle_timeout, lambda: self.connections, telemetry)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, host: str, port: int) -> int:
@@ -139,6 +146,7 @@ class Inbound:
         self._server = await loop.create_server(self._accept, host, port, reuse_address=True, backlog=1024)
         sock = self._server.sockets[0]
         self.port = int(sock.getsockname()[1])
+        self._idle.start()
         log.info("inbound_listening", address=f"{host}:{self.port}", protocol=protocol)
         return self.port
 
@@ -146,6 +154,7 @@ class Inbound:
         self.draining = True
         if self._server is not None:
             self._server.close()
+        self._idle.stop()
 
     async def close(self, grace: float = 5.0) -> None:
         self.stop_accepting()
@@ -175,7 +184,8 @@ class Inbound:
         target = f"{snap.registration.local_service_address}:{snap.registration.local_service_port}"
         ch = self._app_channel
         if ch is None or self._app_target != target:
-            ch = UpstreamChannel(grpc.aio.insecure_channel(target, options=message_options(self.max_message_bytes)),
+            ch = UpstreamChannel(grpc.aio.insecure_channel(target, options=channel_options(self.max_message_bytes,
+                                                                                           self.limits)),
                                  target)
             self._app_channel = ch
             self._app_target = target
@@ -184,7 +194,7 @@ class Inbound:
     # -- one connection ------------------------------------------------------------------------
     def _accept(self) -> asyncio.BaseProtocol:
         pipe = Pipe(on_close=self._closed)
-        return TlsServerConnection(pipe, self._context, self._handshaken, self._tls_failed, HANDSHAKE_TIMEOUT)
+        return TlsServerConnection(pipe, self._context, self._handshaken, self._tls_failed, admission=self.admission)
 
     def _context(self) -> ssl.SSLContext:
         snap = self.snapshot()
@@ -202,12 +212,18 @@ class Inbound:
         if self.draining:
             conn.raw.abort()
             return
-        self._spawn(self._route(conn, ident, snap))
+        # decided before the first decrypted byte is read, so that a pass-through connection's guard sees them all;
+        # a gRPC app speaks nothing but HTTP/2, so the guard applies whatever the client's ALPN said (or omitted)
+        decision = authz.decide(snap.policy, ident.uri, authz.TCP)
+        if snap.registration.protocol == "grpc" and self.passthrough_enabled and authz.passthrough(decision):
+            conn.pipe.info["source"] = ident.service
+            conn.pipe.watch(H2Guard(self.limits), self._violation)
+        self._spawn(self._route(conn, ident, snap, decision))
 
-    async def _route(self, conn: TlsServerConnection, ident: SpiffeId, snap: Snapshot) -> None:
+    async def _route(self, conn: TlsServerConnection, ident: SpiffeId, snap: Snapshot,
+                     decision: authz.Decision) -> None:
         pipe = conn.pipe
         protocol = snap.registration.protocol
-        decision = authz.decide(snap.policy, ident.uri, authz.TCP)
         app = (snap.registration.local_service_address, snap.registration.local_service_port)
         try:
             if protocol == "tcp":
@@ -227,6 +243,7 @@ class Inbound:
                 await pipe.connect_b(*app)
                 self.telemetry.inbound_connections.labels("passthrough").inc()
             elif self.passthrough_enabled and authz.passthrough(decision):
+                # pass-through, checked frame by frame when it is HTTP/2 (see _handshaken)
                 self.telemetry.decision("allow", decision.rule_label)
                 pipe.info.update(source=ident.service, mode="passthrough")
                 self.connections[pipe] = (ident, "passthrough")
@@ -242,7 +259,8 @@ class Inbound:
                 self.telemetry.inbound_connections.labels("full").inc()
             pipe.start()
         except (OSError, TimeoutError, ConnectionError) as exc:
-            log.warning("app_connect_failed", app=f"{app[0]}:{app[1]}", error=str(exc))
+            if not pipe.a.closed and pipe.violation is None:  # else the client went first (refusals are logged)
+                log.warning("app_connect_failed", app=f"{app[0]}:{app[1]}", error=str(exc))
             self.connections.pop(pipe, None)
             pipe.close(abort=True)
 
@@ -259,7 +277,7 @@ class Inbound:
                 return int(self._h2.port)
             if protocol == "grpc":
                 if self._grpc_server is None:
-                    server = grpc.aio.server(options=message_options(self.max_message_bytes))
+                    server = grpc.aio.server(options=server_options(self.max_message_bytes, self.limits))
                     server.add_generic_rpc_handlers(
                         (ProxyHandler(_GrpcRouter(self), lambda: self.snapshot().local_methods),))
                     self._grpc_port = server.add_insecure_port("127.0.0.1:0")
@@ -280,7 +298,16 @@ class Inbound:
         reason = tls_error_reason(exc)
         self.telemetry.tls_errors.labels("inbound", reason).inc()
         peer = conn.raw.get_extra_info("peername") if conn.raw is not None else None
-        log.info("tls_refused", reason=reason, peer=f"{peer[0]}:{peer[1]}" if peer else "", error=str(exc)[:200])
+        # rate-limited: a flood of bad handshakes must not turn the log into the attack
+        self.telemetry.peer_log.warning(time.monotonic(), "tls_refused", reason=reason,
+                                        peer=f"{peer[0]}:{peer[1]}" if peer else "", error=str(exc)[:200])
+
+    def _violation(self, pipe: Pipe, violation: Violation) -> None:
+        """A pass-through client broke a frame-level limit (its connection is being closed): count and log once."""
+        self.telemetry.h2_protocol_error(violation.reason)
+        self.telemetry.peer_log.warning(time.monotonic(), "h2_protocol_error", reason=violation.reason,
+                                        code=violation.code, detail=violation.detail, mode="passthrough",
+                                        source=pipe.info.get("source", ""))
 
     def _closed(self, pipe: Pipe) -> None:
         entry = self.connections.pop(pipe, None)

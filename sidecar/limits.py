@@ -67,7 +67,8 @@ class Limits:
         10.0, "seconds a peer has to acknowledge the sidecar's SETTINGS (past it: SETTINGS_TIMEOUT)", minimum=0.1)
     # -- connections (the public port and the outbound listeners) ---------------------------------
     handshake_timeout: float = _limit(
-        10.0, "seconds a client has to finish its TLS handshake on the public port", minimum=0.1)
+        10.0, "seconds a client has to finish its TLS handshake on the public port (and the sidecar to connect "
+        "to an upstream over TLS from a TCP or HTTP outbound listener)", minimum=0.1)
     max_connections: int = _limit(
         4096, "open connections per listener; more are refused at accept", minimum=1)
     max_pending_handshakes: int = _limit(
@@ -78,7 +79,10 @@ class Limits:
         minimum=0.0)
     # -- HTTP/1.1 -----------------------------------------------------------------------------------
     http_max_header_size: int = _limit(
-        64 * KIB, "largest HTTP/1.1 request or response head (line + headers); above it 431", minimum=1 * KIB)
+        64 * KIB, "longest HTTP/1.1 request line or header field of a request or response head; above it 431",
+        minimum=1 * KIB)
+    http_max_headers: int = _limit(
+        100, "most header fields in one HTTP/1.1 request or response head; above it 431", minimum=1)
     http_header_timeout: float = _limit(
         10.0, "seconds an HTTP/1.1 client has to send a whole request head", minimum=0.1)
 

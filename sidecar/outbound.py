@@ -24,7 +24,7 @@ import grpc.aio
 import structlog
 
 from sidecar.balance import Balancer
-from sidecar.grpc_proxy import ProxyHandler, Refusal, Target, UpstreamChannel, message_options
+from sidecar.grpc_proxy import ProxyHandler, Refusal, Target, UpstreamChannel, channel_options, server_options
 from sidecar.limits import Limits
 from sidecar.snapshot import Endpoint, Snapshot, UpstreamState
 from sidecar.telemetry import Telemetry
@@ -38,8 +38,10 @@ RETIRE_GRACE = 30.0
 class EndpointPool:
     """Endpoints of one upstream: the balancer, and one gRPC channel per endpoint."""
 
-    def __init__(self, name: str, telemetry: Telemetry, tls: TlsContexts, max_message_bytes: int) -> None:
+    def __init__(self, name: str, telemetry: Telemetry, tls: TlsContexts, max_message_bytes: int,
+                 limits: Limits | None = None) -> None:
         self.name = name
+        self.limits = limits or Limits()
         self.telemetry = telemetry
         self.tls = tls
         self.max_message_bytes = max_message_bytes
@@ -99,7 +101,7 @@ class EndpointPool:
             creds = self.tls.grpc_credentials(snap.credentials)
             name = expected_server_name(self.name, snap.credentials.trust_domain)
             options = [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name),
-                       *message_options(self.max_message_bytes)]
+                       *channel_options(self.max_message_bytes, self.limits)]
             ch = UpstreamChannel(grpc.aio.secure_channel(key, creds, options=options), key)
             self._channels[key] = ch
         return ch
@@ -186,7 +188,7 @@ class Outbound:
                 await self._start_upstream(name, up, snap)
 
     async def _start_upstream(self, name: str, up: UpstreamState, snap: Snapshot) -> None:
-        pool = EndpointPool(name, self.telemetry, self.tls, self.max_message_bytes)
+        pool = EndpointPool(name, self.telemetry, self.tls, self.max_message_bytes, self.limits)
         pool.update(up, snap)
         self.pools[name] = pool
         self._protocols[name] = up.protocol
@@ -198,7 +200,7 @@ class Outbound:
             await h2.start(up.config.local_bind_address, up.config.local_bind_port)
             self._listeners[name] = h2
         elif up.protocol == "grpc":
-            server = grpc.aio.server(options=message_options(self.max_message_bytes))
+            server = grpc.aio.server(options=server_options(self.max_message_bytes, self.limits))
 
             def kinds(name: str = name) -> Any:
                 u = self.snapshot().upstreams.get(name)
