@@ -10,6 +10,11 @@ and HTTP). gRPC keeps one HTTP/2 channel per endpoint.
 
 Endpoint changes apply to new calls at once; channels of endpoints that left, or built from a
 previous certificate, are closed with a grace period so that calls in flight finish.
+
+An upstream whose snapshot carries a discovery chain that routes, splits, redirects or fails over
+(or service-defaults limits, passive health checks, timeouts) is ``routed``: its pool then holds the
+endpoints of every target of the chain and the per-call decisions (``sidecar.traffic``); the call
+paths ask ``plan`` for each call instead of ``pick`` and report with ``finished``.
 """
 
 from __future__ import annotations
@@ -26,9 +31,12 @@ import structlog
 from sidecar.balance import Balancer
 from sidecar.grpc_proxy import ProxyHandler, Refusal, Target, UpstreamChannel, channel_options, server_options
 from sidecar.limits import Limits
+from sidecar.routing import NoRoute, Request
 from sidecar.snapshot import Endpoint, Snapshot, UpstreamState
 from sidecar.telemetry import Telemetry
 from sidecar.tls import TlsContexts, expected_server_name
+from sidecar.traffic import CallPlan, NoEndpoint, UpstreamTraffic
+from sidecar.traffic_metrics import metrics_of
 
 log = structlog.get_logger("weft.sidecar.outbound")
 
@@ -51,10 +59,34 @@ class EndpointPool:
         self._generation = ""
         self._done: dict[str, Callable[[grpc.StatusCode, float], None]] = {}
         self._retiring: set[asyncio.Task[Any]] = set()
+        self.traffic: UpstreamTraffic[str] | None = None  # set while the upstream is routed
+        self.services: dict[str, str] = {}  # endpoint key -> its service (a chain may reach other services)
+        self.metrics = metrics_of(telemetry)
+
+    @property
+    def routed(self) -> bool:
+        return self.traffic is not None
 
     def update(self, up: UpstreamState, snap: Snapshot) -> None:
         now = time.monotonic()
-        self.endpoints = {e.key: e for e in up.endpoints}
+        if up.routed and up.chain is not None:
+            endpoints: dict[str, Endpoint] = {}
+            services: dict[str, str] = {}
+            by_target: dict[str, list[str]] = {}
+            for tid, eps in up.targets.items():
+                service = up.chain.targets[tid].service
+                by_target[tid] = [e.key for e in eps]
+                for e in eps:
+                    endpoints[e.key] = e
+                    services[e.key] = service
+            self.endpoints, self.services = endpoints, services
+            if self.traffic is None:
+                self.traffic = UpstreamTraffic(self.name, up.chain, settings=up.settings)
+            self.traffic.update(chain=up.chain, endpoints=by_target, settings=up.settings, now=now)
+        else:
+            self.traffic = None
+            self.services = {}
+            self.endpoints = {e.key: e for e in up.endpoints}
         self.balancer.set_endpoints(self.endpoints, now)
         generation = snap.credentials.generation
         stale = [k for k in self._channels if k not in self.endpoints or generation != self._generation]
@@ -81,6 +113,46 @@ class EndpointPool:
             self.balancer.start(key)
         return key
 
+    def service_of(self, key: str) -> str:
+        """The service an endpoint belongs to: whose identity its TLS peer must prove."""
+        return self.services.get(key, self.name)
+
+    def plan(self, method: str, path: str, headers: dict[str, str], source: str = "",
+             *, exclude: str = "") -> CallPlan[str] | str:
+        """A routed call's plan (route, split, target, endpoint), or the reason there is none (the
+        call then fails with UNAVAILABLE / 503 naming it). ``exclude`` avoids an endpoint (a retry)."""
+        traffic = self.traffic
+        assert traffic is not None
+        now = time.monotonic()
+        request = Request(method, path, headers)
+        try:
+            plan = traffic.plan(request, now, source=source)
+            if exclude and plan.endpoint == exclude and len(self.endpoints) > 1:
+                for _ in range(4):
+                    plan = traffic.plan(request, now, source=source)
+                    if plan.endpoint != exclude:
+                        break
+        except (NoEndpoint, NoRoute) as exc:
+            return str(exc)
+        traffic.started(plan, now, retry=bool(exclude))
+        return plan
+
+    def finished(self, plan: CallPlan[str], *, seconds: float, status: str, failed: bool,
+                 transport_ok: bool = True) -> None:
+        """A routed attempt ended: latency and outcome to the pickers and passive health checking."""
+        traffic = self.traffic
+        if traffic is None:
+            return
+        if traffic.finished(plan, time.monotonic(), latency=seconds, failed=failed, transport_ok=transport_ok):
+            self.metrics.outlier_ejections.labels(self.name).inc()
+            log.warning("endpoint_ejected", upstream=self.name, endpoint=plan.endpoint, target=plan.target.id,
+                        reason="passive health check")
+        self.metrics.routed_call(self.name, plan.decision.route_label, plan.target.subset, status)
+
+    def describe_traffic(self) -> dict[str, Any] | None:
+        """The live traffic state for ``/config`` (None when the upstream is not routed)."""
+        return self.traffic.describe(time.monotonic()) if self.traffic is not None else None
+
     def release(self, key: str) -> None:
         """Undo a pick that was not used."""
         if key in self.endpoints:
@@ -99,7 +171,7 @@ class EndpointPool:
         ch = self._channels.get(key)
         if ch is None:
             creds = self.tls.grpc_credentials(snap.credentials)
-            name = expected_server_name(self.name, snap.credentials.trust_domain)
+            name = expected_server_name(self.service_of(key), snap.credentials.trust_domain)
             options = [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name),
                        *channel_options(self.max_message_bytes, self.limits)]
             ch = UpstreamChannel(grpc.aio.secure_channel(key, creds, options=options), key)
@@ -274,6 +346,15 @@ class Outbound:
 
     def stop_accepting(self) -> None:
         self.draining = True
+
+    def describe_traffic(self) -> dict[str, Any]:
+        """Each routed upstream's live traffic state (splits, ejected endpoints, retry budget)."""
+        out = {}
+        for name, pool in sorted(self.pools.items()):
+            d = pool.describe_traffic()
+            if d is not None:
+                out[name] = d
+        return out
 
     async def close(self, grace: float = 5.0) -> None:
         self.draining = True

@@ -22,11 +22,14 @@ from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qsl
 
 from catalog.chain import CompiledChain, Target
+from sidecar import faults
 from sidecar.balance import Balancer
 from sidecar.lb import Picker, call_hash
 from sidecar.outlier import OutlierDetector, PassiveHealthCheck
+from sidecar.ratelimit import CallerLimits, RateLimiter, retry_after_header
 from sidecar.retry import RetryBudget
 from sidecar.routing import Request, RouteDecision, route_call
+from sidecar.snapshot import InboundTraffic
 from sidecar.upstreamconfig import UpstreamSettings
 
 K = TypeVar("K", bound=Hashable)
@@ -198,3 +201,62 @@ class UpstreamTraffic(Generic[K]):
         calls, retries = self.budget.window
         out["retry_budget"] = {"calls": calls, "retries": retries, "exhausted": self.budget.exhausted}
         return out
+
+
+# ----- the inbound side: rate limits and faults ------------------------------------------------------
+
+GRPC_RESOURCE_EXHAUSTED = 8
+
+
+@dataclass(frozen=True)
+class InboundVerdict:
+    """What the inbound does with one call before it reaches the app: refuse it (``status``/``http_status``
+    with ``message`` and ``retry_after`` seconds for a rate limit), or hold it ``delay`` seconds."""
+
+    refuse: bool = False
+    grpc_status: int = 0
+    http_status: int = 0
+    message: str = ""
+    retry_after: float = 0.0
+    delay: float = 0.0
+    reason: str = ""  # ratelimit | fault-abort | fault-delay
+
+
+PASS = InboundVerdict()
+
+
+class InboundControls:
+    """This instance's rate limiter and fault document (mutable buckets; no I/O)."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.limiter = RateLimiter()
+        self.faults: faults.FaultDoc | None = None
+        self.rng = rng or random.Random()
+
+    def update(self, config: InboundTraffic) -> None:
+        """``config``: the snapshot's inbound settings (caller limits, local settings, fault document)."""
+        self.limiter.update(config.caller_limits or CallerLimits(), config.local.rate_limits)
+        self.faults = config.faults
+
+    def needs_call_path(self, caller: str) -> bool:
+        """Whether ``caller``'s calls must be seen one by one (a limit or a fault may apply to them)."""
+        if self.limiter.applies_to(caller):
+            return True
+        f = self.faults
+        return f is not None and (not f.sources or caller in f.sources)
+
+    def check(self, caller: str, path: str, now: float) -> InboundVerdict:
+        verdict = self.limiter.check(caller, path, now)
+        if not verdict.allowed:
+            return InboundVerdict(
+                refuse=True, grpc_status=GRPC_RESOURCE_EXHAUSTED, http_status=429, retry_after=verdict.retry_after,
+                message=f"weft: rate limit ({verdict.source}) exceeded for {caller}; retry after "
+                        f"{retry_after_header(verdict.retry_after)}s", reason="ratelimit")
+        fault = faults.decide(self.faults, caller, path, self.rng)
+        if fault.abort:
+            return InboundVerdict(refuse=True, grpc_status=fault.grpc_status, http_status=fault.http_status,
+                                  message="weft: fault injected (weft/faults)", delay=fault.delay,
+                                  reason="fault-abort")
+        if fault.delay:
+            return InboundVerdict(delay=fault.delay, reason="fault-delay")
+        return PASS

@@ -91,3 +91,30 @@ def test_describe_shows_splits_and_budget() -> None:
     d = t.describe(0.0)
     assert d["splits"] == [{"weight": 90.0, "target": V1}, {"weight": 10.0, "target": V2}]
     assert d["retry_budget"]["calls"] == 1 and d["routes"] == 4
+
+
+def test_inbound_controls_limits_faults_and_the_fast_path() -> None:
+    from sidecar.faults import parse_document as faults_doc
+    from sidecar.ratelimit import parse_document as limits_doc
+    from sidecar.snapshot import InboundTraffic
+    from sidecar.traffic import InboundControls
+
+    controls = InboundControls(rng=random.Random(2))
+    assert not controls.needs_call_path("web")
+    controls.update(InboundTraffic(caller_limits=limits_doc({"Callers": {"web": {"RequestsPerSecond": 1,
+                                                                                 "RequestsMaxBurst": 3}}})))
+    assert controls.needs_call_path("web") and not controls.needs_call_path("batch")
+    verdicts = [controls.check("web", "/demo.v1.Greeter/SayHello", 0.0) for _ in range(10)]
+    refused = [v for v in verdicts if v.refuse]
+    assert len(refused) == 7 and {(v.grpc_status, v.http_status, v.reason) for v in refused} == {
+        (8, 429, "ratelimit")}
+    assert refused[0].retry_after == pytest.approx(1.0) and "retry after 1s" in refused[0].message
+    assert not controls.check("batch", "/demo.v1.Greeter/SayHello", 0.0).refuse
+    controls.update(InboundTraffic(faults=faults_doc({"Abort": {"Percent": 100, "GrpcStatus": 14},
+                                                      "Sources": ["batch"]})))
+    assert controls.needs_call_path("batch") and not controls.needs_call_path("web")
+    v = controls.check("batch", "/x", 0.0)
+    assert v.refuse and (v.grpc_status, v.http_status, v.reason) == (14, 503, "fault-abort")
+    controls.update(InboundTraffic(faults=faults_doc({"Delay": {"Percent": 100, "Duration": "50ms"}})))
+    assert controls.check("web", "/x", 0.0) == controls.check("batch", "/x", 0.0)
+    assert controls.check("web", "/x", 0.0).delay == 0.05
