@@ -268,6 +268,11 @@ class OutboundHttp:
             if out.draining:
                 status = "503"
                 return web.Response(status=503, text="weft: the sidecar is shutting down\n")
+            if pool.routed:  # a discovery chain routes, splits or fails over: the per-call path
+                from sidecar.http_routing import routed_request
+
+                routed, status = await routed_request(self, request)
+                return routed
             key = pool.pick()
             if key is None:
                 status = "503"
@@ -300,6 +305,28 @@ class OutboundHttp:
         await self._server.close()
         for session in self._sessions.values():
             await session.close()
+
+
+async def _inbound_controls(inbound: Any, snap: Any, source: str, path: str) -> web.Response | None:
+    """Rate limits (429 with retry-after) and injected faults (delay, abort) for one inbound request."""
+    from sidecar.ratelimit import retry_after_header
+    from sidecar.traffic_metrics import metrics_of
+
+    verdict = inbound.controls_for(snap).check(source, path, time.monotonic())
+    if not verdict.reason:
+        return None
+    metrics = metrics_of(inbound.telemetry)
+    if verdict.reason == "ratelimit":
+        metrics.ratelimited.labels(metrics.source_label(source)).inc()
+        return web.Response(status=429, text=verdict.message + "\n",
+                            headers={"retry-after": retry_after_header(verdict.retry_after)})
+    if verdict.delay:
+        metrics.faults.labels("delay").inc()
+        await asyncio.sleep(verdict.delay)
+    if verdict.refuse:
+        metrics.faults.labels("abort").inc()
+        return web.Response(status=verdict.http_status, text=verdict.message + "\n")
+    return None
 
 
 class InboundHttp:
@@ -341,6 +368,10 @@ class InboundHttp:
             if decision.audited:
                 log.warning("audit_would_deny", source=source, destination=dest, method=request.method,
                             path=request.path, rule=decision.rule_label, reason=decision.reason)
+            refused = await _inbound_controls(inbound, snap, source, request.path)
+            if refused is not None:
+                status = str(refused.status)
+                return refused
             reg = snap.registration
             assert self._session is not None
             try:

@@ -268,7 +268,7 @@ class Inbound:
             self.connections.pop(pipe, None)
             pipe.close(abort=True)
 
-    def _controls(self, snap: Snapshot) -> InboundControls:
+    def controls_for(self, snap: Snapshot) -> InboundControls:
         if snap.inbound is not self._controls_config:
             self._controls_config = snap.inbound
             self.controls.update(snap.inbound)
@@ -277,7 +277,7 @@ class Inbound:
     def _passthrough(self, decision: authz.Decision, caller: str, snap: Snapshot) -> bool:
         """Pass-through when every call would be allowed and no rate limit or fault applies to the caller."""
         return (self.passthrough_enabled and authz.passthrough(decision)
-                and not self._controls(snap).needs_call_path(caller))
+                and not self.controls_for(snap).needs_call_path(caller))
 
     async def _internal(self, protocol: str) -> int:
         """The port of the internal full-path server for ``protocol`` (started on first use)."""
@@ -340,7 +340,7 @@ class Inbound:
         if self._h2 is not None:
             self._h2.on_snapshot()
         controls_changed = snap.inbound is not self._controls_config
-        self._controls(snap)
+        self.controls_for(snap)
         if snap.policy_version == self._policy_version and not controls_changed:
             return
         self._policy_version = snap.policy_version

@@ -31,6 +31,7 @@ import structlog
 from sidecar.balance import Balancer
 from sidecar.grpc_proxy import ProxyHandler, Refusal, Target, UpstreamChannel, channel_options, server_options
 from sidecar.limits import Limits
+from sidecar.retry import RetryBudget
 from sidecar.routing import NoRoute, Request
 from sidecar.snapshot import Endpoint, Snapshot, UpstreamState
 from sidecar.telemetry import Telemetry
@@ -41,6 +42,7 @@ from sidecar.traffic_metrics import metrics_of
 log = structlog.get_logger("weft.sidecar.outbound")
 
 RETIRE_GRACE = 30.0
+NO_BUDGET = RetryBudget(ratio=0.0, min_per_second=0.0)
 
 
 class EndpointPool:
@@ -122,7 +124,8 @@ class EndpointPool:
         """A routed call's plan (route, split, target, endpoint), or the reason there is none (the
         call then fails with UNAVAILABLE / 503 naming it). ``exclude`` avoids an endpoint (a retry)."""
         traffic = self.traffic
-        assert traffic is not None
+        if traffic is None:
+            return f"upstream {self.name} is no longer routed through a discovery chain"
         now = time.monotonic()
         request = Request(method, path, headers)
         try:
@@ -148,6 +151,10 @@ class EndpointPool:
             log.warning("endpoint_ejected", upstream=self.name, endpoint=plan.endpoint, target=plan.target.id,
                         reason="passive health check")
         self.metrics.routed_call(self.name, plan.decision.route_label, plan.target.subset, status)
+
+    def budget(self) -> RetryBudget:
+        """The upstream's retry budget (an empty one while it is not routed)."""
+        return self.traffic.budget if self.traffic is not None else NO_BUDGET
 
     def describe_traffic(self) -> dict[str, Any] | None:
         """The live traffic state for ``/config`` (None when the upstream is not routed)."""
@@ -205,10 +212,29 @@ class _GrpcRouter:
         if self._out.draining:
             raise Refusal(grpc.StatusCode.UNAVAILABLE, "weft: the sidecar is shutting down")
         pool = self._pool
+        if pool.routed:
+            return self._routed(method, context)
         key = pool.pick()
         if key is None:
             raise Refusal(grpc.StatusCode.UNAVAILABLE, f"weft: no healthy endpoint of upstream {pool.name}")
         return Target(pool.channel(key, self._out.snapshot()), pool.done_callback(key))
+
+    def _routed(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Target:
+        """The aio engine through a discovery chain: route, split, target and endpoint per call (its
+        timeouts and retries are the h2 engine's only; here the caller's deadline applies)."""
+        pool = self._pool
+        headers = {str(k): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        plan = pool.plan("POST", method, headers, self._out.snapshot().registration.service)
+        if isinstance(plan, str):
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, f"weft: {plan}")
+
+        def done(code: grpc.StatusCode, seconds: float) -> None:
+            failed = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+            pool.finished(plan, seconds=seconds, status=code.name, failed=code is grpc.StatusCode.UNAVAILABLE,
+                          transport_ok=not failed)
+            pool.observe(plan.endpoint, code is not grpc.StatusCode.UNAVAILABLE, seconds)
+
+        return Target(pool.channel(plan.endpoint, self._out.snapshot()), done)
 
     def retry_target(self, method: str, failed: Target) -> Target | None:
         pool = self._pool
