@@ -83,7 +83,9 @@ Tables (``state.TABLES``) and what the core puts there
     ``nodes``      key node name, catalog Node shape. At start-up the agent writes its own node
                    (``agent.node_name``, ID ``agent.node_id``, Address ``agent.config.advertise_addr``).
     ``checks``     key ``"<node>/<CheckID>"``, HealthCheck shape. At start-up the agent writes
-                   ``"<node>/serfHealth"`` (Name "Serf Health Status", Status passing). Sessions
+                   ``"<node>/serfHealth"`` (Name "Serf Health Status", Status passing) and, in
+                   ``services``, the ``consul`` service (port 8300), both marked ``_Server`` (a server's
+                   leader writes them; ``/v1/agent/*`` does not list them: ``registry.is_agent_local``). Sessions
                    watch this table: a put with Status "critical" or a delete of a check that a
                    session lists in NodeChecks/ServiceChecks invalidates that session (as Consul).
                    Index ``node`` (value: node name) is defined by the core.
@@ -91,5 +93,12 @@ Tables (``state.TABLES``) and what the core puts there
                    ``node`` is defined by the core; add your own (by name, by connect destination).
     ``config_entries`` key ``"<Kind>/<Name>"``; ``intentions`` key intention ID (free for you).
     ``kvs``, ``kv_tombstones``, ``sessions``, ``acl_tokens``, ``acl_policies``, ``meta``: core-owned.
+    ``acl_roles``, ``acl_auth_methods``, ``acl_binding_rules``: ``aclroles`` (tokens' ``Roles`` count
+    for permissions, so ``acl_roles`` is one of the ACL topics cached authorizers depend on).
+
+Agent-wide instruments
+    ``agent.metrics`` (``telemetry.Metrics``: gauges read at display, counters and timing samples per
+    10 s interval; the dispatcher records ``consul.api.http`` per method and route) and
+    ``agent.logs`` (``logstream.LogHub``: every structlog event, copied to ``/v1/agent/monitor``s).
     Deleting a node (``tx.delete("nodes", name)``) invalidates that node's sessions.
 """

@@ -119,6 +119,7 @@ def _token_row(accessor: str, secret: str, description: str, policies: list[dict
         "SecretID": secret,
         "Description": description,
         "Policies": policies or None,
+        "Roles": extra.get("Roles") or None,
         "ServiceIdentities": extra.get("ServiceIdentities") or None,
         "NodeIdentities": extra.get("NodeIdentities") or None,
         "Local": bool(extra.get("Local", False)),
@@ -126,8 +127,8 @@ def _token_row(accessor: str, secret: str, description: str, policies: list[dict
         "CreateIndex": create_index if create_index is not None else index,
         "ModifyIndex": index,
     }
-    row["Hash"] = _hash({k: row[k] for k in ("Description", "Policies", "ServiceIdentities", "NodeIdentities",
-                                             "Local")})
+    row["Hash"] = _hash({k: row[k] for k in ("Description", "Policies", "Roles", "ServiceIdentities",
+                                             "NodeIdentities", "Local")})
     return row
 
 
@@ -168,15 +169,26 @@ def bootstrap_reset_index(store: Store) -> int | None:
 
 
 # ----- output -----
+def live_policy_links(store: Store, links: list[dict[str, Any]] | None) -> list[dict[str, str]] | None:
+    """Policy links with the policies' current names; links to deleted policies dropped (as Consul)."""
+    return _live_links(store, "acl_policies", links)
+
+
+def _live_links(store: Store, table: str, links: list[dict[str, Any]] | None) -> list[dict[str, str]] | None:
+    out = []
+    for link in links or []:
+        row = store.get(table, str(link.get("ID", "")))
+        if row is not None:
+            out.append({"ID": str(row["ID"]), "Name": str(row["Name"])})
+    return out or None
+
+
 def token_view(store: Store, row: Row, *, show_secret: bool) -> Row:
-    """A token as Consul answers it: policy links resolved to current names, dangling links dropped."""
-    links = []
-    for link in row.get("Policies") or []:
-        policy = store.get("acl_policies", str(link.get("ID", "")))
-        if policy is not None:
-            links.append({"ID": policy["ID"], "Name": policy["Name"]})
+    """A token as Consul answers it: policy and role links resolved to current names, dangling links dropped."""
     out = dict(row)
-    out["Policies"] = links or None
+    out["Policies"] = live_policy_links(store, row.get("Policies"))
+    if row.get("Roles"):
+        out["Roles"] = _live_links(store, ROLES_TABLE, row.get("Roles"))
     if not show_secret:
         out["SecretID"] = REDACTED
     return _drop_empty(out)
@@ -200,23 +212,47 @@ def policy_stub(row: Row) -> Row:
 
 
 # ----- tokens -----
+ROLES_TABLE = "acl_roles"  # defined by api_acl_roles (devagent.aclroles)
+
+
+def content_hash(doc: dict[str, Any]) -> str:
+    """Consul-style base64 SHA-256 ``Hash`` of an ACL object's content."""
+    return _hash(doc)
+
+
+def resolve_policy_links(store: Store, links: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    """Policy links by ID or Name -> ``[{ID, Name}]``; an unknown policy is Consul's error."""
+    return _resolve_policy_links(store, links)
+
+
+def _resolve_role_links(store: Store, links: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    return _resolve_links(store, ROLES_TABLE, links, "Roles", "role")
+
+
 def _resolve_policy_links(store: Store, links: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    return _resolve_links(store, "acl_policies", links, "Policies", "policy")
+
+
+def _resolve_links(store: Store, table: str, links: list[dict[str, Any]] | None, field: str,
+                   kind: str) -> list[dict[str, str]]:
+    """Links by ID or Name to rows of ``table`` (indexed by ``name``) -> ``[{ID, Name}]``, deduplicated;
+    an unknown one is Consul's ``No such ACL <kind> with ID/name "…"``."""
     out: list[dict[str, str]] = []
     for link in links or []:
-        pid = expect_str(link.get("ID"), "Policies.ID")
-        name = expect_str(link.get("Name"), "Policies.Name")
-        if pid:
-            policy = store.get("acl_policies", pid)
-            if policy is None:
-                raise ACLError(f"No such ACL policy with ID \"{pid}\"")
+        lid = expect_str(link.get("ID"), f"{field}.ID")
+        name = expect_str(link.get("Name"), f"{field}.Name")
+        if lid:
+            row = store.get(table, lid)
+            if row is None:
+                raise ACLError(f'No such ACL {kind} with ID "{lid}"')
         elif name:
-            found = store.by_index("acl_policies", "name", name)
+            found = store.by_index(table, "name", name)
             if not found:
-                raise ACLError(f"No such ACL policy with name \"{name}\"")
-            policy = found[0]
+                raise ACLError(f'No such ACL {kind} with name "{name}"')
+            row = found[0]
         else:
-            raise ACLError("Encountered a Token with policies linked by Name in the state store")
-        entry = {"ID": str(policy["ID"]), "Name": str(policy["Name"])}
+            raise ACLError(f"Encountered a Token with {field.lower()} linked by Name in the state store")
+        entry = {"ID": str(row["ID"]), "Name": str(row["Name"])}
         if entry not in out:
             out.append(entry)
     return out
@@ -288,8 +324,7 @@ def token_set(store: Store, tx: Tx, req: dict[str, Any], *, create: bool, access
         secret = str(existing["SecretID"])
         if "Local" in req and req["Local"] is not None and bool(req["Local"]) != bool(existing["Local"]):
             raise ACLError("Cannot toggle local mode of " + accessor)
-    if req.get("Roles"):
-        raise ACLError("Roles are not supported by the dev agent")
+    roles = _resolve_role_links(store, req.get("Roles"))
     expiration = _expiration(req, existing)
     policies = _resolve_policy_links(store, req.get("Policies"))
     services = _service_identities(req.get("ServiceIdentities"))
@@ -297,7 +332,7 @@ def token_set(store: Store, tx: Tx, req: dict[str, Any], *, create: bool, access
     row = _token_row(
         accessor, secret, expect_str(req.get("Description"), "Description"), policies, tx.index,
         create_index=int(existing["CreateIndex"]) if existing else None,
-        ServiceIdentities=services, NodeIdentities=nodes,
+        ServiceIdentities=services, NodeIdentities=nodes, Roles=roles,
         Local=expect_bool(req.get("Local"), "Local", default=bool(existing["Local"]) if existing else False),
         CreateTime=existing["CreateTime"] if existing else None,
     )

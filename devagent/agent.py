@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from devagent import acl
+from devagent import acl, logstream, telemetry
 from devagent.codec import new_uuid
 from devagent.state import Row, Store
 
@@ -27,6 +27,9 @@ CONSUL_VERSION = "1.22.0"  # the Consul HTTP API version the dev agent follows
 REVISION = "weft"
 SERF_CHECK_ID = "serfHealth"
 SERF_CHECK_NAME = "Serf Health Status"
+SERVER_PORT = 8300  # Consul's server RPC port: the port of the ``consul`` service
+RAFT_VERSION = 3
+SERF_PROTOCOL = (1, 2, 5)  # min, current, max (the member's ProtocolMin/Cur/Max)
 MAX_EVENTS = 256  # Consul's user event buffer
 
 
@@ -45,6 +48,9 @@ class AgentConfig:
     session_ttl_min_ns: int = 10 * 1_000_000_000  # Consul's session_ttl_min
     check_reap_interval_ns: int = 30 * 1_000_000_000  # Consul's check_reap_interval
     check_deregister_interval_min_ns: int = 60 * 1_000_000_000  # Consul's check_deregister_interval_min
+    enable_script_checks: bool = False  # Consul's enable_script_checks: script checks from any source
+    enable_local_script_checks: bool = False  # Consul's enable_local_script_checks: from local sources only
+    prometheus_retention_ns: int = 60 * 1_000_000_000  # Consul's telemetry.prometheus_retention_time; 0 = off
 
     @property
     def advertise_addr(self) -> str:
@@ -66,6 +72,8 @@ class Agent:
         self.durable: Callable[[], Awaitable[None]] | None = None
         self.request_stop: Callable[[], None] | None = None  # set by the server: a graceful shutdown
         self.tokens: dict[str, str] = {}  # agent tokens set with PUT /v1/agent/token/<kind> (in memory)
+        self.metrics = telemetry.Metrics()  # /v1/agent/metrics
+        self.logs = logstream.LogHub()  # /v1/agent/monitor
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stoppers: list[Callable[[], Awaitable[None]]] = []
         self._policy_cache: dict[tuple[str, int], acl.Policy] = {}
@@ -117,7 +125,9 @@ class Agent:
 
     # ----- the local node -----
     def ensure_local_node(self) -> None:
-        """Register this agent's node and its passing serfHealth check (as Consul's serf join does)."""
+        """Register this agent's node, its passing serfHealth check and the ``consul`` service, as a
+        Consul server's leader does for every alive server member."""
+        from devagent import registry  # local: registry depends on the services model, the core does not
         addr = self.config.advertise_addr
         with self.store.write() as tx:
             node = self.store.get("nodes", self.node_name)
@@ -134,9 +144,15 @@ class Agent:
                 tx.put("nodes", self.node_name, {**want, "CreateIndex": create, "ModifyIndex": tx.index})
             key = f"{self.node_name}/{SERF_CHECK_ID}"
             check = self.store.get("checks", key)
-            if check is None or check.get("Status") != "passing":
+            if check is None or check.get("Status") != "passing" or not check.get("_Server"):
                 tx.put("checks", key, serf_check(self.node_name, check["CreateIndex"] if check else tx.index,
                                                  tx.index))
+            lo, cur, hi = SERF_PROTOCOL
+            registry.put_server_service(tx, self.node_name, {
+                "non_voter": "false", "read_replica": "false", "raft_version": str(RAFT_VERSION),
+                "serf_protocol_current": str(cur), "serf_protocol_min": str(lo), "serf_protocol_max": str(hi),
+                "version": CONSUL_VERSION,
+            }, SERVER_PORT)
 
     # ----- ACLs -----
     def authorizer(self, token: str) -> acl.Authorizer:
@@ -145,7 +161,7 @@ class Agent:
             return acl.ALLOW_ALL
         from devagent.aclstore import expired
 
-        version = self.store.topic_index("acl_tokens", "acl_policies")
+        version = self.store.topic_index("acl_tokens", "acl_policies", "acl_roles")
         hit = self._authz_cache.get(token)
         if hit is not None and hit[0] == version and (hit[1] is None or not expired(hit[1])):
             return hit[2]
@@ -184,11 +200,26 @@ class Agent:
             if prow["ID"] == acl.GLOBAL_MANAGEMENT_ID:
                 return acl.ManagementAuthorizer(accessor)
             policies.append(self._parsed_policy(prow))
-        for ident in row.get("ServiceIdentities") or []:
+        services = list(row.get("ServiceIdentities") or [])
+        nodes = list(row.get("NodeIdentities") or [])
+        for link in row.get("Roles") or []:  # a role adds its policies and identities (deleted: ignored)
+            role = self.store.get("acl_roles", str(link.get("ID", "")))
+            if role is None:
+                continue
+            for plink in role.get("Policies") or []:
+                prow = self.store.get("acl_policies", str(plink.get("ID", "")))
+                if prow is None:
+                    continue
+                if prow["ID"] == acl.GLOBAL_MANAGEMENT_ID:
+                    return acl.ManagementAuthorizer(accessor)
+                policies.append(self._parsed_policy(prow))
+            services.extend(role.get("ServiceIdentities") or [])
+            nodes.extend(role.get("NodeIdentities") or [])
+        for ident in services:
             dcs = ident.get("Datacenters") or []
             if not dcs or self.datacenter in dcs:
                 policies.append(acl.service_identity_policy(str(ident.get("ServiceName", ""))))
-        for ident in row.get("NodeIdentities") or []:
+        for ident in nodes:
             if ident.get("Datacenter", self.datacenter) == self.datacenter:
                 policies.append(acl.node_identity_policy(str(ident.get("NodeName", ""))))
         return acl.PolicyAuthorizer(accessor, acl.merge(policies),
@@ -224,4 +255,5 @@ def serf_check(node: str, create_index: int, modify_index: int) -> Row:
         "Definition": {},
         "CreateIndex": create_index,
         "ModifyIndex": modify_index,
+        "_Server": True,  # written by the server, not held by the agent: not in /v1/agent/checks
     }

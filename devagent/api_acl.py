@@ -121,6 +121,7 @@ async def token_clone(r: Req) -> web.StreamResponse:
     clone = {
         "Description": req.get("Description") or source.get("Description", ""),
         "Policies": source.get("Policies"),
+        "Roles": source.get("Roles"),
         "ServiceIdentities": source.get("ServiceIdentities"),
         "NodeIdentities": source.get("NodeIdentities"),
         "Local": source.get("Local", False),
@@ -179,7 +180,7 @@ async def token_list(r: Req) -> web.StreamResponse:
     r.authz.check("acl:read")
     store = r.agent.store
     show = r.authz.acl_write()
-    policy, service = r.param("policy"), r.param("servicename")
+    policy, service, role = r.param("policy"), r.param("servicename"), r.param("role")
 
     def run() -> QueryResult:
         rows = sorted((t for t in store.rows("acl_tokens").values() if not aclstore.expired(t)),
@@ -188,6 +189,8 @@ async def token_list(r: Req) -> web.StreamResponse:
             rows = [t for t in rows if any(p.get("ID") == policy for p in t.get("Policies") or [])]
         if service:
             rows = [t for t in rows if any(s.get("ServiceName") == service for s in t.get("ServiceIdentities") or [])]
+        if role:
+            rows = [t for t in rows if any(x.get("ID") == role for x in t.get("Roles") or [])]
         value = [aclstore.token_stub(store, t, show_secret=show) for t in rows]
         return QueryResult(store.topic_index("acl_tokens", "acl_policies"), value, ["acl_tokens", "acl_policies"])
 

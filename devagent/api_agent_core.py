@@ -11,12 +11,11 @@ from typing import Any
 
 from aiohttp import web
 
-from devagent.agent import CONSUL_VERSION, REVISION, Agent
+from devagent.agent import CONSUL_VERSION, REVISION, SERF_PROTOCOL, SERVER_PORT, Agent
 from devagent.codec import format_duration, lookup
 from devagent.http import Endpoint, HTTPError, Req, json_response
 
 SERF_LAN_PORT = 8301
-SERVER_PORT = 8300
 BUILD_DATE = "2025-01-01T00:00:00Z"
 
 
@@ -99,9 +98,9 @@ def member(agent: Agent) -> dict[str, Any]:
             "wan_join_port": "8302",
         },
         "Status": 1,
-        "ProtocolMin": 1,
-        "ProtocolMax": 5,
-        "ProtocolCur": 2,
+        "ProtocolMin": SERF_PROTOCOL[0],
+        "ProtocolMax": SERF_PROTOCOL[2],
+        "ProtocolCur": SERF_PROTOCOL[1],
         "DelegateMin": 2,
         "DelegateMax": 5,
         "DelegateCur": 4,

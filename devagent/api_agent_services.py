@@ -71,11 +71,20 @@ def ok() -> web.Response:
 
 
 def _local_services(r: Req) -> list[Any]:
-    return r.agent.store.by_index("services", "node", r.agent.node_name)
+    """The services this agent holds (not the ``consul`` service, which only the catalog has)."""
+    return [row for row in r.agent.store.by_index("services", "node", r.agent.node_name)
+            if registry.is_agent_local(row)]
 
 
 def _local_checks(r: Req) -> list[Any]:
-    return r.agent.store.by_index("checks", "node", r.agent.node_name)
+    """The checks this agent holds (not ``serfHealth``, which only the catalog has)."""
+    return [row for row in r.agent.store.by_index("checks", "node", r.agent.node_name)
+            if registry.is_agent_local(row)]
+
+
+def _local_service(r: Req, sid: str) -> dict[str, Any] | None:
+    row = r.agent.store.get("services", registry.service_key(r.agent.node_name, sid))
+    return row if row is not None and registry.is_agent_local(row) else None
 
 
 def _bad_request(exc: Exception) -> HTTPError:
@@ -113,7 +122,7 @@ async def get_service(r: Req) -> web.StreamResponse:
 
     def run() -> tuple[Any, list[Any]]:
         row = agent.store.get("services", key)
-        if row is None:
+        if row is None or not registry.is_agent_local(row):
             return None, [("services", key)]
         return sv.agent_service(row, agent.datacenter), [("services", key)]
 
@@ -196,7 +205,7 @@ async def register_service(r: Req) -> web.StreamResponse:
                 raise HTTPError(400, "Status for checks must 'passing', 'warning', 'critical'")
         _vet_service_write(r, sidecar)
     if any(ct.get("ScriptArgs") for ct in [*cts, *sidecar_cts]):
-        raise HTTPError(500, sv.SCRIPTS_DISABLED)
+        _vet_script(r)
     node = r.agent.node_name
     replace = _replace_checks(r)
     svc = sv.default_tagged_addresses(svc)
@@ -211,7 +220,7 @@ async def register_service(r: Req) -> web.StreamResponse:
 
 
 def _vet_service_update(r: Req, sid: str) -> dict[str, Any]:
-    row = r.agent.store.get("services", registry.service_key(r.agent.node_name, sid))
+    row = _local_service(r, sid)
     if row is None:
         raise HTTPError(404, f'Unknown service ID "{sid}". Ensure that the service ID is passed, '
                              "not the service name.")
@@ -332,7 +341,7 @@ async def register_check(r: Req) -> web.StreamResponse:
     store = r.agent.store
     service = None
     if ct["ServiceID"]:
-        service = store.get("services", registry.service_key(node, ct["ServiceID"]))
+        service = _local_service(r, ct["ServiceID"])
         if service is None:
             raise HTTPError(404, f'ServiceID "{ct["ServiceID"]}" does not exist')
         r.authz.check("service:write", service["Service"])
@@ -346,15 +355,22 @@ async def register_check(r: Req) -> web.StreamResponse:
         else:
             r.authz.check("node:write", node)
     if ct.get("ScriptArgs"):
-        raise HTTPError(500, sv.SCRIPTS_DISABLED)
+        _vet_script(r)
     with store.write() as tx:
         registry.put_check(tx, node, cid, {**ct, "CheckID": cid}, service)
     return ok()
 
 
+def _vet_script(r: Req) -> None:
+    """A script check through the HTTP API is a "remote" registration in Consul's terms: allowed only
+    with ``enable_script_checks`` (``enable_local_script_checks`` covers configuration files only)."""
+    if not r.agent.config.enable_script_checks:
+        raise HTTPError(500, sv.SCRIPTS_DISABLED_REMOTE)
+
+
 def _vet_check_update(r: Req, cid: str) -> dict[str, Any]:
     row = r.agent.store.get("checks", f"{r.agent.node_name}/{cid}")
-    if row is None:
+    if row is None or not registry.is_agent_local(row):
         raise HTTPError(404, f'Unknown check ID "{cid}". Ensure that the check ID is passed, not the check name.')
     if row.get("ServiceName"):
         r.authz.check("service:write", row["ServiceName"])
@@ -436,7 +452,7 @@ async def health_by_id(r: Req) -> web.StreamResponse:
     if not sid:
         raise HTTPError(400, "Missing serviceID")
     _ = r.authz
-    row = r.agent.store.get("services", registry.service_key(r.agent.node_name, sid))
+    row = _local_service(r, sid)
     if row is None:
         reason = f"ServiceId {sid} not found"
         if _text_wanted(r):

@@ -13,6 +13,7 @@ from devagent import registry
 from devagent import services as sv
 from devagent.agent import Agent
 from devagent.api_agent_services import compile_filter
+from devagent.cachemeta import CacheProbe
 from devagent.codec import DecodeError, decode_struct, expect_bool, expect_str, expect_str_map
 from devagent.http import (
     Endpoint,
@@ -49,9 +50,19 @@ def routes(agent: Agent) -> list[Endpoint]:
     ]
 
 
-def answer(r: Req, res: QueryResult) -> web.Response:
-    """``query_response``: meta headers, the ACL-filtered header, one serialisation per shared result."""
-    return query_response(r, res)
+def answer(r: Req, res: QueryResult, probe: CacheProbe | None = None) -> web.Response:
+    """``query_response``: meta headers, the ACL-filtered header, one serialisation per shared result;
+    with a ``probe`` (endpoints Consul serves from its agent cache), ``X-Cache``/``Age`` for ``?cached``."""
+    resp = query_response(r, res)
+    if probe is not None:
+        resp.headers.update(probe.headers(res.index))
+    return resp
+
+
+def peer(r: Req) -> str:
+    """``?peer=``: the dev agent has no cluster peerings, so a named peer has imported nothing and every
+    read scoped to it is empty (Consul's state store answers the same for a peer it does not know)."""
+    return r.param("peer")
 
 
 def node_meta_filter(r: Req) -> dict[str, str]:
@@ -110,6 +121,7 @@ async def register(r: Req) -> web.StreamResponse:
         meta = expect_str_map(d.get("NodeMeta"), "NodeMeta")
         tagged = expect_str_map(d.get("TaggedAddresses"), "TaggedAddresses")
         skip = expect_bool(d.get("SkipNodeUpdate"), "SkipNodeUpdate")
+        locality = sv.decode_locality(d.get("Locality"))
         svc_dec = sv.decode_service(d["Service"], what="Service") if d.get("Service") else None
         hcs: list[dict[str, Any]] = []
         if d.get("Check"):
@@ -164,6 +176,8 @@ async def register(r: Req) -> web.StreamResponse:
                 "TaggedAddresses": tagged or (existing or {}).get("TaggedAddresses") or {},
                 "Meta": meta or (existing or {}).get("Meta") or {},
             }
+            if locality is not None:
+                want["Locality"] = locality
             if existing is None or any(existing.get(k) != v for k, v in want.items()):
                 tx.put("nodes", node_name, {**want, "CreateIndex": existing["CreateIndex"] if existing else tx.index,
                                             "ModifyIndex": tx.index})
@@ -239,7 +253,7 @@ async def nodes(r: Req) -> web.StreamResponse:
 
     def run() -> QueryResult:
         authz = r.authz
-        rows = sorted(store.rows("nodes").values(), key=lambda n: n["Node"])
+        rows = [] if peer(r) else sorted(store.rows("nodes").values(), key=lambda n: n["Node"])
         visible = [n for n in rows if authz.node_read(n["Node"])]
         out = [sv.node_out(n) for n in visible if node_matches(n, meta)]
         if pred is not None:
@@ -255,11 +269,14 @@ async def services(r: Req) -> web.StreamResponse:
     meta = node_meta_filter(r)
     store = r.agent.store
 
+    probe = CacheProbe(r)
+    peered = bool(peer(r))
+
     def run() -> QueryResult:
         authz = r.authz
         tags: dict[str, list[str]] = {}
         filtered = False
-        for row in store.rows("services").values():
+        for row in [] if peered else store.rows("services").values():
             name = row["Service"]
             if not authz.service_read(name):
                 filtered = True
@@ -277,7 +294,7 @@ async def services(r: Req) -> web.StreamResponse:
         return QueryResult(store.topic_index("services"), out, ["services"], filtered=filtered)
 
     res = await blocking_query(r, run, share=True)
-    return answer(r, res)
+    return answer(r, res, probe)
 
 
 def _service_nodes(r: Req, rows: list[Row], topic: Any) -> tuple[QueryResult, bool]:
@@ -303,25 +320,28 @@ def _service_nodes(r: Req, rows: list[Row], topic: Any) -> tuple[QueryResult, bo
     return QueryResult(store.topic_index(topic), out, [topic], filtered=filtered), filtered
 
 
-async def _service_nodes_read(r: Req, rows: Callable[[], list[Row]], topic: Any) -> web.StreamResponse:
+async def _service_nodes_read(r: Req, rows: Callable[[], list[Row]], topic: Any, *,
+                              cacheable: bool = False) -> web.StreamResponse:
     """A blocking read of catalog service entries; a bad `filter` answers 400 before the query blocks."""
     name = r.match("name")
     if not name:
         raise HTTPError(400, "Missing service name")
     compile_filter(r)
+    probe = CacheProbe(r) if cacheable else None
+    peered = bool(peer(r))
 
     def run() -> QueryResult:
-        res, _ = _service_nodes(r, rows(), topic)
+        res, _ = _service_nodes(r, [] if peered else rows(), topic)
         return res
 
     res = await blocking_query(r, run, share=True)
-    return answer(r, res)
+    return answer(r, res, probe)
 
 
 async def service(r: Req) -> web.StreamResponse:
     name = r.match("name")
     store = r.agent.store
-    return await _service_nodes_read(r, lambda: registry.instances(store, name), ("service", name))
+    return await _service_nodes_read(r, lambda: registry.instances(store, name), ("service", name), cacheable=True)
 
 
 async def connect(r: Req) -> web.StreamResponse:
@@ -339,7 +359,7 @@ async def node(r: Req) -> web.StreamResponse:
 
     def run() -> QueryResult:
         authz = r.authz
-        node_row = store.get("nodes", name)
+        node_row = None if peer(r) else store.get("nodes", name)
         idx = store.topic_index(("node", name))
         if node_row is None or not authz.node_read(name):
             return QueryResult(idx, None, [("node", name)], filtered=node_row is not None)
@@ -368,7 +388,7 @@ async def node_services(r: Req) -> web.StreamResponse:
 
     def run() -> QueryResult:
         authz = r.authz
-        node_row = store.get("nodes", name)
+        node_row = None if peer(r) else store.get("nodes", name)
         idx = store.topic_index(("node", name))
         if node_row is None or not authz.node_read(name):  # Consul answers the empty NodeServiceList
             return QueryResult(idx, {"Node": None, "Services": None}, [("node", name)],

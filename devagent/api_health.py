@@ -16,7 +16,8 @@ from devagent import registry
 from devagent import services as sv
 from devagent.agent import Agent
 from devagent.api_agent_services import compile_filter
-from devagent.api_catalog import answer, node_matches, node_meta_filter
+from devagent.api_catalog import answer, node_matches, node_meta_filter, peer
+from devagent.cachemeta import CacheProbe
 from devagent.http import Endpoint, HTTPError, QueryResult, Req, blocking_query
 from devagent.state import Row, Store
 
@@ -156,13 +157,15 @@ async def service(r: Req) -> web.StreamResponse:
     compile_filter(r)
     passing_param(r)
     store = r.agent.store
+    probe = CacheProbe(r)
+    peered = bool(peer(r))
 
     def run() -> QueryResult:
-        res, _ = health_entries(r, registry.instances(store, name), ("service", name))
+        res, _ = health_entries(r, [] if peered else registry.instances(store, name), ("service", name))
         return res
 
     res = await blocking_query(r, run, share=True, reuse=True)  # every read is under the result's topics
-    return answer(r, res)
+    return answer(r, res, probe)
 
 
 async def connect(r: Req) -> web.StreamResponse:
@@ -173,13 +176,16 @@ async def connect(r: Req) -> web.StreamResponse:
     passing_param(r)
     store = r.agent.store
 
+    probe = CacheProbe(r)
+    peered = bool(peer(r))
+
     def run() -> QueryResult:
-        rows = store.by_index("services", "connect", name)
+        rows = [] if peered else store.by_index("services", "connect", name)
         res, _ = health_entries(r, rows, ("connect", name))
         return res
 
     res = await blocking_query(r, run, share=True, reuse=True)
-    return answer(r, res)
+    return answer(r, res, probe)
 
 
 async def ingress(r: Req) -> web.StreamResponse:
@@ -197,6 +203,7 @@ async def ingress(r: Req) -> web.StreamResponse:
     passing_param(r)
     store = r.agent.store
     topic = ("config", ce.INGRESS_GATEWAY)
+    probe = CacheProbe(r)
 
     def run() -> QueryResult:
         entries = store.by_index("config_entries", "kind", ce.INGRESS_GATEWAY)
@@ -211,7 +218,7 @@ async def ingress(r: Req) -> web.StreamResponse:
         return res
 
     res = await blocking_query(r, run, share=True)
-    return answer(r, res)
+    return answer(r, res, probe)
 
 
 def _checks_answer(r: Req, rows: list[Row], idx: int, topics: list[Any]) -> tuple[QueryResult, bool]:
@@ -242,9 +249,10 @@ async def _checks_read(r: Req, rows: Callable[[], list[Row]], topic: Any) -> web
     A bad `filter` answers 400 before the query blocks."""
     compile_filter(r)
     store = r.agent.store
+    peered = bool(peer(r))
 
     def run() -> QueryResult:
-        res, _ = _checks_answer(r, rows(), store.topic_index(topic), [topic])
+        res, _ = _checks_answer(r, [] if peered else rows(), store.topic_index(topic), [topic])
         return res
 
     res = await blocking_query(r, run, share=True)

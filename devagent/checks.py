@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +33,7 @@ import structlog
 
 from devagent import registry
 from devagent import services as sv
-from devagent.codec import MINUTE, SECOND
+from devagent.codec import MINUTE, SECOND, format_duration
 from devagent.http import wait_for_change
 from devagent.state import Row, Tx
 
@@ -47,7 +49,43 @@ DEFAULT_REAP_INTERVAL = 30 * SECOND
 DEFAULT_DEREGISTER_MIN = 1 * MINUTE
 USER_AGENT = "Consul Health Check"
 
-RUNNABLE = ("ttl", "http", "tcp", "grpc", "alias")
+DEFAULT_SCRIPT_TIMEOUT = 30 * SECOND  # Consul's CheckMonitor default
+RUNNABLE = ("ttl", "http", "tcp", "grpc", "alias", "script")
+
+
+class OutputTail:
+    """The last ``size`` bytes written (Consul's circbuf for script output) and how many were written."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size if size > 0 else DEFAULT_OUTPUT_MAX
+        self.data = bytearray()
+        self.total = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self.data += chunk
+        if len(self.data) > self.size:
+            del self.data[:len(self.data) - self.size]
+
+    def text(self) -> str:
+        out = self.data.decode(errors="replace")
+        if self.total > self.size:
+            return f"Captured {self.size} of {self.total} bytes\n...\n{out}"
+        return out
+
+
+def script_status(exit_code: int) -> str:
+    """Consul's CheckMonitor: exit 0 passing, 1 warning, anything else critical."""
+    if exit_code == 0:
+        return sv.PASSING
+    if exit_code == 1:
+        return sv.WARNING
+    return sv.CRITICAL
+
+
+def script_timeout_output(timeout_ns: int, tail: str) -> str:
+    msg = f"Timed out ({format_duration(timeout_ns)}) running check"
+    return f"{msg}\n\n{tail}" if tail else msg
 
 
 def truncate(output: str, max_size: int) -> str:
@@ -157,7 +195,7 @@ class CheckManager:
         kind = row.get("Type", "")
         runner: Callable[[str, dict[str, Any]], Awaitable[None]] | None = {
             "ttl": self._run_ttl, "http": self._run_http, "tcp": self._run_tcp,
-            "grpc": self._run_grpc, "alias": self._run_alias,
+            "grpc": self._run_grpc, "alias": self._run_alias, "script": self._run_script,
         }.get(kind)
         if runner is None:
             return
@@ -333,6 +371,23 @@ class CheckManager:
         finally:
             await channel.close(None)
 
+    async def _run_script(self, key: str, ct: dict[str, Any]) -> None:
+        """Consul's CheckMonitor: run ``ScriptArgs`` (no shell) every Interval, stdout and stderr
+        together kept to their last OutputMaxSize bytes, killed (its whole process group) after
+        Timeout (30s by default)."""
+        if not self.agent.config.enable_script_checks:
+            # e.g. restored from a data dir by an agent started without -enable-script-checks
+            self._set(key, sv.CRITICAL, sv.SCRIPTS_DISABLED_REMOTE)
+            return
+        args = [str(a) for a in ct.get("ScriptArgs") or []]
+        timeout_ns = int(ct.get("Timeout") or 0) or DEFAULT_SCRIPT_TIMEOUT
+        max_out = int(ct.get("OutputMaxSize") or 0)
+
+        async def probe(_timeout: float) -> tuple[str, str]:
+            return await run_script(args, timeout_ns, max_out)
+
+        await self._interval_loop(key, {**ct, "Timeout": timeout_ns}, probe)
+
     async def _run_alias(self, key: str, ct: dict[str, Any]) -> None:
         store = self.agent.store
         node = ct.get("AliasNode") or self.agent.node_name
@@ -388,6 +443,52 @@ class CheckManager:
                 if sidecar is not None and sidecar.get("_Sidecar"):
                     registry.remove_service(tx, node, sidecar["ID"])
         return reaped
+
+
+async def run_script(args: list[str], timeout_ns: int, max_out: int) -> tuple[str, str]:
+    """Run one script check: (status, output) as Consul's CheckMonitor reports them."""
+    tail = OutputTail(max_out)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    except (OSError, ValueError) as exc:
+        return sv.CRITICAL, _exec_error(args[0] if args else "", exc)
+    assert proc.stdout is not None
+
+    async def pump() -> int:
+        assert proc.stdout is not None
+        while True:
+            chunk = await proc.stdout.read(65536)
+            if not chunk:
+                break
+            tail.write(chunk)
+        return await proc.wait()
+
+    try:
+        code = await asyncio.wait_for(pump(), timeout_ns / SECOND)
+    except TimeoutError:
+        _kill_group(proc)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), 5)
+        return sv.CRITICAL, script_timeout_output(timeout_ns, tail.text())
+    except asyncio.CancelledError:
+        _kill_group(proc)
+        raise
+    return script_status(code), tail.text()
+
+
+def _exec_error(prog: str, exc: BaseException) -> str:
+    """Go's os/exec error text for a command that cannot start."""
+    if isinstance(exc, FileNotFoundError) and "/" not in prog:
+        return f'exec: "{prog}": executable file not found in $PATH'
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return f"fork/exec {prog}: {str(reason).lower()}"
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def alias_status(checks: list[Row], node: str, service_id: str, service_exists: bool) -> tuple[str, str]:

@@ -258,7 +258,7 @@ def _share_key(r: Req) -> tuple[Any, ...]:
     return (r.raw.path, params, r.token)
 
 
-_ACL_TOPICS = ("acl_tokens", "acl_policies")
+_ACL_TOPICS = ("acl_tokens", "acl_policies", "acl_roles")
 _KEPT_MAX = 200_000  # list items (or results) kept across indexes (``reuse=True``) per store, in all
 
 

@@ -99,11 +99,13 @@ def put_service(tx: Tx, node: str, svc: dict[str, Any], *, sidecar: bool = False
 
 def put_check(tx: Tx, node: str, check_id: str, ct: dict[str, Any], service: Row | None,
               *, status: str | None = None, output: str | None = None) -> Row:
-    """Store a check; an existing check with the same ID keeps its status and output unless the
-    definition gives a Status (Consul's AddCheck keeps the state of a re-registered check)."""
+    """Store a check. A new check starts with the definition's ``Status`` (critical when none is
+    given); an existing check with the same ID keeps its status and output, even when the new
+    definition gives a Status, as Consul's agent does (it restores a re-registered check's state
+    from a snapshot "to avoid flapping"). ``status`` forces a status (callers that are not the agent)."""
     key = f"{node}/{check_id}"
     old = tx.get("checks", key)
-    keep = old is not None and not ct.get("Status") and status is None
+    keep = old is not None and status is None
     row = sv.health_check_row(
         node, check_id, ct, service,
         create_index=old["CreateIndex"] if old else tx.index, modify_index=tx.index,
@@ -125,6 +127,29 @@ def add_service_with_checks(tx: Tx, node: str, svc: dict[str, Any], cts: list[di
         ct = {**ct, "Name": sv.default_check_name(ct, svc["Service"]), "CheckID": cid}
         put_check(tx, node, cid, ct, row)
     return row
+
+
+def is_agent_local(row: Row) -> bool:
+    """A service or check the agent itself holds (listed by ``/v1/agent/*``): not the ``consul``
+    service nor the ``serfHealth`` check, which a Consul server's leader writes into the catalog only."""
+    return not row.get("_Server")
+
+
+def put_server_service(tx: Tx, node: str, meta: dict[str, str], port: int) -> None:
+    """The ``consul`` service a Consul server's leader registers for every server node (ID and name
+    ``consul``, the server RPC port, no address, no tags, no checks of its own: the node's serfHealth
+    covers it). Written only when it is missing or differs."""
+    key = service_key(node, sv.CONSUL_SERVICE_ID)
+    old = tx.get("services", key)
+    want: dict[str, Any] = {
+        "Kind": "", "ID": sv.CONSUL_SERVICE_ID, "Service": sv.CONSUL_SERVICE_ID, "Tags": [], "Address": "",
+        "TaggedAddresses": {}, "Meta": dict(meta), "Port": port, "SocketPath": "",
+        "Weights": {"Passing": 1, "Warning": 1}, "EnableTagOverride": False, "Proxy": {}, "Connect": {},
+    }
+    if old is not None and old.get("_Server") and all(old.get(k) == v for k, v in want.items()):
+        return
+    tx.put("services", key, {**want, "Node": node, "CreateIndex": old["CreateIndex"] if old else tx.index,
+                             "ModifyIndex": tx.index, "_Sidecar": False, "_Server": True})
 
 
 def remove_service(tx: Tx, node: str, service_id: str) -> Row | None:

@@ -16,6 +16,7 @@ import importlib
 import os
 import pkgutil
 import threading
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from types import ModuleType
@@ -25,7 +26,7 @@ import structlog
 from aiohttp import web
 
 import devagent
-from devagent import acl
+from devagent import acl, logstream, telemetry
 from devagent.agent import Agent, AgentConfig
 from devagent.codec import DecodeError
 from devagent.http import Endpoint, HTTPError, Req, text_response
@@ -57,6 +58,7 @@ def _make_dispatch(agent: Agent, endpoint: Endpoint) -> Callable[[web.Request], 
     methods = {m.upper(): h for m, h in endpoint.methods.items()}
     allow = ",".join(["OPTIONS", *methods])
     policy = _acl_policy_header(agent)
+    route = telemetry.route_label(endpoint.path)
 
     async def answer(request: web.Request) -> web.StreamResponse:
         if request.method == "OPTIONS":
@@ -86,7 +88,11 @@ def _make_dispatch(agent: Agent, endpoint: Endpoint) -> Callable[[web.Request], 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         """Every answer carries ``X-Consul-Default-ACL-Policy``, as Consul's do, and leaves only once
         the journal (with -data-dir) holds on disk every write the answer may reflect."""
+        started = time.monotonic()
         resp = await answer(request)
+        # Consul's consul.api.http timing sample (milliseconds), labelled by method and route
+        agent.metrics.sample("consul.api.http", time.time(), (time.monotonic() - started) * 1000.0,
+                             {"method": request.method, "path": route})
         headers = resp.headers
         headers.setdefault("X-Consul-Default-Acl-Policy", policy)
         headers.setdefault("Vary", "Accept-Encoding")  # Consul's gzip handler always says so
@@ -142,6 +148,7 @@ async def start(config: AgentConfig) -> tuple[Agent, web.AppRunner]:
 
     modules = endpoint_modules()
     agent = Agent(config)
+    logstream.install(agent.logs, config.log_level)  # before anything logs: /v1/agent/monitor sees it all
     for mod in modules:
         setup: Callable[[Agent], None] | None = getattr(mod, "setup", None)
         if setup is not None:

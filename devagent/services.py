@@ -41,6 +41,7 @@ STATUSES = (PASSING, WARNING, CRITICAL)
 CONNECT_PROXY = "connect-proxy"
 KINDS = ("", CONNECT_PROXY, "mesh-gateway", "terminating-gateway", "ingress-gateway", "api-gateway")
 SIDECAR_SUFFIX = "-sidecar-proxy"
+CONSUL_SERVICE_ID = "consul"  # the service every Consul server node carries in the catalog
 SIDECAR_MIN_PORT = 21000  # Consul's ports.sidecar_min_port
 SIDECAR_MAX_PORT = 21255  # and sidecar_max_port
 SIDECAR_CHECK_INTERVAL = 10 * SECOND
@@ -217,8 +218,8 @@ def validate_check_type(ct: Mapping[str, Any]) -> None:
         raise ServiceError("MaxOutputMaxSize must be positive")
 
 
-SCRIPTS_DISABLED = ("Scripts are disabled on this agent; to enable, configure 'enable_script_checks' or "
-                    "'enable_local_script_checks' to true")
+SCRIPTS_DISABLED_REMOTE = ("Scripts are disabled on this agent from remote calls; to enable, configure "
+                           "'enable_script_checks' to true")
 
 
 def validate_status(status: str) -> None:
@@ -304,6 +305,16 @@ def _tagged_addresses(value: Any, what: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def decode_locality(value: Any, what: str = "Locality") -> dict[str, str] | None:
+    """Consul's Locality ``{Region, Zone}`` (both optional strings); None when absent or empty."""
+    if value is None:
+        return None
+    d = decode_struct(value, {"Region": None, "Zone": None}, what=what)
+    out = {k: expect_str(d.get(k), f"{what}.{k}") for k in ("Region", "Zone")}
+    out = {k: v for k, v in out.items() if v}  # Consul's fields are omitempty
+    return out or None
+
+
 def _weights(value: Any) -> dict[str, int] | None:
     if value is None:
         return None
@@ -370,6 +381,9 @@ def decode_service(raw: Any, *, what: str = "body", spec: Mapping[str, Any] = SE
         "Proxy": _proxy(d.get("Proxy")),
         "Connect": {},
     }
+    locality = decode_locality(d.get("Locality"))
+    if locality is not None:
+        svc["Locality"] = locality
     connect = d.get("Connect") or {}
     if not isinstance(connect, Mapping):
         raise DecodeError("Connect: expected an object")
@@ -584,6 +598,8 @@ def agent_service(row: Mapping[str, Any], datacenter: str) -> dict[str, Any]:
     if row.get("Connect"):
         out["Connect"] = dict(row["Connect"])
     out["Datacenter"] = datacenter
+    if row.get("Locality"):
+        out["Locality"] = dict(row["Locality"])
     return out
 
 
@@ -609,6 +625,8 @@ def node_service(row: Mapping[str, Any]) -> dict[str, Any]:
     out["Proxy"] = _proxy_out(row.get("Proxy") or {})
     out["Connect"] = dict(row.get("Connect") or {})
     out["PeerName"] = ""
+    if row.get("Locality"):
+        out["Locality"] = dict(row["Locality"])
     out["CreateIndex"] = row.get("CreateIndex", 0)
     out["ModifyIndex"] = row.get("ModifyIndex", 0)
     return out
@@ -640,6 +658,8 @@ def service_node(row: Mapping[str, Any], node: Mapping[str, Any]) -> dict[str, A
     }
     if row.get("TaggedAddresses"):
         out["ServiceTaggedAddresses"] = row["TaggedAddresses"]
+    if row.get("Locality"):
+        out["ServiceLocality"] = dict(row["Locality"])
     return out
 
 

@@ -37,6 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "check-reap-interval", default="30s",
           help="how often critical services are considered for DeregisterCriticalServiceAfter, as Consul's "
                "check_reap_interval (default 30s)")
+    _flag(parser, "enable-script-checks", action="store_true",
+          help="run script checks (Args) registered through the HTTP API, as Consul's enable_script_checks "
+               "(off by default: anyone who can reach the API could run commands)")
+    _flag(parser, "enable-local-script-checks", action="store_true",
+          help="run script checks from local sources only, as Consul's enable_local_script_checks (the dev "
+               "agent reads no configuration files, so HTTP API registrations stay refused)")
+    _flag(parser, "prometheus-retention-time", default="1m",
+          help="as Consul's telemetry.prometheus_retention_time: 0 turns /v1/agent/metrics?format=prometheus "
+               "off (415, Consul's default); the dev agent keeps it on (default 1m)")
     _flag(parser, "check-deregister-interval-min", default="1m",
           help="smallest DeregisterCriticalServiceAfter honoured, as Consul's check_deregister_interval_min "
                "(default 1m)")
@@ -61,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         reap_interval = parse_duration(args.check_reap_interval)
         deregister_min = parse_duration(args.check_deregister_interval_min)
+        prometheus_retention = parse_duration(args.prometheus_retention_time)
     except DecodeError as exc:
-        print(f"weft agent: check interval flag: {exc}", file=sys.stderr)
+        print(f"weft agent: duration flag: {exc}", file=sys.stderr)
         return 2
     if reap_interval <= 0:
         print("weft agent: -check-reap-interval must be > 0", file=sys.stderr)
@@ -83,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
         session_ttl_min_ns=ttl_min,
         check_reap_interval_ns=reap_interval,
         check_deregister_interval_min_ns=deregister_min,
+        enable_script_checks=args.enable_script_checks,
+        enable_local_script_checks=args.enable_local_script_checks,
+        prometheus_retention_ns=prometheus_retention,
     )
 
     def ready(port: int) -> None:

@@ -33,6 +33,7 @@ from weft.devstate import ConsulChoice, admin_urls, consul_for_cli
 
 ROOTS_KEY = "weft/ca/roots"
 COMPILED_PREFIX = "weft/policy/compiled/"
+CONSUL_SERVICE = "consul"  # the service Consul registers for each of its server nodes
 _RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
 
 
@@ -374,6 +375,8 @@ async def collect(consul_choice: ConsulChoice) -> StatusReport:
     async with ConsulClient.from_env(consul_choice.env) as consul:
         report = StatusReport(consul=consul.address)
         _, services = await consul.catalog_services()
+        # Consul's own `consul` service (every server node carries it) is not part of the mesh
+        services = {name: tags for name, tags in services.items() if name != CONSUL_SERVICE}
         proxies: dict[str, list[Any]] = {}
         by_service: dict[str, tuple[Any, ...]] = {}
         for name in sorted(services):
