@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -203,6 +204,14 @@ class EndpointPool:
             task.cancel()
 
 
+@dataclass(slots=True)
+class _RoutedTarget(Target):
+    """A call's target chosen through the discovery chain (kept to plan a retry the same way)."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    endpoint: str = ""
+
+
 class _GrpcRouter:
     def __init__(self, outbound: Outbound, pool: EndpointPool) -> None:
         self._out = outbound
@@ -222,22 +231,41 @@ class _GrpcRouter:
     def _routed(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Target:
         """The aio engine through a discovery chain: route, split, target and endpoint per call (its
         timeouts and retries are the h2 engine's only; here the caller's deadline applies)."""
-        pool = self._pool
         headers = {str(k): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        plan = pool.plan("POST", method, headers, self._out.snapshot().registration.service)
+        target = self._routed_target(method, headers, "")
+        if isinstance(target, str):
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, f"weft: {target}")
+        return target
+
+    def _routed_target(self, method: str, headers: dict[str, str], exclude: str) -> _RoutedTarget | str:
+        pool = self._pool
+        plan = pool.plan("POST", method, headers, self._out.snapshot().registration.service, exclude=exclude)
         if isinstance(plan, str):
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, f"weft: {plan}")
+            return plan
 
         def done(code: grpc.StatusCode, seconds: float) -> None:
             failed = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
             pool.finished(plan, seconds=seconds, status=code.name, failed=code is grpc.StatusCode.UNAVAILABLE,
                           transport_ok=not failed)
-            pool.observe(plan.endpoint, code is not grpc.StatusCode.UNAVAILABLE, seconds)
 
-        return Target(pool.channel(plan.endpoint, self._out.snapshot()), done)
+        return _RoutedTarget(pool.channel(plan.endpoint, self._out.snapshot()), done, headers=headers,
+                             endpoint=plan.endpoint)
+
+    def _routed_retry(self, method: str, failed: _RoutedTarget) -> Target | None:
+        """A connect failure of a routed call (already reported to ``done``): once more, through the
+        chain, to another endpoint."""
+        if self._out.draining:
+            return None
+        target = self._routed_target(method, failed.headers, failed.endpoint)
+        if isinstance(target, str) or target.endpoint == failed.endpoint:
+            return None
+        self._pool.metrics.retries.labels(self._pool.name).inc()
+        return target
 
     def retry_target(self, method: str, failed: Target) -> Target | None:
         pool = self._pool
+        if isinstance(failed, _RoutedTarget):
+            return self._routed_retry(method, failed)
         if len(pool.endpoints) < 2 or self._out.draining:
             return None
         key = pool.pick(exclude=failed.channel.key)
