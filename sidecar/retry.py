@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sidecar.routing import Outcome, RetryPolicy, retryable
 
@@ -117,6 +118,13 @@ class BodyBuffer:
         return not self.overflowed
 
 
+class Replayable(Protocol):
+    """What a retry asks of the request body: whether it can be sent again."""
+
+    @property
+    def replayable(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class RetryVerdict:
     retry: bool
@@ -126,7 +134,7 @@ class RetryVerdict:
 
 
 def decide(policy: RetryPolicy, outcome: Outcome, *, retries_done: int, response_started: bool,
-           body: BodyBuffer | None, now: float, deadline: float | None, budget: RetryBudget,
+           body: Replayable | None, now: float, deadline: float | None, budget: RetryBudget,
            rng: random.Random) -> RetryVerdict:
     """Whether to retry the failed attempt ``outcome``, and after what delay."""
     if not policy.enabled or not retryable(policy, outcome):

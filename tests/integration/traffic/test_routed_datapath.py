@@ -8,6 +8,7 @@ instance is an Inbound plus an echo app named api-v1-N / api-v2-N.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -35,7 +36,9 @@ from tests.support import free_port
 pytestmark = pytest.mark.integration
 
 V1, V2 = "v1.api.default.default.dc1", "v2.api.default.default.dc1"
-ENGINES = ["aio"]  # the h2 engine joins once its data path (branch h2core) is merged
+# the h2 engine's traffic hooks come with its frame-level data path (branch h2core)
+H2 = importlib.util.find_spec("sidecar.h2_traffic") is not None
+ENGINES = ["h2", "aio"] if H2 else ["aio"]
 
 
 def compile_chain(*entries: dict[str, Any]) -> CompiledChain:
@@ -60,6 +63,9 @@ CANARY: list[dict[str, Any]] = [
         {"Match": {"HTTP": {"PathPrefix": "/weft.test.echo.v1.Echo/Unary", "Header": [
             {"Name": "x-test", "Exact": "retry"}]}},
          "Destination": {"ServiceSubset": "v1", "NumRetries": 3, "RetryOn": ["unavailable"]}},
+        {"Match": {"HTTP": {"PathPrefix": "/weft.test.echo.v1.Echo/Unary", "Header": [
+            {"Name": "x-test", "Exact": "reset"}]}},
+         "Destination": {"ServiceSubset": "v1", "NumRetries": 2, "RetryOn": ["reset", "connect-failure"]}},
     ]},
 ]
 
@@ -103,7 +109,7 @@ class RoutedMesh:
         self.web.set(snap)
 
 
-async def _instance(ca: Authority, name: str, subset: str, policy: Any) -> Instance:
+async def _instance(ca: Authority, name: str, subset: str, policy: Any, passthrough: bool) -> Instance:
     app, app_port, _ = await echo_server.start(0, name=name)
     b = SnapshotBuilder()
     b.set_registration(Registration(service="api", service_id=name, proxy_id=f"{name}-sidecar-proxy",
@@ -114,16 +120,18 @@ async def _instance(ca: Authority, name: str, subset: str, policy: Any) -> Insta
     snap = b.build()
     assert snap is not None
     holder = Holder(snap)
-    inbound = Inbound(holder, Telemetry(), TlsContexts())
+    inbound = Inbound(holder, Telemetry(), TlsContexts(), passthrough_enabled=passthrough)
     holder.listeners.append(inbound.on_snapshot)
     port = await inbound.start("127.0.0.1", 0)
     return Instance(name, subset, app, inbound, holder, port)
 
 
-async def make_mesh(engine: str, *, per_subset: int = 2) -> AsyncIterator[RoutedMesh]:
+async def make_mesh(engine: str, *, per_subset: int = 2, passthrough: bool = False) -> AsyncIterator[RoutedMesh]:
+    """api's inbounds take the full path (every call seen, as with L7 intentions) unless ``passthrough``."""
     ca = Authority.root()
     policy = table("api", ("web", "allow"), ("batch", "allow"))
-    instances = [await _instance(ca, f"api-{s}-{i}", s, policy) for s in ("v1", "v2") for i in range(per_subset)]
+    instances = [await _instance(ca, f"api-{s}-{i}", s, policy, passthrough)
+                 for s in ("v1", "v2") for i in range(per_subset)]
     local = free_port()
     b = SnapshotBuilder()
     b.set_registration(Registration(service="web", service_id="web-1", proxy_id="web-1-sidecar-proxy",
@@ -205,41 +213,49 @@ async def test_route_timeout_ends_a_slow_call_with_deadline_exceeded(mesh: Route
 async def test_retries_rescue_calls_to_a_flaky_instance_within_the_budget(mesh: RoutedMesh) -> None:
     if mesh.outbound.grpc_engine != "h2":
         pytest.skip("retries on answers are the h2 engine's")
-    # api-v1-0 answers UNAVAILABLE to every call (its app says so), api-v1-1 is fine
+    # api-v1-0's app is gone: its sidecar answers every call UNAVAILABLE (trailers-only); api-v1-1 is fine
     flaky = next(i for i in mesh.instances if i.name == "api-v1-0")
-    flaky_app, port, _ = await echo_server.start(0, name="api-v1-0")
     await flaky.app.stop(None)
-    flaky.app = flaky_app
-    snap = flaky.holder()
-    flaky.holder.set(Snapshot(**{**{f: getattr(snap, f) for f in snap.__dataclass_fields__},
-                                  "registration": Registration(**{
-                                      **{f: getattr(snap.registration, f)
-                                         for f in snap.registration.__dataclass_fields__},
-                                      "local_service_port": port})}))
     ok = 0
     for _ in range(60):
         md = (("x-test", "retry"),)
         resp = await mesh.stub.Unary(echo_pb2.EchoRequest(), metadata=md, timeout=10)
         ok += resp.instance == "api-v1-1"
     assert ok == 60
+    assert metric(mesh.tel, "weft_retries_total", upstream="api") >= 1
 
 
-async def test_budget_and_retry_metrics_on_an_always_failing_subset(mesh: RoutedMesh) -> None:
+@pytest.mark.skipif(not H2, reason="needs the h2 engine's traffic hooks")
+async def test_a_reset_connection_is_retried_when_the_route_says_so() -> None:
+    async for mesh in make_mesh("h2", passthrough=True):
+        # pass-through: the failing instance's sidecar drops the connection when its app is gone
+        flaky = next(i for i in mesh.instances if i.name == "api-v1-0")
+        await flaky.app.stop(None)
+        names = Counter([await _instance_of(mesh, **{"x-test": "reset"}) for _ in range(30)])
+        assert names == {"api-v1-1": 30}
+
+
+async def test_retries_stop_at_the_budget_when_a_subset_always_fails(mesh: RoutedMesh) -> None:
     if mesh.outbound.grpc_engine != "h2":
         pytest.skip("retries on answers are the h2 engine's")
+    for inst in mesh.instances:
+        if inst.subset == "v1":
+            await inst.app.stop(None)  # both v1 sidecars answer UNAVAILABLE (trailers-only)
+    # no failover to v2 here: every call stays on the failing subset
+    resolver = {k: v for k, v in CANARY[1].items() if k != "Failover"}
+    mesh.set_chain(compile_chain(CANARY[0], resolver, *CANARY[2:]))
     failures = 0
-    for _ in range(30):
+    for _ in range(60):
         try:
-            await mesh.stub.Unary(echo_pb2.EchoRequest(), metadata=(("x-test", "retry"),
-                                                                    ("x-echo-status", "UNAVAILABLE:down")),
-                                  timeout=10)
+            await mesh.stub.Unary(echo_pb2.EchoRequest(), metadata=(("x-test", "retry"),), timeout=10)
         except grpc.aio.AioRpcError as exc:
             failures += exc.code() == grpc.StatusCode.UNAVAILABLE
-    assert failures == 30
-    retries = metric(mesh.tel, "weft_retries_total", upstream="api")
-    assert 30 <= retries <= 90  # three retries a call at most, within 20 % of calls + 10/s
+    assert failures == 60
+    # three retries a call would be 180; the budget allows 20 % of the calls plus 10/s over 10 s
     calls, spent = mesh.outbound.pools["api"].budget().window
-    assert spent <= 0.2 * calls + 10 * 10
+    assert calls == 60 and spent == int(0.2 * 60 + 10 * 10)
+    assert metric(mesh.tel, "weft_retries_total", upstream="api") == spent
+    assert metric(mesh.tel, "weft_retry_budget_exhausted_total", upstream="api") >= 1
 
 
 async def test_a_failing_instance_is_ejected_and_returns(mesh: RoutedMesh) -> None:
@@ -266,9 +282,9 @@ async def test_a_failing_instance_is_ejected_and_returns(mesh: RoutedMesh) -> No
     assert f"127.0.0.1:{bad.port}" not in mesh.outbound.describe_traffic()["api"]["ejected"]
 
 
-@pytest.mark.skip(reason="inbound limits and faults on gRPC are applied by the h2 engine's full path (h2core)")
+@pytest.mark.skipif(not H2, reason="needs the h2 engine's traffic hooks (gRPC inbound full path)")
 async def test_per_caller_limit_and_faults_at_the_inbound() -> None:
-    async for mesh in make_mesh("h2", per_subset=1):
+    async for mesh in make_mesh("h2", per_subset=1, passthrough=True):
         target = mesh.instances[0]
         snap = target.holder()
         limits = limits_doc({"Callers": {"web": {"RequestsPerSecond": 1, "RequestsMaxBurst": 5}}})
