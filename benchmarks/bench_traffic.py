@@ -21,37 +21,21 @@ import json
 import os
 import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_sidecar import cpu_seconds, load
-from tests.support import WEFT, DevAgent, Proc, free_port, http_ok, wait_for
+from tests.integration.sidecar.test_mesh import Mesh
+from tests.support import WEFT, DevAgent, free_port, http_ok, wait_for
 
 TARGET_RATIO = 1.15
 
 
-class _Mesh:
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.agent = DevAgent()
-        self.procs: list[Proc] = []
-        self.sidecars: dict[str, tuple[Proc, int]] = {}
+class _Mesh(Mesh):
+    """The integration tests' process mesh, with a register that takes meta and quiet sidecars."""
 
-    def consul(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        req = urllib.request.Request(self.agent.url + path, data=data, method=method)
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            raw = resp.read()
-        return json.loads(raw) if raw.strip() else None
-
-    def proc(self, name: str, args: list[str]) -> Proc:
-        p = Proc(args, env={**self.agent.env, "WEFT_LOG_LEVEL": "warning"}, log=self.workdir / f"{name}.log")
-        self.procs.append(p)
-        return p
-
-    def register(self, sid: str, name: str, port: int, public: int, meta: dict[str, str],
-                 upstreams: tuple[tuple[str, int], ...] = ()) -> None:
+    def register_meta(self, sid: str, name: str, port: int, public: int, meta: dict[str, str],
+                      upstreams: tuple[tuple[str, int], ...] = ()) -> None:
         self.consul("PUT", "/v1/agent/service/register", {
             "ID": sid, "Name": name, "Address": "127.0.0.1", "Port": port, "Meta": {"protocol": "grpc", **meta},
             "Connect": {"SidecarService": {"Port": public, "Proxy": {"Upstreams": [
@@ -61,11 +45,7 @@ class _Mesh:
         admin = free_port()
         proc = self.proc(f"sidecar-{sid}", [*WEFT, "sidecar", "--sidecar-for", sid, "--admin-port", str(admin),
                                             "--bind", "127.0.0.1", "--log-level", "warning"])
-        self.sidecars[sid] = (proc, admin)
-
-    def config(self, sid: str) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.sidecars[sid][1]}/config", timeout=10) as resp:
-            return dict(json.loads(resp.read()))
+        self.sidecars[sid] = (proc, admin, 0)
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -101,16 +81,16 @@ def _setup(m: _Mesh) -> tuple[str, str, dict[str, list[int]]]:
              json.dumps({"PerCaller": {"RequestsPerSecond": 1_000_000, "RequestsMaxBurst": 1_000_000}}).encode())
     app_port = free_port()
     m.proc("echo", [sys.executable, "-m", "tests.apps.echo", "--port", str(app_port), "--name", "echo"])
-    m.register("plain-1", "plain", app_port, free_port(), {})
-    m.register("routed-1", "routed", app_port, free_port(), {"version": "v1"})
-    m.register("routed-2", "routed", app_port, free_port(), {"version": "v2"})
+    m.register_meta("plain-1", "plain", app_port, free_port(), {})
+    m.register_meta("routed-1", "routed", app_port, free_port(), {"version": "v1"})
+    m.register_meta("routed-2", "routed", app_port, free_port(), {"version": "v2"})
     plain_local, routed_local = free_port(), free_port()
-    m.register("cplain-1", "cplain", free_port(), free_port(), {}, (("plain", plain_local),))
-    m.register("crouted-1", "crouted", free_port(), free_port(), {}, (("routed", routed_local),))
+    m.register_meta("cplain-1", "cplain", free_port(), free_port(), {}, (("plain", plain_local),))
+    m.register_meta("crouted-1", "crouted", free_port(), free_port(), {}, (("routed", routed_local),))
     wait_for(lambda: http_ok(f"{m.agent.url}/v1/kv/weft/ca/roots"), timeout=60, what="the CA's roots")
     for sid in ("plain-1", "routed-1", "routed-2", "cplain-1", "crouted-1"):
         m.sidecar(sid)
-    wait_for(lambda: all(http_ok(f"http://127.0.0.1:{admin}/ready") for _, admin in m.sidecars.values()),
+    wait_for(lambda: all(http_ok(f"http://127.0.0.1:{admin}/ready") for _, admin, _ in m.sidecars.values()),
              timeout=120, interval=0.3, what="sidecars ready")
 
     def chain_ready() -> bool:
@@ -127,7 +107,7 @@ def run() -> dict[str, Any]:
     seconds = float(os.environ.get("WEFT_BENCH_SECONDS", "8"))
     rounds = int(os.environ.get("WEFT_BENCH_ROUNDS", "3"))
     with tempfile.TemporaryDirectory(prefix="weft-bench-traffic-") as tmp:
-        m = _Mesh(Path(tmp))
+        m = _Mesh(agent=DevAgent(), tmp=Path(tmp))
         try:
             plain, routed, pids = _setup(m)
             targets = {"plain": plain, "routed": routed}

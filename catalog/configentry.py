@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from catalog.servicedef import ServiceDefinitionError, load_hcl
+from catalog.servicedef import ServiceDefinitionError, guess_format, load_hcl
 
 
 class ConfigEntryFileError(ValueError):
@@ -49,7 +49,7 @@ MAP_OF_OBJECTS = frozenset(fold(k) for k in ("Subsets", "Failover"))
 def parse(text: str, *, source: str = "", fmt: str | None = None) -> dict[str, Any]:
     """The entry in ``text`` (HCL or JSON; ``fmt`` "hcl"/"json", else guessed from ``source`` or text)."""
     where = f"{source}: " if source else ""
-    kind = (fmt or _guess(text, source)).lower()
+    kind = (fmt or guess_format(text, source)).lower()
     if kind == "json":
         try:
             data = json.loads(text)
@@ -94,15 +94,6 @@ def kind_and_name(entry: Mapping[str, Any]) -> tuple[str, str]:
     if kind == "proxy-defaults":
         name = name or "global"
     return kind, name
-
-
-def _guess(text: str, source: str) -> str:
-    lower = source.lower()
-    if lower.endswith(".json"):
-        return "json"
-    if lower.endswith(".hcl"):
-        return "hcl"
-    return "json" if text.lstrip().startswith("{") else "hcl"
 
 
 def _collapse(value: Any, path: str) -> Any:

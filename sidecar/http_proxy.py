@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
@@ -72,17 +72,22 @@ async def _relay(request: web.BaseRequest, session: aiohttp.ClientSession, url: 
     body = _body(request.content, idle) if request.body_exists else None
     async with session.request(request.method, url, headers=_forward_headers(request.headers), data=body,
                                allow_redirects=False, auto_decompress=False, **kwargs) as upstream:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for k, v in upstream.headers.items():
-            if k.lower() not in HOP_BY_HOP:
-                response.headers.add(k, v)
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
-        await response.prepare(request)
-        async for chunk in upstream.content.iter_chunked(_CHUNK):
-            await response.write(chunk)
-        await response.write_eof()
-        return response
+        return await relay_response(request, upstream, _forward_headers(upstream.headers))
+
+
+async def relay_response(request: web.BaseRequest, upstream: aiohttp.ClientResponse,
+                         headers: Iterable[tuple[str, str]]) -> web.StreamResponse:
+    """Stream an upstream's response (with these headers: hop-by-hop ones already dropped) to the client."""
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    for k, v in headers:
+        response.headers.add(k, v)
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    await response.prepare(request)
+    async for chunk in upstream.content.iter_chunked(_CHUNK):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 _HEAD_TOO_LARGE = ("weft: the request head is larger than the sidecar accepts "

@@ -58,7 +58,7 @@ async def _rest(prefix: list[bytes], content: aiohttp.StreamReader) -> AsyncIter
 
 async def routed_request(listener: Any, request: web.BaseRequest) -> tuple[web.StreamResponse, str]:
     """(response, status label) of one request through the chain."""
-    from sidecar.http_proxy import _CHUNK, HOP_BY_HOP, _forward_headers
+    from sidecar.http_proxy import _forward_headers, relay_response
 
     pool = listener._pool
     out = listener._out
@@ -137,16 +137,8 @@ async def routed_request(listener: Any, request: web.BaseRequest) -> tuple[web.S
                 if upstream is None:
                     return web.Response(status=502, text=f"weft: upstream {pool.name} failed\n"), "502"
                 async with upstream:
-                    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                    for k, v in apply_header_mods([(k.lower(), v) for k, v in upstream.headers.items()
-                                                   if k.lower() not in HOP_BY_HOP], decision.response_headers):
-                        response.headers.add(k, v)
-                    if upstream.content_length is not None:
-                        response.content_length = upstream.content_length
-                    await response.prepare(request)
-                    async for chunk in upstream.content.iter_chunked(_CHUNK):
-                        await response.write(chunk)
-                    await response.write_eof()
+                    response = await relay_response(request, upstream, apply_header_mods(
+                        [(k.lower(), v) for k, v in _forward_headers(upstream.headers)], decision.response_headers))
                 return response, str(upstream.status)
     except TimeoutError:
         if response is not None and response.prepared:
