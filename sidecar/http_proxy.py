@@ -379,11 +379,20 @@ class InboundHttp:
                 return refused
             reg = snap.registration
             assert self._session is not None
+            local_timeout = snap.inbound.local.request_timeout  # service-defaults LocalRequestTimeoutMs
             try:
-                response = await _relay(request, self._session,
-                                        f"http://{reg.local_service_address}:{reg.local_service_port}{request.path_qs}",
-                                        self._limits.idle_timeout)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                async with asyncio.timeout(local_timeout or None):
+                    response = await _relay(
+                        request, self._session,
+                        f"http://{reg.local_service_address}:{reg.local_service_port}{request.path_qs}",
+                        self._limits.idle_timeout)
+            except TimeoutError as exc:
+                if local_timeout:
+                    status = "504"
+                    return web.Response(status=504, text=f"weft: the local app did not answer within "
+                                                         f"{local_timeout:g}s (LocalRequestTimeoutMs)\n")
+                return web.Response(status=502, text=f"weft: the local app failed: {exc}\n")
+            except (aiohttp.ClientError, OSError) as exc:
                 return web.Response(status=502, text=f"weft: the local app failed: {exc}\n")
             status = str(response.status)
             return response

@@ -130,12 +130,7 @@ class EndpointPool:
         now = time.monotonic()
         request = Request(method, path, headers)
         try:
-            plan = traffic.plan(request, now, source=source)
-            if exclude and plan.endpoint == exclude and len(self.endpoints) > 1:
-                for _ in range(4):
-                    plan = traffic.plan(request, now, source=source)
-                    if plan.endpoint != exclude:
-                        break
+            plan = traffic.plan(request, now, source=source, exclude=exclude or None)
         except (NoEndpoint, NoRoute) as exc:
             return str(exc)
         traffic.started(plan, now, retry=bool(exclude))

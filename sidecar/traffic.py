@@ -116,8 +116,9 @@ class UpstreamTraffic(Generic[K]):
         return tuple(self.chain.targets)
 
     # ----- per call -----
-    def plan(self, request: Request, now: float, *, source: str = "") -> CallPlan[K]:
-        """Route, split and pick for one call; NoEndpoint when no target has an endpoint."""
+    def plan(self, request: Request, now: float, *, source: str = "", exclude: K | None = None) -> CallPlan[K]:
+        """Route, split and pick for one call; NoEndpoint when no target has an endpoint. ``exclude``
+        (a retry's failed endpoint) is avoided while the target has another one."""
         decision = route_call(self.chain, request, self.rng.random() * 100)
         order = (decision.target, *decision.failover)
         chosen: tuple[Target, list[K]] | None = None
@@ -126,6 +127,8 @@ class UpstreamTraffic(Generic[K]):
             if st is None or not st.endpoints:
                 continue
             live = [e for e in st.endpoints if not self.outlier.is_ejected(e, now)]
+            if exclude is not None and len(live) > 1:
+                live = [e for e in live if e != exclude]
             if live:
                 chosen = (target, live)
                 break

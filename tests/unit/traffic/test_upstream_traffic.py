@@ -118,3 +118,11 @@ def test_inbound_controls_limits_faults_and_the_fast_path() -> None:
     controls.update(InboundTraffic(faults=faults_doc({"Delay": {"Percent": 100, "Duration": "50ms"}})))
     assert controls.check("web", "/x", 0.0) == controls.check("batch", "/x", 0.0)
     assert controls.check("web", "/x", 0.0).delay == 0.05
+
+
+def test_a_retry_avoids_the_failed_endpoint_while_its_target_has_another() -> None:
+    t = _traffic()
+    slow = Request("POST", "/demo.v1.Greeter/SlowHello", {})  # always v1: a:1 and b:1
+    assert {t.plan(slow, 0.0, exclude="a:1").endpoint for _ in range(30)} == {"b:1"}
+    assert {t.plan(Request("POST", "/x", {"x-canary": "1"}), 0.0, exclude="c:1").endpoint
+            for _ in range(5)} == {"c:1"}  # v2's only endpoint: nothing else to go to
