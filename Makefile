@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev test test-unit test-integration lint bench proto clean
+.PHONY: dev test test-unit test-integration test-abuse lint bench proto clean
 
 $(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test-unit: $(STAMP)
 
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest -q tests/integration
+
+# The abuse tier alone: attacks of issue 9 at real sidecars (also part of `make test`).
+test-abuse: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m abuse tests/abuse
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

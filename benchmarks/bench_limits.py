@@ -1,0 +1,190 @@
+"""What the limits of issue 9 cost: the sidecar pair's CPU per call now vs the last release, same run.
+
+The last release (``WEFT_BENCH_RELEASE``, default ``ee2a015``, the commit before any hardening) is
+extracted with ``git archive`` into a temporary directory at run time, and its sidecars run from
+there (``python -m weft.cli sidecar`` with that directory as the working directory, so its own
+packages are imported first) next to the current ones, in one mesh (dev agent, CA and policy
+service of the current tree), in front of the same echo app, under the same load:
+
+- ``l4``: client sidecar (outbound, parses the app's HTTP/2) -> mTLS -> server sidecar, which passes
+  the L4-allowed connection through to the app (now with the frame guard);
+- ``l7``: the same to a service whose intention allows the client by an L7 permission, so that the
+  server sidecar parses and authorizes every call on its full path.
+
+Each path is run ``WEFT_BENCH_ROUNDS`` times (default 3), current and release interleaved (order
+alternating), ``WEFT_BENCH_SECONDS`` each (default 5), unary at 32 calls in flight, and each figure
+keeps its least disturbed round (lowest CPU per call). CPU is utime+stime from /proc of each sidecar,
+before and after a load run, divided by the calls of the run. Figures and ratios (current / release):
+
+- ``pair_cpu_ratio`` (l4 path, client + server sidecar): target <= 1.05 (issue 9 item 7);
+- ``passthrough_cpu_ratio``: the server sidecar alone on the l4 path, i.e. the pass-through's cost
+  with its frame guard vs the release's blind pass-through;
+- ``outbound_cpu_ratio``: the client sidecar alone; ``l7_pair_cpu_ratio``: the full path.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import weft_pair
+from benchmarks.bench_sidecar import _processes, _ready_grpc, _start_app, cpu_seconds, load
+from tests.support import REPO, WEFT, DevAgent, Proc, free_port, wait_for
+
+RELEASE = "ee2a015"
+TARGET_RATIO = 1.05
+VARIANTS = ("current", "release")
+
+
+def extract(commit: str, into: Path) -> Path:
+    """The tree of ``commit`` (of this repository) as plain files under ``into``."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", commit],
+                             capture_output=True, timeout=120)
+    if archive.returncode != 0:
+        raise RuntimeError(f"git archive {commit}: {archive.stderr.decode(errors='replace')[-500:]}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True, timeout=120)
+    check = subprocess.run([sys.executable, "-c", "import sidecar; print(sidecar.__file__)"], cwd=str(into),
+                           capture_output=True, text=True, timeout=60)
+    if not check.stdout.strip().startswith(str(into)):
+        raise RuntimeError(f"python started in {into} imports the sidecar from {check.stdout.strip()!r}, "
+                           "not from the extracted release: it would measure the current code twice")
+    return into
+
+
+class Pairs(weft_pair.Stack):
+    """Two sidecar pairs per path, one running the current tree and one the release's."""
+
+    def __init__(self, workdir: Path, app_port: int, release_dir: Path) -> None:
+        super().__init__(workdir, app_port, 0)
+        self.release_dir = release_dir
+        self.local: dict[tuple[str, str], int] = {}  # (variant, path) -> client sidecar's local port
+
+    def _sidecar_from(self, service_id: str, cwd: Path | None) -> None:
+        admin = free_port()
+        proc = Proc([*WEFT, "sidecar", "--sidecar-for", service_id, "--admin-port", str(admin),
+                     "--public-port", str(self.public_ports[service_id]), "--ca-addr", self.ca_addr],
+                    env=self.env, log=self.workdir / f"sidecar-{service_id}.log", cwd=cwd)
+        self.procs.append(proc)
+        self.sidecars[service_id] = (proc, admin)
+
+    def start(self) -> None:
+        self.agent = DevAgent()
+        self.ca_addr = f"127.0.0.1:{free_port()}"
+        self._proc("ca", [*WEFT, "ca", "serve", "-dev", "--listen", self.ca_addr])
+        self._proc("policy", [*WEFT, "policy", "serve", "-grpc-addr", f"127.0.0.1:{free_port()}"])
+        ids = []
+        for variant in VARIANTS:
+            echo, echol7, client = f"echo-{variant}", f"echol7-{variant}", f"client-{variant}"
+            l4_local, l7_local = free_port(), free_port()
+            self.local[(variant, "l4")] = l4_local
+            self.local[(variant, "l7")] = l7_local
+            self._register(echo, self.app_port, "grpc", [])
+            self._register(echol7, self.app_port, "grpc", [])
+            self._register(client, free_port(), "grpc", [(echo, l4_local), (echol7, l7_local)])
+            self._allow(client, echo)
+            self._allow(client, echol7, l7_prefix="/weft.test.echo.v1.Echo/")
+            cwd = self.release_dir if variant == "release" else None
+            for sid in (echo, echol7, client):
+                self._sidecar_from(sid, cwd)
+                ids.append(sid)
+        self._wait_ready(ids, timeout=120)
+        for port in self.local.values():
+            wait_for(_ready_grpc(f"127.0.0.1:{port}"), timeout=60, interval=0.5, what=f"a call through :{port}")
+
+    def pids(self, variant: str, path: str) -> tuple[int, int]:
+        """(client sidecar, server sidecar) of one pair."""
+        server = f"echo-{variant}" if path == "l4" else f"echol7-{variant}"
+        return self.sidecars[f"client-{variant}"][0].pid, self.sidecars[server][0].pid
+
+
+def measure(pairs: Pairs, variant: str, path: str, seconds: str) -> dict[str, Any]:
+    client, server = pairs.pids(variant, path)
+    before = cpu_seconds([client]), cpu_seconds([server])
+    result = load("unary", [f"127.0.0.1:{pairs.local[(variant, path)]}"], "--concurrency", "32",
+                  "--duration", seconds)
+    used = cpu_seconds([client]) - before[0], cpu_seconds([server]) - before[1]
+    calls = max(int(result["calls_total"]), 1)
+    return {"rps": result["rps"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
+            "errors": result.get("errors", 0),
+            "client_cpu_us_per_call": round(used[0] / calls * 1e6, 1),
+            "server_cpu_us_per_call": round(used[1] / calls * 1e6, 1),
+            "pair_cpu_us_per_call": round((used[0] + used[1]) / calls * 1e6, 1)}
+
+
+def least_disturbed(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each CPU figure's lowest value over the rounds (noise only adds), the rest from the best pair run."""
+    best = dict(min(runs, key=lambda r: float(r["pair_cpu_us_per_call"])))
+    for key in ("client_cpu_us_per_call", "server_cpu_us_per_call"):
+        best[key] = min(float(r[key]) for r in runs)
+    best["rounds_pair_cpu_us_per_call"] = [r["pair_cpu_us_per_call"] for r in runs]
+    return best
+
+
+def ratio(a: Any, b: Any) -> float | None:
+    return round(float(a) / float(b), 3) if a is not None and b else None
+
+
+def run() -> dict[str, Any]:
+    seconds = os.environ.get("WEFT_BENCH_SECONDS", "5")
+    rounds = int(os.environ.get("WEFT_BENCH_ROUNDS", "3"))
+    release = os.environ.get("WEFT_BENCH_RELEASE", RELEASE)
+    out: dict[str, Any] = {"release": release, "seconds_per_run": float(seconds), "rounds": rounds,
+                           "load": "unary, 100-byte payload, 32 calls in flight"}
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    out["current"] = head.stdout.strip() or "unknown"
+    with tempfile.TemporaryDirectory(prefix="weft-bench-limits-") as tmp, _processes() as started:
+        workdir = Path(tmp)
+        release_dir = extract(release, workdir / "release")
+        app_port = free_port()
+        started.append(_start_app("tests.apps.echo", app_port, workdir, "--name", "bench-echo"))
+        wait_for(_ready_grpc(f"127.0.0.1:{app_port}"), timeout=30, what="echo app")
+        pairs = Pairs(workdir, app_port, release_dir)
+        started.append(pairs)
+        t0 = time.monotonic()
+        pairs.start()
+        out["startup_seconds"] = round(time.monotonic() - t0, 1)
+        for variant in VARIANTS:  # a first, discarded run each: start-up work and cold caches out of the way
+            for path in ("l4", "l7"):
+                measure(pairs, variant, path, "1")
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in range(rounds):
+            order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+            for path in ("l4", "l7"):
+                for variant in order:
+                    runs.setdefault((variant, path), []).append(measure(pairs, variant, path, seconds))
+    figures = {f"{path}_{variant}": least_disturbed(rs) for (variant, path), rs in runs.items()}
+    out["paths"] = figures
+    cur, rel = figures["l4_current"], figures["l4_release"]
+    pair = ratio(cur["pair_cpu_us_per_call"], rel["pair_cpu_us_per_call"])
+    out["ratios"] = {
+        "pair_cpu_ratio": pair,
+        "passthrough_cpu_ratio": ratio(cur["server_cpu_us_per_call"], rel["server_cpu_us_per_call"]),
+        "outbound_cpu_ratio": ratio(cur["client_cpu_us_per_call"], rel["client_cpu_us_per_call"]),
+        "l7_pair_cpu_ratio": ratio(figures["l7_current"]["pair_cpu_us_per_call"],
+                                   figures["l7_release"]["pair_cpu_us_per_call"]),
+    }
+    out["targets"] = {"pair_cpu_ratio_vs_release": {"value": pair, "target": f"<= {TARGET_RATIO}",
+                                                    "met": None if pair is None else pair <= TARGET_RATIO}}
+    print(table(out))
+    return out
+
+
+def table(out: dict[str, Any]) -> str:
+    lines = [f"current {out['current']} vs release {out['release']} ({out['load']}, {out['rounds']} rounds of "
+             f"{out['seconds_per_run']:g} s)",
+             f"{'path':<16} {'rps':>8} {'p50 ms':>8} {'client us':>10} {'server us':>10} {'pair us':>9}"]
+    for name, f in out["paths"].items():
+        lines.append(f"{name:<16} {f['rps']!s:>8} {f['p50_ms']!s:>8} {f['client_cpu_us_per_call']!s:>10} "
+                     f"{f['server_cpu_us_per_call']!s:>10} {f['pair_cpu_us_per_call']!s:>9}")
+    for name, value in out["ratios"].items():
+        lines.append(f"{name:<24} {value}")
+    t = out["targets"]["pair_cpu_ratio_vs_release"]
+    lines.append(f"target pair CPU per call vs release {t['target']}: {t['value']} "
+                 f"({ {True: 'met', False: 'NOT met', None: 'n/a'}[t['met']] })")
+    return "\n".join(lines)
