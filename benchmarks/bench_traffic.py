@@ -12,7 +12,8 @@ default h2 engine. The load generator alternates rounds on the two paths (unary,
 CPU of each path's sidecars (`/proc`) over its calls gives `proxy_cpu_us_per_call`, and
 `ratio` = routed / plain (target: at most 1.15).
 
-    python -m benchmarks traffic        (WEFT_BENCH_SECONDS per round, default 8; WEFT_BENCH_ROUNDS, default 3)
+    python -m benchmarks traffic        (WEFT_BENCH_SECONDS per round, default 8; WEFT_BENCH_ROUNDS, default 3;
+                                         WEFT_BENCH_TRAFFIC_LIMITS=0 leaves the rate-limit document out)
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ ENTRIES: list[dict[str, Any]] = [
 ]
 
 
-def _setup(m: _Mesh) -> tuple[str, str, dict[str, list[int]]]:
+def _setup(m: _Mesh, limits: bool) -> tuple[str, str, dict[str, list[int]]]:
     m.proc("ca", [*WEFT, "ca", "serve", "-dev", "--listen", f"127.0.0.1:{free_port()}"])
     m.proc("policy", [*WEFT, "policy", "serve", "-grpc-addr", f"127.0.0.1:{free_port()}"])
     for dest, src in (("plain", "cplain"), ("routed", "crouted")):
@@ -77,8 +78,9 @@ def _setup(m: _Mesh) -> tuple[str, str, dict[str, list[int]]]:
         m.consul("PUT", f"/v1/kv/weft/intentions/{dest}", json.dumps(doc).encode())
     for entry in ENTRIES:
         assert m.consul("PUT", "/v1/config", entry) is True, entry
-    m.consul("PUT", "/v1/kv/weft/ratelimits/routed",
-             json.dumps({"PerCaller": {"RequestsPerSecond": 1_000_000, "RequestsMaxBurst": 1_000_000}}).encode())
+    if limits:
+        m.consul("PUT", "/v1/kv/weft/ratelimits/routed",
+                 json.dumps({"PerCaller": {"RequestsPerSecond": 1_000_000, "RequestsMaxBurst": 1_000_000}}).encode())
     app_port = free_port()
     m.proc("echo", [sys.executable, "-m", "tests.apps.echo", "--port", str(app_port), "--name", "echo"])
     m.register_meta("plain-1", "plain", app_port, free_port(), {})
@@ -105,11 +107,12 @@ def _setup(m: _Mesh) -> tuple[str, str, dict[str, list[int]]]:
 
 def run() -> dict[str, Any]:
     seconds = float(os.environ.get("WEFT_BENCH_SECONDS", "8"))
+    limits = os.environ.get("WEFT_BENCH_TRAFFIC_LIMITS", "1") != "0"
     rounds = int(os.environ.get("WEFT_BENCH_ROUNDS", "3"))
     with tempfile.TemporaryDirectory(prefix="weft-bench-traffic-") as tmp:
         m = _Mesh(agent=DevAgent(), tmp=Path(tmp))
         try:
-            plain, routed, pids = _setup(m)
+            plain, routed, pids = _setup(m, limits)
             targets = {"plain": plain, "routed": routed}
             per_path: dict[str, dict[str, float]] = {p: {"cpu": 0.0, "calls": 0.0, "errors": 0.0} for p in targets}
             p50: dict[str, list[float]] = {p: [] for p in targets}
@@ -135,6 +138,7 @@ def run() -> dict[str, Any]:
     figures["target_ratio"] = TARGET_RATIO
     figures["met"] = ratio <= TARGET_RATIO
     figures["routed_splits_seen"] = shown.get("splits")
+    figures["per_caller_limit"] = limits
     print(f"   plain  {figures['plain']['proxy_cpu_us_per_call']} us/call, routed "
           f"{figures['routed']['proxy_cpu_us_per_call']} us/call: ratio {figures['ratio']} "
           f"(target <= {TARGET_RATIO})", flush=True)

@@ -85,7 +85,7 @@ async def routed_request(listener: Any, request: web.BaseRequest) -> tuple[web.S
         async with asyncio.timeout_at(asyncio.get_running_loop().time() + timeout if timeout else None):
             while True:
                 ep = pool.endpoints.get(plan.endpoint)
-                url = f"https://{ep.address}:{ep.port}{decision.path}" if ep else ""
+                url = f"https://{ep.address}:{ep.port}{decision.path or request.path_qs}" if ep else ""
                 fwd = apply_header_mods([(k.lower(), v) for k, v in _forward_headers(request.headers)],
                                         decision.request_headers)
                 if buffered is not None and buffered.replayable:

@@ -90,6 +90,7 @@ class OutlierDetector(Generic[K]):
     rng: random.Random = field(default_factory=random.Random)
     _states: dict[K, _State] = field(default_factory=dict)
     ejections_total: int = 0
+    _until: float = 0.0  # when the last ejection in force ends (nothing is ejected from then on)
 
     def set_endpoints(self, keys: Iterable[K]) -> None:
         wanted = list(dict.fromkeys(keys))
@@ -128,9 +129,14 @@ class OutlierDetector(Generic[K]):
             return False
         s.ejections += 1
         s.ejected_until = now + min(MAX_EJECTION_TIME, self.config.base_ejection_time * s.ejections)
+        self._until = max(self._until, s.ejected_until)
         s.back_since = s.ejected_until
         self.ejections_total += 1
         return True
+
+    def none_ejected(self, now: float) -> bool:
+        """True when no endpoint is ejected (the common case: one comparison)."""
+        return now >= self._until
 
     def is_ejected(self, key: K, now: float) -> bool:
         s = self._states.get(key)

@@ -19,7 +19,7 @@ and labels for metrics (route index, target subset).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl
 
 from catalog.chain import (
@@ -82,7 +82,7 @@ class RouteDecision:
     route_index: int  # -1: no router on the chain
     target: Target
     failover: tuple[Target, ...]
-    path: str  # after PrefixRewrite
+    path: str  # after PrefixRewrite; "" when the call's path is unchanged
     request_timeout: float  # seconds, 0 = none
     idle_timeout: float
     retry: RetryPolicy
@@ -205,56 +205,78 @@ def rewrite(path: str, query: str, m: HttpMatch, prefix_rewrite: str) -> str:
     return new + (f"?{query}" if query else "")
 
 
-def pick_split(node: Node, draw: float) -> str:
-    """The next node of the split ``draw`` (uniform in [0, 100)) falls in; weights are percentages."""
+def pick_split(node: Node, draw: float) -> int:
+    """The index of the split ``draw`` (uniform in [0, 100)) falls in; weights are percentages."""
     total = 0.0
-    for s in node.splits:
+    for i, s in enumerate(node.splits):
         total += s.weight
         if draw < total:
-            return s.next_node
-    return node.splits[-1].next_node
+            return i
+    return len(node.splits) - 1
 
 
-def route_call(chain: CompiledChain, request: Request, draw: float) -> RouteDecision:
-    """The route, split and target of one call; NoRoute when the router has no matching route."""
+Memo = dict[tuple[int, int], "RouteDecision"]
+
+
+def route_call(chain: CompiledChain, request: Request, draw: float, memo: Memo | None = None) -> RouteDecision:
+    """The route, split and target of one call; NoRoute when the router has no matching route.
+
+    ``memo`` (one dict per chain, kept by the caller) holds the decision of each (route, split) pair
+    once built: everything in it but the rewritten path is fixed by the chain, so the common call
+    (no ``PrefixRewrite``) allocates nothing."""
     node = chain.start
     route_index = -1
-    dest = RouteDestination()
-    path, query_text = _split(request.path[:MAX_PATH])
-    new_path = request.path
-    req_mods: list[HeaderMods] = []
-    resp_mods: list[HeaderMods] = []
+    dest: RouteDestination | None = None
+    new_path = ""
     if node.type == "router":
+        path, query_text = _split(request.path[:MAX_PATH])
         query = parse_qsl(query_text, keep_blank_values=True, max_num_fields=100) if query_text else []
         for i, route in enumerate(node.routes):
             if matches(route.match, request.method, path, request.headers, query):
                 route_index, dest = i, route.destination
-                new_path = rewrite(path, query_text, route.match, dest.prefix_rewrite)
+                if dest.prefix_rewrite:
+                    new_path = rewrite(path, query_text, route.match, dest.prefix_rewrite)
                 node = chain.nodes[route.next_node]
                 break
         else:
             raise NoRoute(f"no route of {chain.service_name} matches {request.method} {path}")
-        if not dest.request_headers.empty:
-            req_mods.append(dest.request_headers)
-        if not dest.response_headers.empty:
-            resp_mods.append(dest.response_headers)
+    split_index = -1
     if node.type == "splitter":
-        nxt = pick_split(node, draw)
-        for s in node.splits:
-            if s.next_node == nxt:
-                if not s.request_headers.empty:
-                    req_mods.append(s.request_headers)
-                if not s.response_headers.empty:
-                    resp_mods.append(s.response_headers)
-                break
-        node = chain.nodes[nxt]
+        split_index = pick_split(node, draw)
+    key = (route_index, split_index)
+    decision = memo.get(key) if memo is not None else None
+    if decision is None:
+        decision = _decision(chain, node, route_index, dest, split_index)
+        if memo is not None and len(memo) < 4096:
+            memo[key] = decision
+    if new_path:
+        decision = replace(decision, path=new_path)
+    return decision
+
+
+def _decision(chain: CompiledChain, node: Node, route_index: int, dest: RouteDestination | None,
+              split_index: int) -> RouteDecision:
+    dest = dest or RouteDestination()
+    req_mods: list[HeaderMods] = []
+    resp_mods: list[HeaderMods] = []
+    if not dest.request_headers.empty:
+        req_mods.append(dest.request_headers)
+    if not dest.response_headers.empty:
+        resp_mods.append(dest.response_headers)
+    if split_index >= 0:
+        split = node.splits[split_index]
+        if not split.request_headers.empty:
+            req_mods.append(split.request_headers)
+        if not split.response_headers.empty:
+            resp_mods.append(split.response_headers)
+        node = chain.nodes[split.next_node]
     if node.type != "resolver":
         raise NoRoute(f"chain {chain.service_name}: the walk did not end at a resolver")
     resolver = node
     target = chain.targets[resolver.target]
     return RouteDecision(
         route_index=route_index, target=target, failover=tuple(chain.targets[t] for t in resolver.failover),
-        path=new_path, request_timeout=dest.request_timeout or resolver.request_timeout,
+        path="", request_timeout=dest.request_timeout or resolver.request_timeout,
         idle_timeout=dest.idle_timeout, retry=retry_policy(dest), connect_timeout=resolver.connect_timeout,
         request_headers=tuple(req_mods), response_headers=tuple(resp_mods),
         resolver_node=f"resolver:{resolver.target}")

@@ -71,10 +71,23 @@ class UpstreamTraffic(Generic[K]):
         self.outlier: OutlierDetector[K] = OutlierDetector(self.settings.passive_health_check or DEFAULT_GUARD,
                                                            rng=self.rng)
         self._targets: dict[str, _TargetState[K]] = {}
+        self.header_names: frozenset[str] = frozenset()
+        self._memo: dict[tuple[int, int], RouteDecision] = {}  # route_call's, for the current chain
         self._configure_targets()
 
     # ----- configuration -----
     def _configure_targets(self) -> None:
+        names: set[str] = set()
+        for node in self.chain.nodes.values():
+            for route in node.routes:
+                names.update(h.name for h in route.match.headers)
+            lb = node.load_balancer
+            for hp in lb.hash_policies if lb is not None else ():
+                if hp.field == "header":
+                    names.add(hp.field_value.lower())
+                elif hp.field == "cookie":
+                    names.add("cookie")
+        self.header_names = frozenset(names)  # what a call's plan reads of its request headers
         by_target = {}
         for node in self.chain.nodes.values():
             if node.type == "resolver":
@@ -103,6 +116,7 @@ class UpstreamTraffic(Generic[K]):
             self.outlier.config = settings.passive_health_check or DEFAULT_GUARD
         if chain is not None and chain != self.chain:
             self.chain = chain
+            self._memo = {}
             self._configure_targets()
         if endpoints is not None:
             for tid, eps in endpoints.items():
@@ -119,14 +133,17 @@ class UpstreamTraffic(Generic[K]):
     def plan(self, request: Request, now: float, *, source: str = "", exclude: K | None = None) -> CallPlan[K]:
         """Route, split and pick for one call; NoEndpoint when no target has an endpoint. ``exclude``
         (a retry's failed endpoint) is avoided while the target has another one."""
-        decision = route_call(self.chain, request, self.rng.random() * 100)
+        decision = route_call(self.chain, request, self.rng.random() * 100, self._memo)
         order = (decision.target, *decision.failover)
         chosen: tuple[Target, list[K]] | None = None
         for target in order:
             st = self._targets.get(target.id)
             if st is None or not st.endpoints:
                 continue
-            live = [e for e in st.endpoints if not self.outlier.is_ejected(e, now)]
+            if self.outlier.none_ejected(now):
+                live = list(st.endpoints)
+            else:
+                live = [e for e in st.endpoints if not self.outlier.is_ejected(e, now)]
             if exclude is not None and len(live) > 1:
                 live = [e for e in live if e != exclude]
             if live:
