@@ -6,6 +6,7 @@ One `weft dev` for the whole module (it is the expensive part); the Ctrl-C test 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +109,23 @@ def test_demo_traffic_flows_through_the_sidecars(dev: Dev) -> None:
                  timeout=30, interval=0.5, what=f"{source} -> {dest} calls in the metrics")
     stream = _requests(dev.admin("frontend"), direction="outbound", method="/weft.demo.v1.Greeter/SayHelloStream")
     assert stream > 0, "server-streaming calls go through the sidecar too"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sidecar.h2_traffic") is None,
+                    reason="the canary needs the h2 engine's traffic hooks")
+def test_the_canary_splits_and_the_header_route_picks_v2(dev: Dev) -> None:
+    versions: Counter[str] = Counter()
+    for _ in range(200):
+        status, body = _get(dev.frontend + "/hello?name=canary")
+        assert status == 200, body
+        versions[json.loads(body).get("version", "none")] += 1
+    assert versions["v1"] + versions["v2"] == 200 and 5 <= versions["v2"] <= 40, versions  # 90/10
+    req = urllib.request.Request(dev.frontend + "/hello?name=canary", headers={"x-canary": "1"})
+    for _ in range(10):
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert json.loads(resp.read())["version"] == "v2"
+    status = dev.weft("status")
+    assert "Traffic management" in status.stdout and "90% v1.greeter" in status.stdout, status.stdout
 
 
 def test_an_intention_change_flips_a_call(dev: Dev) -> None:
