@@ -124,8 +124,8 @@ def test_the_canary_splits_and_the_header_route_picks_v2(dev: Dev) -> None:
     for _ in range(10):
         with urllib.request.urlopen(req, timeout=5) as resp:
             assert json.loads(resp.read())["version"] == "v2"
-    status = dev.weft("status")
-    assert "Traffic management" in status.stdout and "90% v1.greeter" in status.stdout, status.stdout
+    shown = dev.weft("status")
+    assert "Traffic management" in shown.stdout and "90% v1.greeter" in shown.stdout, shown.stdout
 
 
 def test_an_intention_change_flips_a_call(dev: Dev) -> None:
