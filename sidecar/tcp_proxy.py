@@ -559,6 +559,9 @@ class IdleSweeper:
             self._task = None
 
 
+LINGER = 2.0  # seconds a closed TLS connection keeps reading (and discarding) so its last bytes arrive
+
+
 class TlsConnection(asyncio.BufferedProtocol):
     """TLS over memory BIOs on a raw connection, feeding one half of a :class:`Pipe` (see the two subclasses).
 
@@ -727,7 +730,7 @@ class TlsConnection(asyncio.BufferedProtocol):
             self.flush()
 
     def eof_received(self) -> bool | None:
-        if self.handshaken:
+        if self.handshaken and not self.closed:
             self.half.eof_received()
         return False
 
@@ -750,7 +753,26 @@ class TlsConnection(asyncio.BufferedProtocol):
                 self.flush()
             except (OSError, RuntimeError):
                 pass
-        self.raw.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close without losing what was just written (a GOAWAY, the close_notify).
+
+        Closing a socket whose receive buffer still holds unread bytes (a peer flooding us) makes the
+        kernel send RST, and the peer's kernel then discards what it had not read yet: the GOAWAY
+        that says why. So the write side is shut (FIN after the buffered bytes), what still arrives is
+        read and discarded (``closed`` is set), and the socket closes on the peer's EOF or after
+        :data:`LINGER` seconds, whichever comes first.
+        """
+        raw = self.raw
+        try:
+            if raw.can_write_eof():
+                raw.write_eof()
+                asyncio.get_running_loop().call_later(LINGER, raw.close)
+                return
+        except (OSError, RuntimeError, NotImplementedError, AttributeError):
+            pass
+        raw.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
