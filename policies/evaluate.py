@@ -15,7 +15,9 @@ service name or a SPIFFE ID ``spiffe://<td>/ns/default/dc/<dc>/svc/<service>``) 
   headers, plus ``content-type: application/grpc`` and ``te: trailers`` unless given. HTTP paths
   are matched without their query string (Envoy's ``url_path``); regexes must match the whole value;
   header names are case-insensitive. A header condition on a header the request lacks does not
-  match, even inverted, except ``Present`` + ``Invert`` (Envoy's rule).
+  match, even inverted, except ``Present`` + ``Invert`` (Envoy's rule). A header sent more than
+  once (:class:`~policies.model.RepeatedHeader`) matches only when the condition holds for every
+  value (inverted: for none), so the policy checks whichever copy the app reads.
 * A TCP connection decided by an L7 rule is denied with ``per_request=True``: an HTTP or gRPC
   listener must accept the connection and authorize each request instead.
 * No matching intention: the default policy. A SPIFFE ID outside namespace ``default`` matches no
@@ -44,6 +46,7 @@ from policies.model import (
     HeaderMatch,
     HttpMatch,
     HttpRequest,
+    RepeatedHeader,
     Request,
     TcpRequest,
 )
@@ -343,6 +346,8 @@ def _compile_header(h: HeaderMatch) -> _Matcher:
         value = _header(name, method, path, headers)
         if value is None:
             return False
+        if value.__class__ is RepeatedHeader:  # sent more than once: every copy must pass
+            return all(test(v) != invert for v in value.values)  # type: ignore[attr-defined]
         return test(value) != invert
 
     return match

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -415,10 +416,46 @@ class TcpRequest:
     """A new connection: only L4 rules can decide it (an L7 rule denies it, as Consul's check does)."""
 
 
+class RepeatedHeader(str):
+    """The value of a header sent more than once: the values joined with ``,``, and each of them in
+    :attr:`values`. A header condition matches such a header only when it holds for every value
+    (an inverted one: when it holds for none), so that a policy checks whatever copy the app reads.
+    Build it with :func:`header_map`."""
+
+    values: tuple[str, ...]
+
+    def __new__(cls, values: tuple[str, ...]) -> RepeatedHeader:
+        self = super().__new__(cls, ",".join(values))
+        self.values = values
+        return self
+
+
+def header_map(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Request headers as the evaluator takes them: names lowercased, a repeated name as one
+    :class:`RepeatedHeader` holding every value in order."""
+    out: dict[str, str] = {}
+    repeated: dict[str, list[str]] | None = None
+    for name, value in pairs:
+        key = name.lower()
+        if key in out:
+            if repeated is None:
+                repeated = {}
+            seen = repeated.get(key)
+            if seen is None:
+                seen = repeated[key] = [out[key]]
+            seen.append(value)
+        else:
+            out[key] = value
+    if repeated:
+        for key, values in repeated.items():
+            out[key] = RepeatedHeader(tuple(values))
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class HttpRequest:
     """One HTTP request. ``headers`` keys must be lowercase (use :meth:`of` to normalise); a header
-    sent more than once is one value joined with ``,`` (as Envoy matches it)."""
+    sent more than once is a :class:`RepeatedHeader` (see :func:`header_map`), matched on every value."""
 
     method: str
     path: str

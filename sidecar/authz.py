@@ -5,13 +5,16 @@
 - no compiled table yet (no policy service has ever run): every caller is denied, fail closed;
 - :func:`passthrough` says whether a connection's decision holds for every call on it (an L4
   allow in enforce mode), so the inbound side may pass its bytes straight to the app;
-- :func:`denial_message` is what a denied caller reads: the rule that decided and why.
+- :func:`denial_message` is what a denied caller reads: the rule that decided and why;
+- :func:`header_map` turns a request's header pairs into what the evaluator matches, every copy of
+  a repeated header kept (a rule on it must hold for each), the same way for gRPC (both engines)
+  and HTTP, so that authorization sees what the app will see.
 """
 
 from __future__ import annotations
 
 from policies.evaluate import authorize
-from policies.model import TCP, CompiledTable, Decision, GrpcRequest, HttpRequest, TcpRequest
+from policies.model import TCP, CompiledTable, Decision, GrpcRequest, HttpRequest, TcpRequest, header_map
 
 NO_TABLE = Decision(allowed=False, reason="no compiled policy is available for this service yet (fail closed)")
 
@@ -24,6 +27,7 @@ __all__ = [
     "decide",
     "decision_label",
     "denial_message",
+    "header_map",
     "passthrough",
 ]
 

@@ -1,4 +1,4 @@
-"""A small gRPC client on the sidecar's own HTTP/2 framing (sidecar.h2_proxy), for the few calls the
+"""A small gRPC client on the sidecar's own HTTP/2 state machine (sidecar.h2), for the few calls the
 sidecar makes itself: the CA (Sign, WatchRoots) and the app's server reflection.
 
 Why not grpc.aio: the first grpc channel starts grpc's C core in the process (event-engine and timer
@@ -25,7 +25,11 @@ from urllib.parse import unquote_to_bytes
 
 from hpack import Decoder
 
-from sidecar import h2_proxy as h2
+from sidecar.h2.connection import H2Stream
+from sidecar.h2.frames import E_CALM, E_CANCEL, E_REFUSED, F_END_STREAM
+from sidecar.h2.grpc import STATUS_NAMES
+from sidecar.h2.hpack import encode_plain
+from sidecar.h2_conn import Conn
 
 OK, CANCELLED, UNKNOWN, DEADLINE_EXCEEDED = 0, 1, 2, 4
 PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, UNAUTHENTICATED = 7, 8, 12, 13, 14, 16
@@ -41,7 +45,7 @@ class RpcError(Exception):
 
     def __init__(self, code: int, details: str) -> None:
         self.code = code
-        self.name = h2.STATUS_NAMES[code] if 0 <= code < len(h2.STATUS_NAMES) else str(code)
+        self.name = STATUS_NAMES[code] if 0 <= code < len(STATUS_NAMES) else str(code)
         self.details = details
         super().__init__(f"{self.name}: {details}")
 
@@ -103,7 +107,7 @@ class _Call:
 
 
 class _Owner:
-    """What h2_proxy._Conn expects of its proxy: connections with output pending, and a flush."""
+    """What h2_conn.Conn expects of its proxy: connections with output pending, and a flush."""
 
     def __init__(self) -> None:
         self.dirty: list[Any] = []
@@ -114,86 +118,110 @@ class _Owner:
         self.dirty.clear()
 
 
-class _ClientConn(h2._Conn):
+class _ClientConn(Conn):
+    """The client side of the HTTP/2 state machine (sidecar.h2.connection) with calls on its streams."""
+
+    kind = "client"
+
     def __init__(self, owner: _Owner, authority: bytes, scheme: bytes) -> None:
-        super().__init__(owner)  # type: ignore[arg-type]  # _Owner has what _Conn uses of a proxy
+        super().__init__(owner, client=True)
         self.owner = owner
         self.authority = authority
         self.scheme = scheme
         self.decoder = Decoder()
         self.calls: dict[int, _Call] = {}
-        self.next_sid = 1
-        self.going_away = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        self.send(h2.PREFACE + h2.settings_frame([(h2.S_ENABLE_PUSH, 0), (h2.S_INITIAL_WINDOW, h2.STREAM_WINDOW)])
-                  + h2.frame(h2.WINDOW_UPDATE, 0, 0, h2._U32.pack(h2.CONN_WINDOW - 65535)))
+        self.begin(transport)
         self.owner.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
+        super().connection_lost(exc)
         for call in self.calls.values():
             call.finish(RpcError(UNAVAILABLE, f"connection lost: {exc or 'closed by the peer'}"))
         self.calls.clear()
 
+    def on_connection_error(self, code: int, reason: str, detail: str) -> None:
+        for call in self.calls.values():
+            call.finish(RpcError(UNAVAILABLE, f"HTTP/2 connection error {code}: {detail}"))
+        self.calls.clear()
+        super().on_connection_error(code, reason, detail)
+
     @property
     def usable(self) -> bool:
-        return not self.closed and not self.going_away and self.next_sid < 2 ** 31 - 2
+        return not self.closed and self.can_open()
 
     def start(self, path: str, messages: list[bytes], timeout: float | None, max_message: int) -> tuple[int, _Call]:
         body = b"".join(_MSG.pack(0, len(m)) + m for m in messages)
         if len(body) > min(self.send_window, self.peer_initial_window):
             raise ValueError(f"request of {len(body)} bytes is larger than the peer's flow-control window")
-        sid = self.next_sid
-        self.next_sid += 2
+        s = self.open_stream()
         headers = [(b":method", b"POST"), (b":scheme", self.scheme), (b":path", path.encode()),
                    (b":authority", self.authority), (b"content-type", b"application/grpc"), (b"te", b"trailers")]
         if timeout is not None:
             headers.append((b"grpc-timeout", b"%dm" % max(1, int(timeout * 1000))))
         call = _Call(max_message)
-        self.calls[sid] = call
-        self.headers_frames(sid, h2.encode_plain(headers), False)
-        self.send_data(sid, body, True, self.peer_initial_window)
+        s.call = call
+        self.calls[s.sid] = call
+        self.send_headers(s, encode_plain(headers), False)
+        self.send_data(s, body, True)
         self.owner.flush()
-        return sid, call
+        return s.sid, call
 
     def cancel(self, sid: int) -> None:
         call = self.calls.pop(sid, None)
-        if call is not None and not call.done and not self.closed:
-            call.done = True
-            self.send(h2.frame(h2.RST_STREAM, 0, sid, h2._U32.pack(h2.E_CANCEL)))
+        s = self.streams.get(sid)
+        if s is not None and not self.closed:
+            self.reset(s, E_CANCEL)
             self.owner.flush()
+        if call is not None:
+            call.done = True
 
-    def on_headers(self, sid: int, flags: int, block: bytes) -> None:
+    def on_headers(self, s: H2Stream, flags: int, block: bytes) -> None:
+        self._deliver(s.sid, flags, block)
+
+    def on_discarded_block(self, block: bytes, truncated: bool) -> None:
+        if not truncated:
+            self.decoder.decode(block, raw=True)  # every block, to keep the HPACK table in step
+
+    def _deliver(self, sid: int, flags: int, block: bytes) -> None:
         # every block, to keep the HPACK table in step
         headers: list[tuple[bytes, bytes]] = [(bytes(k), bytes(v)) for k, v in self.decoder.decode(block, raw=True)]
         call = self.calls.get(sid)
         if call is not None:
-            call.on_headers(headers, bool(flags & h2.F_END_STREAM))
+            call.on_headers(headers, bool(flags & F_END_STREAM))
             if call.done:
-                del self.calls[sid]
+                self._done(sid)
 
-    def on_data(self, sid: int, end: int, data: bytes) -> None:
+    def _done(self, sid: int) -> None:
+        del self.calls[sid]
+        s = self.streams.get(sid)
+        if s is not None:
+            self.close_stream(s)
+
+    def on_data(self, s: H2Stream, end: int, data: bytes) -> None:
         if data:
             self.consumed(len(data))
-        call = self.calls.get(sid)
+            self.stream_consumed(s, len(data))
+        call = self.calls.get(s.sid)
         if call is None:
             return
-        if data and not end:
-            self.send(h2.frame(h2.WINDOW_UPDATE, 0, sid, h2._U32.pack(len(data))))
         call.on_data(data, bool(end))
         if call.done:
-            del self.calls[sid]
+            self._done(s.sid)
 
-    def on_rst(self, sid: int, code: int) -> None:
-        call = self.calls.pop(sid, None)
+    def on_reset(self, s: H2Stream, code: int) -> None:
+        call = self.calls.pop(s.sid, None)
         if call is not None:
-            status = {h2.E_CANCEL: CANCELLED, h2.E_REFUSED: UNAVAILABLE, 11: RESOURCE_EXHAUSTED}.get(code, INTERNAL)
+            status = {E_CANCEL: CANCELLED, E_REFUSED: UNAVAILABLE, E_CALM: RESOURCE_EXHAUSTED}.get(code, INTERNAL)
             call.finish(RpcError(status, f"stream reset by the server (HTTP/2 error {code})"))
 
-    def on_goaway(self, last_sid: int) -> None:
-        self.going_away = True
+    def on_stream_error(self, s: H2Stream, code: int, reason: str, exc: BaseException | None) -> None:
+        call = self.calls.pop(s.sid, None)
+        if call is not None:
+            call.finish(RpcError(INTERNAL, f"the server broke HTTP/2 on this call ({reason})"))
+
+    def on_goaway(self, last_sid: int, code: int) -> None:
         for sid in [s for s in self.calls if s > last_sid]:
             self.calls.pop(sid).finish(RpcError(UNAVAILABLE, "the server is going away"))
 

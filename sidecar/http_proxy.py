@@ -361,8 +361,9 @@ class InboundHttp:
             if ident is None:
                 status = "403"
                 return web.Response(status=403, text="weft: the caller's identity is unknown\n")
+            headers = authz.header_map(request.headers.items())  # every copy of a repeated header
             decision = authz.decide(snap.policy, ident.uri,
-                                    authz.HttpRequest.of(request.method, request.path_qs, dict(request.headers)))
+                                    authz.HttpRequest.of(request.method, request.path_qs, headers))
             inbound.telemetry.decision(authz.decision_label(decision), decision.rule_label)
             if not decision.allowed:
                 status = "403"

@@ -76,7 +76,7 @@ class _GrpcRouter:
             raise Refusal(grpc.StatusCode.UNAUTHENTICATED, "weft: the caller's identity is unknown")
         if inbound.draining:
             raise Refusal(grpc.StatusCode.UNAVAILABLE, "weft: the sidecar is shutting down")
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        metadata = authz.header_map((k, v) for k, v in context.invocation_metadata() or () if isinstance(v, str))
         decision = authz.decide(snap.policy, ident.uri, authz.GrpcRequest(method, metadata))
         inbound.telemetry.decision(authz.decision_label(decision), decision.rule_label)
         if not decision.allowed:

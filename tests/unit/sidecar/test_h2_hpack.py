@@ -54,7 +54,7 @@ def test_frame_layout() -> None:
 
 
 def test_message_framing_across_frames() -> None:
-    from sidecar.h2_proxy import _Messages
+    from sidecar.h2.grpc import Messages as _Messages
 
     def msg(n: int) -> bytes:
         return b"\x00" + n.to_bytes(4, "big") + b"m" * n
@@ -85,3 +85,59 @@ def test_headers_of_decodes_every_header_of_a_context_free_block() -> None:
 
     with pytest.raises(ValueError, match="dynamic entry"):
         headers_of(dynamic.encode(REQUEST))
+
+
+def test_the_huffman_cache_is_bounded_in_entries_and_entry_size() -> None:
+    from sidecar.h2 import hpack as h
+
+    enc = Encoder()
+    enc.header_table_size = 0
+    long_block = enc.encode([("x-long", "v" * 5000)], huffman=True)
+    assert h.scan(long_block, b"x-long") == b"v" * 5000
+    for i in range(h.HUFFMAN_CACHE_ENTRIES + 50):
+        h.scan(enc.encode([("x-k", f"value-{i}")], huffman=True), b"x-k")
+    entries, largest = h.huffman_cache_size()
+    assert entries <= h.HUFFMAN_CACHE_ENTRIES and largest <= h.HUFFMAN_CACHE_MAX_STRING
+
+
+def test_headers_of_bounds_the_decoded_list() -> None:
+    import pytest
+
+    from sidecar.h2.hpack import HeaderListTooLarge, headers_of
+
+    block = bytes([0x82]) * 2000  # 2000 indexed ":method GET": 2 KB that decode to 84 KB of list
+    with pytest.raises(HeaderListTooLarge):
+        headers_of(block, 64 * 1024)
+    assert len(headers_of(block[:10], 64 * 1024)) == 10
+
+
+def test_truncated_and_malformed_blocks_raise_hpack_errors() -> None:
+    import pytest
+
+    from sidecar.h2.hpack import HpackError, context_free, headers_of
+
+    enc = Encoder()
+    enc.header_table_size = 0
+    block = bytes(enc.encode(REQUEST))
+    for cut in (len(block) - 1, len(block) - 3):  # inside the last literal
+        with pytest.raises(HpackError):
+            headers_of(block[:cut])
+    with pytest.raises(HpackError):
+        context_free(b"\x40\x7f")  # a literal whose name length runs past the end
+    with pytest.raises(HpackError):
+        scan(b"\x7f\xff\xff\xff\xff\xff\xff", b":path")  # an integer without end
+
+
+def test_request_pseudo_headers_are_checked() -> None:
+    import pytest
+
+    from sidecar.h2.hpack import MalformedRequest, check_request
+
+    good = [(k.encode(), v.encode()) for k, v in REQUEST]
+    check_request(good)
+    pseudo = good[:4]
+    cases = [([*pseudo, (b":path", b"/other"), *good[4:]], "duplicate"), ([(b"x", b"1"), *good], "after a regular"),
+             ([(b":bogus", b"1"), *good], "unknown"), (good[1:], "missing"), ([*good, (b"X-Up", b"1")], "uppercase")]
+    for bad, why in cases:
+        with pytest.raises(MalformedRequest, match=why):
+            check_request(bad)
