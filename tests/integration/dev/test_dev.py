@@ -209,7 +209,9 @@ def test_start_up_leaves_no_tcp_series_on_grpc_edges_and_few_warnings(dev: Dev) 
                if s.name == "weft_requests_total" and s.labels.get("method") == "tcp"]
         assert tcp == [], f"{service}'s sidecar has TCP series on HTTP/gRPC edges: {tcp}"
     for log in sorted((dev.state_dir / "logs").glob("*-sidecar.log")):
-        warnings = [line for line in log.read_text(errors="replace").splitlines() if '"level": "warning"' in line]
+        # denials are the intention test's doing (the h2 engine logs them as warnings, rate-limited)
+        warnings = [line for line in log.read_text(errors="replace").splitlines()
+                    if '"level": "warning"' in line and '"event": "denied"' not in line]
         assert warnings == [], f"{log.name}: {warnings[:5]}"
     frontend = (dev.state_dir / "logs" / "frontend.log").read_text(errors="replace").splitlines()
     # denials are other tests' doing; what start-up may cause is UNAVAILABLE (no endpoint, no connection)
