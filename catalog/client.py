@@ -52,6 +52,8 @@ import consul.aio
 import structlog
 from consul import base as consul_base
 
+from catalog import configentry
+from catalog.chain import CompiledChain, parse_chain
 from catalog.models import (
     JSON,
     AclToken,
@@ -722,10 +724,10 @@ class ConsulClient:
     async def config_put(self, entry: Mapping[str, Any], *, cas: int | None = None,
                          token: str | None = None) -> bool:
         """`PUT /v1/config` (entry needs Kind and Name); False when `cas` does not match."""
-        kind, name = entry.get("Kind", entry.get("kind")), entry.get("Name", entry.get("name"))
-        if not isinstance(kind, str) or not kind:
+        kind, name = configentry.kind_and_name(entry)
+        if not kind:
             raise ValueError("config entry: Kind is required")
-        if not isinstance(name, str) or not name:
+        if not name:
             raise ValueError("config entry: Name is required")
         params: Params = [("cas", str(cas))] if cas is not None else []
         r = await self.request("PUT", "/v1/config", params=params, body=dict(entry), token=token)
@@ -744,6 +746,15 @@ class ConsulClient:
             return _bool_body(v, "config delete")
 
         return _parse(r, "config delete", conv)
+
+    async def discovery_chain(self, service: str, *, compile_dc: str = "", index: int = 0,
+                              wait: float | None = None, token: str | None = None) -> tuple[int, CompiledChain]:
+        """`GET /v1/discovery-chain/:service` -> (index, the compiled chain, typed and checked)."""
+        _require(service, "service")
+        params: Params = [("compile-dc", compile_dc)] if compile_dc else []
+        w = _blocking(params, index, wait)
+        r = await self._get(f"/v1/discovery-chain/{service}", params, token=token, wait=w)
+        return (r.index, _parse(r, "discovery chain", parse_chain))
 
     async def intentions_list(self, *, filter: str = "", index: int = 0, wait: float | None = None,
                               token: str | None = None) -> tuple[int, tuple[dict[str, Any], ...]]:

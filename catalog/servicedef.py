@@ -41,7 +41,7 @@ class ServiceDefinitionError(ValueError):
 
 def parse(text: str, *, source: str = "", fmt: str | None = None) -> list[Payload]:
     """Parse a definition file's text; `fmt` is "hcl" or "json" (guessed from `source` or the text)."""
-    kind = (fmt or _guess_format(text, source)).lower()
+    kind = (fmt or guess_format(text, source)).lower()
     if kind == "json":
         try:
             data = json.loads(text)
@@ -101,13 +101,19 @@ def upstreams_of(payload: Mapping[str, Any]) -> list[dict[str, Any]]:
 # Decoding
 
 
-def _guess_format(text: str, source: str) -> str:
+def guess_format(text: str, source: str) -> str:
+    """hcl or json, from the file name, else from the text (JSON starts with `{`)."""
     lower = source.lower()
     if lower.endswith(".json"):
         return "json"
     if lower.endswith(".hcl"):
         return "hcl"
     return "json" if text.lstrip().startswith("{") else "hcl"
+
+
+def load_hcl(text: str, source: str) -> Any:
+    """python-hcl2's reading of ``text`` without its metadata keys; ServiceDefinitionError when not HCL."""
+    return _clean(_load_hcl(text, source))
 
 
 def _load_hcl(text: str, source: str) -> Any:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import structlog
 
 if TYPE_CHECKING:
+    from catalog.chain import CompiledChain
     from catalog.client import ConsulClient
     from catalog.models import KVEntry, ServiceInstance, ServiceRegistration
 
@@ -376,12 +377,15 @@ def health_service_watch(client: ConsulClient, service: str, *, passing: bool = 
     return Watch(fetch, name=f"health-service:{service}", policy=policy)
 
 
-def health_connect_watch(client: ConsulClient, service: str, *, passing: bool = True,
+def health_connect_watch(client: ConsulClient, service: str, *, passing: bool = True, filter: str = "",
                          policy: WatchPolicy | None = None) -> Watch[tuple[ServiceInstance, ...]]:
-    """The healthy sidecars (and Connect-native instances) of `service`: what an upstream resolves to."""
+    """The healthy sidecars (and Connect-native instances) of `service`: what an upstream resolves to;
+    `filter` narrows them (a service-resolver subset's expression, evaluated by Consul)."""
     async def fetch(index: int, wait: float) -> tuple[int, tuple[ServiceInstance, ...]]:
+        if filter:
+            return await client.health_connect(service, passing=passing, filter=filter, index=index, wait=wait)
         return await client.health_connect(service, passing=passing, index=index, wait=wait)
-    return Watch(fetch, name=f"health-connect:{service}", policy=policy)
+    return Watch(fetch, name=f"health-connect:{service}" + (f"[{filter}]" if filter else ""), policy=policy)
 
 
 def config_entry_watch(client: ConsulClient, kind: str, name: str, *,
@@ -396,6 +400,15 @@ def config_list_watch(client: ConsulClient, kind: str, *,
     async def fetch(index: int, wait: float) -> tuple[int, tuple[dict[str, Any], ...]]:
         return await client.config_list(kind, index=index, wait=wait)
     return Watch(fetch, name=f"config:{kind}", policy=policy)
+
+
+def discovery_chain_watch(client: ConsulClient, service: str, *, compile_dc: str = "",
+                          policy: WatchPolicy | None = None) -> Watch[CompiledChain]:
+    """The compiled discovery chain of `service` (fail static: the last good chain stays while Consul is
+    unreachable or answers a chain that does not parse)."""
+    async def fetch(index: int, wait: float) -> tuple[int, CompiledChain]:
+        return await client.discovery_chain(service, compile_dc=compile_dc, index=index, wait=wait)
+    return Watch(fetch, name=f"discovery-chain:{service}", policy=policy)
 
 
 def intentions_watch(client: ConsulClient, *,

@@ -19,6 +19,8 @@ Modules
                     ones); ``kv.py``, ``sessions.py``, ``aclstore.py`` hold their pure semantics.
     ``configentries.py`` / ``configcheck.py`` / ``discoverychain.py``  config entries: decoding,
                     Consul's Normalize/Validate per kind, and its write-time checks across entries.
+    ``chaincompile.py`` Consul's discovery-chain compiler (served by ``api_discoverychain``; the
+                    write-time graph checks compile with it too).
     ``gateways.py``, ``preparedqueries.py``, ``snapshotfile.py``  the pure parts of
                     gateway-services, prepared queries and ``/v1/snapshot`` archives.
     ``operator.py`` / ``acltemplates.py``  the pure parts of the operator endpoints (autopilot

@@ -20,9 +20,9 @@ words; Consul answers those with 500.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from devagent import chaincompile
 from devagent import configentries as ce
 from devagent.configcheck import WILDCARD, is_http_like
 from devagent.configentries import ConfigEntryError
@@ -48,161 +48,6 @@ def protocol_of(lookup: Lookup, service: str) -> str:
     return "tcp"
 
 
-@dataclass(frozen=True)
-class _Target:
-    service: str
-    subset: str
-    datacenter: str
-
-    @property
-    def id(self) -> str:
-        base = f"{self.service}.default.default.{self.datacenter}"
-        return f"{self.subset}.{base}" if self.subset else base
-
-
-def _sid(service: str) -> str:
-    return f"{service}.default.default"
-
-
-class _Compiler:
-    """One chain's compilation, as far as it can fail (Consul's discoverychain compiler)."""
-
-    def __init__(self, lookup: Lookup, service: str, datacenter: str) -> None:
-        self.lookup = lookup
-        self.service = service
-        self.dc = datacenter
-        self.protocol = ""
-        self.advanced = False
-        self.splitter_edges: dict[str, list[str]] = {}  # splitter node -> splitter nodes it leads to
-        self.resolved: set[str] = set()
-        self.touched: set[str] = set()  # every service the chain reaches
-
-    def record_protocol(self, service: str) -> None:
-        self.touched.add(service)
-        proto = protocol_of(self.lookup, service)
-        if not self.protocol:
-            self.protocol = proto
-        elif proto != self.protocol:
-            raise ConfigEntryError(f'discovery chain "{self.service}" uses inconsistent protocols; service '
-                                   f'"{service}" has "{proto}" which is not "{self.protocol}"')
-
-    def compile(self) -> str:
-        """Returns the type of the chain's first node (router, splitter or resolver)."""
-        router = self.lookup(ce.SERVICE_ROUTER, self.service)
-        if router is not None:
-            top = "router"
-            self.advanced = True
-            self.record_protocol(self.service)
-            for route in router.get("Routes") or []:
-                dest = route.get("Destination") or {}
-                svc = dest.get("Service") or self.service
-                if dest.get("ServiceSubset"):
-                    self.resolver(_Target(svc, dest["ServiceSubset"], self.dc))
-                else:
-                    self.splitter_or_resolver(svc)
-            self.splitter_or_resolver(self.service)
-        else:
-            top = self.splitter_or_resolver(self.service)
-        self.detect_cycles()
-        if self.advanced and not is_http_like(self.protocol):
-            raise ConfigEntryError(f'discovery chain "{self.service}" uses a protocol "{self.protocol}" that does '
-                                   "not permit advanced routing or splitting behavior")
-        return top
-
-    def splitter_or_resolver(self, service: str) -> str:
-        if self.splitter(service):
-            return "splitter"
-        self.resolver(_Target(service, "", self.dc))
-        return "resolver"
-
-    def splitter(self, service: str) -> bool:
-        node = "splitter:" + _sid(service)
-        if node in self.splitter_edges:
-            return True
-        entry = self.lookup(ce.SERVICE_SPLITTER, service)
-        if entry is None:
-            return False
-        edges: list[str] = []
-        self.splitter_edges[node] = edges  # recorded before recursing: a loop ends here
-        for split in entry.get("Splits") or []:
-            svc = split.get("Service") or service
-            subset = split.get("ServiceSubset") or ""
-            if svc != service and not subset and self.splitter(svc):
-                edges.append("splitter:" + _sid(svc))
-                continue
-            self.resolver(_Target(svc, subset, self.dc))
-        self.advanced = True
-        return True
-
-    def resolver(self, target: _Target, *, for_failover: bool = False) -> None:
-        history: list[str] = []
-        while True:
-            if target.id in self.resolved and not for_failover:
-                return
-            self.record_protocol(target.service)
-            entry = self.lookup(ce.SERVICE_RESOLVER, target.service) or {}
-            if target.id in history:
-                history.append(target.id)
-                raise ConfigEntryError(f"detected circular resolver redirect: [{' -> '.join(history)}]")
-            history.append(target.id)
-            redirect = entry.get("Redirect")
-            if redirect:
-                moved = _rewrite(target, redirect)
-                if moved != target:
-                    target = moved
-                    continue
-            if not target.subset and entry.get("DefaultSubset"):
-                target = _Target(target.service, str(entry["DefaultSubset"]), target.datacenter)
-                continue
-            if target.subset and target.subset not in (entry.get("Subsets") or {}):
-                raise ConfigEntryError(f'service "{target.service}" does not have a subset named '
-                                       f'"{target.subset}"')
-            break
-        if for_failover:
-            return
-        self.resolved.add(target.id)
-        failovers = entry.get("Failover") or {}
-        failover = failovers.get(target.subset, failovers.get(WILDCARD))
-        if not failover:
-            return
-        goals: list[_Target] = []
-        if failover.get("Datacenters"):
-            goals = [_rewrite(target, {**failover, "Datacenter": dc}) for dc in failover["Datacenters"]]
-        elif failover.get("Targets"):
-            goals = [_rewrite(target, t) for t in failover["Targets"]]
-        else:
-            goals = [_rewrite(target, failover)]
-        for goal in goals:
-            if goal != target:
-                self.resolver(goal, for_failover=True)
-
-    def detect_cycles(self) -> None:
-        done: set[str] = set()
-
-        def visit(node: str, path: list[str]) -> None:
-            if node in path:
-                raise ConfigEntryError(f"detected circular reference: [{' -> '.join([*path, node])}]")
-            if node in done:
-                return
-            for nxt in self.splitter_edges.get(node, []):
-                visit(nxt, [*path, node])
-            done.add(node)
-
-        for node in list(self.splitter_edges):
-            visit(node, [])
-
-
-def _rewrite(target: _Target, opts: Mapping[str, Any]) -> _Target:
-    service, subset, dc = target.service, target.subset, target.datacenter
-    if opts.get("Service") and opts["Service"] != service:
-        service, subset = str(opts["Service"]), ""
-    if opts.get("ServiceSubset"):
-        subset = str(opts["ServiceSubset"])
-    if opts.get("Datacenter"):
-        dc = str(opts["Datacenter"])
-    return _Target(service, subset, dc)
-
-
 def compile_chain(lookup: Lookup, service: str, datacenter: str = "dc1") -> tuple[str, str]:
     """(protocol, first node type) of ``service``'s chain; raises ConfigEntryError as Consul's compiler."""
     protocol, top, _ = _compile(lookup, service, datacenter)
@@ -210,14 +55,8 @@ def compile_chain(lookup: Lookup, service: str, datacenter: str = "dc1") -> tupl
 
 
 def _compile(lookup: Lookup, service: str, datacenter: str) -> tuple[str, str, set[str]]:
-    c = _Compiler(lookup, service, datacenter)
-    c.touched.add(service)
-    try:
-        top = c.compile()
-    except ConfigEntryError as exc:
-        exc.touched = c.touched  # type: ignore[attr-defined]
-        raise
-    return c.protocol or protocol_of(lookup, service), top, c.touched
+    compiled = chaincompile.compile_chain(lookup, service, datacenter=datacenter)
+    return compiled.protocol, compiled.start_type, compiled.touched
 
 
 def chain_services(entries: Iterable[Mapping[str, Any]]) -> set[str]:

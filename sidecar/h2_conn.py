@@ -20,6 +20,7 @@ import structlog
 from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 
+from sidecar import h2_traffic
 from sidecar.h2.connection import ConnectionFault, H2Connection, H2Stream
 from sidecar.h2.frames import (
     E_CANCEL,
@@ -91,13 +92,17 @@ class Stream:
     __slots__ = (
         "a",
         "app",
+        "attempt_start",
         "credited",
         "data_sent",
+        "deadline",
         "endpoint",
         "headers_sent_app",
         "method",
         "msg_app",
         "msg_up",
+        "original_path",
+        "plan",
         "q_app",
         "q_up",
         "recorded",
@@ -105,10 +110,12 @@ class Stream:
         "replay",
         "replay_size",
         "request_block",
+        "retries",
         "source",
         "start",
         "status",
         "tap",
+        "timer",
         "trailers",
         "tries",
         "u",
@@ -144,6 +151,14 @@ class Stream:
         self.msg_app = Messages()  # upstream -> app
         self.source = ""  # the caller's service (inbound full path)
         self.tap: Any = None  # a sidecar.tap.CallRecord while a tap that may match this call is open
+        # traffic management (see sidecar.h2_traffic): the call's plan through the upstream's chain,
+        # its timeout timer and deadline, retries made, when the current attempt started
+        self.plan: Any = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None
+        self.retries = 0
+        self.attempt_start: float | None = None
+        self.original_path = ""
 
 
 def _decoder(limits: Limits) -> Decoder:
@@ -486,6 +501,8 @@ class UpConn(Conn):
         end = bool(flags & F_END_STREAM)
         if end:
             st.status = status_of(raw)
+        if st.plan is not None and h2_traffic.retry_answer(self.proxy, self, st, raw, end):
+            return
         st.replay = None  # answered: no retry any more
         self.proxy.to_app_headers(st, raw, end)
 

@@ -37,6 +37,7 @@ import ssl
 import time
 from typing import Any
 
+from sidecar import h2_traffic
 from sidecar.h2.frames import (
     DATA,
     E_CANCEL,
@@ -117,6 +118,9 @@ class H2Outbound:
         if out.draining:
             self.fail(st, UNAVAILABLE, "weft: the sidecar is shutting down")
             return
+        if h2_traffic.routed(self.pool):  # through the upstream's discovery chain
+            h2_traffic.open_routed(self, st, exclude)
+            return
         st.tries += 1
         key = self.pool.pick(exclude=exclude)
         if key is None or (exclude and key == exclude):
@@ -182,11 +186,11 @@ class H2Outbound:
             ctx = self._out.tls.client(creds, "grpc")
             transport, _ = await asyncio.wait_for(loop.create_connection(
                 lambda: up, ep.address, ep.port, ssl=ctx,
-                server_hostname=expected_server_name(self.pool.name, creds.trust_domain),
+                server_hostname=expected_server_name(h2_traffic.service_of(self.pool, up.key), creds.trust_domain),
                 ssl_handshake_timeout=10), 15)
             sslobj = transport.get_extra_info("ssl_object")
-            check_server_identity(sslobj.getpeercert(binary_form=True) if sslobj else None, self.pool.name,
-                                  creds.trust_domain)
+            check_server_identity(sslobj.getpeercert(binary_form=True) if sslobj else None,
+                                  h2_traffic.service_of(self.pool, up.key), creds.trust_domain)
             if sslobj is not None and sslobj.selected_alpn_protocol() != "h2":
                 raise ssl.SSLError(f"the upstream did not agree to ALPN h2 ({sslobj.selected_alpn_protocol()})")
         except (OSError, TimeoutError, ssl.SSLError, PeerIdentityError) as exc:
@@ -222,6 +226,8 @@ class H2Outbound:
         for s in list(up.streams.values()):
             st = s.call
             st.u = None
+            if st.plan is not None and h2_traffic.retry_lost(self, st):
+                continue
             if not st.app.closed:
                 self.fail(st, UNAVAILABLE, f"weft: the connection to {self.name} was lost")
         up.streams.clear()
@@ -436,6 +442,9 @@ class H2Outbound:
             return
         st.recorded = True
         seconds = time.perf_counter() - st.start
+        if st.plan is not None:
+            h2_traffic.stream_done(st)
+            h2_traffic.attempt_ended(self, st, status=status_name(code), failed=code == UNAVAILABLE)
         self.release(st, ok=code != UNAVAILABLE)
         out = self._out
         snap = out.snapshot()
@@ -546,6 +555,12 @@ class H2Inbound(H2Outbound):
             self.denials.warning(time.monotonic(), "audit_would_deny", source=ident.service,
                                  destination=snap.registration.service, method=st.method, rule=decision.rule_label,
                                  reason=decision.reason)
+        if h2_traffic.inbound_controls(self, st, snap, lambda: self._to_app(st, snap)):
+            return  # refused by a rate limit or a fault, or held by an injected delay
+        self._to_app(st, snap)
+
+    def _to_app(self, st: Stream, snap: Any) -> None:
+        h2_traffic.local_timeout(self, st, snap)
         st.tries += 1
         st.endpoint = "app"
         self.route(st, self._app_conn())
@@ -592,6 +607,7 @@ class H2Inbound(H2Outbound):
         if st.recorded:
             return
         st.recorded = True
+        h2_traffic.stream_done(st)
         seconds = time.perf_counter() - st.start
         inbound = self._out
         snap = inbound.snapshot()

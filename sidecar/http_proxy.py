@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
@@ -87,19 +87,25 @@ async def _relay(request: web.BaseRequest, session: aiohttp.ClientSession, url: 
                                allow_redirects=False, auto_decompress=False, **kwargs) as upstream:
         if tap is not None:
             tap.response_headers = list(upstream.headers.items())
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for k, v in upstream.headers.items():
-            if k.lower() not in HOP_BY_HOP:
-                response.headers.add(k, v)
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
-        await response.prepare(request)
-        async for chunk in upstream.content.iter_chunked(_CHUNK):
-            if tap is not None:
-                tap.response_data(chunk)
-            await response.write(chunk)
-        await response.write_eof()
-        return response
+        return await relay_response(request, upstream, _forward_headers(upstream.headers), tap)
+
+
+async def relay_response(request: web.BaseRequest, upstream: aiohttp.ClientResponse,
+                         headers: Iterable[tuple[str, str]], tap: Any = None) -> web.StreamResponse:
+    """Stream an upstream's response (with these headers: hop-by-hop ones already dropped) to the client;
+    ``tap`` (a sidecar.tap call record, or None) sees the body's preview."""
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    for k, v in headers:
+        response.headers.add(k, v)
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    await response.prepare(request)
+    async for chunk in upstream.content.iter_chunked(_CHUNK):
+        if tap is not None:
+            tap.response_data(chunk)
+        await response.write(chunk)
+    await response.write_eof()
+    return response
 
 
 _HEAD_TOO_LARGE = ("weft: the request head is larger than the sidecar accepts "
@@ -288,6 +294,11 @@ class OutboundHttp:
             if out.draining:
                 status = "503"
                 return web.Response(status=503, text="weft: the sidecar is shutting down\n")
+            if pool.routed:  # a discovery chain routes, splits or fails over: the per-call path
+                from sidecar.http_routing import routed_request
+
+                routed, status = await routed_request(self, request)
+                return routed
             key = pool.pick()
             if key is None:
                 status = "503"
@@ -322,6 +333,28 @@ class OutboundHttp:
         await self._server.close()
         for session in self._sessions.values():
             await session.close()
+
+
+async def _inbound_controls(inbound: Any, snap: Any, source: str, path: str) -> web.Response | None:
+    """Rate limits (429 with retry-after) and injected faults (delay, abort) for one inbound request."""
+    from sidecar.ratelimit import retry_after_header
+    from sidecar.traffic_metrics import metrics_of
+
+    verdict = inbound.controls_for(snap).check(source, path, time.monotonic())
+    if not verdict.reason:
+        return None
+    metrics = metrics_of(inbound.telemetry)
+    if verdict.reason == "ratelimit":
+        metrics.ratelimited.labels(metrics.source_label(source)).inc()
+        return web.Response(status=429, text=verdict.message + "\n",
+                            headers={"retry-after": retry_after_header(verdict.retry_after)})
+    if verdict.delay:
+        metrics.faults.labels("delay").inc()
+        await asyncio.sleep(verdict.delay)
+    if verdict.refuse:
+        metrics.faults.labels("abort").inc()
+        return web.Response(status=verdict.http_status, text=verdict.message + "\n")
+    return None
 
 
 class InboundHttp:
@@ -366,13 +399,26 @@ class InboundHttp:
             if decision.audited:
                 log.warning("audit_would_deny", source=source, destination=dest, method=request.method,
                             path=request.path, rule=decision.rule_label, reason=decision.reason)
+            refused = await _inbound_controls(inbound, snap, source, request.path)
+            if refused is not None:
+                status = str(refused.status)
+                return refused
             reg = snap.registration
             assert self._session is not None
+            local_timeout = snap.inbound.local.request_timeout  # service-defaults LocalRequestTimeoutMs
             try:
-                response = await _relay(request, self._session,
-                                        f"http://{reg.local_service_address}:{reg.local_service_port}{request.path_qs}",
-                                        self._limits.idle_timeout, tap)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                async with asyncio.timeout(local_timeout or None):
+                    response = await _relay(
+                        request, self._session,
+                        f"http://{reg.local_service_address}:{reg.local_service_port}{request.path_qs}",
+                        self._limits.idle_timeout, tap)
+            except TimeoutError as exc:
+                if local_timeout:
+                    status = "504"
+                    return web.Response(status=504, text=f"weft: the local app did not answer within "
+                                                         f"{local_timeout:g}s (LocalRequestTimeoutMs)\n")
+                return web.Response(status=502, text=f"weft: the local app failed: {exc}\n")
+            except (aiohttp.ClientError, OSError) as exc:
                 return web.Response(status=502, text=f"weft: the local app failed: {exc}\n")
             status = str(response.status)
             return response

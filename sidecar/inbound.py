@@ -49,6 +49,7 @@ from sidecar.snapshot import Snapshot
 from sidecar.tcp_proxy import IdleSweeper, Pipe, TlsAdmission, TlsServerConnection
 from sidecar.telemetry import Telemetry
 from sidecar.tls import PeerIdentityError, TlsContexts, peer_identity, tls_error_reason
+from sidecar.traffic import InboundControls
 
 log = structlog.get_logger("weft.sidecar.inbound")
 
@@ -137,6 +138,9 @@ class Inbound:
         self.admission = TlsAdmission("public", self.limits, telemetry)
         self._idle = IdleSweeper("public", self.limits.idle_timeout, lambda: self.connections, telemetry)
         telemetry.tap.changed.append(self._tap_changed)
+        # rate limits and faults: a caller they may apply to goes through the per-call (full) path
+        self.controls = InboundControls()
+        self._controls_config: Any = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, host: str, port: int) -> int:
@@ -216,7 +220,7 @@ class Inbound:
         # decided before the first decrypted byte is read, so that a pass-through connection's guard sees them all;
         # a gRPC app speaks nothing but HTTP/2, so the guard applies whatever the client's ALPN said (or omitted)
         decision = authz.decide(snap.policy, ident.uri, authz.TCP)
-        if snap.registration.protocol == "grpc" and self.passthrough_enabled and authz.passthrough(decision):
+        if snap.registration.protocol == "grpc" and self._passthrough(decision, ident.service, snap):
             conn.pipe.info["source"] = ident.service
             conn.pipe.watch(H2Guard(self.limits), self._violation)
         self._spawn(self._route(conn, ident, snap, decision))
@@ -243,7 +247,7 @@ class Inbound:
                 self.connections[pipe] = (ident, "tcp")
                 await pipe.connect_b(*app)
                 self.telemetry.inbound_connections.labels("passthrough").inc()
-            elif self.passthrough_enabled and authz.passthrough(decision) \
+            elif self._passthrough(decision, ident.service, snap) \
                     and not self.telemetry.tap.wants_calls_from(ident.service, snap.registration.service):
                 # pass-through, checked frame by frame when it is HTTP/2 (see _handshaken)
                 self.telemetry.decision("allow", decision.rule_label)
@@ -265,6 +269,17 @@ class Inbound:
                 log.warning("app_connect_failed", app=f"{app[0]}:{app[1]}", error=str(exc))
             self.connections.pop(pipe, None)
             pipe.close(abort=True)
+
+    def controls_for(self, snap: Snapshot) -> InboundControls:
+        if snap.inbound is not self._controls_config:
+            self._controls_config = snap.inbound
+            self.controls.update(snap.inbound)
+        return self.controls
+
+    def _passthrough(self, decision: authz.Decision, caller: str, snap: Snapshot) -> bool:
+        """Pass-through when every call would be allowed and no rate limit or fault applies to the caller."""
+        return (self.passthrough_enabled and authz.passthrough(decision)
+                and not self.controls_for(snap).needs_call_path(caller))
 
     async def _internal(self, protocol: str) -> int:
         """The port of the internal full-path server for ``protocol`` (started on first use)."""
@@ -336,13 +351,15 @@ class Inbound:
         """Re-decide open pass-through and TCP connections when the policy changed."""
         if self._h2 is not None:
             self._h2.on_snapshot()
-        if snap.policy_version == self._policy_version:
+        controls_changed = snap.inbound is not self._controls_config
+        self.controls_for(snap)
+        if snap.policy_version == self._policy_version and not controls_changed:
             return
         self._policy_version = snap.policy_version
         closed = 0
         for pipe, (ident, mode) in list(self.connections.items()):
             decision = authz.decide(snap.policy, ident.uri, authz.TCP)
-            keep = decision.allowed if mode == "tcp" else authz.passthrough(decision)
+            keep = decision.allowed if mode == "tcp" else self._passthrough(decision, ident.service, snap)
             if not keep:
                 closed += 1
                 self.telemetry.inbound_connections.labels("closed_by_policy").inc()

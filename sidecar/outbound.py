@@ -10,6 +10,11 @@ and HTTP). gRPC keeps one HTTP/2 channel per endpoint.
 
 Endpoint changes apply to new calls at once; channels of endpoints that left, or built from a
 previous certificate, are closed with a grace period so that calls in flight finish.
+
+An upstream whose snapshot carries a discovery chain that routes, splits, redirects or fails over
+(or service-defaults limits, passive health checks, timeouts) is ``routed``: its pool then holds the
+endpoints of every target of the chain and the per-call decisions (``sidecar.traffic``); the call
+paths ask ``plan`` for each call instead of ``pick`` and report with ``finished``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -26,13 +32,18 @@ import structlog
 from sidecar.balance import Balancer
 from sidecar.grpc_proxy import ProxyHandler, Refusal, Target, UpstreamChannel, channel_options, server_options
 from sidecar.limits import Limits
+from sidecar.retry import RetryBudget
+from sidecar.routing import NoRoute, Request
 from sidecar.snapshot import Endpoint, Snapshot, UpstreamState
 from sidecar.telemetry import Telemetry
 from sidecar.tls import TlsContexts, expected_server_name
+from sidecar.traffic import CallPlan, NoEndpoint, UpstreamTraffic
+from sidecar.traffic_metrics import metrics_of
 
 log = structlog.get_logger("weft.sidecar.outbound")
 
 RETIRE_GRACE = 30.0
+NO_BUDGET = RetryBudget(ratio=0.0, min_per_second=0.0)
 
 
 class EndpointPool:
@@ -51,10 +62,34 @@ class EndpointPool:
         self._generation = ""
         self._done: dict[str, Callable[[grpc.StatusCode, float], None]] = {}
         self._retiring: set[asyncio.Task[Any]] = set()
+        self.traffic: UpstreamTraffic[str] | None = None  # set while the upstream is routed
+        self.services: dict[str, str] = {}  # endpoint key -> its service (a chain may reach other services)
+        self.metrics = metrics_of(telemetry)
+
+    @property
+    def routed(self) -> bool:
+        return self.traffic is not None
 
     def update(self, up: UpstreamState, snap: Snapshot) -> None:
         now = time.monotonic()
-        self.endpoints = {e.key: e for e in up.endpoints}
+        if up.routed and up.chain is not None:
+            endpoints: dict[str, Endpoint] = {}
+            services: dict[str, str] = {}
+            by_target: dict[str, list[str]] = {}
+            for tid, eps in up.targets.items():
+                service = up.chain.targets[tid].service
+                by_target[tid] = [e.key for e in eps]
+                for e in eps:
+                    endpoints[e.key] = e
+                    services[e.key] = service
+            self.endpoints, self.services = endpoints, services
+            if self.traffic is None:
+                self.traffic = UpstreamTraffic(self.name, up.chain, settings=up.settings)
+            self.traffic.update(chain=up.chain, endpoints=by_target, settings=up.settings, now=now)
+        else:
+            self.traffic = None
+            self.services = {}
+            self.endpoints = {e.key: e for e in up.endpoints}
         self.balancer.set_endpoints(self.endpoints, now)
         generation = snap.credentials.generation
         stale = [k for k in self._channels if k not in self.endpoints or generation != self._generation]
@@ -81,6 +116,46 @@ class EndpointPool:
             self.balancer.start(key)
         return key
 
+    def service_of(self, key: str) -> str:
+        """The service an endpoint belongs to: whose identity its TLS peer must prove."""
+        return self.services.get(key, self.name)
+
+    def plan(self, method: str, path: str, headers: dict[str, str], source: str = "",
+             *, exclude: str = "") -> CallPlan[str] | str:
+        """A routed call's plan (route, split, target, endpoint), or the reason there is none (the
+        call then fails with UNAVAILABLE / 503 naming it). ``exclude`` avoids an endpoint (a retry)."""
+        traffic = self.traffic
+        if traffic is None:
+            return f"upstream {self.name} is no longer routed through a discovery chain"
+        now = time.monotonic()
+        request = Request(method, path, headers)
+        try:
+            plan = traffic.plan(request, now, source=source, exclude=exclude or None)
+        except (NoEndpoint, NoRoute) as exc:
+            return str(exc)
+        traffic.started(plan, now, retry=bool(exclude))
+        return plan
+
+    def finished(self, plan: CallPlan[str], *, seconds: float, status: str, failed: bool,
+                 transport_ok: bool = True) -> None:
+        """A routed attempt ended: latency and outcome to the pickers and passive health checking."""
+        traffic = self.traffic
+        if traffic is None:
+            return
+        if traffic.finished(plan, time.monotonic(), latency=seconds, failed=failed, transport_ok=transport_ok):
+            self.metrics.outlier_ejections.labels(self.name).inc()
+            log.warning("endpoint_ejected", upstream=self.name, endpoint=plan.endpoint, target=plan.target.id,
+                        reason="passive health check")
+        self.metrics.routed_call(self.name, plan.decision.route_label, plan.target.subset, status)
+
+    def budget(self) -> RetryBudget:
+        """The upstream's retry budget (an empty one while it is not routed)."""
+        return self.traffic.budget if self.traffic is not None else NO_BUDGET
+
+    def describe_traffic(self) -> dict[str, Any] | None:
+        """The live traffic state for ``/config`` (None when the upstream is not routed)."""
+        return self.traffic.describe(time.monotonic()) if self.traffic is not None else None
+
     def release(self, key: str) -> None:
         """Undo a pick that was not used."""
         if key in self.endpoints:
@@ -99,7 +174,7 @@ class EndpointPool:
         ch = self._channels.get(key)
         if ch is None:
             creds = self.tls.grpc_credentials(snap.credentials)
-            name = expected_server_name(self.name, snap.credentials.trust_domain)
+            name = expected_server_name(self.service_of(key), snap.credentials.trust_domain)
             options = [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name),
                        *channel_options(self.max_message_bytes, self.limits)]
             ch = UpstreamChannel(grpc.aio.secure_channel(key, creds, options=options), key)
@@ -124,6 +199,14 @@ class EndpointPool:
             task.cancel()
 
 
+@dataclass(slots=True)
+class _RoutedTarget(Target):
+    """A call's target chosen through the discovery chain (kept to plan a retry the same way)."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    endpoint: str = ""
+
+
 class _GrpcRouter:
     def __init__(self, outbound: Outbound, pool: EndpointPool) -> None:
         self._out = outbound
@@ -133,13 +216,51 @@ class _GrpcRouter:
         if self._out.draining:
             raise Refusal(grpc.StatusCode.UNAVAILABLE, "weft: the sidecar is shutting down")
         pool = self._pool
+        if pool.routed:
+            return self._routed(method, context)
         key = pool.pick()
         if key is None:
             raise Refusal(grpc.StatusCode.UNAVAILABLE, f"weft: no healthy endpoint of upstream {pool.name}")
         return Target(pool.channel(key, self._out.snapshot()), pool.done_callback(key))
 
+    def _routed(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Target:
+        """The aio engine through a discovery chain: route, split, target and endpoint per call (its
+        timeouts and retries are the h2 engine's only; here the caller's deadline applies)."""
+        headers = {str(k): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        target = self._routed_target(method, headers, "")
+        if isinstance(target, str):
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, f"weft: {target}")
+        return target
+
+    def _routed_target(self, method: str, headers: dict[str, str], exclude: str) -> _RoutedTarget | str:
+        pool = self._pool
+        plan = pool.plan("POST", method, headers, self._out.snapshot().registration.service, exclude=exclude)
+        if isinstance(plan, str):
+            return plan
+
+        def done(code: grpc.StatusCode, seconds: float) -> None:
+            failed = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+            pool.finished(plan, seconds=seconds, status=code.name, failed=code is grpc.StatusCode.UNAVAILABLE,
+                          transport_ok=not failed)
+
+        return _RoutedTarget(pool.channel(plan.endpoint, self._out.snapshot()), done, headers=headers,
+                             endpoint=plan.endpoint)
+
+    def _routed_retry(self, method: str, failed: _RoutedTarget) -> Target | None:
+        """A connect failure of a routed call (already reported to ``done``): once more, through the
+        chain, to another endpoint."""
+        if self._out.draining:
+            return None
+        target = self._routed_target(method, failed.headers, failed.endpoint)
+        if isinstance(target, str) or target.endpoint == failed.endpoint:
+            return None
+        self._pool.metrics.retries.labels(self._pool.name).inc()
+        return target
+
     def retry_target(self, method: str, failed: Target) -> Target | None:
         pool = self._pool
+        if isinstance(failed, _RoutedTarget):
+            return self._routed_retry(method, failed)
         if len(pool.endpoints) < 2 or self._out.draining:
             return None
         key = pool.pick(exclude=failed.channel.key)
@@ -274,6 +395,15 @@ class Outbound:
 
     def stop_accepting(self) -> None:
         self.draining = True
+
+    def describe_traffic(self) -> dict[str, Any]:
+        """Each routed upstream's live traffic state (splits, ejected endpoints, retry budget)."""
+        out = {}
+        for name, pool in sorted(self.pools.items()):
+            d = pool.describe_traffic()
+            if d is not None:
+                out[name] = d
+        return out
 
     async def close(self, grace: float = 5.0) -> None:
         self.draining = True

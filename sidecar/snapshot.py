@@ -18,7 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from catalog.chain import CompiledChain
+from sidecar.faults import FaultDoc
+from sidecar.ratelimit import CallerLimits
 from sidecar.tap import OFF, TapSettings
+from sidecar.upstreamconfig import LocalSettings, UpstreamSettings
 
 PROTOCOLS = ("grpc", "http", "tcp")
 DEFAULT_PROTOCOL = "tcp"  # Consul's default when neither service-defaults nor meta say otherwise
@@ -174,10 +178,30 @@ class UpstreamState:
     protocol: str = DEFAULT_PROTOCOL
     methods: Mapping[str, str] = field(default_factory=dict)  # path -> kind, as published by its sidecars
     trust_domain: str = ""
+    chain: CompiledChain | None = None  # the compiled discovery chain (None: not known yet, plain path)
+    targets: Mapping[str, tuple[Endpoint, ...]] = field(default_factory=dict)  # chain target ID -> endpoints
+    settings: UpstreamSettings = field(default_factory=UpstreamSettings)  # from our service-defaults
 
     @property
     def name(self) -> str:
         return self.config.destination_name
+
+    @property
+    def routed(self) -> bool:
+        """Whether calls need the per-call path: a chain with more than one plain target, or limits,
+        passive health checks or a connect timeout from service-defaults."""
+        return (self.chain is not None and not self.chain.default) or self.settings != UpstreamSettings()
+
+
+@dataclass(frozen=True, slots=True)
+class InboundTraffic:
+    """What the inbound side applies to calls into this instance beyond authorization."""
+
+    local: LocalSettings = field(default_factory=LocalSettings)  # LocalRequestTimeoutMs, RateLimits
+    caller_limits: CallerLimits | None = None  # KV weft/ratelimits/<service>
+    faults: FaultDoc | None = None  # KV weft/faults/<service>
+    ratelimits_version: str = ""  # the KV ModifyIndex of what is in force ("" = none)
+    faults_version: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +217,7 @@ class Snapshot:
     version: int = 0
     tap: TapSettings = OFF  # KV weft/tap/<service>: payload previews and redaction
 
+    inbound: InboundTraffic = field(default_factory=InboundTraffic)
 
     def upstream(self, name: str) -> UpstreamState | None:
         return self.upstreams.get(name)
@@ -227,10 +252,78 @@ class Snapshot:
                     "protocol": u.protocol,
                     "endpoints": [e.key for e in u.endpoints],
                     "methods": dict(sorted(u.methods.items())),
+                    "chain": describe_chain(u),
                 }
                 for name, u in sorted(self.upstreams.items())
             },
+            "inbound": describe_inbound(self.inbound),
         }
+
+
+def describe_chain(u: UpstreamState) -> dict[str, Any] | None:
+    """The compiled chain as ``/config`` shows it: routes, splits, targets with their endpoints."""
+    chain = u.chain
+    if chain is None:
+        return None
+    nodes: dict[str, Any] = {}
+    for key, node in chain.nodes.items():
+        if node.type == "router":
+            nodes[key] = {"routes": [{"match": _match_text(r.match), "next": r.next_node,
+                                      **({"timeout": r.destination.request_timeout}
+                                         if r.destination.request_timeout else {}),
+                                      **({"retries": r.destination.num_retries,
+                                          "retry_on": sorted({*r.destination.retry_on,
+                                                              *map(str, r.destination.retry_on_status_codes)})}
+                                         if r.destination.num_retries or r.destination.retry_on else {})}
+                                     for r in node.routes]}
+        elif node.type == "splitter":
+            nodes[key] = {"splits": [{"weight": s.weight, "next": s.next_node} for s in node.splits]}
+        else:
+            nodes[key] = {"target": node.target, "failover": list(node.failover),
+                          "connect_timeout": node.connect_timeout,
+                          **({"load_balancer": node.load_balancer.policy} if node.load_balancer else {})}
+    return {"protocol": chain.protocol, "default": chain.default, "start": chain.start_node, "nodes": nodes,
+            "targets": {tid: {"service": t.service, "subset": t.subset, "filter": t.filter,
+                              "endpoints": [e.key for e in u.targets.get(tid, ())]}
+                        for tid, t in sorted(chain.targets.items())}}
+
+
+def _match_text(m: Any) -> str:
+    parts = []
+    if m.path_exact:
+        parts.append(f"path == {m.path_exact}")
+    if m.path_prefix:
+        parts.append(f"path ^= {m.path_prefix}")
+    if m.path_regex is not None:
+        parts.append(f"path ~ {m.path_regex.pattern}")
+    parts += [f"header {h.name}" for h in m.headers]
+    parts += [f"query {q.name}" for q in m.query]
+    if m.methods:
+        parts.append("method in " + ",".join(m.methods))
+    return " and ".join(parts) or "any"
+
+
+def describe_inbound(i: InboundTraffic) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if i.local.request_timeout:
+        out["local_request_timeout"] = i.local.request_timeout
+    inst = i.local.rate_limits
+    if inst.limit is not None or inst.routes:
+        out["instance_rate_limit"] = {
+            **(inst.limit.as_json() if inst.limit else {}),
+            "routes": [{"path": r.path_exact or r.path_prefix or (r.path_regex.pattern if r.path_regex else ""),
+                        **r.limit.as_json()} for r in inst.routes]}
+    if i.caller_limits is not None:
+        out["caller_rate_limits"] = {
+            "version": i.ratelimits_version,
+            "per_caller": i.caller_limits.per_caller.as_json() if i.caller_limits.per_caller else None,
+            "callers": {k: v.as_json() for k, v in sorted(i.caller_limits.callers.items())}}
+    if i.faults is not None:
+        f = i.faults
+        out["faults"] = {"version": i.faults_version, "delay_percent": f.delay_percent, "delay": f.delay,
+                         "abort_percent": f.abort_percent, "grpc_status": f.grpc_status,
+                         "http_status": f.http_status, "sources": sorted(f.sources), "methods": list(f.methods)}
+    return out
 
 
 _MISSING: Any = object()
@@ -253,6 +346,10 @@ class SnapshotBuilder:
     methods: dict[str, dict[str, str]] = field(default_factory=dict)
     local_methods: dict[str, str] = field(default_factory=dict)
     tap: TapSettings = OFF
+    chains: dict[str, CompiledChain] = field(default_factory=dict)  # upstream -> its compiled chain
+    target_endpoints: dict[str, tuple[Endpoint, ...]] = field(default_factory=dict)  # target ID -> endpoints
+    upstream_settings: dict[str, UpstreamSettings] = field(default_factory=dict)
+    inbound: InboundTraffic = field(default_factory=InboundTraffic)
     _published: int = 0
 
     def set_tap(self, settings: TapSettings) -> bool:
@@ -300,6 +397,37 @@ class SnapshotBuilder:
         self.local_methods = m
         return changed
 
+    def set_chain(self, upstream: str, chain: CompiledChain) -> bool:
+        changed = self.chains.get(upstream) != chain
+        self.chains[upstream] = chain
+        return changed
+
+    def set_target_endpoints(self, target_id: str, endpoints: tuple[Endpoint, ...] | list[Endpoint]) -> bool:
+        eps = tuple(sorted(set(endpoints)))
+        changed = self.target_endpoints.get(target_id) != eps
+        self.target_endpoints[target_id] = eps
+        return changed
+
+    def set_upstream_settings(self, upstream: str, settings: UpstreamSettings) -> bool:
+        changed = self.upstream_settings.get(upstream, UpstreamSettings()) != settings
+        self.upstream_settings[upstream] = settings
+        return changed
+
+    def set_inbound(self, inbound: InboundTraffic) -> bool:
+        changed = inbound != self.inbound
+        self.inbound = inbound
+        return changed
+
+    def endpoints_of_target(self, upstream: str, chain: CompiledChain, target_id: str) -> tuple[Endpoint, ...]:
+        """A target's endpoints: its own watch's, or the upstream's plain list for the plain target
+        (the upstream's service, no subset filter, this datacenter)."""
+        if target_id in self.target_endpoints:
+            return self.target_endpoints[target_id]
+        t = chain.targets[target_id]
+        if t.service == upstream and not t.filter and not t.peer and t.datacenter in ("", chain.datacenter):
+            return self.endpoints.get(upstream, ())
+        return ()
+
     def missing(self) -> list[str]:
         """What is still needed before a snapshot can be published (empty when complete)."""
         out: list[str] = []
@@ -328,12 +456,16 @@ class SnapshotBuilder:
         ups: dict[str, UpstreamState] = {}
         for u in reg.upstreams:
             name = u.destination_name
+            chain = self.chains.get(name)
             ups[name] = UpstreamState(
                 config=u,
                 endpoints=self.endpoints.get(name, ()),
                 protocol=self.protocols.get(name, DEFAULT_PROTOCOL),
                 methods=dict(self.methods.get(name, {})),
                 trust_domain=self.credentials.trust_domain,
+                chain=chain,
+                targets={tid: self.endpoints_of_target(name, chain, tid) for tid in chain.targets} if chain else {},
+                settings=self.upstream_settings.get(name, UpstreamSettings()),
             )
         self._published += 1
         return Snapshot(
@@ -345,6 +477,7 @@ class SnapshotBuilder:
             local_methods=dict(self.local_methods),
             version=self._published,
             tap=self.tap,
+            inbound=self.inbound,
         )
 
 
@@ -382,6 +515,23 @@ def diff(old: Snapshot | None, new: Snapshot) -> list[dict[str, Any]]:
             changes.append({"change": "protocol", "service": name, "protocol": up.protocol})
         if prev is not None and dict(prev.methods) != dict(up.methods):
             changes.append({"change": "methods", "upstream": name, "count": len(up.methods)})
+        if (prev.chain if prev else None) != up.chain and up.chain is not None:
+            c = up.chain
+            splits = [f"{s.weight:g}%->{c.nodes[s.next_node].target}" for n in c.nodes.values() for s in n.splits]
+            changes.append({"change": "chain", "upstream": name, "start": c.start_node, "protocol": c.protocol,
+                            "targets": sorted(c.targets), **({"splits": splits} if splits else {})})
+        if prev is not None and prev.targets != up.targets:
+            changes.append({"change": "target_endpoints", "upstream": name,
+                            "targets": {t: [e.key for e in eps] for t, eps in sorted(up.targets.items())}})
+        if prev is not None and prev.settings != up.settings:
+            changes.append({"change": "upstream_settings", "upstream": name})
+    oi = old.inbound if old else InboundTraffic()
+    if oi.ratelimits_version != new.inbound.ratelimits_version:
+        changes.append({"change": "ratelimits", "version": new.inbound.ratelimits_version or "none"})
+    if oi.faults_version != new.inbound.faults_version:
+        changes.append({"change": "faults", "version": new.inbound.faults_version or "none"})
+    if oi.local != new.inbound.local:
+        changes.append({"change": "service_defaults", "service": new.registration.service})
     if old is not None:
         for name in sorted(set(old.upstreams) - set(new.upstreams)):
             changes.append({"change": "upstream_removed", "upstream": name})

@@ -16,6 +16,12 @@ Consul is unreachable it keeps its last answer and nothing changes here):
 - methods: one blocking prefix read of KV ``weft/methods/`` (what every gRPC sidecar publishes);
 - tap: KV ``weft/tap/<service>`` (payload previews and redaction of ``/tap``; not required for a
   snapshot: absent means payloads off).
+- traffic management: per upstream its compiled discovery chain (``/v1/discovery-chain/<upstream>``)
+  and, per chain target that is not the upstream's plain list, that target's healthy sidecars
+  (``/v1/health/connect/<service>?passing&filter=<subset filter>``); our own service-defaults entry
+  (``UpstreamConfig``, ``LocalRequestTimeoutMs``, ``RateLimits``, from the same list as protocols);
+  KV ``weft/ratelimits/<service>`` and ``weft/faults/<service>``. A document or entry that does not
+  parse is logged and the last good one stays.
 
 Every change goes into a :class:`~sidecar.snapshot.SnapshotBuilder`; when the builder is complete,
 the new snapshot is swapped in atomically (one attribute assignment), a line per change is logged,
@@ -35,21 +41,26 @@ import structlog
 
 from ca.client import Credentials as LeafCredentials
 from ca.client import LeafManager
+from catalog.chain import CompiledChain
 from catalog.client import ConsulClient, ConsulError
 from catalog.models import ServiceInstance, ServiceRegistration
 from catalog.watch import (
     WatchPolicy,
     agent_service_watch,
     config_list_watch,
+    discovery_chain_watch,
     health_connect_watch,
     kv_prefix_watch,
     kv_watch,
 )
 from policies.model import WILDCARD, CompiledTable, table_key
+from sidecar import faults as faults_mod
 from sidecar import methods as methods_mod
+from sidecar import ratelimit as ratelimit_mod
 from sidecar.snapshot import (
     Credentials,
     Endpoint,
+    InboundTraffic,
     Registration,
     Snapshot,
     SnapshotBuilder,
@@ -59,6 +70,7 @@ from sidecar.snapshot import (
     normalize_protocol,
 )
 from sidecar.tap import TapError, parse_settings, tap_key
+from sidecar.upstreamconfig import ServiceDefaultsError, local_settings, upstream_settings
 
 log = structlog.get_logger("weft.sidecar.state")
 config_log = structlog.get_logger("weft.sidecar.config")
@@ -128,6 +140,9 @@ class SidecarState:
         self._reflect = reflect
         self._stop = asyncio.Event()
         self._watches: list[Any] = []
+        self._service_defaults: dict[str, Any] = {}  # name -> entry
+        self._caller_limits: tuple[str, ratelimit_mod.CallerLimits | None] = ("", None)
+        self._faults: tuple[str, faults_mod.FaultDoc | None] = ("", None)
         self.last_change = time.time()
         self._apply_protocol(registration.service)
 
@@ -143,6 +158,8 @@ class SidecarState:
         self._spawn("methods", self._methods_watch)
         self._spawn("methods:local", self._local_methods)
         self._spawn("tap", self._tap_watch)
+        self._spawn("ratelimits", functools.partial(self._inbound_doc_watch, "ratelimits"))
+        self._spawn("faults", functools.partial(self._inbound_doc_watch, "faults"))
         self._ensure_upstreams(reg)
 
     async def close(self) -> None:
@@ -164,6 +181,7 @@ class SidecarState:
         for u in reg.upstreams:
             name = u.destination_name
             self._spawn(f"endpoints:{name}", functools.partial(self._endpoints_watch, name))
+            self._spawn(f"chain:{name}", functools.partial(self._chain_watch, name))
         # protocols and methods of every upstream come from two prefix/list watches (see start)
         for u in reg.upstreams:
             self._apply_protocol(u.destination_name)
@@ -289,6 +307,8 @@ class SidecarState:
         self._watches.append(watch)
         async for entries in watch:
             found: dict[str, str | None] = {}
+            self._service_defaults = {e["Name"]: e for e in entries
+                                      if isinstance(e, dict) and isinstance(e.get("Name"), str)}
             for entry in entries:
                 name = entry.get("Name") if isinstance(entry, dict) else None
                 if not isinstance(name, str):
@@ -306,7 +326,86 @@ class SidecarState:
             changed = self._apply_protocol(self.service)
             for u in reg.upstreams:
                 changed = self._apply_protocol(u.destination_name) or changed
+            changed = self._apply_service_defaults() or changed
             if changed:
+                self._changed()
+
+    def _apply_service_defaults(self) -> bool:
+        """Our service-defaults' UpstreamConfig and local settings into the builder (a bad entry is
+        logged and the last good settings stay)."""
+        own = self._service_defaults.get(self.service)
+        reg = self.builder.registration
+        assert reg is not None
+        try:
+            local = local_settings(own)
+            per_upstream = {u.destination_name: upstream_settings(own, u.destination_name) for u in reg.upstreams}
+        except ServiceDefaultsError as exc:
+            log.error("service_defaults_unusable", service=self.service, error=str(exc), note="keeping the last good")
+            return False
+        changed = False
+        for name, settings in per_upstream.items():
+            changed = self.builder.set_upstream_settings(name, settings) or changed
+        inbound = self.builder.inbound
+        if inbound.local != local:
+            changed = self.builder.set_inbound(InboundTraffic(
+                local=local, caller_limits=inbound.caller_limits, faults=inbound.faults,
+                ratelimits_version=inbound.ratelimits_version, faults_version=inbound.faults_version)) or changed
+        return changed
+
+    # -- traffic management --------------------------------------------------------------------
+    async def _chain_watch(self, name: str) -> None:
+        watch = discovery_chain_watch(self.client, name, policy=self._policy)
+        self._watches.append(watch)
+        async for chain in watch:
+            self._ensure_targets(name, chain)
+            if self.builder.set_chain(name, chain):
+                self._changed()
+
+    def _ensure_targets(self, upstream: str, chain: CompiledChain) -> None:
+        """A watch per chain target whose endpoints are not the upstream's plain list."""
+        for tid, t in chain.targets.items():
+            if t.service == upstream and not t.filter and not t.peer and t.datacenter in ("", chain.datacenter):
+                continue
+            if t.peer or (t.datacenter and t.datacenter != chain.datacenter):
+                if tid not in self.builder.target_endpoints:
+                    log.info("target_not_served", upstream=upstream, target=tid,
+                             reason="targets in other datacenters or peers have no endpoints in Weft")
+                    self.builder.set_target_endpoints(tid, ())
+                continue
+            self._spawn(f"target:{tid}", functools.partial(self._target_watch, tid, t.service, t.filter))
+
+    async def _target_watch(self, target_id: str, service: str, filter_expr: str) -> None:
+        watch = health_connect_watch(self.client, service, policy=self._policy, filter=filter_expr)
+        self._watches.append(watch)
+        async for instances in watch:
+            endpoints = [Endpoint(i.address, i.port, i.service_id, i.node) for i in instances if i.port]
+            if self.builder.set_target_endpoints(target_id, endpoints):
+                self._changed()
+
+    async def _inbound_doc_watch(self, which: str) -> None:
+        """KV ``weft/ratelimits/<service>`` or ``weft/faults/<service>``: parsed, the last good one kept."""
+        prefix = ratelimit_mod.KV_PREFIX if which == "ratelimits" else faults_mod.KV_PREFIX
+        key = prefix + self.service
+        watch = kv_watch(self.client, key, policy=self._policy)
+        self._watches.append(watch)
+        async for entry in watch:
+            version = str(entry.modify_index) if entry is not None and entry.value else ""
+            try:
+                doc: Any = None
+                if version and entry is not None:
+                    doc = (ratelimit_mod.parse_document(entry.value, key) if which == "ratelimits"
+                           else faults_mod.parse_document(entry.value, key))
+            except ValueError as exc:
+                log.error(f"{which}_unusable", key=key, error=str(exc), note="keeping the last good one")
+                continue
+            inbound = self.builder.inbound
+            if which == "ratelimits":
+                new = InboundTraffic(local=inbound.local, caller_limits=doc, faults=inbound.faults,
+                                     ratelimits_version=version, faults_version=inbound.faults_version)
+            else:
+                new = InboundTraffic(local=inbound.local, caller_limits=inbound.caller_limits, faults=doc,
+                                     ratelimits_version=inbound.ratelimits_version, faults_version=version)
+            if self.builder.set_inbound(new):
                 self._changed()
 
     async def _declared_protocol(self, name: str) -> str | None:

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ca": ("weft.cmd_ca", "the certificate authority: serve, roots, rotate, sign"),
     "policy": ("weft.cmd_policy", "the policy service: serve"),
     "intention": ("weft.cmd_intention", "manage and check intentions"),
+    "config": ("weft.cmd_config", "write, read, list and delete config entries (HCL or JSON), as consul config"),
     "sidecar": ("weft.cmd_sidecar", "run a sidecar proxy next to a service"),
     "dev": ("weft.cmd_dev", "run the whole mesh and a demo on this machine"),
     "register": ("weft.cmd_register", "register a Consul service definition (HCL or JSON)"),

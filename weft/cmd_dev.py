@@ -48,8 +48,11 @@ from typing import IO, Any
 from weft import devstate
 
 DEMO_SERVICES = Path(__file__).resolve().parent / "demo" / "services"
-DEMO_ORDER = ("store", "greeter", "frontend")  # start order: callees first
-ADMIN_PORTS = {"frontend": 19102, "greeter": 19202, "store": 19302}
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo" / "config"  # the canary's config entries
+# start order: callees first; key -> the service ID of its definition (greeter-v2 is greeter's canary)
+DEMO_ORDER = ("store", "greeter", "greeter-v2", "frontend")
+DEMO_IDS = {"store": "store-1", "greeter": "greeter-1", "greeter-v2": "greeter-2", "frontend": "frontend-1"}
+ADMIN_PORTS = {"frontend": 19102, "greeter": 19202, "greeter-v2": 19212, "store": 19302}
 CA_PORT = 8553
 POLICY_PORT = 8507
 INTENTIONS = (("frontend", "greeter"), ("greeter", "store"))
@@ -66,13 +69,15 @@ class DevError(Exception):
 
 @dataclass(frozen=True)
 class DemoService:
-    name: str
+    key: str  # unique in the demo: the service name, or "greeter-v2" for greeter's second version
+    name: str  # the Consul service name
     id: str
     port: int
     sidecar_port: int
     admin_port: int
     upstreams: tuple[tuple[str, int], ...]  # (destination, local bind port)
     payload: Mapping[str, Any]
+    version: str = ""  # Meta.version: the app announces it (x-greeter-version)
 
 
 @dataclass(frozen=True)
@@ -83,21 +88,21 @@ class Plan:
     policy_port: int
     services: tuple[DemoService, ...]
 
-    def service(self, name: str) -> DemoService:
+    def service(self, key: str) -> DemoService:
         for s in self.services:
-            if s.name == name:
+            if s.key == key:
                 return s
-        raise KeyError(name)
+        raise KeyError(key)
 
     def ports(self) -> dict[str, int]:
         """Every port the plan listens on, by role (for the busy-port check and state.json)."""
         out = {"consul": self.consul_port, "ca": self.ca_port, "policy": self.policy_port}
         for s in self.services:
-            out[f"{s.name}.app"] = s.port
-            out[f"{s.name}.sidecar"] = s.sidecar_port
-            out[f"{s.name}.admin"] = s.admin_port
+            out[f"{s.key}.app"] = s.port
+            out[f"{s.key}.sidecar"] = s.sidecar_port
+            out[f"{s.key}.admin"] = s.admin_port
             for dest, bind in s.upstreams:
-                out[f"{s.name}.upstream.{dest}"] = bind
+                out[f"{s.key}.upstream.{dest}"] = bind
         return out
 
 
@@ -138,21 +143,22 @@ def rewrite_ports(payload: Mapping[str, Any], mapping: Mapping[int, int]) -> dic
 
 def demo_services(payloads: Sequence[Mapping[str, Any]], admin_ports: Mapping[str, int]) -> list[DemoService]:
     """The demo's services from their register payloads, in start order; checks that they are complete."""
-    by_name = {p["Name"]: p for p in payloads}
-    missing = [n for n in DEMO_ORDER if n not in by_name]
+    by_id = {p.get("ID") or p["Name"]: p for p in payloads}
+    missing = [DEMO_IDS[k] for k in DEMO_ORDER if DEMO_IDS[k] not in by_id]
     if missing:
         raise DevError(f"demo service definitions lack {', '.join(missing)} (in {DEMO_SERVICES})")
     out = []
-    for name in DEMO_ORDER:
-        p = by_name[name]
+    for key in DEMO_ORDER:
+        p = by_id[DEMO_IDS[key]]
+        name = p["Name"]
         sidecar = (p.get("Connect") or {}).get("SidecarService")
         if sidecar is None or "Port" not in sidecar:
             raise DevError(f"{name}: the demo definition needs connect.sidecar_service with a port")
         ups = tuple((u["DestinationName"], int(u["LocalBindPort"]))
                     for u in (sidecar.get("Proxy") or {}).get("Upstreams") or [])
-        out.append(DemoService(name=name, id=p.get("ID") or name, port=int(p["Port"]),
-                               sidecar_port=int(sidecar["Port"]), admin_port=admin_ports[name], upstreams=ups,
-                               payload=p))
+        out.append(DemoService(key=key, name=name, id=p.get("ID") or name, port=int(p["Port"]),
+                               sidecar_port=int(sidecar["Port"]), admin_port=admin_ports[key], upstreams=ups,
+                               payload=p, version=str((p.get("Meta") or {}).get("version", ""))))
     return out
 
 
@@ -168,7 +174,7 @@ def make_plan(payloads: Sequence[Mapping[str, Any]], *, consul_host: str, consul
         for port in (s.port, s.sidecar_port, *(b for _, b in s.upstreams)):
             if port not in mapping:
                 mapping[port] = free_port()
-        admin[s.name] = free_port()
+        admin[s.key] = free_port()
     rewritten = [rewrite_ports(p, mapping) for p in payloads]
     return Plan(consul_host, consul_port, free_port(), free_port(), tuple(demo_services(rewritten, admin)))
 
@@ -177,6 +183,8 @@ def app_command(python: str, service: DemoService, log_level: str) -> list[str]:
     args = [python, "-m", f"weft.demo.{service.name}", "-port", str(service.port), "-log-level", log_level]
     for dest, bind in service.upstreams:
         args += [f"-{dest}-addr", f"127.0.0.1:{bind}"]
+    if service.version:
+        args += ["-version", service.version]
     return args
 
 
@@ -197,7 +205,7 @@ def summary(plan: Plan, *, started_agent: bool, state_dir: Path, traffic_rps: fl
     rows = []
     for s in reversed(plan.services):
         ups = ", ".join(f"{d} at 127.0.0.1:{b}" for d, b in s.upstreams) or "-"
-        rows.append((s.name, f"127.0.0.1:{s.port}", f"127.0.0.1:{s.sidecar_port}",
+        rows.append((s.key, f"127.0.0.1:{s.port}", f"127.0.0.1:{s.sidecar_port}",
                      f"http://127.0.0.1:{s.admin_port}", ups))
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
@@ -205,6 +213,8 @@ def summary(plan: Plan, *, started_agent: bool, state_dir: Path, traffic_rps: fl
     frontend = plan.service("frontend")
     lines.append("")
     lines.append("  intentions   frontend -> greeter allowed, greeter -> store allowed, everything else denied")
+    lines.append("  canary       greeter: 90 % to v1, 10 % to v2, header x-canary: 1 to v2 "
+                 f"(config entries in {DEMO_CONFIG})")
     if traffic_rps:
         lines.append(f"  traffic      {traffic_rps:g} requests/s to http://127.0.0.1:{frontend.port}")
     lines += ["", "Try (in another terminal):"]
@@ -215,6 +225,8 @@ def summary(plan: Plan, *, started_agent: bool, state_dir: Path, traffic_rps: fl
     lines += [
         f"  curl 'http://127.0.0.1:{frontend.port}/hello?name=ada'",
         f"  curl 'http://127.0.0.1:{frontend.port}/stream?name=ada&count=3'",
+        f"  curl -H 'x-canary: 1' 'http://127.0.0.1:{frontend.port}/hello?name=ada'   # always greeter v2",
+        "  weft config read -kind service-splitter -name greeter",
         "  weft top                                  # live rps, success rate, p50/p99 per edge",
         "  weft tap greeter                          # live calls into and out of greeter, one line each",
         "  weft status                               # services, sidecars, certificates, policy versions",
@@ -552,7 +564,7 @@ class _Dev:
         self._check_ports(plan, skip_consul=consul_up)
         self.env["CONSUL_HTTP_ADDR"] = f"{host}:{port}"
         self.sup.info = {"consul": consul_url, "ports": plan.ports(),
-                         "admin": {s.name: f"http://127.0.0.1:{s.admin_port}" for s in plan.services},
+                         "admin": {s.key: f"http://127.0.0.1:{s.admin_port}" for s in plan.services},
                          "frontend": f"http://127.0.0.1:{plan.service('frontend').port}"}
         self.sup.save()
 
@@ -577,6 +589,7 @@ class _Dev:
         self.sup.start("policy", [*self.weft, "policy", "serve", "-grpc-addr", f"127.0.0.1:{plan.policy_port}",
                                   "-log-level", self.args.log_level], tier=1)
         self._register(plan)
+        self._config_entries()
         self._intentions()
         self.wait_for("the CA's trust bundle (KV weft/ca/roots)",
                       lambda: _http_status(consul_url + "/v1/kv/weft/ca/roots") == 200)
@@ -585,19 +598,19 @@ class _Dev:
 
         self.say("weft dev: starting the demo apps and their sidecars")
         for s in plan.services:
-            self.sup.start(s.name, app_command(sys.executable, s, self.args.log_level), tier=2)
+            self.sup.start(s.key, app_command(sys.executable, s, self.args.log_level), tier=2)
         for s in plan.services:
-            self.sup.start(f"{s.name}-sidecar", [*self.weft, "sidecar", "--sidecar-for", s.id,
+            self.sup.start(f"{s.key}-sidecar", [*self.weft, "sidecar", "--sidecar-for", s.id,
                                                  "--admin-port", str(s.admin_port), "--bind", "127.0.0.1",
                                                  "--log-level", self.args.log_level], tier=3)
         for s in plan.services:
-            self.wait_for(f"{s.name} on port {s.port}", functools.partial(_tcp_open, "127.0.0.1", s.port))
+            self.wait_for(f"{s.key} on port {s.port}", functools.partial(_tcp_open, "127.0.0.1", s.port))
         for s in plan.services:
             admin = f"http://127.0.0.1:{s.admin_port}"
-            self.wait_for(f"{s.name}'s sidecar ({admin}/ready)", functools.partial(_http_ok, admin + "/ready"))
+            self.wait_for(f"{s.key}'s sidecar ({admin}/ready)", functools.partial(_http_ok, admin + "/ready"))
         for s in plan.services:  # a sidecar is ready before it knows its upstreams' endpoints
             admin = f"http://127.0.0.1:{s.admin_port}"
-            self.wait_for(f"{s.name}'s sidecar to know its upstreams' endpoints ({admin}/config)",
+            self.wait_for(f"{s.key}'s sidecar to know its upstreams' endpoints ({admin}/config)",
                           functools.partial(_upstreams_known, admin + "/config"))
         frontend = f"http://127.0.0.1:{plan.service('frontend').port}"
         # each failed probe is a warning in the frontend's log: not too often
@@ -665,8 +678,30 @@ class _Dev:
             self._consul(go)
         except ConsulError as exc:
             raise DevError(f"registering the demo services failed: {exc}") from None
-        self.say("weft dev: registered " + ", ".join(f"{s.name} ({s.id})" for s in plan.services)
+        self.say("weft dev: registered " + ", ".join(f"{s.key} ({s.id})" for s in plan.services)
                  + f" from {DEMO_SERVICES}")
+
+    def _config_entries(self) -> None:
+        """The canary's config entries (greeter: service-defaults, resolver, splitter, router), in
+        dependency order, as `weft config write` would write them."""
+        from catalog import configentry
+        from catalog.client import ConsulError
+
+        files = sorted(DEMO_CONFIG.glob("*.hcl"))
+        try:
+            entries = [configentry.parse(f.read_text(), source=str(f)) for f in files]
+        except configentry.ConfigEntryFileError as exc:
+            raise DevError(str(exc)) from None
+
+        async def go(consul: Any) -> None:
+            for entry in entries:
+                await consul.config_put(entry)
+
+        try:
+            self._consul(go)
+        except ConsulError as exc:
+            raise DevError(f"writing the canary's config entries failed: {exc}") from None
+        self.say("weft dev: wrote " + ", ".join("/".join(configentry.kind_and_name(e)) for e in entries))
 
     def _intentions(self) -> None:
         # `weft intention allow` for each pair, concurrently (each writes its own destination's document)

@@ -342,6 +342,9 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
         leaf = parts.get("leaf")
         if leaf is not None:
             out["leaf"] = {"renewals": leaf.renewals, "failures": leaf.failures, "last_error": leaf.last_error}
+        outbound = parts.get("outbound")
+        if outbound is not None:  # routed upstreams: splits, ejected endpoints, retry budgets, live
+            out["traffic"] = outbound.describe_traffic()
         return out
 
     def current_snapshot() -> Any:
@@ -390,7 +393,9 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
             reg = sidecar_registration(
                 service_id=sid, service_name=app.name, port=port, local_service_port=local_port,
                 local_service_address=local_addr, address=address, upstreams=ups,
-                meta={"protocol": app_protocol or "tcp", "weft-sidecar": "1",
+                # the app's meta first, as Consul's sidecar_service inherits it: service-resolver subset
+                # filters (Service.Meta.version == v2) are evaluated on the sidecars' registrations
+                meta={**app.meta_dict(), "protocol": app_protocol or "tcp", "weft-sidecar": "1",
                       "weft-agent-made": "1" if agent_made or previous_agent_made else "0"}, ttl=args.ttl,
                 deregister_critical_after=args.deregister_after)
             dc = await _datacenter(client)
@@ -460,6 +465,7 @@ async def _main(args: argparse.Namespace, stop: asyncio.Event, flag_upstreams: l
                           passthrough_enabled=not args.no_passthrough, grpc_engine=args.grpc_engine, limits=limits)
         outbound = Outbound(state.snapshot, telemetry, tls, max_message_bytes=args.max_message_bytes,
                             grpc_engine=args.grpc_engine, limits=limits)
+        parts["outbound"] = outbound
         try:
             await inbound.start(bind, port)
             await outbound.start()

@@ -9,7 +9,10 @@ Reads everything from Consul (at `CONSUL_HTTP_ADDR`) and from the sidecars' admi
   (`weft_policy_version_info`);
 - the trust bundle the CA publishes in KV `weft/ca/roots` (trust domain, roots and their expiry);
 - the compiled policy tables in KV `weft/policy/compiled/<destination>` (version, default policy,
-  number of rules) and how many sidecars of that destination enforce the current version.
+  number of rules) and how many sidecars of that destination enforce the current version;
+- traffic management, from each sidecar's admin `/config`: per upstream whose discovery chain is not
+  the default one, its routes, its splits (weight, target subset, endpoints) and the endpoints that
+  passive health checking has ejected.
 
 `-json` prints the same as JSON. Rendering is pure (`render`) and unit-tested.
 """
@@ -78,6 +81,18 @@ class PolicyRow:
     error: str = ""
 
 
+@dataclass(frozen=True)
+class TrafficRow:
+    """One upstream of one sidecar whose discovery chain routes, splits or ejects."""
+
+    sidecar: str
+    upstream: str
+    routes: int = 0
+    splits: tuple[tuple[float, str, int], ...] = ()  # (weight, target, endpoints)
+    targets: tuple[tuple[str, int], ...] = ()  # (target, endpoints) when there is no split
+    ejected: tuple[str, ...] = ()
+
+
 @dataclass
 class StatusReport:
     consul: str
@@ -87,6 +102,54 @@ class StatusReport:
     roots_error: str = ""
     policies: list[PolicyRow] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    traffic: list[TrafficRow] = field(default_factory=list)
+
+
+def traffic_rows(sidecar: str, config: Mapping[str, Any]) -> list[TrafficRow]:
+    """The traffic rows of one sidecar's ``/config`` document (upstreams with a non-default chain or
+    ejected endpoints); a document of another shape gives none."""
+    rows = []
+    snap = config.get("snapshot") if isinstance(config, Mapping) else None
+    upstreams = snap.get("upstreams") if isinstance(snap, Mapping) else None
+    runtime = config.get("traffic") if isinstance(config, Mapping) else None  # the outbound's live state
+    for name, up in sorted(upstreams.items()) if isinstance(upstreams, Mapping) else []:
+        if not isinstance(up, Mapping):
+            continue
+        chain: Mapping[str, Any] | None = up["chain"] if isinstance(up.get("chain"), Mapping) else None
+        live = runtime.get(name) if isinstance(runtime, Mapping) else None
+        ejected_map = live.get("ejected") if isinstance(live, Mapping) else None
+        ejected = tuple(sorted(str(k) for k in ejected_map)) if isinstance(ejected_map, Mapping) else ()
+        if (chain is None or chain.get("default")) and not ejected:
+            continue
+        nodes = (chain or {}).get("nodes") or {}
+        targets = (chain or {}).get("targets") or {}
+
+        def endpoints(target: str, targets: Mapping[str, Any] = targets) -> int:
+            t = targets.get(target)
+            return len(t.get("endpoints") or []) if isinstance(t, Mapping) else 0
+
+        routes = 0
+        splits: list[tuple[float, str, int]] = []
+        for node in nodes.values() if isinstance(nodes, Mapping) else []:
+            if not isinstance(node, Mapping):
+                continue
+            routes = max(routes, len(node.get("routes") or []))
+            for sp in node.get("splits") or []:
+                nxt = nodes.get(sp.get("next", ""), {}) if isinstance(sp, Mapping) else {}
+                target = str(nxt.get("target", "")) if isinstance(nxt, Mapping) else ""
+                splits.append((float(sp.get("weight", 0)), target, endpoints(target)))
+        plain = () if splits else tuple((str(t), endpoints(str(t))) for t in sorted(targets))
+        rows.append(TrafficRow(sidecar=sidecar, upstream=str(name), routes=routes, splits=tuple(splits),
+                               targets=plain, ejected=ejected))
+    return rows
+
+
+def _short_target(target: str) -> str:
+    """``v2.greeter.default.default.dc1`` -> ``v2.greeter`` (dc1 and the default namespace dropped)."""
+    parts = target.split(".")
+    if len(parts) >= 4 and parts[-3:-1] == ["default", "default"]:
+        return ".".join(parts[:-3])
+    return target
 
 
 ROLES = ("leader", "active", "standby")
@@ -235,6 +298,19 @@ def render(report: StatusReport, now: float) -> str:
                                                  sync_rows)]
     else:
         lines.append("  (none yet: is `weft policy serve` running?)")
+    if report.traffic:
+        lines.append("")
+        lines.append("Traffic management (discovery chains, from each sidecar's /config)")
+        trows = []
+        for t in report.traffic:
+            if t.splits:
+                shape = ", ".join(f"{w:g}% {_short_target(tg)} ({n} ep)" for w, tg, n in t.splits)
+            else:
+                shape = ", ".join(f"{_short_target(tg)} ({n} ep)" for tg, n in t.targets) or "-"
+            trows.append([t.sidecar, t.upstream, str(t.routes) if t.routes else "-", shape,
+                          ", ".join(t.ejected) or "none"])
+        lines += ["  " + line for line in _table(["SIDECAR", "UPSTREAM", "ROUTES", "SPLITS / TARGETS", "EJECTED"],
+                                                 trows)]
     if report.problems:
         lines.append("")
         lines.append("Problems")
@@ -274,6 +350,20 @@ async def _sidecar_metrics(session: Any, url: str) -> tuple[float | None, str, s
         return None, "", f"{type(exc).__name__}: {exc}"
 
 
+async def _sidecar_config(session: Any, url: str) -> dict[str, Any]:
+    """A sidecar's ``/config`` (empty when it cannot be read: the metrics already told why)."""
+    import aiohttp
+
+    try:
+        async with session.get(url + "/config", timeout=aiohttp.ClientTimeout(total=3)) as resp:
+            if resp.status != 200:
+                return {}
+            doc = await resp.json(content_type=None)
+        return doc if isinstance(doc, dict) else {}
+    except (aiohttp.ClientError, TimeoutError, ValueError, OSError):
+        return {}
+
+
 async def collect(consul_choice: ConsulChoice) -> StatusReport:
     import aiohttp
 
@@ -310,6 +400,8 @@ async def collect(consul_choice: ConsulChoice) -> StatusReport:
                             expiry, version, err = await _sidecar_metrics(session, admin)
                             if err:
                                 report.problems.append(f"sidecar {sc.service_id}: {admin}: {err}")
+                            else:
+                                report.traffic += traffic_rows(sc.service_id, await _sidecar_config(session, admin))
                         sidecars.append(SidecarRow(id=sc.service_id, port=sc.port,
                                                    health=worst_health(c.status for c in sc.checks), admin=admin,
                                                    cert_expiry=expiry, policy_version=version, error=err))

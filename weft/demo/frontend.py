@@ -1,12 +1,16 @@
 """`frontend`: a small HTTP app (aiohttp) that calls `greeter` through its sidecar.
 
-    GET /hello?name=ada           one unary SayHello            -> {"message": ..., "visits": N}
+    GET /hello?name=ada           one unary SayHello            -> {"message": ..., "visits": N[, "version": V]}
     GET /stream?name=ada&count=3  one server-streaming call      -> {"messages": [...], "visits": N}
     GET /healthz                  health check (does not call greeter)
 
 A failed greeter call answers with the gRPC status mapped to HTTP (PERMISSION_DENIED -> 403,
 UNAVAILABLE -> 503, DEADLINE_EXCEEDED -> 504, INVALID_ARGUMENT -> 400, anything else -> 502) and a
 JSON body {"error": CODE, "detail": message}, so a denial by an intention shows up as a 403.
+
+A request header `x-canary` is passed on to greeter as gRPC metadata (a service-router can route on
+it), and the greeter instance's version (its `x-greeter-version` response metadata, when it sends
+one) is shown as "version": the tour's canary is visible in the answers.
 
     python -m weft.demo.frontend -port 19100 -greeter-addr 127.0.0.1:19101
 """
@@ -58,14 +62,28 @@ def _name(request: web.Request) -> str:
     return name
 
 
+FORWARDED_HEADERS = ("x-canary",)
+VERSION_KEY = "x-greeter-version"
+
+
+def _metadata(request: web.Request) -> tuple[tuple[str, str], ...]:
+    return tuple((h, request.headers[h][:128]) for h in FORWARDED_HEADERS if h in request.headers)
+
+
 async def hello(request: web.Request) -> web.Response:
     greeter = request.app[GREETER_KEY]
     try:
-        reply: demo_pb2.HelloReply = await greeter.SayHello(demo_pb2.HelloRequest(name=_name(request)),
-                                                            timeout=GREETER_TIMEOUT)
+        call = greeter.SayHello(demo_pb2.HelloRequest(name=_name(request)), timeout=GREETER_TIMEOUT,
+                                metadata=_metadata(request))
+        reply: demo_pb2.HelloReply = await call
+        initial = await call.initial_metadata()
     except grpc.aio.AioRpcError as exc:
         return _error(exc)
-    return web.json_response({"message": reply.message, "visits": reply.visits})
+    body: dict[str, object] = {"message": reply.message, "visits": reply.visits}
+    version = dict(initial or ()).get(VERSION_KEY)
+    if version:
+        body["version"] = str(version)
+    return web.json_response(body)
 
 
 async def stream(request: web.Request) -> web.Response:

@@ -4,7 +4,10 @@ It reaches `store` through its sidecar's local upstream port (plaintext to 127.0
 carry the call over mTLS). A failed store call fails the greeting with the store's own status, so a
 denial further down the chain is visible at the top.
 
-    python -m weft.demo.greeter -port 19200 -store-addr 127.0.0.1:19202
+    python -m weft.demo.greeter -port 19200 -store-addr 127.0.0.1:19202 [-version v2]
+
+With `-version` every answer carries the response metadata `x-greeter-version` (the tour runs a v1
+and a v2 instance behind a service-splitter: the frontend shows which one answered).
 """
 
 from __future__ import annotations
@@ -29,8 +32,13 @@ STORE_TIMEOUT = 5.0
 
 
 class Greeter(demo_pb2_grpc.GreeterServicer):  # type: ignore[misc]
-    def __init__(self, store: demo_pb2_grpc.StoreStub) -> None:
+    def __init__(self, store: demo_pb2_grpc.StoreStub, version: str = "") -> None:
         self._store = store
+        self._version = version
+
+    async def _announce(self, context: grpc.aio.ServicerContext[object, object]) -> None:
+        if self._version:
+            await context.send_initial_metadata((("x-greeter-version", self._version),))
 
     async def _visit(self, name: str, context: grpc.aio.ServicerContext[object, object]) -> int:
         try:
@@ -45,6 +53,7 @@ class Greeter(demo_pb2_grpc.GreeterServicer):  # type: ignore[misc]
                        context: grpc.aio.ServicerContext[object, object]) -> demo_pb2.HelloReply:
         name = request.name or "world"
         visits = await self._visit(name, context)
+        await self._announce(context)
         return demo_pb2.HelloReply(message=f"Hello, {name}!", visits=visits)
 
     async def SayHelloStream(self, request: demo_pb2.HelloRequest,
@@ -53,6 +62,7 @@ class Greeter(demo_pb2_grpc.GreeterServicer):  # type: ignore[misc]
         count = request.count or 3
         if not 1 <= count <= MAX_STREAM:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"count must be 1..{MAX_STREAM}, got {count}")
+        await self._announce(context)
         for i in range(count):
             visits = await self._visit(name, context)
             yield demo_pb2.HelloReply(message=f"Hello, {name}! ({i + 1}/{count})", visits=visits)
@@ -66,12 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_common_arguments(parser, default_port=19200)
     parser.add_argument("-store-addr", "--store-addr", default=upstream_default("STORE_ADDR", "127.0.0.1:19202"),
                         help="host:port of the store upstream: the sidecar's local port (env STORE_ADDR)")
+    parser.add_argument("-version", "--version", default="",
+                        help="send this version as response metadata x-greeter-version (the tour's canary)")
     args = parser.parse_args(argv)
     logsetup.configure(args.log_level)
 
     async def serve(stop: asyncio.Event) -> int:
         async with grpc.aio.insecure_channel(args.store_addr) as channel:
-            greeter = Greeter(demo_pb2_grpc.StoreStub(channel))  # type: ignore[no-untyped-call]
+            greeter = Greeter(demo_pb2_grpc.StoreStub(channel), args.version)  # type: ignore[no-untyped-call]
             server, _ = await start_grpc_server(
                 args.host, args.port, ["Greeter"],
                 [lambda s: demo_pb2_grpc.add_GreeterServicer_to_server(greeter, s)])  # type: ignore[no-untyped-call]

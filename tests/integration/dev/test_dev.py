@@ -6,6 +6,7 @@ One `weft dev` for the whole module (it is the expensive part); the Ctrl-C test 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +111,23 @@ def test_demo_traffic_flows_through_the_sidecars(dev: Dev) -> None:
     assert stream > 0, "server-streaming calls go through the sidecar too"
 
 
+@pytest.mark.skipif(importlib.util.find_spec("sidecar.h2_traffic") is None,
+                    reason="the canary needs the h2 engine's traffic hooks")
+def test_the_canary_splits_and_the_header_route_picks_v2(dev: Dev) -> None:
+    versions: Counter[str] = Counter()
+    for _ in range(200):
+        status, body = _get(dev.frontend + "/hello?name=canary")
+        assert status == 200, body
+        versions[json.loads(body).get("version", "none")] += 1
+    assert versions["v1"] + versions["v2"] == 200 and 5 <= versions["v2"] <= 40, versions  # 90/10
+    req = urllib.request.Request(dev.frontend + "/hello?name=canary", headers={"x-canary": "1"})
+    for _ in range(10):
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert json.loads(resp.read())["version"] == "v2"
+    shown = dev.weft("status")
+    assert "Traffic management" in shown.stdout and "90% v1.greeter" in shown.stdout, shown.stdout
+
+
 def test_an_intention_change_flips_a_call(dev: Dev) -> None:
     result = dev.weft("intention", "deny", "frontend", "greeter")
     assert result.returncode == 0, result.stderr
@@ -180,7 +199,7 @@ def test_operator_commands_find_the_dev_agent_without_consul_http_addr(dev: Dev,
     top = subprocess.run([*WEFT, "top", "-once", "-json", "-interval", "1"], cwd=sub, env=_without_consul_addr(),
                          capture_output=True, text=True, timeout=60, check=False)
     assert top.returncode == 0, top.stderr
-    assert len(json.loads(top.stdout)["targets"]) == 3
+    assert len(json.loads(top.stdout)["targets"]) == 4  # frontend, greeter v1 and v2, store
 
 
 def test_start_up_leaves_no_tcp_series_on_grpc_edges_and_few_warnings(dev: Dev) -> None:

@@ -36,7 +36,7 @@ def test_register_hcl_and_json_definitions_with_their_sidecars(module_agent: Dev
     assert "registered service greeter (id greeter-1, port 19200)" in result.stdout
     services = _get(module_agent, "/v1/agent/services")
     assert services["greeter-1"]["Service"] == "greeter"
-    assert services["greeter-1"]["Meta"] == {"protocol": "grpc"}
+    assert services["greeter-1"]["Meta"] == {"protocol": "grpc", "version": "v1"}
     proxy = services["greeter-1-sidecar-proxy"]
     assert proxy["Kind"] == "connect-proxy"
     assert proxy["Port"] == 21200

@@ -32,10 +32,14 @@ def demo_payloads() -> list[dict[str, object]]:
 
 def test_fixed_plan_follows_the_definition_files() -> None:
     plan = make_plan(demo_payloads(), consul_host="127.0.0.1", consul_port=8500)
-    assert [s.name for s in plan.services] == ["store", "greeter", "frontend"]
+    assert [s.key for s in plan.services] == ["store", "greeter", "greeter-v2", "frontend"]
+    assert [s.name for s in plan.services] == ["store", "greeter", "greeter", "frontend"]
     greeter = plan.service("greeter")
-    assert (greeter.id, greeter.port, greeter.sidecar_port) == ("greeter-1", 19200, 21200)
+    assert (greeter.id, greeter.port, greeter.sidecar_port, greeter.version) == ("greeter-1", 19200, 21200, "v1")
     assert greeter.upstreams == (("store", 19201),)
+    canary = plan.service("greeter-v2")
+    assert (canary.id, canary.port, canary.sidecar_port, canary.version) == ("greeter-2", 19210, 21210, "v2")
+    assert app_command("python", canary, "info")[-2:] == ["-version", "v2"]
     assert plan.service("frontend").upstreams == (("greeter", 19101),)
     assert plan.service("store").upstreams == ()
     ports = plan.ports()

@@ -16,7 +16,7 @@ def test_demo_greeter_definition_becomes_the_register_payload() -> None:
     [payload] = parse((DEMO / "greeter.hcl").read_text(), source="greeter.hcl")
     assert payload == {
         "Name": "greeter", "ID": "greeter-1", "Port": 19200, "Tags": ["demo", "grpc"],
-        "Meta": {"protocol": "grpc"},
+        "Meta": {"protocol": "grpc", "version": "v1"},
         "Checks": [{"CheckID": "greeter-grpc", "Name": "greeter gRPC health", "GRPC": "127.0.0.1:19200",
                     "GRPCUseTLS": False, "Interval": "2s", "Timeout": "1s"}],
         "Connect": {"SidecarService": {"Port": 21200, "Proxy": {

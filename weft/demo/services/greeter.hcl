@@ -1,5 +1,6 @@
-# The demo's greeter (gRPC: unary SayHello, server-streaming SayHelloStream).
-# It calls store through its sidecar at 127.0.0.1:19201.
+# The demo's greeter (gRPC: unary SayHello, server-streaming SayHelloStream), version v1.
+# It calls store through its sidecar at 127.0.0.1:19201. greeter-v2.hcl is its canary; the
+# service-resolver in ../config selects each version by Service.Meta.version.
 service {
   name = "greeter"
   id   = "greeter-1"
@@ -7,6 +8,7 @@ service {
   tags = ["demo", "grpc"]
   meta = {
     protocol = "grpc"
+    version  = "v1"
   }
 
   check {

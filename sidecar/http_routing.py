@@ -1,0 +1,147 @@
+"""The outbound HTTP call path of a routed upstream (its discovery chain routes, splits or fails over).
+
+Per request: the route, split, target and endpoint come from the pool's plan (``sidecar.traffic``);
+the path is rewritten (``PrefixRewrite``) and the route's and split's header modifications applied;
+the route's ``RequestTimeout`` (else the resolver's) bounds the whole exchange (504 past it); a
+failed attempt is retried on another endpoint when the route's retry policy names the failure
+(``RetryOn``, ``RetryOnStatusCodes``, ``RetryOnConnectFailure``), the response has not started, the
+request body was kept whole (``BodyBuffer``, 64 KiB), the backoff ends before the deadline and the
+upstream's retry budget allows it. The TLS peer must be the target's service (a chain may route to
+another service than the upstream's name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from sidecar.retry import BodyBuffer, decide
+from sidecar.routing import Outcome, apply_header_mods
+from sidecar.tls import expected_server_name
+
+log = structlog.get_logger("weft.sidecar.http")
+
+_rng = random.Random()
+
+
+async def _read_head(request: web.BaseRequest, limit: int) -> tuple[list[bytes], BodyBuffer]:
+    """The body's first chunks, up to just past ``limit`` bytes, and whether they are all of it (the
+    buffer is replayable only then)."""
+    head: list[bytes] = []
+    buf = BodyBuffer(limit)
+    if not request.body_exists:
+        buf.add(b"", end=True)
+        return head, buf
+    while not buf.overflowed:
+        chunk = await request.content.readany()
+        if not chunk:
+            buf.add(b"", end=True)
+            break
+        head.append(chunk)
+        buf.add(chunk)
+    return head, buf
+
+
+async def _rest(prefix: list[bytes], content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    for chunk in prefix:
+        yield chunk
+    async for chunk in content.iter_any():
+        yield chunk
+
+
+async def routed_request(listener: Any, request: web.BaseRequest) -> tuple[web.StreamResponse, str]:
+    """(response, status label) of one request through the chain."""
+    from sidecar.http_proxy import _forward_headers, relay_response
+
+    pool = listener._pool
+    out = listener._out
+    snap = out.snapshot()
+    source = snap.registration.service
+    headers: dict[str, str] = {}
+    for k, v in request.headers.items():
+        k = k.lower()
+        headers[k] = f"{headers[k]},{v}" if k in headers else v
+    plan = pool.plan(request.method, request.path_qs, headers, source)
+    if isinstance(plan, str):
+        return web.Response(status=503, text=f"weft: {plan}\n"), "503"
+    decision = plan.decision
+    timeout = decision.request_timeout
+    deadline = time.monotonic() + timeout if timeout else None
+    # a body larger than the replay bound is streamed once: such a call is not retried
+    buffered: BodyBuffer | None = None
+    head: list[bytes] = []
+    if decision.retry.enabled:
+        head, buffered = await _read_head(request, 64 * 1024)
+    retries = 0
+    response: web.StreamResponse | None = None
+    try:
+        async with asyncio.timeout_at(asyncio.get_running_loop().time() + timeout if timeout else None):
+            while True:
+                ep = pool.endpoints.get(plan.endpoint)
+                url = f"https://{ep.address}:{ep.port}{decision.path or request.path_qs}" if ep else ""
+                fwd = apply_header_mods([(k.lower(), v) for k, v in _forward_headers(request.headers)],
+                                        decision.request_headers)
+                if buffered is not None and buffered.replayable:
+                    body: Any = b"".join(head) if request.body_exists else None
+                elif buffered is not None:
+                    body = _rest(head, request.content)
+                else:
+                    body = _rest([], request.content) if request.body_exists else None
+                t0 = time.perf_counter()
+                outcome: Outcome | None = None
+                upstream = None
+                try:
+                    if ep is None:
+                        raise aiohttp.ClientConnectionError(f"endpoint {plan.endpoint} left")
+                    upstream = await listener._session().request(
+                        request.method, url, headers=fwd, data=body, allow_redirects=False, auto_decompress=False,
+                        server_hostname=expected_server_name(pool.service_of(plan.endpoint),
+                                                             snap.credentials.trust_domain))
+                    outcome = Outcome(http_status=upstream.status)
+                except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
+                    outcome = Outcome(connect_failure=True)
+                    log.warning("upstream_request_failed", upstream=pool.name, endpoint=plan.endpoint,
+                                error=str(exc)[:200])
+                except (aiohttp.ClientError, OSError) as exc:
+                    outcome = Outcome(reset=True)
+                    log.warning("upstream_request_failed", upstream=pool.name, endpoint=plan.endpoint,
+                                error=str(exc)[:200])
+                seconds = time.perf_counter() - t0
+                failed = outcome.connect_failure or outcome.reset or outcome.http_status >= 500
+                status = str(outcome.http_status) if outcome.http_status else "502"
+                verdict = decide(decision.retry, outcome, retries_done=retries, response_started=False,
+                                 body=buffered, now=time.monotonic(), deadline=deadline,
+                                 budget=pool.budget(), rng=_rng)
+                pool.finished(plan, seconds=seconds, status=status, failed=failed,
+                              transport_ok=not (outcome.connect_failure or outcome.reset))
+                if verdict.retry:
+                    if upstream is not None:
+                        upstream.release()
+                    retries += 1
+                    pool.metrics.retries.labels(pool.name).inc()
+                    await asyncio.sleep(verdict.delay)
+                    nxt = pool.plan(request.method, request.path_qs, headers, source, exclude=plan.endpoint)
+                    if isinstance(nxt, str):
+                        return web.Response(status=503, text=f"weft: {nxt}\n"), "503"
+                    plan = nxt
+                    continue
+                if verdict.reason == "budget-exhausted":
+                    pool.metrics.budget_exhausted.labels(pool.name).inc()
+                if upstream is None:
+                    return web.Response(status=502, text=f"weft: upstream {pool.name} failed\n"), "502"
+                async with upstream:
+                    response = await relay_response(request, upstream, apply_header_mods(
+                        [(k.lower(), v) for k, v in _forward_headers(upstream.headers)], decision.response_headers))
+                return response, str(upstream.status)
+    except TimeoutError:
+        if response is not None and response.prepared:
+            raise  # the response had started: the connection is cut, as Envoy does
+        return web.Response(status=504, text=f"weft: upstream {pool.name} did not answer within the route's "
+                                             f"timeout of {timeout:g}s\n"), "504"
