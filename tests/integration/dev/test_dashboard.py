@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -74,7 +75,8 @@ def test_weft_tap_streams_calls_redacted_with_payloads(dev: Dev) -> None:
     tap = Proc([*WEFT, "tap", "greeter", "--source", "frontend", "--payload", "-o", "json", "-n", "500",
                 "-state-dir", str(dev.state_dir)], env=dev.env)
     try:
-        wait_for(lambda: "tapping 1 sidecar" in tap.output() or not tap.alive(), timeout=30,
+        # greeter has two instances in the tour (v1 and the v2 canary): one sidecar each
+        wait_for(lambda: re.search(r"tapping \d+ sidecars?", tap.output()) is not None or not tap.alive(), timeout=30,
                  what="weft tap to open the greeter sidecar's /tap")
         time.sleep(0.5)  # the sidecar has the tap open once it answered; let the subscription settle
 
@@ -209,7 +211,8 @@ def test_dashboard_tap_shows_live_calls_and_no_secret(dev: Dev, browser: Any) ->
     Select(browser.find_element("id", "tap-service")).select_by_value("greeter")
     browser.find_element("id", "tap-payload").click()
     browser.find_element("id", "tap-start").click()
-    wait_for(lambda: "tapping greeter on 1 sidecar" in browser.find_element("id", "tap-state").text, timeout=30,
+    wait_for(lambda: re.search(r"tapping greeter on \d+ sidecar", browser.find_element("id", "tap-state").text)
+             is not None, timeout=30,
              interval=0.3, what="the tap to open")
     target = _greeter_via_frontend_sidecar(dev)
 
