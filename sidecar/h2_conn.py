@@ -596,12 +596,27 @@ class UpConn(Conn):
             proxy.release(st, ok=True)
             st.up = None
             proxy.open_stream(st, exclude=self.key)
+        self.reroute_waiting(exclude=self.key)
+
+    def reroute_waiting(self, exclude: str = "") -> None:
+        """Calls waiting for a stream here (nothing sent yet) go to another connection."""
+        proxy = self.proxy
         waiting, self.waiting = self.waiting, []
-        for st in waiting:  # nothing was sent: another connection takes them
+        for st in waiting:
             proxy.release(st, ok=True)
             st.up = None
             if not st.app.closed and st.a.sid in st.app.streams:
-                proxy.open_stream(st, exclude=self.key)
+                proxy.open_stream(st, exclude=exclude)
+
+    def on_peer_resets_low(self) -> None:
+        # the cancellations this shared connection relayed took half of the peer's rapid-reset budget:
+        # new calls go to a fresh connection before the peer ends this one, with every call on it
+        if self.retired:
+            return
+        self.retired = True
+        log.info("upstream_retired_for_resets", upstream=self.proxy.name, endpoint=self.key)
+        self.proxy.forget(self)
+        self.reroute_waiting()
 
     def on_connection_error(self, code: int, reason: str, detail: str) -> None:
         self.retired = True

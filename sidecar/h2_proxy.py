@@ -378,9 +378,7 @@ class H2Outbound:
                 up.soft_limit = 0 if up.soft_limit >= up.peer_max_concurrent else up.soft_limit + 1
             if up.waiting:
                 up.start_waiting()
-            if (up.retired or self.ups.get(up.key) is not up) and not up.streams and not up.waiting \
-                    and up.transport is not None and not up.closed:
-                up.transport.close()  # a retired connection closes once its last stream is done
+            self._close_if_done(up)
         self.finish(st, st.status if st.status is not None else 2)
 
     def cancel_up(self, st: Stream) -> None:
@@ -394,8 +392,15 @@ class H2Outbound:
             if not up.closed:
                 up.reset(u, E_CANCEL)
                 up.start_waiting()
+                self._close_if_done(up)
         elif st in up.waiting:
             up.waiting.remove(st)
+
+    def _close_if_done(self, up: UpConn) -> None:
+        """A retired connection closes once its last stream is done."""
+        if (up.retired or self.ups.get(up.key) is not up) and not up.streams and not up.waiting \
+                and up.transport is not None and not up.closed:
+            up.transport.close()
 
     def drop_queues(self, st: Stream) -> None:
         """Data queued for a call that ends is given back to the connection windows it came through

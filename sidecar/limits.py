@@ -56,7 +56,7 @@ class Limits:
     h2_max_window_updates_per_data_frame: int = _limit(
         10, "WINDOW_UPDATE frames received per DATA frame sent, over the connection's life", minimum=1)
     h2_reset_burst: int = _limit(
-        1000, "streams a client may reset (or have refused) before they are answered, in a burst "
+        1000, "streams a client may reset (or have refused) before their response is complete, in a burst "
         "(rapid reset, CVE-2023-44487); past the budget: GOAWAY ENHANCE_YOUR_CALM", minimum=1)
     h2_reset_rate: float = _limit(
         33.0, "rate (per second) at which the reset budget refills", minimum=0.0)

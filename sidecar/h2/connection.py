@@ -20,7 +20,13 @@ HEADERS + CONTINUATION (bytes past it are counted and discarded, never buffered)
 frames per block, concurrent streams (REFUSED_STREAM past it), queued control frames while the
 peer does not read (ENHANCE_YOUR_CALM), consecutive empty frames, PRIORITY frames per stream,
 WINDOW_UPDATEs per DATA frame sent, and the rapid-reset budget (a token bucket of streams reset or
-refused before they were answered).
+refused before their response was complete).
+
+The client side keeps the same budget from the other end (:meth:`H2Connection.peer_resets_low`):
+the streams *we* reset before the peer finished answering, counted as a peer with our limits counts
+them. A proxy's upstream connection carries the cancellations of many callers; when they have taken
+half of that budget the owner retires the connection (``on_peer_resets_low``), so that what it
+relays never looks like a rapid-reset attack to the peer, which would end every call on it.
 
 Flow control: a stream's send window is kept relative to the peer's SETTINGS_INITIAL_WINDOW_SIZE
 (``peer_initial_window + stream.send_delta``), so a settings change costs nothing per stream;
@@ -83,8 +89,9 @@ from sidecar.h2.frames import (
 from sidecar.limits import Limits
 
 RECENT_RESETS = 256  # stream ids we reset lately, whose in-flight frames are ignored rather than refused
-# a stream the client resets after this long (unanswered) is a cancellation, not rapid reset (Envoy's
-# premature-reset minimum stream lifetime): a burst of deadline expiries does not cost the budget
+# a stream the client resets after this long (its response not complete) is a cancellation, not rapid
+# reset (Envoy's premature-reset minimum stream lifetime): a burst of deadline expiries does not cost
+# the budget
 RAPID_RESET_WINDOW = 1.0
 
 
@@ -111,7 +118,7 @@ class StreamFault(Exception):
 class H2Stream:
     """One stream's state on one connection. ``call`` is the owner's object (the proxied call)."""
 
-    __slots__ = ("answered", "call", "headers_in", "local_closed", "opened", "recv_unacked", "recv_window",
+    __slots__ = ("call", "headers_in", "local_closed", "opened", "recv_unacked", "recv_window",
                  "remote_closed", "send_delta", "sid")
 
     def __init__(self, sid: int, recv_window: int, call: Any = None) -> None:
@@ -120,8 +127,7 @@ class H2Stream:
         self.recv_window = recv_window  # what the peer may still send us on this stream
         self.recv_unacked = 0  # passed on, not yet given back with WINDOW_UPDATE
         self.remote_closed = False  # the peer sent END_STREAM
-        self.local_closed = False  # we sent END_STREAM
-        self.answered = False  # we sent response HEADERS (server side): a reset no longer counts as rapid
+        self.local_closed = False  # we sent END_STREAM (server side: the response is complete, a reset is free)
         self.headers_in = False  # the peer sent a header block on it (DATA may follow)
         self.opened = 0.0  # when the peer opened it (server side), for the rapid-reset budget
         self.call = call
@@ -174,6 +180,9 @@ class H2Connection:
         self.data_frames_sent = 0
         self.reset_tokens = float(limits.h2_reset_burst)
         self.reset_last = -1.0
+        # client side: the same budget as the peer keeps it for the resets we send (see peer_resets_low)
+        self.peer_reset_tokens = float(limits.h2_reset_burst)
+        self.peer_reset_last = -1.0
         # lifecycle
         self.buf = bytearray()
         self.preface_needed = 0 if client else len(PREFACE)
@@ -566,7 +575,9 @@ class H2Connection:
             return
         self.blocked.pop(s, None)
         self.on_reset(s, U32.unpack(payload)[0])
-        if not self.client and not s.answered and self.clock() - s.opened < RAPID_RESET_WINDOW:
+        # every stream reset before its response was complete counts (answered with HEADERS or not: the
+        # work it started is cancelled all the same), unless it lived past RAPID_RESET_WINDOW
+        if not self.client and not s.local_closed and self.clock() - s.opened < RAPID_RESET_WINDOW:
             self.spend_reset()
 
     def _priority(self, sid: int, payload: bytes) -> None:
@@ -583,7 +594,7 @@ class H2Connection:
 
     # -- budgets ---------------------------------------------------------------------------------------
     def spend_reset(self) -> None:
-        """One stream reset or refused before it was answered: past the budget, ENHANCE_YOUR_CALM."""
+        """One stream reset or refused before its response was complete: past the budget, ENHANCE_YOUR_CALM."""
         now = self.clock()
         if self.reset_last >= 0:
             self.reset_tokens = min(float(self.limits.h2_reset_burst),
@@ -593,6 +604,27 @@ class H2Connection:
             raise ConnectionFault(E_CALM, "rapid_reset",
                                   f"more than {self.limits.h2_reset_burst} streams reset before an answer")
         self.reset_tokens -= 1.0
+
+    def _spend_peer_reset(self, s: H2Stream) -> None:
+        """Client side: we reset ``s``; if the peer had not finished answering, that costs its budget."""
+        if not self.client or s.remote_closed:
+            return
+        now = self.clock()
+        burst = float(self.limits.h2_reset_burst)
+        if self.peer_reset_last >= 0:
+            self.peer_reset_tokens = min(burst, self.peer_reset_tokens
+                                         + (now - self.peer_reset_last) * self.limits.h2_reset_rate)
+        self.peer_reset_last = now
+        self.peer_reset_tokens -= 1.0
+        if self.peer_resets_low():
+            self.on_peer_resets_low()
+
+    def peer_resets_low(self) -> bool:
+        """Client side: whether our resets took half of the rapid-reset budget the peer keeps for us
+        (assumed to be ours: the mesh's sidecars share the defaults). The other half is left for the
+        streams still open when the owner stops opening new ones here (at most the peer's
+        SETTINGS_MAX_CONCURRENT_STREAMS, 256 for a sidecar, under half of the default burst of 1000)."""
+        return self.peer_reset_tokens < self.limits.h2_reset_burst / 2
 
     # -- windows ---------------------------------------------------------------------------------------
     def consumed(self, n: int) -> None:
@@ -675,7 +707,6 @@ class H2Connection:
 
     def send_headers(self, s: H2Stream, block: bytes, end_stream: bool) -> None:
         """A header block on ``s``, split into HEADERS + CONTINUATION by the peer's maximum frame size."""
-        s.answered = True
         if end_stream:
             s.local_closed = True
         sid = s.sid
@@ -716,6 +747,7 @@ class H2Connection:
         self._remember_reset(s.sid)
         if not self.dead:  # ours to send (one per stream): not a reply the peer can make us queue
             self.send(rst_stream(s.sid, code))
+            self._spend_peer_reset(s)
 
     def close_stream(self, s: H2Stream) -> None:
         """We are done with ``s``: forget it, resetting it (NO_ERROR) if the peer's side is still open."""
@@ -736,6 +768,7 @@ class H2Connection:
         try:
             self.control_frame(rst_stream(sid, code))
             if s is not None:
+                self._spend_peer_reset(s)
                 self.on_stream_error(s, code, reason, exc)
         except ConnectionFault as fault:
             self.connection_error(fault.code, fault.reason, fault.detail)
@@ -793,6 +826,10 @@ class H2Connection:
 
     def on_settings_ack(self) -> None:
         """The peer acknowledged our SETTINGS."""
+
+    def on_peer_resets_low(self) -> None:
+        """Client side: our resets took half of the peer's rapid-reset budget (see :meth:`peer_resets_low`);
+        called on each reset past that point. An owner that shares the connection stops opening streams on it."""
 
     def on_stream_error(self, s: H2Stream, code: int, reason: str, exc: BaseException | None) -> None:
         """We reset ``s`` for a protocol error or a bug in its handling (already forgotten here)."""

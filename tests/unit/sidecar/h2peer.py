@@ -89,6 +89,9 @@ class Recorder(H2Connection):
     def on_peer_settings(self, first: bool) -> None:
         self._hook("settings", first)
 
+    def on_peer_resets_low(self) -> None:
+        self.events.append(("peer_resets_low",))
+
     def on_stream_error(self, s: H2Stream, code: int, reason: str, exc: BaseException | None) -> None:
         self.events.append(("stream_error", s.sid, code, reason))
 

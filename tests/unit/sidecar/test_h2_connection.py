@@ -362,8 +362,8 @@ def test_rapid_reset_budget() -> None:
         conn.receive(frame(RST_STREAM, 0, sid, U32.pack(8)))
         sid += 2
     assert not conn.dead
-    open_stream(conn, sid)  # an answered stream's reset costs nothing
-    conn.send_headers(conn.streams[sid], block([(":status", "200")]), False)
+    open_stream(conn, sid)  # a stream whose response is complete costs nothing when the client resets it
+    conn.send_headers(conn.streams[sid], block([(":status", "200")]), True)
     conn.receive(frame(RST_STREAM, 0, sid, U32.pack(8)))
     sid += 2
     assert not conn.dead
@@ -376,6 +376,56 @@ def test_rapid_reset_budget() -> None:
     conn.receive(frame(RST_STREAM, 0, sid, U32.pack(8)))
     assert goaway_code(conn.take()) == E_CALM and conn.reasons == ["rapid_reset"]
     assert ("reset", sid, 8) in conn.events  # the stream's work was cancelled before the GOAWAY
+
+
+def test_a_reset_counts_until_the_response_is_complete_not_only_until_it_is_answered() -> None:
+    clock = Clock()
+    conn = server(Limits(h2_reset_burst=2, h2_reset_rate=0.0), clock)
+    open_stream(conn, 1)  # answered (response HEADERS sent), not complete: its work goes on, so it counts
+    conn.send_headers(conn.streams[1], block([(":status", "200")]), False)
+    conn.receive(frame(RST_STREAM, 0, 1, U32.pack(8)))
+    assert conn.reset_tokens == 1.0
+    open_stream(conn, 3)  # answered and sent with END_STREAM in DATA: complete, free
+    conn.send_headers(conn.streams[3], block([(":status", "200")]), False)
+    conn.send_data(conn.streams[3], b"done", True)
+    conn.receive(frame(RST_STREAM, 0, 3, U32.pack(8)))
+    assert conn.reset_tokens == 1.0
+    open_stream(conn, 5)
+    conn.receive(frame(RST_STREAM, 0, 5, U32.pack(8)))
+    assert not conn.dead and conn.reset_tokens == 0.0
+    open_stream(conn, 7)
+    conn.send_headers(conn.streams[7], block([(":status", "200")]), False)
+    conn.receive(frame(RST_STREAM, 0, 7, U32.pack(8)))
+    assert goaway_code(conn.take()) == E_CALM and conn.reasons == ["rapid_reset"]
+
+
+def test_the_client_side_keeps_the_peers_reset_budget_for_the_resets_it_sends() -> None:
+    clock = Clock()
+    conn = Recorder(Limits(h2_reset_burst=6, h2_reset_rate=1.0), client=True, clock=clock)
+    conn.receive(settings_frame([]))
+    conn.events.clear()
+    streams = [conn.open_stream() for _ in range(6)]
+    done = streams.pop()  # the peer finished answering it: a reset of ours costs the peer's budget nothing
+    conn.receive(frame(HEADERS, F_END_HEADERS | F_END_STREAM, done.sid, block([(":status", "200")])))
+    conn.reset(done, E_NO_ERROR)
+    conn.reset(streams[0], 8)
+    conn.reset(streams[1], 8)  # answered (HEADERS) but not complete: counted, as the peer counts it
+    conn.receive(frame(HEADERS, F_END_HEADERS, streams[2].sid, block([(":status", "200")])))
+    conn.reset(streams[2], 8)
+    assert conn.peer_reset_tokens == 3.0 and not conn.peer_resets_low() and conn.events == [
+        ("headers", done.sid, F_END_STREAM, block([(":status", "200")])),
+        ("headers", streams[2].sid, 0, block([(":status", "200")]))]
+    conn.events.clear()
+    conn.reset(streams[3], 8)  # 2 left of 6: under half the budget, the owner is told (and on each later one)
+    assert conn.peer_resets_low() and conn.events == [("peer_resets_low",)]
+    clock.now += 2.0  # refilled at the peer's rate
+    conn.reset(streams[4], 8)
+    assert conn.peer_reset_tokens == 3.0 and conn.events == [("peer_resets_low",)]
+    assert set(rst_codes(conn.take())) == {s.sid for s in streams} | {done.sid}
+    server_side = server(Limits(h2_reset_burst=2))  # a server's own resets cost nothing of this kind
+    open_stream(server_side, 1)
+    server_side.reset(server_side.streams[1], 8)
+    assert server_side.peer_reset_tokens == 2.0 and ("peer_resets_low",) not in server_side.events
 
 
 def test_refused_streams_count_against_the_reset_budget() -> None:

@@ -261,3 +261,40 @@ async def test_a_refused_stream_sends_every_chunk_again_and_the_app_window_is_no
     assert rig.app.recv_unacked == credited  # what the app sent was given back once, not twice
     rig.app_in(frame(DATA, F_END_STREAM, 1, b""))
     assert kinds(rig.up_t.take()) == [(DATA, 3, F_END_STREAM)]
+
+
+async def test_a_shared_upstream_connection_is_retired_before_relayed_resets_spend_the_peers_budget() -> None:
+    """A client's rapid resets are relayed as RST_STREAM(CANCEL) on the upstream connection other callers
+    share; past half of the peer's reset budget that connection takes no new stream (a fresh one does),
+    so the peer never ends it for rapid reset, and the calls on it finish there."""
+    rig = Rig(Limits(h2_reset_burst=6, h2_reset_rate=0.0))
+    old = rig.up
+    fresh = hp.UpConn(rig.proxy, "ep", old.generation)
+    fresh_t = Transport()
+    fresh.connection_made(fresh_t)
+    fresh.data_received(settings_frame([]) + frame(SETTINGS, F_ACK, 0))
+    fresh.start()
+    fresh_t.take()
+
+    def up_for(key: str) -> hp.UpConn:
+        if key not in rig.proxy.ups:
+            rig.proxy.ups[key] = fresh
+            rig.proxy.all_ups.add(fresh)
+        return rig.proxy.ups[key]
+
+    rig.proxy._up = up_for  # type: ignore[method-assign]
+    rig.app_in(frame(HEADERS, F_END_HEADERS, 1, REQUEST))  # another caller's call, open on the shared connection
+    for sid in (3, 5, 7, 9):  # HEADERS + RST_STREAM: each relayed, then cancelled upstream at once
+        rig.app_in(frame(HEADERS, F_END_HEADERS, sid, REQUEST) + frame(RST_STREAM, 0, sid, U32.pack(E_CANCEL)))
+    relayed = rig.up_t.take()
+    assert [sid for t, _, sid, _ in relayed if t == HEADERS] == [1, 3, 5, 7, 9]
+    assert [(sid, U32.unpack(p)[0]) for t, _, sid, p in relayed if t == RST_STREAM] == [
+        (3, E_CANCEL), (5, E_CANCEL), (7, E_CANCEL), (9, E_CANCEL)]
+    assert old.peer_reset_tokens == 2.0 and old.retired and "ep" not in rig.proxy.ups
+    assert not rig.up_t.closed and list(old.streams) == [1]
+    rig.app_in(frame(HEADERS, F_END_HEADERS | F_END_STREAM, 11, REQUEST))  # a new call: the fresh connection
+    assert kinds(fresh_t.take()) == [(HEADERS, 1, F_END_HEADERS | F_END_STREAM)] and not rig.up_t.take()
+    rig.up_in(frame(HEADERS, F_END_HEADERS, 1, RESPONSE) + frame(DATA, 0, 1, MSG)
+              + frame(HEADERS, F_END_HEADERS | F_END_STREAM, 1, TRAILERS))
+    assert (HEADERS, 1, F_END_HEADERS | F_END_STREAM) in kinds(rig.app_t.take())  # the open call finished there
+    assert rig.up_t.closed  # and the retired connection closed after its last stream
