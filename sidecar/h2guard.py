@@ -111,14 +111,13 @@ def goaway(last_stream_id: int, code: int) -> bytes:
 class _Direction:
     """Framing state of one direction: a partial header, the rest of the current frame's payload."""
 
-    __slots__ = ("hbuf", "kind", "pbuf", "remaining", "sid")
+    __slots__ = ("hbuf", "kind", "pbuf", "remaining")
 
     def __init__(self) -> None:
         self.hbuf = bytearray()  # a frame header split across reads (< 9 bytes)
         self.pbuf = bytearray()  # a SETTINGS entry / WINDOW_UPDATE increment split across reads
         self.remaining = 0  # payload bytes of the current frame still to come
-        self.kind = _SKIP
-        self.sid = 0
+        self.kind = _SKIP  # what they are parsed for (back to _SKIP once parsed)
 
     def skip(self, i: int, n: int) -> int:
         """Pass over the payload of the current frame as far as this chunk goes (offset ``i`` of ``n``)."""
@@ -209,6 +208,8 @@ class H2Guard:
             self._preface += take
             i = take
         d = self._c
+        unpack = _HDR.unpack_from
+        frame = self._client_frame
         while i < n:
             if d.remaining:
                 if d.kind == _SKIP:
@@ -224,18 +225,25 @@ class H2Guard:
                     return None
                 lt, flags, sid = header
             else:
-                lt, flags, sid = _HDR.unpack_from(data, i)
+                lt, flags, sid = unpack(data, i)
                 i += 9
-            v = self._client_frame(lt >> 8, lt & 0xFF, flags, sid & MAX_WINDOW)
+            length = lt >> 8
+            v = frame(length, lt & 0xFF, flags, sid & MAX_WINDOW)
             if v is not None:
                 return v
+            if d.kind == _SKIP:  # the payload is not read: pass over what of it is in this chunk
+                i += length
+                if i > n:
+                    d.remaining = i - n
+                    i = n
+            elif length:
+                d.remaining = length
+            else:
+                d.kind = _SKIP
         return None
 
     def _client_frame(self, length: int, ftype: int, flags: int, sid: int) -> Violation | None:
-        d = self._c
-        d.remaining = length
-        d.kind = _SKIP
-        d.sid = sid
+        """Check one client frame header; sets ``self._c.kind`` when its payload must be parsed."""
         if length > self.client_max_frame:
             return self._fail("frame_size", FRAME_SIZE_ERROR,
                               f"frame of {length} bytes over the max frame size {self.client_max_frame}")
@@ -249,16 +257,24 @@ class H2Guard:
         if ftype == DATA:
             if sid == 0 or sid > self.last_client_stream:
                 return self._fail("stream_id", PROTOCOL_ERROR, f"DATA on idle stream {sid}")
-            state = self.streams.get(sid)
-            if state is None and sid not in self._app_resets:
-                return self._fail("data_on_closed_stream", STREAM_CLOSED, f"DATA on closed stream {sid}")
-            if state is not None and state & _CLIENT_ENDED:
+            streams = self.streams
+            state = streams.get(sid)
+            if state is None:
+                if sid not in self._app_resets:
+                    return self._fail("data_on_closed_stream", STREAM_CLOSED, f"DATA on closed stream {sid}")
+            elif state & _CLIENT_ENDED:
                 return self._fail("data_after_end_stream", STREAM_CLOSED, f"DATA after END_STREAM on stream {sid}")
-            if length == 0 and not flags & FLAG_END_STREAM:
+            if flags & FLAG_END_STREAM:
+                self._empty = 0
+                if state is not None:  # _end, inline: this is every call's last request frame
+                    if state & _SERVER_ENDED:
+                        del streams[sid]
+                    else:
+                        streams[sid] = state | _CLIENT_ENDED
+                return None
+            if length == 0:
                 return self._empty_frame()
             self._empty = 0
-            if flags & FLAG_END_STREAM:
-                self._end(sid, _CLIENT_ENDED)
             return None
         if ftype == HEADERS:
             if sid == 0 or not sid & 1:
@@ -322,7 +338,7 @@ class H2Guard:
                                   f"{self._window_updates} WINDOW_UPDATE frames for {self._server_data_frames} "
                                   "DATA frames")
             if sid == 0:
-                d.kind = _CLIENT_WINDOW_UPDATE
+                self._c.kind = _CLIENT_WINDOW_UPDATE
             return None
         if ftype == RST_STREAM:
             if length != 4:
@@ -344,7 +360,7 @@ class H2Guard:
                 return None
             if length % 6:
                 return self._fail("frame_size", FRAME_SIZE_ERROR, f"SETTINGS of {length} bytes")
-            d.kind = _CLIENT_SETTINGS
+            self._c.kind = _CLIENT_SETTINGS
             return self._control_frame("settings_flood")
         if ftype == PING:
             if length != 8:
@@ -395,6 +411,8 @@ class H2Guard:
             v = self._client_setting(value) if unit == 6 else self._client_window_update(value)
             if v is not None:
                 return i, v
+        if not d.remaining:
+            d.kind = _SKIP
         return i, None
 
     def _client_setting(self, entry: memoryview) -> Violation | None:
@@ -490,20 +508,31 @@ class H2Guard:
             length = lt >> 8
             ftype = lt & 0xFF
             sid &= MAX_WINDOW
-            d.remaining = length
-            d.kind = _SKIP
-            if ftype == DATA:
-                self._server_data_frames += 1
-                self.client_window -= length
-                if flags & FLAG_END_STREAM:
-                    self._end(sid, _SERVER_ENDED)
-            elif ftype == HEADERS:
-                state = self.streams.get(sid)
-                if state is not None:
-                    self.streams[sid] = state | _ANSWERED
+            if ftype <= HEADERS:  # DATA or HEADERS, most frames: checked and passed over here
+                if ftype == DATA:
+                    self._server_data_frames += 1
+                    self.client_window -= length
                     if flags & FLAG_END_STREAM:
                         self._end(sid, _SERVER_ENDED)
-            elif ftype == RST_STREAM:
+                else:
+                    streams = self.streams
+                    state = streams.get(sid)
+                    if state is not None:  # answered; _end inline when it also ends the stream
+                        if not flags & FLAG_END_STREAM:
+                            streams[sid] = state | _ANSWERED
+                        elif state & _CLIENT_ENDED:
+                            del streams[sid]
+                        else:
+                            streams[sid] = state | _ANSWERED | _SERVER_ENDED
+                i += length
+                if i > n:
+                    d.remaining = i - n
+                    d.kind = _SKIP
+                    i = n
+                continue
+            d.remaining = length
+            d.kind = _SKIP
+            if ftype == RST_STREAM:
                 if self.streams.pop(sid, None) is not None:
                     self._app_reset(sid)
             elif ftype == PING:

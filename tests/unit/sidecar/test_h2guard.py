@@ -382,3 +382,24 @@ def test_the_apps_resets_are_remembered_within_a_bound() -> None:
     assert len(pair.guard._app_resets) == APP_RESETS_KEPT
     v = pair.guard.feed_client(memoryview(bytearray(frame(DATA, 0x1, 1, b""))))  # forgotten: a closed stream
     assert v is not None and v.reason == "data_on_closed_stream"
+
+
+def test_a_frame_split_right_after_the_apps_settings_is_passed_over_not_parsed() -> None:
+    guard = H2Guard(Limits())
+    assert guard.feed_client(memoryview(bytearray(PREFACE + frame(SETTINGS, 0, 0)))) is None
+    # the app's SETTINGS, then a HEADERS frame cut inside its payload: whose bytes would read as a
+    # SETTINGS_MAX_FRAME_SIZE entry of 2^24-1 if the guard kept parsing them as settings
+    looks_like_a_setting = struct.pack(">HI", 0x5, 2**24 - 1)
+    whole = frame(SETTINGS, 0, 0) + frame(HEADERS, 0x4, 1, looks_like_a_setting)
+    cut = len(whole) - len(looks_like_a_setting)
+    for piece in (whole[:cut], whole[cut:]):
+        guard.feed_server(memoryview(bytearray(piece)))
+    assert guard.client_max_frame == 16384 and guard.server_at_frame_boundary()
+    # the same from the client: bytes of a HEADERS frame that would read as SETTINGS_ENABLE_PUSH=2
+    for client_settings in (b"", struct.pack(">HI", 0x4, 65535)):
+        guard = H2Guard(Limits())
+        push = struct.pack(">HI", 0x2, 2)
+        whole = PREFACE + frame(SETTINGS, 0, 0, client_settings) + frame(HEADERS, 0x4, 1, push)
+        cut = len(whole) - len(push)
+        assert guard.feed_client(memoryview(bytearray(whole[:cut]))) is None
+        assert guard.feed_client(memoryview(bytearray(whole[cut:]))) is None and guard.last_client_stream == 1
