@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from sidecar import h2_circuit
 from sidecar.h2.grpc import RESOURCE_EXHAUSTED, UNAVAILABLE, percent
 from sidecar.h2.hpack import encode_plain, headers_of, scan
 from sidecar.ratelimit import retry_after_header
@@ -111,6 +112,8 @@ def open_routed(proxy: Any, st: Any, exclude: str = "") -> None:
         if timeout > 0:
             st.deadline = time.monotonic() + timeout
             st.timer = asyncio.get_running_loop().call_later(timeout, _timed_out, proxy, st, timeout)
+    if pool.traffic.circuit is not None and not h2_circuit.admit(proxy, st, plan):
+        return  # UpstreamConfig.Limits: refused at once
     st.endpoint = plan.endpoint
     st.attempt_start = time.perf_counter()
     proxy.route(st, proxy._up(plan.endpoint))
