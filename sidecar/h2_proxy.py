@@ -37,7 +37,7 @@ import ssl
 import time
 from typing import Any
 
-from sidecar import h2_circuit, h2_traffic
+from sidecar import h2_circuit, h2_idle, h2_traffic
 from sidecar.h2.frames import (
     DATA,
     E_CANCEL,
@@ -250,6 +250,8 @@ class H2Outbound:
     def client_trailers(self, st: Stream, block: bytes) -> None:
         """The client's trailers: sent after its queued data, once the upstream stream exists."""
         st.trailers = block
+        if st.plan is not None:
+            h2_idle.touch(st)
         if st.u is not None:
             self.flush_to_up(st)
 
@@ -262,6 +264,8 @@ class H2Outbound:
             return
         if st.tap is not None:
             st.tap.request_data(data)
+        if st.plan is not None:
+            h2_idle.touch(st)
         st.q_up.append((data, end))
         if st.u is not None:
             self.flush_to_up(st)
@@ -312,6 +316,8 @@ class H2Outbound:
     def to_app_headers(self, st: Stream, block: bytes, end: bool) -> None:
         if st.tap is not None:
             self._tap_headers(st, block, end)
+        if st.plan is not None:
+            h2_idle.touch(st)
         app = st.app
         if app.closed:
             return
@@ -333,6 +339,8 @@ class H2Outbound:
             return
         if st.tap is not None:
             st.tap.response_data(data)
+        if st.plan is not None:
+            h2_idle.touch(st)
         st.q_app.append((DATA, data, end))
         self.flush_to_app(st)
 
