@@ -12,7 +12,7 @@ from catalog.models import HealthCheck, ServiceInstance
 from tests.unit.sidecar.pki import Authority
 from tests.unit.sidecar.test_state import cur, instance, wait_until
 from tests.unit.traffic.test_state_traffic import ChainConsul
-from tests.unit.traffic.test_state_traffic import world as world  # noqa: F401 - the fixture, with this Consul
+from tests.unit.traffic.test_state_traffic import world as world  # the fixture, with this module's Consul
 
 V1 = "v1.api.default.default.dc1"
 V2 = "v2.api.default.default.dc1"
@@ -52,7 +52,7 @@ def consul_class() -> type[ChainConsul]:
     return HealthConsul
 
 
-async def test_warning_instances_serve_unless_the_subset_says_only_passing(world: Any) -> None:  # noqa: F811
+async def test_warning_instances_serve_unless_the_subset_says_only_passing(world: Any) -> None:
     consul, leaf, state = world
     assert isinstance(consul, HealthConsul)
     v1, v2 = "Service.Meta.version == v1", "Service.Meta.version == v2"
