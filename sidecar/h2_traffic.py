@@ -144,7 +144,8 @@ def stream_done(st: Any) -> None:
     if timer is not None:
         st.timer = None
         timer.cancel()
-    if st.plan.decision.idle_timeout:
+    plan = st.plan  # None on the inbound side
+    if plan is not None and plan.decision.idle_timeout:
         h2_idle.stop(st)
 
 
