@@ -125,6 +125,7 @@ async def _send(listener: Any, request: web.BaseRequest, plan: Any, headers: dic
                 upstream = None
                 session = listener._session()
                 connect_timeout = pool.traffic.connect_timeout(plan.endpoint) if pool.traffic is not None else 0.0
+                idled = False
                 try:
                     if ep is None:
                         raise aiohttp.ClientConnectionError(f"endpoint {plan.endpoint} left")
@@ -132,7 +133,7 @@ async def _send(listener: Any, request: web.BaseRequest, plan: Any, headers: dic
                         request.method, url, headers=fwd, data=body, allow_redirects=False, auto_decompress=False,
                         server_hostname=expected_server_name(pool.service_of(plan.endpoint),
                                                              snap.credentials.trust_domain),
-                        timeout=_with_connect_timeout(session.timeout, connect_timeout))
+                        timeout=_attempt_timeout(session.timeout, connect_timeout, decision.idle_timeout))
                     outcome = Outcome(http_status=upstream.status)
                 except aiohttp.ConnectionTimeoutError:
                     outcome = Outcome(connect_failure=True)
@@ -146,8 +147,9 @@ async def _send(listener: Any, request: web.BaseRequest, plan: Any, headers: dic
                                 error=str(exc)[:200])
                 except (aiohttp.ClientError, OSError) as exc:
                     outcome = Outcome(reset=True)
+                    idled = decision.idle_timeout > 0 and isinstance(exc, aiohttp.SocketTimeoutError)
                     log.warning("upstream_request_failed", upstream=pool.name, endpoint=plan.endpoint,
-                                error=str(exc)[:200])
+                                error="the route's IdleTimeout passed" if idled else str(exc)[:200])
                 seconds = time.perf_counter() - t0
                 failed = outcome.connect_failure or outcome.reset or outcome.http_status >= 500
                 status = str(outcome.http_status) if outcome.http_status else "502"
@@ -156,6 +158,10 @@ async def _send(listener: Any, request: web.BaseRequest, plan: Any, headers: dic
                                  budget=pool.budget(), rng=_rng)
                 pool.finished(plan, seconds=seconds, status=status, failed=failed,
                               transport_ok=not (outcome.connect_failure or outcome.reset))
+                if idled:  # as Envoy: an idle stream is not retried
+                    text = (f"weft: no byte from upstream {pool.name} for {decision.idle_timeout:g}s "
+                            "(the route's IdleTimeout)")
+                    return web.Response(status=504, text=text + "\n"), "504"
                 if verdict.retry:
                     if upstream is not None:
                         upstream.release()
@@ -185,9 +191,11 @@ async def _send(listener: Any, request: web.BaseRequest, plan: Any, headers: dic
                                              f"timeout of {timeout:g}s\n"), "504"
 
 
-def _with_connect_timeout(base: aiohttp.ClientTimeout, seconds: float) -> aiohttp.ClientTimeout:
-    """The session's timeouts with the endpoint's connect timeout (TCP and TLS handshake)."""
-    if seconds <= 0:
+def _attempt_timeout(base: aiohttp.ClientTimeout, connect: float, idle: float) -> aiohttp.ClientTimeout:
+    """The session's timeouts with the endpoint's connect timeout (TCP and TLS handshake) and the route's
+    IdleTimeout (the longest silence of the upstream while the response is awaited or read)."""
+    if connect <= 0 and idle <= 0:
         return base
-    return aiohttp.ClientTimeout(total=base.total, connect=seconds, sock_read=base.sock_read, sock_connect=seconds,
+    return aiohttp.ClientTimeout(total=base.total, connect=connect or base.connect,
+                                 sock_read=idle or base.sock_read, sock_connect=connect or base.sock_connect,
                                  ceil_threshold=base.ceil_threshold)

@@ -15,6 +15,7 @@ Statuses and counts only: calls that must overlap are given seconds of server-si
 from __future__ import annotations
 
 import importlib.util
+import json
 import socket
 import threading
 import time
@@ -59,6 +60,7 @@ Routes = [
 Name = "hapi"
 Routes = [
   { Match { HTTP { Header = [{ Name = "x-hole", Exact = "1" }] } }, Destination { ServiceSubset = "hole" } },
+  { Match { HTTP { PathPrefix = "/idle" } }, Destination { IdleTimeout = "1s" } },
 ]
 ''',
     "web-defaults.hcl": '''Kind = "service-defaults"
@@ -114,8 +116,9 @@ class FieldsMesh(TrafficMesh):
         return dict(chain["targets"]) if chain else {}
 
 
-def http_get(port: int, headers: dict[str, str] | None = None, timeout: float = 15) -> tuple[int, str]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/x", headers=headers or {})
+def http_get(port: int, headers: dict[str, str] | None = None, timeout: float = 15,
+             path: str = "/x") -> tuple[int, str]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, resp.read().decode()
@@ -144,8 +147,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FieldsMesh]:
         m.proc("ca", [*WEFT, "ca", "serve", "-dev", "--listen", f"127.0.0.1:{free_port()}"])
         m.proc("policy", [*WEFT, "policy", "serve", "-grpc-addr", f"127.0.0.1:{free_port()}"])
         for service in ("api", "hapi"):
-            doc = f'{{"Kind": "service-intentions", "Name": "{service}", "Sources": [{{"Name": "web", "Action": "allow"}}]}}'
-            m.consul("PUT", f"/v1/kv/weft/intentions/{service}", doc.encode())
+            doc = {"Kind": "service-intentions", "Name": service, "Sources": [{"Name": "web", "Action": "allow"}]}
+            m.consul("PUT", f"/v1/kv/weft/intentions/{service}", json.dumps(doc).encode())
         for name, text in ENTRIES.items():
             (tmp / name).write_text(text)
             r = m.weft("config", "write", str(tmp / name))
@@ -251,6 +254,12 @@ def test_idle_timeout_ends_a_silent_stream(mesh: FieldsMesh) -> None:
                 yield echo_pb2.EchoRequest(text=str(i))
 
         assert len(list(stub.Bidi(chatty(), timeout=25))) == 15
+
+
+def test_idle_timeout_on_the_http_path(mesh: FieldsMesh) -> None:
+    status, body = http_get(mesh.hweb_local, {"x-echo-delay-ms": "4000"}, path="/idle")
+    assert status == 504 and "for 1s (the route's IdleTimeout)" in body, body
+    assert http_get(mesh.hweb_local, {"x-echo-delay-ms": "100"}, path="/idle")[0] == 200
 
 
 def test_warning_instances_serve_unless_only_passing(mesh: FieldsMesh) -> None:

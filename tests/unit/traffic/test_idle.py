@@ -51,3 +51,16 @@ async def test_a_busy_stream_lives_an_idle_one_ends_and_a_finished_one_leaves_no
     h2_idle.stop(busy)
     await asyncio.sleep(0.3)
     assert len(proxy.failed) == 1 and not h2_idle._watches
+
+
+def test_http_attempt_timeouts_take_the_connect_and_idle_timeouts() -> None:
+    import aiohttp
+
+    from sidecar.http_routing import _attempt_timeout
+
+    base = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
+    assert _attempt_timeout(base, 0.0, 0.0) is base
+    t = _attempt_timeout(base, 0.4, 1.0)
+    assert (t.connect, t.sock_connect, t.sock_read, t.total) == (0.4, 0.4, 1.0, None)
+    t = _attempt_timeout(base, 0.0, 2.0)
+    assert (t.sock_connect, t.sock_read) == (10, 2.0)
