@@ -74,19 +74,13 @@ async def routed_request(listener: Any, request: web.BaseRequest) -> tuple[web.S
     circuit = traffic.circuit if traffic is not None else None
     if circuit is None:
         return await _send(listener, request, plan, headers, snap)
-    timeout = plan.decision.request_timeout
-    try:
-        async with http_circuit.held(circuit, timeout) as overflow:  # UpstreamConfig.Limits
-            if overflow is not None:
-                if traffic is not None:
-                    traffic.cancelled(plan)
-                return web.Response(status=503, text=http_circuit.refusal(pool, overflow)), "503"
-            return await _send(listener, request, plan, headers, snap)
-    except TimeoutError:  # only the wait for a connection can raise it here: _send answers its own timeouts
-        if traffic is not None:
-            traffic.cancelled(plan)
-        return web.Response(status=504, text=f"weft: no connection to upstream {pool.name} became free within the "
-                                             f"route's timeout of {timeout:g}s (MaxConnections)\n"), "504"
+    async with http_circuit.held(circuit, pool, plan.decision.request_timeout) as refused:  # UpstreamConfig.Limits
+        if refused is not None:
+            if traffic is not None:
+                traffic.cancelled(plan)
+            status, text = refused
+            return web.Response(status=status, text=text), str(status)
+        return await _send(listener, request, plan, headers, snap)
 
 
 async def _send(listener: Any, request: web.BaseRequest, plan: Any, headers: dict[str, str],

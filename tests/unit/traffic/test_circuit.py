@@ -108,3 +108,74 @@ def test_connect_timeout_override_resolver_default() -> None:
     t.update(settings=upstream_settings({"UpstreamConfig": {"Overrides": [{"Name": "api", "ConnectTimeoutMs": 900}]}},
                                         "api"))
     assert t.connect_timeout("a:1") == 0.9
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, ...], int] = {}
+
+    def labels(self, *values: str) -> _Counter:
+        self.counts[values] = self.counts.get(values, 0) + 1
+        return self
+
+    def inc(self) -> None:
+        pass
+
+
+class _Pool:
+    name = "hapi"
+
+    def __init__(self) -> None:
+        self.metrics = type("M", (), {"circuit_open": _Counter()})()
+
+
+async def test_http_requests_wait_in_turn_are_refused_past_pending_and_give_up_at_the_timeout() -> None:
+    import asyncio
+
+    from sidecar.http_circuit import held
+
+    pool = _Pool()
+    c = RequestCircuit(UpstreamLimits(max_connections=1, max_pending_requests=1))
+    order: list[str] = []
+    first_in = asyncio.Event()
+    release_first = asyncio.Event()
+
+    async def first() -> None:
+        async with held(c, pool, 0) as refused:
+            assert refused is None
+            order.append("first")
+            first_in.set()
+            await release_first.wait()
+
+    async def second() -> None:
+        async with held(c, pool, 0) as refused:
+            assert refused is None
+            order.append("second")
+
+    t1 = asyncio.ensure_future(first())
+    await first_in.wait()
+    t2 = asyncio.ensure_future(second())
+    await asyncio.sleep(0)
+    assert (c.busy, c.pending) == (1, 1)
+    async with held(c, pool, 0) as refused:  # a second waiter is one too many
+        assert refused is not None and refused[0] == 503 and "MaxPendingRequests (1) reached" in refused[1]
+    assert pool.metrics.circuit_open.counts == {("hapi", "MaxPendingRequests"): 1}
+    release_first.set()
+    await asyncio.gather(t1, t2)
+    assert order == ["first", "second"] and (c.busy, c.pending) == (0, 0)
+
+    # a waiter whose route timeout passes gets 504 and leaves no count behind
+    hold = asyncio.Event()
+
+    async def holder() -> None:
+        async with held(c, pool, 0):
+            await hold.wait()
+
+    t3 = asyncio.ensure_future(holder())
+    await asyncio.sleep(0)
+    async with held(c, pool, 0.05) as refused:
+        assert refused is not None and refused[0] == 504 and "MaxConnections 1" in refused[1]
+    assert (c.busy, c.pending) == (1, 0)
+    hold.set()
+    await t3
+    assert (c.busy, c.pending) == (0, 0)
