@@ -42,25 +42,23 @@ SUBSETS = '''Subsets = {
   v1   = { Filter = "Service.Meta.version == v1" }
   hole = { Filter = "Service.Meta.version == hole" }
 }'''
+HOLE_ROUTE = ('{ Match { HTTP { Header = [{ Name = "x-hole", Exact = "1" }] } }, '
+              'Destination { ServiceSubset = "hole" } }')
 ENTRIES = {
     "api-defaults.hcl": 'Kind = "service-defaults"\nName = "api"\nProtocol = "grpc"\n',
     "api-resolver.hcl": f'Kind = "service-resolver"\nName = "api"\nDefaultSubset = "v1"\n'
                         f'ConnectTimeout = "400ms"\n{SUBSETS}\n',
-    "api-router.hcl": '''Kind = "service-router"
-Name = "api"
-Routes = [
-  { Match { HTTP { Header = [{ Name = "x-hole", Exact = "1" }] } }, Destination { ServiceSubset = "hole" } },
-  { Match { HTTP { PathExact = "/weft.test.echo.v1.Echo/Bidi" } }, Destination { IdleTimeout = "2s" } },
+    "api-router.hcl": f'''Kind = "service-router"\nName = "api"\nRoutes = [
+  {HOLE_ROUTE},
+  {{ Match {{ HTTP {{ PathExact = "/weft.test.echo.v1.Echo/Bidi" }} }}, Destination {{ IdleTimeout = "2s" }} }},
 ]
 ''',
     "hapi-defaults.hcl": 'Kind = "service-defaults"\nName = "hapi"\nProtocol = "http"\n',
     "hapi-resolver.hcl": f'Kind = "service-resolver"\nName = "hapi"\nDefaultSubset = "v1"\n'
                          f'ConnectTimeout = "400ms"\n{SUBSETS}\n',
-    "hapi-router.hcl": '''Kind = "service-router"
-Name = "hapi"
-Routes = [
-  { Match { HTTP { Header = [{ Name = "x-hole", Exact = "1" }] } }, Destination { ServiceSubset = "hole" } },
-  { Match { HTTP { PathPrefix = "/idle" } }, Destination { IdleTimeout = "1s" } },
+    "hapi-router.hcl": f'''Kind = "service-router"\nName = "hapi"\nRoutes = [
+  {HOLE_ROUTE},
+  {{ Match {{ HTTP {{ PathPrefix = "/idle" }} }}, Destination {{ IdleTimeout = "1s" }} }},
 ]
 ''',
     "web-defaults.hcl": '''Kind = "service-defaults"
@@ -169,12 +167,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FieldsMesh]:
             m.register_app(f"{service}-hole", service, "hole", "grpc" if service == "api" else "http",
                            free_port(), hole.port)
         m.web_local, m.hweb_local = free_port(), free_port()
-        web_public = free_port()
-        m.register("web-1", "web", free_port(), web_public, [("api", m.web_local), ("hapi", m.hweb_local)])
-        admin = free_port()
-        proc = m.proc("sidecar-web-1", [*WEFT, "sidecar", "--sidecar-for", "web-1", "--admin-port", str(admin),
-                                        "--bind", "127.0.0.1", "--grpc-engine", ENGINE, "--watch-wait", "10"])
-        m.sidecars["web-1"] = (proc, admin, web_public)
+        m.start_caller([("api", m.web_local), ("hapi", m.hweb_local)])
         wait_for(lambda: http_ok(f"{agent.url}/v1/kv/weft/ca/roots"), timeout=60, what="the CA's roots")
         m.wait_ready("api-v1", "hapi-v1", "web-1")
 
