@@ -149,6 +149,11 @@ class Target:
     external: bool = False
     mesh_gateway_mode: str = ""
 
+    def admits(self, status: str) -> bool:
+        """Whether an instance whose checks aggregate to ``status`` serves this target: passing ones, and
+        warning ones unless the subset sets ``OnlyPassing`` (Consul's meaning; critical ones never)."""
+        return status == "passing" or (status == "warning" and not self.only_passing)
+
 
 @dataclass(frozen=True)
 class CompiledChain:

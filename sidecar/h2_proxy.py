@@ -37,7 +37,7 @@ import ssl
 import time
 from typing import Any
 
-from sidecar import h2_traffic
+from sidecar import h2_circuit, h2_idle, h2_traffic
 from sidecar.h2.frames import (
     DATA,
     E_CANCEL,
@@ -180,6 +180,7 @@ class H2Outbound:
         ep = self.pool.endpoints.get(up.key)
         creds = snap.credentials
         loop = asyncio.get_running_loop()
+        limit = h2_circuit.connect_timeout(self.pool, up.key)  # 0: not routed, the sidecar's own bounds
         try:
             if ep is None:
                 raise ConnectionRefusedError(f"endpoint {up.key} left the upstream")
@@ -187,7 +188,7 @@ class H2Outbound:
             transport, _ = await asyncio.wait_for(loop.create_connection(
                 lambda: up, ep.address, ep.port, ssl=ctx,
                 server_hostname=expected_server_name(h2_traffic.service_of(self.pool, up.key), creds.trust_domain),
-                ssl_handshake_timeout=10), 15)
+                ssl_handshake_timeout=limit + 1 if limit else 10), limit or 15)
             sslobj = transport.get_extra_info("ssl_object")
             check_server_identity(sslobj.getpeercert(binary_form=True) if sslobj else None,
                                   h2_traffic.service_of(self.pool, up.key), creds.trust_domain)
@@ -196,6 +197,8 @@ class H2Outbound:
         except (OSError, TimeoutError, ssl.SSLError, PeerIdentityError) as exc:
             if isinstance(exc, (ssl.SSLError, PeerIdentityError)):
                 self._out.telemetry.tls_errors.labels("outbound", tls_error_reason(exc)).inc()
+            elif isinstance(exc, TimeoutError) and limit:
+                h2_circuit.connect_timed_out(self, up.key, limit)
             log.warning("upstream_connect_failed", upstream=self.pool.name, endpoint=up.key, error=str(exc)[:200])
             up.closed = True
             if up.transport is not None:
@@ -247,6 +250,8 @@ class H2Outbound:
     def client_trailers(self, st: Stream, block: bytes) -> None:
         """The client's trailers: sent after its queued data, once the upstream stream exists."""
         st.trailers = block
+        if st.plan is not None:
+            h2_idle.touch(st)
         if st.u is not None:
             self.flush_to_up(st)
 
@@ -259,6 +264,8 @@ class H2Outbound:
             return
         if st.tap is not None:
             st.tap.request_data(data)
+        if st.plan is not None:
+            h2_idle.touch(st)
         st.q_up.append((data, end))
         if st.u is not None:
             self.flush_to_up(st)
@@ -309,6 +316,8 @@ class H2Outbound:
     def to_app_headers(self, st: Stream, block: bytes, end: bool) -> None:
         if st.tap is not None:
             self._tap_headers(st, block, end)
+        if st.plan is not None:
+            h2_idle.touch(st)
         app = st.app
         if app.closed:
             return
@@ -330,6 +339,8 @@ class H2Outbound:
             return
         if st.tap is not None:
             st.tap.response_data(data)
+        if st.plan is not None:
+            h2_idle.touch(st)
         st.q_app.append((DATA, data, end))
         self.flush_to_app(st)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from sidecar import h2_circuit, h2_idle
 from sidecar.h2.grpc import RESOURCE_EXHAUSTED, UNAVAILABLE, percent
 from sidecar.h2.hpack import encode_plain, headers_of, scan
 from sidecar.ratelimit import retry_after_header
@@ -111,6 +112,10 @@ def open_routed(proxy: Any, st: Any, exclude: str = "") -> None:
         if timeout > 0:
             st.deadline = time.monotonic() + timeout
             st.timer = asyncio.get_running_loop().call_later(timeout, _timed_out, proxy, st, timeout)
+        if decision.idle_timeout > 0:
+            h2_idle.arm(proxy, st, decision.idle_timeout)
+    if pool.traffic.circuit is not None and not h2_circuit.admit(proxy, st, plan):
+        return  # UpstreamConfig.Limits: refused at once
     st.endpoint = plan.endpoint
     st.attempt_start = time.perf_counter()
     proxy.route(st, proxy._up(plan.endpoint))
@@ -139,6 +144,9 @@ def stream_done(st: Any) -> None:
     if timer is not None:
         st.timer = None
         timer.cancel()
+    plan = st.plan  # None on the inbound side
+    if plan is not None and plan.decision.idle_timeout:
+        h2_idle.stop(st)
 
 
 def retry_answer(proxy: Any, up: Any, st: Any, raw: bytes, end: bool) -> bool:

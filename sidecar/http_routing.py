@@ -22,6 +22,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from sidecar import http_circuit
 from sidecar.retry import BodyBuffer, decide
 from sidecar.routing import Outcome, apply_header_mods
 from sidecar.tls import expected_server_name
@@ -58,8 +59,6 @@ async def _rest(prefix: list[bytes], content: aiohttp.StreamReader) -> AsyncIter
 
 async def routed_request(listener: Any, request: web.BaseRequest) -> tuple[web.StreamResponse, str]:
     """(response, status label) of one request through the chain."""
-    from sidecar.http_proxy import _forward_headers, relay_response
-
     pool = listener._pool
     out = listener._out
     snap = out.snapshot()
@@ -71,6 +70,26 @@ async def routed_request(listener: Any, request: web.BaseRequest) -> tuple[web.S
     plan = pool.plan(request.method, request.path_qs, headers, source)
     if isinstance(plan, str):
         return web.Response(status=503, text=f"weft: {plan}\n"), "503"
+    traffic = pool.traffic
+    circuit = traffic.circuit if traffic is not None else None
+    if circuit is None:
+        return await _send(listener, request, plan, headers, snap)
+    async with http_circuit.held(circuit, pool, plan.decision.request_timeout) as refused:  # UpstreamConfig.Limits
+        if refused is not None:
+            if traffic is not None:
+                traffic.cancelled(plan)
+            status, text = refused
+            return web.Response(status=status, text=text), str(status)
+        return await _send(listener, request, plan, headers, snap)
+
+
+async def _send(listener: Any, request: web.BaseRequest, plan: Any, headers: dict[str, str],
+                snap: Any) -> tuple[web.StreamResponse, str]:
+    """The planned request's attempts (retries included) and its response."""
+    from sidecar.http_proxy import _forward_headers, relay_response
+
+    pool = listener._pool
+    source = snap.registration.service
     decision = plan.decision
     timeout = decision.request_timeout
     deadline = time.monotonic() + timeout if timeout else None
@@ -80,6 +99,7 @@ async def routed_request(listener: Any, request: web.BaseRequest) -> tuple[web.S
     if decision.retry.enabled:
         head, buffered = await _read_head(request, 64 * 1024)
     retries = 0
+    timed_out = 0.0  # the connect timeout the last attempt passed
     response: web.StreamResponse | None = None
     try:
         async with asyncio.timeout_at(asyncio.get_running_loop().time() + timeout if timeout else None):
@@ -97,22 +117,33 @@ async def routed_request(listener: Any, request: web.BaseRequest) -> tuple[web.S
                 t0 = time.perf_counter()
                 outcome: Outcome | None = None
                 upstream = None
+                session = listener._session()
+                connect_timeout = pool.traffic.connect_timeout(plan.endpoint) if pool.traffic is not None else 0.0
+                idled = False
                 try:
                     if ep is None:
                         raise aiohttp.ClientConnectionError(f"endpoint {plan.endpoint} left")
-                    upstream = await listener._session().request(
+                    upstream = await session.request(
                         request.method, url, headers=fwd, data=body, allow_redirects=False, auto_decompress=False,
                         server_hostname=expected_server_name(pool.service_of(plan.endpoint),
-                                                             snap.credentials.trust_domain))
+                                                             snap.credentials.trust_domain),
+                        timeout=_attempt_timeout(session.timeout, connect_timeout, decision.idle_timeout))
                     outcome = Outcome(http_status=upstream.status)
+                except aiohttp.ConnectionTimeoutError:
+                    outcome = Outcome(connect_failure=True)
+                    timed_out = connect_timeout
+                    pool.metrics.connect_timeouts.labels(pool.name).inc()
+                    log.warning("upstream_connect_timeout", upstream=pool.name, endpoint=plan.endpoint,
+                                timeout=connect_timeout)
                 except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
                     outcome = Outcome(connect_failure=True)
                     log.warning("upstream_request_failed", upstream=pool.name, endpoint=plan.endpoint,
                                 error=str(exc)[:200])
                 except (aiohttp.ClientError, OSError) as exc:
                     outcome = Outcome(reset=True)
+                    idled = decision.idle_timeout > 0 and isinstance(exc, aiohttp.SocketTimeoutError)
                     log.warning("upstream_request_failed", upstream=pool.name, endpoint=plan.endpoint,
-                                error=str(exc)[:200])
+                                error="the route's IdleTimeout passed" if idled else str(exc)[:200])
                 seconds = time.perf_counter() - t0
                 failed = outcome.connect_failure or outcome.reset or outcome.http_status >= 500
                 status = str(outcome.http_status) if outcome.http_status else "502"
@@ -121,6 +152,10 @@ async def routed_request(listener: Any, request: web.BaseRequest) -> tuple[web.S
                                  budget=pool.budget(), rng=_rng)
                 pool.finished(plan, seconds=seconds, status=status, failed=failed,
                               transport_ok=not (outcome.connect_failure or outcome.reset))
+                if idled:  # as Envoy: an idle stream is not retried
+                    text = (f"weft: no byte from upstream {pool.name} for {decision.idle_timeout:g}s "
+                            "(the route's IdleTimeout)")
+                    return web.Response(status=504, text=text + "\n"), "504"
                 if verdict.retry:
                     if upstream is not None:
                         upstream.release()
@@ -134,6 +169,9 @@ async def routed_request(listener: Any, request: web.BaseRequest) -> tuple[web.S
                     continue
                 if verdict.reason == "budget-exhausted":
                     pool.metrics.budget_exhausted.labels(pool.name).inc()
+                if upstream is None and timed_out:
+                    return web.Response(status=503, text=f"weft: no connection to upstream {pool.name} within "
+                                                         f"the connect timeout of {timed_out:g}s\n"), "503"
                 if upstream is None:
                     return web.Response(status=502, text=f"weft: upstream {pool.name} failed\n"), "502"
                 async with upstream:
@@ -145,3 +183,13 @@ async def routed_request(listener: Any, request: web.BaseRequest) -> tuple[web.S
             raise  # the response had started: the connection is cut, as Envoy does
         return web.Response(status=504, text=f"weft: upstream {pool.name} did not answer within the route's "
                                              f"timeout of {timeout:g}s\n"), "504"
+
+
+def _attempt_timeout(base: aiohttp.ClientTimeout, connect: float, idle: float) -> aiohttp.ClientTimeout:
+    """The session's timeouts with the endpoint's connect timeout (TCP and TLS handshake) and the route's
+    IdleTimeout (the longest silence of the upstream while the response is awaited or read)."""
+    if connect <= 0 and idle <= 0:
+        return base
+    return aiohttp.ClientTimeout(total=base.total, connect=connect or base.connect,
+                                 sock_read=idle or base.sock_read, sock_connect=connect or base.sock_connect,
+                                 ceil_threshold=base.ceil_threshold)

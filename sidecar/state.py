@@ -41,7 +41,7 @@ import structlog
 
 from ca.client import Credentials as LeafCredentials
 from ca.client import LeafManager
-from catalog.chain import CompiledChain
+from catalog.chain import CompiledChain, Target
 from catalog.client import ConsulClient, ConsulError
 from catalog.models import ServiceInstance, ServiceRegistration
 from catalog.watch import (
@@ -140,6 +140,7 @@ class SidecarState:
         self._reflect = reflect
         self._stop = asyncio.Event()
         self._watches: list[Any] = []
+        self._target_specs: dict[str, tuple[str, str, bool]] = {}  # target ID -> what its watch asks
         self._service_defaults: dict[str, Any] = {}  # name -> entry
         self._caller_limits: tuple[str, ratelimit_mod.CallerLimits | None] = ("", None)
         self._faults: tuple[str, faults_mod.FaultDoc | None] = ("", None)
@@ -362,9 +363,13 @@ class SidecarState:
                 self._changed()
 
     def _ensure_targets(self, upstream: str, chain: CompiledChain) -> None:
-        """A watch per chain target whose endpoints are not the upstream's plain list."""
+        """A watch per chain target whose endpoints are not the upstream's plain list (passing sidecars:
+        what a default chain, or a target with ``OnlyPassing``, uses)."""
         for tid, t in chain.targets.items():
-            if t.service == upstream and not t.filter and not t.peer and t.datacenter in ("", chain.datacenter):
+            if t.service == upstream and not t.filter and not t.peer and t.datacenter in ("", chain.datacenter) \
+                    and (t.only_passing or chain.default):
+                if self._target_specs.pop(tid, None) is not None:  # its own watch stops at its next answer
+                    self.builder.target_endpoints.pop(tid, None)
                 continue
             if t.peer or (t.datacenter and t.datacenter != chain.datacenter):
                 if tid not in self.builder.target_endpoints:
@@ -372,13 +377,23 @@ class SidecarState:
                              reason="targets in other datacenters or peers have no endpoints in Weft")
                     self.builder.set_target_endpoints(tid, ())
                 continue
-            self._spawn(f"target:{tid}", functools.partial(self._target_watch, tid, t.service, t.filter))
+            spec = (t.service, t.filter, t.only_passing)
+            self._target_specs[tid] = spec
+            self._spawn(f"target:{tid}:{spec}", functools.partial(self._target_watch, tid, t))
 
-    async def _target_watch(self, target_id: str, service: str, filter_expr: str) -> None:
-        watch = health_connect_watch(self.client, service, policy=self._policy, filter=filter_expr)
+    async def _target_watch(self, target_id: str, target: Target) -> None:
+        """A target's sidecars: its subset's filter; warning ones too unless ``OnlyPassing`` (critical ones
+        never). Ends once the chain gives the target another filter or ``OnlyPassing`` (a new watch takes over)."""
+        spec = (target.service, target.filter, target.only_passing)
+        watch = health_connect_watch(self.client, target.service, policy=self._policy, filter=target.filter,
+                                     passing=target.only_passing)
         self._watches.append(watch)
         async for instances in watch:
-            endpoints = [Endpoint(i.address, i.port, i.service_id, i.node) for i in instances if i.port]
+            if self._target_specs.get(target_id) != spec:
+                watch.close()
+                return
+            endpoints = [Endpoint(i.address, i.port, i.service_id, i.node) for i in instances
+                         if i.port and target.admits(i.status)]
             if self.builder.set_target_endpoints(target_id, endpoints):
                 self._changed()
 

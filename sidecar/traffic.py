@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl
 from catalog.chain import CompiledChain, Target
 from sidecar import faults
 from sidecar.balance import Balancer
+from sidecar.circuit import DEFAULT_CONNECT_TIMEOUT, RequestCircuit, connect_timeout, limited
 from sidecar.lb import Picker, call_hash
 from sidecar.outlier import OutlierDetector, PassiveHealthCheck
 from sidecar.ratelimit import CallerLimits, RateLimiter, retry_after_header
@@ -73,6 +74,10 @@ class UpstreamTraffic(Generic[K]):
         self._targets: dict[str, _TargetState[K]] = {}
         self.header_names: frozenset[str] = frozenset()
         self._memo: dict[tuple[int, int], RouteDecision] = {}  # route_call's, for the current chain
+        # UpstreamConfig.Limits on the HTTP/1.1 path (None: no limit set, no per-call work)
+        self.circuit: RequestCircuit | None = RequestCircuit(self.settings.limits) if limited(
+            self.settings.limits) else None
+        self.connect_timeouts: dict[K, float] = {}  # endpoint -> its connect timeout (sidecar.circuit)
         self._configure_targets()
 
     # ----- configuration -----
@@ -114,6 +119,12 @@ class UpstreamTraffic(Generic[K]):
         if settings is not None and settings != self.settings:
             self.settings = settings
             self.outlier.config = settings.passive_health_check or DEFAULT_GUARD
+            if not limited(settings.limits):
+                self.circuit = None  # requests in flight release the one they entered
+            elif self.circuit is None:
+                self.circuit = RequestCircuit(settings.limits)
+            else:
+                self.circuit.limits = settings.limits
         if chain is not None and chain != self.chain:
             self.chain = chain
             self._memo = {}
@@ -125,6 +136,20 @@ class UpstreamTraffic(Generic[K]):
                     st.endpoints = tuple(dict.fromkeys(eps))
                     st.default.set_endpoints(st.endpoints, now)
             self.outlier.set_endpoints([e for st in self._targets.values() for e in st.endpoints])
+        if settings is not None or chain is not None or endpoints is not None:
+            self._set_connect_timeouts()
+
+    def _set_connect_timeouts(self) -> None:
+        per: dict[K, list[float]] = {}
+        for tid, st in self._targets.items():
+            target = self.chain.targets.get(tid)
+            for e in st.endpoints:
+                per.setdefault(e, []).append(target.connect_timeout if target is not None else 0.0)
+        self.connect_timeouts = {e: connect_timeout(self.settings, ts) for e, ts in per.items()}
+
+    def connect_timeout(self, endpoint: K) -> float:
+        """Seconds a connection to ``endpoint`` (TCP and TLS handshake) may take (``sidecar.circuit``)."""
+        return self.connect_timeouts.get(endpoint, self.settings.connect_timeout or DEFAULT_CONNECT_TIMEOUT)
 
     def target_ids(self) -> tuple[str, ...]:
         return tuple(self.chain.targets)
@@ -190,6 +215,17 @@ class UpstreamTraffic(Generic[K]):
             st.default.start(plan.endpoint)
         if not retry:
             self.budget.record_call(now)
+
+    def cancelled(self, plan: CallPlan[K]) -> None:
+        """A planned call that never went out (a circuit breaker refused it): undo ``started``'s in-flight
+        counts without a latency or health sample."""
+        st = self._targets.get(plan.target.id)
+        if st is not None:
+            if st.picker is not None:
+                st.picker.finish(plan.endpoint)
+            if plan.endpoint in st.endpoints:
+                stats = st.default.stats(plan.endpoint)
+                stats.in_flight = max(0, stats.in_flight - 1)
 
     def finished(self, plan: CallPlan[K], now: float, *, latency: float, failed: bool,
                  transport_ok: bool = True) -> bool:

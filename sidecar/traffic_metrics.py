@@ -5,6 +5,11 @@
 - ``weft_outlier_ejections_total{upstream}``: endpoints ejected by passive health checking;
 - ``weft_ratelimited_total{source}``: calls into this instance refused by a rate limit, by caller;
 - ``weft_faults_injected_total{kind}``: injected ``delay`` and ``abort`` faults;
+- ``weft_circuit_open_total{upstream,limit}``: calls refused at once by a circuit breaker
+  (service-defaults ``UpstreamConfig.Limits``: ``MaxConnections``, ``MaxPendingRequests``,
+  ``MaxConcurrentRequests``);
+- ``weft_connect_timeouts_total{upstream}``: upstream connections not up (TCP and TLS) within their
+  connect timeout (resolver ``ConnectTimeout``, or ``ConnectTimeoutMs``);
 - ``weft_routed_requests_total{upstream,route,subset,status}``: calls that went through a discovery
   chain, by route (its index in the router, ``default`` without a router) and target subset
   (``default`` without one). A separate family: ``weft_requests_total`` keeps its labels.
@@ -37,6 +42,12 @@ class TrafficMetrics:
                                    ("source",), registry=registry)
         self.faults = Counter("weft_faults_injected_total", "Faults injected (weft/faults/<service>), by kind",
                               ("kind",), registry=registry)
+        self.circuit_open = Counter("weft_circuit_open_total",
+                                    "Calls refused by an upstream's circuit breaker (UpstreamConfig.Limits), by limit",
+                                    ("upstream", "limit"), registry=registry)
+        self.connect_timeouts = Counter("weft_connect_timeouts_total",
+                                        "Upstream connections not established within their connect timeout",
+                                        ("upstream",), registry=registry)
         self.routed = Counter("weft_routed_requests_total",
                               "Calls routed through a discovery chain, by route, target subset and status",
                               ("upstream", "route", "subset", "status"), registry=registry)

@@ -71,6 +71,15 @@ class TrafficMesh(Mesh):
         return subprocess.run([*WEFT, *args], input=stdin, capture_output=True, text=True, timeout=60,
                               env=self.env, check=False)
 
+    def start_caller(self, upstreams: list[tuple[str, int]]) -> None:
+        """Register web-1 calling ``upstreams`` (name, local port) and start its sidecar."""
+        web_public = free_port()
+        self.register("web-1", "web", free_port(), web_public, upstreams)
+        admin = free_port()
+        proc = self.proc("sidecar-web-1", [*WEFT, "sidecar", "--sidecar-for", "web-1", "--admin-port", str(admin),
+                                           "--bind", "127.0.0.1", "--grpc-engine", ENGINE, "--watch-wait", "10"])
+        self.sidecars["web-1"] = (proc, admin, web_public)
+
     def kv(self, key: str, doc: Any | None) -> None:
         if doc is None:
             self.consul("DELETE", f"/v1/kv/{key}")
@@ -119,12 +128,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrafficMesh]:
             m.register_versioned(sid, version, port, public)
             m.start_sidecar(sid, public)
         m.web_local = free_port()
-        web_public = free_port()
-        m.register("web-1", "web", free_port(), web_public, [("api", m.web_local)])
-        admin = free_port()
-        proc = m.proc("sidecar-web-1", [*WEFT, "sidecar", "--sidecar-for", "web-1", "--admin-port", str(admin),
-                                        "--bind", "127.0.0.1", "--grpc-engine", ENGINE, "--watch-wait", "10"])
-        m.sidecars["web-1"] = (proc, admin, web_public)
+        m.start_caller([("api", m.web_local)])
         wait_for(lambda: http_ok(f"{agent.url}/v1/kv/weft/ca/roots"), timeout=60, what="the CA's roots")
         m.wait_ready("api-v1", "api-v2", "web-1")
 

@@ -42,8 +42,14 @@ class ChainConsul(FakeConsul):
 
 
 @pytest.fixture
-async def world() -> Any:
-    consul = ChainConsul()
+def consul_class() -> type[ChainConsul]:
+    """The fake Consul of ``world`` (a test module may give another one)."""
+    return ChainConsul
+
+
+@pytest.fixture
+async def world(consul_class: type[ChainConsul]) -> Any:
+    consul = consul_class()
     consul.agent["web-1-sidecar-proxy"] = proxy_reg("api")
     leaf = FakeLeaf()
     reg = Registration(service="web", service_id="web-1", proxy_id="web-1-sidecar-proxy", public_address="127.0.0.1",
