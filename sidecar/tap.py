@@ -576,8 +576,8 @@ class Redactor:
             for k, v in value.items():
                 if secret(k if k.__class__ is str else str(k)):
                     out[k] = REDACTED
-                elif v.__class__ is str:  # the common leaf, without a call of json() for it
-                    out[k] = self._string(v)
+                elif v.__class__ is str:  # the common leaf, inline (as _string)
+                    out[k] = self.text(v) if len(v) > 2 and ("=" in v or ":" in v) else v
                 else:
                     out[k] = v if v is None or v.__class__ in _SCALARS else self.json(v, depth + 1)
             return out
@@ -694,9 +694,12 @@ def preview_bytes(data: bytes, settings: TapSettings) -> dict[str, Any]:
 
 def grpc_messages(data: bytes) -> list[tuple[bool, bytes, bool]]:
     """(compressed, message bytes, complete) for each length-prefixed message in a captured prefix."""
+    n = len(data)
+    if n >= 5 and int.from_bytes(data[1:5], "big") == n - 5:  # one whole message (a unary call's)
+        return [(data[0] == 1, data[5:], True)]
     out: list[tuple[bool, bytes, bool]] = []
     i = 0
-    while i < len(data):
+    while i < n:
         if len(data) - i < 5:
             out.append((False, data[i:], False))
             break
