@@ -11,7 +11,8 @@ Turning a record into the JSON line a tap sees (:func:`render`) happens on the r
 call's path, and redacts before anything leaves the sidecar: the values of ``authorization``,
 ``cookie``, ``set-cookie``, ``x-consul-token``, ``proxy-authorization``, every ``-bin`` key not
 allowed by the settings, and every header, query parameter or JSON field whose name contains one of
-the settings' ``Redact`` patterns (case-insensitively) become ``[redacted]``.
+the settings' ``Redact`` patterns (case-insensitively) become ``[redacted]``. What that takes is built
+once per settings (a :class:`Redactor`) and reused for every call rendered under them.
 
 Payload previews: gRPC messages (5-byte length prefix) are decoded to JSON when the method's
 descriptor is known (a :data:`Decoder` supplied by the caller), shown as text when textual, base64
