@@ -17,6 +17,8 @@ both sidecars of the pair, as in `bench_sidecar`.
   identical runs are on this machine, the yardstick for "within noise".
 - `inactive_hook_ns_per_call`: the hooks a call meets while nobody taps (an attribute check each),
   timed in process, and as a share of the per-call CPU of the pair.
+- `WEFT_BENCH_PROFILE=1`: one more run with a tap on every call of both sidecars of the full path,
+  with py-spy on them (`profile_tap_all_calls`: top frames of CPU-using samples, as in bench_sidecar).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import weft_pair
-from benchmarks.bench_sidecar import Route, _processes, _ready_grpc, _start_app, measure
+from benchmarks.bench_sidecar import Route, _processes, _ready_grpc, _start_app, measure, profile
 from sidecar.tap import DEFAULT_MAX_RPS
 from tests.support import free_port, wait_for
 
@@ -173,6 +175,15 @@ def run() -> dict[str, Any]:
         hook_ns = inactive_hook_ns()
         out["inactive_hook_ns_per_call"] = round(hook_ns, 1)
         out["inactive_hook_share_of_call_cpu"] = round(hook_ns / 1000 / no_tap, 5)
+        if os.environ.get("WEFT_BENCH_PROFILE"):
+            # where the CPU of a tapped call goes: py-spy on both sidecars, one tap each on every call
+            readers = [TapReader(stack.sidecars[s][1], 0) for s in ("client", "echol7")]
+            try:
+                time.sleep(0.3)
+                out["profile_tap_all_calls"] = profile(l7, ["client", "echol7"], workdir, seconds)
+            finally:
+                for r in readers:
+                    r.close()
         out["met"] = {"tap_vs_no_tap": out["tap_vs_no_tap"] <= 1.25,
                       "tap_all_calls_vs_no_tap": out["tap_all_calls_vs_no_tap"] <= 1.25}
     print(json.dumps(out, indent=2), flush=True)

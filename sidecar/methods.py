@@ -20,6 +20,7 @@ import structlog
 if TYPE_CHECKING:
     from google.protobuf import descriptor_pb2
 
+from sidecar.protojson import message_to_json
 from sidecar.snapshot import kind_of, validate_methods
 
 log = structlog.get_logger("weft.sidecar.methods")
@@ -128,11 +129,9 @@ class MessageTypes:
             from google.protobuf import message_factory
 
             cls = self._classes[name] = message_factory.GetMessageClass(self._pool.FindMessageTypeByName(name))
-        from google.protobuf import json_format
-
         msg = cls()
         msg.ParseFromString(data)
-        return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+        return message_to_json(msg)
 
 
 learnt = MessageTypes()

@@ -296,3 +296,62 @@ def test_raw_header_blocks_are_decoded_on_the_readers_side_once() -> None:
     # other settings: rendered again, with their own redaction
     assert redact_headers(HeaderBlock(decode, b"block-1"), TapSettings(redact=("grpc-status",)))["grpc-status"] \
         == REDACTED
+
+
+# -- the reader's side, made cheap: what it skips must never change what it shows ------------------
+
+def test_the_needle_check_skips_only_texts_with_nothing_to_redact() -> None:
+    """Redactor.text skips the patterns for a text without a needle; over texts built from names,
+    separators and values (secret names in several cases included), that never changes the result."""
+    import random
+
+    from sidecar.tap import redactor_for
+
+    s = TapSettings(redact=("password", "x-api-key"), allow_binary=frozenset({"ok-bin"}))
+    red = redactor_for(s)
+    names = ["user", "Password", "db_PASSWORD", "x-api-key", "X-Api-Key2", "Authorization", "cookie", "trace-bin",
+             "ok-bin", "note", "passw", "ord", "ΣPASSWORD", "İd", "pass%77ord", "x-consul-token", "set-Cookie"]
+    seps = ['"{}": "{}"', "{}={}", "{}: {}", "{}:{}", '"{}":{}', "{} {}"]
+    joins = ["&", "\n", ", ", " ", "?", ""]
+    r = random.Random(5)
+    seen_hidden = seen_clear = 0
+    for _ in range(3000):
+        parts = [r.choice(seps).format(r.choice(names), r.choice(["s3cret", "1", '"q"', "a=b"]))
+                 for _ in range(r.randint(1, 4))]
+        text = r.choice(joins).join(parts)
+        full = red.substitute(text)
+        assert red.text(text) == full, text
+        if full != text:
+            seen_hidden += 1
+            assert red.may_hide(text)
+        else:
+            seen_clear += 1
+    assert seen_hidden > 100 and seen_clear > 100  # both kinds were exercised
+    assert not red.may_hide("eHh4eHh4eA==") and red.text("eHh4eHh4eA==") == "eHh4eHh4eA=="
+    assert redactor_for(TapSettings(redact=("password", "x-api-key"), allow_binary=frozenset({"ok-bin"}))) is red
+
+
+def test_text_previews_as_before_for_cut_utf8_and_control_characters() -> None:
+    from sidecar.tap import _textual, preview_bytes
+
+    assert _textual("héllo".encode()) == "héllo"
+    assert _textual("héllo €".encode()[:-1]) == "héllo "  # a character cut at MaxBytes is held back
+    assert _textual(b"\xff\xfe") is None and _textual(b"a\x00b") is None and _textual(b"a\x1bb") is None
+    assert _textual(b"tab\tcr\rlf\n") == "tab\tcr\rlf\n"
+    assert preview_bytes(b" \n[1, 2]", OFF) == {"json": [1, 2]}
+    assert preview_bytes(b"Infinity", OFF)["json"] == float("inf")  # what json.loads accepts, still JSON
+    assert preview_bytes(b"hello: {", OFF) == {"text": "hello: {"}
+    assert preview_bytes(b"\x00\x01", OFF) == {"base64": "AAE="}
+
+
+def test_json_lines_fall_back_to_json_dumps_for_what_orjson_refuses() -> None:
+    from sidecar.tap import json_line, timestamp
+
+    assert json_line({"a": "é", "n": [1, 2.5, None, True]}) == '{"a":"é","n":[1,2.5,null,true]}\n'.encode()
+    big = json_line({"n": 2**70})
+    assert big == b'{"n":1180591620717411303424}\n'
+    assert json.loads(json_line({"s": "\ud800"})) == {"s": "\ud800"}  # a lone surrogate from a parsed body
+    assert json.loads(json_line({1: "x"})) == {"1": "x"}
+    assert timestamp(1767323045.6789) == "2026-01-02T03:04:05.678Z"
+    assert timestamp(1767323045.0) == "2026-01-02T03:04:05.000Z"
+    assert timestamp(1767323046.001) == "2026-01-02T03:04:06.001Z"
