@@ -9,8 +9,9 @@ a route with `NumRetries = 2`, `RetryOn = ["unavailable"]`, `RequestTimeout = "1
 service-defaults a `PassiveHealthCheck` for it, and KV `weft/ratelimits/routed` a (never reached)
 per-caller limit, so routed calls also take the inbound's per-call path. Each sidecar runs the
 default h2 engine. The load generator alternates rounds on the two paths (unary, 8 in flight); the
-CPU of each path's sidecars (`/proc`) over its calls gives `proxy_cpu_us_per_call`, and
-`ratio` = routed / plain (target: at most 1.15).
+CPU of each path's sidecars (`/proc`) over its calls gives `proxy_cpu_us_per_call` (and, split by
+sidecar, `per_sidecar_us_per_call`: where a path's CPU goes), and `ratio` = routed / plain (target:
+at most 1.15).
 
     python -m benchmarks traffic        (WEFT_BENCH_SECONDS per round, default 8; WEFT_BENCH_ROUNDS, default 3;
                                          WEFT_BENCH_TRAFFIC_LIMITS=0 leaves the rate-limit document out)
@@ -69,6 +70,9 @@ ENTRIES: list[dict[str, Any]] = [
          "Destination": {"NumRetries": 2, "RetryOn": ["unavailable"], "RequestTimeout": "10s"}}]},
 ]
 
+# each path's sidecars: the caller's, then the destination instances'
+SIDECARS = {"plain": ("cplain-1", "plain-1"), "routed": ("crouted-1", "routed-1", "routed-2")}
+
 
 def _setup(m: _Mesh, limits: bool) -> tuple[str, str, dict[str, list[int]]]:
     m.proc("ca", [*WEFT, "ca", "serve", "-dev", "--listen", f"127.0.0.1:{free_port()}"])
@@ -100,8 +104,7 @@ def _setup(m: _Mesh, limits: bool) -> tuple[str, str, dict[str, list[int]]]:
         return bool(chain) and all(t["endpoints"] for t in chain["targets"].values())
 
     wait_for(chain_ready, timeout=60, interval=0.3, what="crouted's sidecar to know routed's chain")
-    pids = {"plain": [m.sidecars[s][0].pid for s in ("cplain-1", "plain-1")],
-            "routed": [m.sidecars[s][0].pid for s in ("crouted-1", "routed-1", "routed-2")]}
+    pids = {path: [m.sidecars[s][0].pid for s in sids] for path, sids in SIDECARS.items()}
     return f"127.0.0.1:{plain_local}", f"127.0.0.1:{routed_local}", pids
 
 
@@ -113,14 +116,19 @@ def run() -> dict[str, Any]:
         m = _Mesh(agent=DevAgent(), tmp=Path(tmp))
         try:
             plain, routed, pids = _setup(m, limits)
+            names = {path: dict(zip(SIDECARS[path], pids[path], strict=True)) for path in pids}
             targets = {"plain": plain, "routed": routed}
             per_path: dict[str, dict[str, float]] = {p: {"cpu": 0.0, "calls": 0.0, "errors": 0.0} for p in targets}
             p50: dict[str, list[float]] = {p: [] for p in targets}
+            per_process: dict[str, dict[str, float]] = {p: {} for p in targets}  # sidecar -> CPU seconds
             for _ in range(rounds):
                 for path, target in targets.items():
-                    before = cpu_seconds(pids[path])
+                    before = {name: cpu_seconds([pid]) for name, pid in names[path].items()}
                     result = load("unary", [target], "--duration", str(seconds), "--concurrency", "8")
-                    per_path[path]["cpu"] += cpu_seconds(pids[path]) - before
+                    for name, pid in names[path].items():
+                        used = cpu_seconds([pid]) - before[name]
+                        per_process[path][name] = per_process[path].get(name, 0.0) + used
+                        per_path[path]["cpu"] += used
                     per_path[path]["calls"] += result["calls_total"]
                     per_path[path]["errors"] += result["errors"]
                     p50[path].append(result["p50_ms"])
@@ -132,7 +140,10 @@ def run() -> dict[str, Any]:
         calls = max(per_path[path]["calls"], 1)
         figures[path] = {"calls": int(per_path[path]["calls"]), "errors": int(per_path[path]["errors"]),
                          "proxy_cpu_us_per_call": round(per_path[path]["cpu"] / calls * 1e6, 1),
-                         "p50_ms": round(sorted(p50[path])[len(p50[path]) // 2], 3)}
+                         "p50_ms": round(sorted(p50[path])[len(p50[path]) // 2], 3),
+                         # where the CPU goes (per call of the path): the caller's sidecar, each instance's
+                         "per_sidecar_us_per_call": {name: round(cpu / calls * 1e6, 1)
+                                                     for name, cpu in per_process[path].items()}}
     ratio = figures["routed"]["proxy_cpu_us_per_call"] / max(figures["plain"]["proxy_cpu_us_per_call"], 1e-9)
     figures["ratio"] = round(ratio, 3)
     figures["target_ratio"] = TARGET_RATIO

@@ -154,7 +154,7 @@ class Stream:
         # traffic management (see sidecar.h2_traffic): the call's plan through the upstream's chain,
         # its timeout timer and deadline, retries made, when the current attempt started
         self.plan: Any = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: Any = None  # its deadline's group while one is armed (sidecar.h2_traffic)
         self.deadline: float | None = None
         self.retries = 0
         self.attempt_start: float | None = None

@@ -450,7 +450,8 @@ class H2Outbound:
     def release(self, st: Stream, *, ok: bool) -> None:
         """The stream leaves its endpoint (for the balancer's in-flight count and latency)."""
         if st.endpoint:
-            self.pool.observe(st.endpoint, ok, time.perf_counter() - st.start)
+            if st.plan is None:  # a routed stream's attempts go to its chain's pickers (h2_traffic.attempt_ended)
+                self.pool.observe(st.endpoint, ok, time.perf_counter() - st.start)
             st.endpoint = ""
 
     def finish(self, st: Stream, code: int) -> None:

@@ -75,17 +75,20 @@ def open_routed(proxy: Any, st: Any, exclude: str = "") -> None:
     st.tries += 1
     first = st.plan is None
     block = st.request_block
-    try:
+    # the path was read from the block when the stream opened (``Stream.method``)
+    path = st.original_path or st.method or "/"
+    plain = {}
+    traffic = pool.traffic
+    if traffic is not None and traffic.header_fields:
         # only what the chain looks at is read from the block (its router's header matches, hash fields)
-        path = st.original_path or (scan(block, b":path") or b"/").decode("latin-1")
-        plain = {}
-        for name in pool.traffic.header_names if pool.traffic is not None else ():
-            value = scan(block, name.encode("latin-1"))
-            if value is not None:
-                plain[name] = value.decode("latin-1")
-    except (ValueError, UnicodeDecodeError) as exc:
-        proxy.fail(st, 13, f"weft: unreadable request headers: {exc}")
-        return
+        try:
+            for name, wire_name in traffic.header_fields:
+                value = scan(block, wire_name)
+                if value is not None:
+                    plain[name] = value.decode("latin-1")
+        except (ValueError, UnicodeDecodeError) as exc:
+            proxy.fail(st, 13, f"weft: unreadable request headers: {exc}")
+            return
     plan = pool.plan("POST", path, plain, out.snapshot().registration.service, exclude=exclude)  # gRPC: POST
     if isinstance(plan, str):
         proxy.fail(st, UNAVAILABLE, f"weft: {plan}")
@@ -111,7 +114,7 @@ def open_routed(proxy: Any, st: Any, exclude: str = "") -> None:
         timeout = decision.request_timeout
         if timeout > 0:
             st.deadline = time.monotonic() + timeout
-            st.timer = asyncio.get_running_loop().call_later(timeout, _timed_out, proxy, st, timeout)
+            _deadline(proxy, st, timeout, _timed_out)
         if decision.idle_timeout > 0:
             h2_idle.arm(proxy, st, decision.idle_timeout)
     if pool.traffic.circuit is not None and not h2_circuit.admit(proxy, st, plan):
@@ -122,11 +125,65 @@ def open_routed(proxy: Any, st: Any, exclude: str = "") -> None:
 
 
 def _timed_out(proxy: Any, st: Any, timeout: float) -> None:
-    st.timer = None
     if not st.recorded:
         proxy.fail(st, DEADLINE_EXCEEDED, f"weft: {proxy.pool.name} did not answer within the route's timeout "
                                           f"of {timeout:g}s")
         proxy.flush()
+
+
+class _DeadlineGroup:
+    """The streams of one proxy that share a timeout, in the order they started (so in the order of
+    their deadlines), with one timer for the earliest: a stream costs a dict insert and delete
+    instead of a timer of its own, and a call that ends in time touches no timer."""
+
+    __slots__ = ("expire", "handle", "loop", "proxy", "streams", "timeout")
+
+    def __init__(self, proxy: Any, timeout: float, expire: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.proxy = proxy
+        self.timeout = timeout
+        self.expire = expire  # expire(proxy, stream, timeout)
+        self.loop = loop
+        self.streams: dict[Any, float] = {}  # stream -> deadline (loop time)
+        self.handle: asyncio.TimerHandle | None = None
+
+    def add(self, st: Any) -> None:
+        deadline = self.loop.time() + self.timeout
+        self.streams[st] = deadline
+        st.timer = self
+        if self.handle is None:
+            self.handle = self.loop.call_at(deadline, self._fire)
+
+    def cancel_for(self, st: Any) -> None:
+        self.streams.pop(st, None)
+
+    def _fire(self) -> None:
+        self.handle = None
+        due = self.loop.time() + 0.001  # timers fire at millisecond resolution
+        streams = self.streams
+        expired = []
+        for st, deadline in streams.items():
+            if deadline > due:
+                self.handle = self.loop.call_at(deadline, self._fire)
+                break
+            expired.append(st)
+        for st in expired:
+            del streams[st]
+            if st.timer is self:
+                st.timer = None
+            self.expire(self.proxy, st, self.timeout)
+
+
+def _deadline(proxy: Any, st: Any, timeout: float, expire: Any) -> None:
+    """Arm ``timeout`` for ``st``: ``expire(proxy, st, timeout)`` runs when it passes first;
+    ``stream_done`` disarms it. The groups (one per timeout and expiry; timeouts come from config
+    entries, so they are few) live on the proxy."""
+    groups: dict[tuple[float, Any], _DeadlineGroup] | None = getattr(proxy, "_traffic_deadlines", None)
+    if groups is None:
+        groups = proxy._traffic_deadlines = {}
+    g = groups.get((timeout, expire))
+    if g is None:
+        g = groups[(timeout, expire)] = _DeadlineGroup(proxy, timeout, expire, asyncio.get_running_loop())
+    g.add(st)
 
 
 def attempt_ended(proxy: Any, st: Any, *, status: str, failed: bool, transport_ok: bool = True) -> None:
@@ -143,7 +200,7 @@ def stream_done(st: Any) -> None:
     timer = st.timer
     if timer is not None:
         st.timer = None
-        timer.cancel()
+        timer.cancel_for(st)
     plan = st.plan  # None on the inbound side
     if plan is not None and plan.decision.idle_timeout:
         h2_idle.stop(st)
@@ -289,11 +346,11 @@ def local_timeout(h2in: Any, st: Any, snap: Any) -> None:
     """service-defaults ``LocalRequestTimeoutMs``: a call to the local app ends with DEADLINE_EXCEEDED past it."""
     timeout = snap.inbound.local.request_timeout
     if timeout > 0 and st.timer is None:
-        def expired() -> None:
-            st.timer = None
-            if not st.recorded:
-                h2in.fail(st, DEADLINE_EXCEEDED, f"weft: the local app did not answer within {timeout:g}s "
-                                                 "(LocalRequestTimeoutMs)")
-                h2in.flush()
+        _deadline(h2in, st, timeout, _local_expired)
 
-        st.timer = asyncio.get_running_loop().call_later(timeout, expired)
+
+def _local_expired(h2in: Any, st: Any, timeout: float) -> None:
+    if not st.recorded:
+        h2in.fail(st, DEADLINE_EXCEEDED, f"weft: the local app did not answer within {timeout:g}s "
+                                         "(LocalRequestTimeoutMs)")
+        h2in.flush()

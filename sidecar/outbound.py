@@ -33,7 +33,7 @@ from sidecar.balance import Balancer
 from sidecar.grpc_proxy import ProxyHandler, Refusal, Target, UpstreamChannel, channel_options, server_options
 from sidecar.limits import Limits
 from sidecar.retry import RetryBudget
-from sidecar.routing import NoRoute, Request
+from sidecar.routing import NoRoute
 from sidecar.snapshot import Endpoint, Snapshot, UpstreamState
 from sidecar.telemetry import Telemetry
 from sidecar.tls import TlsContexts, expected_server_name
@@ -128,9 +128,8 @@ class EndpointPool:
         if traffic is None:
             return f"upstream {self.name} is no longer routed through a discovery chain"
         now = time.monotonic()
-        request = Request(method, path, headers)
         try:
-            plan = traffic.plan(request, now, source=source, exclude=exclude or None)
+            plan = traffic.plan_call(method, path, headers, now, source=source, exclude=exclude or None)
         except (NoEndpoint, NoRoute) as exc:
             return str(exc)
         traffic.started(plan, now, retry=bool(exclude))

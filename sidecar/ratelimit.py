@@ -263,19 +263,28 @@ class RateLimiter:
         return self._instance_bucket, "instance"
 
     def check(self, caller: str, path: str, now: float) -> Verdict:
-        """Take a token for one call of ``caller`` to ``path``, or refuse it (nothing is taken then)."""
-        buckets: list[tuple[TokenBucket, str]] = []
+        """Take a token for one call of ``caller`` to ``path``, or refuse it (nothing is taken then).
+
+        Per call: one refill per bucket that applies (no list of buckets, no second refill), the
+        instance's route table only when it has routes."""
         limit = self.callers.for_caller(caller)
-        if limit is not None:
-            buckets.append((self._caller_bucket(caller, limit, now), "caller"))
-        inst, source = self._instance(path.partition("?")[0], now)
+        caller_bucket = self._caller_bucket(caller, limit, now) if limit is not None else None
+        inst: TokenBucket | None = None
+        source = ""
+        if self.instance.routes or self.instance.limit is not None:
+            inst, source = self._instance(path.partition("?")[0], now)
+        if caller_bucket is not None:
+            caller_bucket._refill(now)
+            if caller_bucket.tokens < 1:
+                return Verdict(False, retry_after=caller_bucket.wait_time(now), source="caller")
         if inst is not None:
-            buckets.append((inst, source))
-        for b, src in buckets:
-            if not b.available(now):
-                return Verdict(False, retry_after=b.wait_time(now), source=src)
-        for b, _ in buckets:
-            b.take(now)
+            inst._refill(now)
+            if inst.tokens < 1:
+                return Verdict(False, retry_after=inst.wait_time(now), source=source)
+        if caller_bucket is not None:
+            caller_bucket.tokens -= 1
+        if inst is not None:
+            inst.tokens -= 1
         return ALLOW
 
 

@@ -18,6 +18,7 @@ and labels for metrics (route index, target subset).
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl
@@ -280,6 +281,110 @@ def _decision(chain: CompiledChain, node: Node, route_index: int, dest: RouteDes
         idle_timeout=dest.idle_timeout, retry=retry_policy(dest), connect_timeout=resolver.connect_timeout,
         request_headers=tuple(req_mods), response_headers=tuple(resp_mods),
         resolver_node=f"resolver:{resolver.target}")
+
+
+class RouteTable:
+    """``route_call`` for one compiled chain, with what repeats from call to call kept.
+
+    A call's route depends only on its method, its path (with the query) and the few headers the
+    router's matches name (``header_names``), so the outcome of the router's walk is kept per
+    (method, path, those header values) — gRPC calls repeat a handful of paths — and the regexes and
+    header conditions run once per distinct request, not once per call. Each route's (or the chain
+    start's) splitter becomes an array of cumulative weights searched with ``bisect`` (the same
+    float sums as ``pick_split``), and each (route, split) decision is built once. Decisions are
+    those ``route_call`` makes for the same chain, request and draw; the table is built anew when the
+    chain changes. Memory is bounded: at most ``MAX_MEMO`` requests, and paths longer than
+    ``MAX_MEMO_PATH`` are walked each time.
+    """
+
+    MAX_MEMO = 4096
+    MAX_MEMO_PATH = 512
+
+    __slots__ = ("_branches", "_memo", "_start", "chain", "header_names")
+
+    def __init__(self, chain: CompiledChain) -> None:
+        self.chain = chain
+        start = chain.start
+        self.header_names: tuple[str, ...] = tuple(sorted({h.name for r in start.routes for h in r.match.headers})) \
+            if start.type == "router" else ()
+        self._memo: dict[tuple[str | None, ...], tuple[_Branch, str] | str] = {}
+        self._branches: dict[int, _Branch] = {}
+        self._start = _Branch(chain, chain.start, -1, None) if start.type != "router" else None
+
+    def _branch(self, route_index: int) -> _Branch:
+        b = self._branches.get(route_index)
+        if b is None:
+            route = self.chain.start.routes[route_index]
+            b = self._branches[route_index] = _Branch(self.chain, self.chain.nodes[route.next_node], route_index,
+                                                       route.destination)
+        return b
+
+    def _walk(self, method: str, path: str, headers: Mapping[str, str]) -> tuple[_Branch, str] | str:
+        """The router's walk (``route_call``'s): the branch and the rewritten path, or why no route matches."""
+        chain = self.chain
+        bare, query_text = _split(path[:MAX_PATH])
+        query = parse_qsl(query_text, keep_blank_values=True, max_num_fields=100) if query_text else []
+        for i, route in enumerate(chain.start.routes):
+            if matches(route.match, method, bare, headers, query):
+                dest = route.destination
+                new_path = rewrite(bare, query_text, route.match, dest.prefix_rewrite) if dest.prefix_rewrite else ""
+                return self._branch(i), new_path
+        return f"no route of {chain.service_name} matches {method} {bare}"
+
+    def decide(self, method: str, path: str, headers: Mapping[str, str], draw: float) -> RouteDecision:
+        """The same decision as ``route_call(chain, Request(method, path, headers), draw)``."""
+        branch = self._start
+        new_path = ""
+        if branch is None:
+            names = self.header_names
+            key = (method, path, *[headers.get(n) for n in names]) if names else (method, path)
+            hit = self._memo.get(key)
+            if hit is None:
+                hit = self._walk(method, path, headers)
+                if len(path) <= self.MAX_MEMO_PATH:
+                    if len(self._memo) >= self.MAX_MEMO:
+                        self._memo.clear()
+                    self._memo[key] = hit
+            if isinstance(hit, str):
+                raise NoRoute(hit)
+            branch, new_path = hit
+        decision = branch.decision(draw)
+        return replace(decision, path=new_path) if new_path else decision
+
+
+class _Branch:
+    """What follows one route (or the start of a chain without a router): its splitter's cumulative
+    weights and the decision of each split, built on first use."""
+
+    __slots__ = ("chain", "cumulative", "decisions", "dest", "node", "route_index")
+
+    def __init__(self, chain: CompiledChain, node: Node, route_index: int, dest: RouteDestination | None) -> None:
+        self.chain = chain
+        self.node = node
+        self.route_index = route_index
+        self.dest = dest
+        cumulative: list[float] = []
+        total = 0.0
+        for s in node.splits if node.type == "splitter" else ():
+            total += s.weight
+            cumulative.append(total)
+        self.cumulative = tuple(cumulative)
+        self.decisions: list[RouteDecision | None] = [None] * max(1, len(cumulative))
+
+    def decision(self, draw: float) -> RouteDecision:
+        cumulative = self.cumulative
+        if cumulative:
+            i = bisect_right(cumulative, draw)
+            if i >= len(cumulative):
+                i = len(cumulative) - 1
+            d = self.decisions[i]
+            if d is None:
+                d = self.decisions[i] = _decision(self.chain, self.node, self.route_index, self.dest, i)
+            return d
+        d = self.decisions[0]
+        if d is None:
+            d = self.decisions[0] = _decision(self.chain, self.node, self.route_index, self.dest, -1)
+        return d
 
 
 def apply_header_mods(headers: list[tuple[str, str]], mods: Sequence[HeaderMods]) -> list[tuple[str, str]]:

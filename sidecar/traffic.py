@@ -29,7 +29,7 @@ from sidecar.lb import Picker, call_hash
 from sidecar.outlier import OutlierDetector, PassiveHealthCheck
 from sidecar.ratelimit import CallerLimits, RateLimiter, retry_after_header
 from sidecar.retry import RetryBudget
-from sidecar.routing import Request, RouteDecision, route_call
+from sidecar.routing import Request, RouteDecision, RouteTable
 from sidecar.snapshot import InboundTraffic
 from sidecar.upstreamconfig import UpstreamSettings
 
@@ -73,11 +73,15 @@ class UpstreamTraffic(Generic[K]):
                                                            rng=self.rng)
         self._targets: dict[str, _TargetState[K]] = {}
         self.header_names: frozenset[str] = frozenset()
-        self._memo: dict[tuple[int, int], RouteDecision] = {}  # route_call's, for the current chain
         # UpstreamConfig.Limits on the HTTP/1.1 path (None: no limit set, no per-call work)
         self.circuit: RequestCircuit | None = RequestCircuit(self.settings.limits) if limited(
             self.settings.limits) else None
         self.connect_timeouts: dict[K, float] = {}  # endpoint -> its connect timeout (sidecar.circuit)
+        # the same names with their wire form, for the call path's scan of a request's header block
+        self.header_fields: tuple[tuple[str, bytes], ...] = ()
+        self._table = RouteTable(chain)
+        # each (decision, target, endpoint)'s plan, built once per chain (decisions are the table's)
+        self._plans: dict[tuple[int, str, K], CallPlan[K]] = {}
         self._configure_targets()
 
     # ----- configuration -----
@@ -93,6 +97,7 @@ class UpstreamTraffic(Generic[K]):
                 elif hp.field == "cookie":
                     names.add("cookie")
         self.header_names = frozenset(names)  # what a call's plan reads of its request headers
+        self.header_fields = tuple((n, n.encode("latin-1")) for n in sorted(names))
         by_target = {}
         for node in self.chain.nodes.values():
             if node.type == "resolver":
@@ -127,7 +132,8 @@ class UpstreamTraffic(Generic[K]):
                 self.circuit.limits = settings.limits
         if chain is not None and chain != self.chain:
             self.chain = chain
-            self._memo = {}
+            self._table = RouteTable(chain)
+            self._plans = {}
             self._configure_targets()
         if endpoints is not None:
             for tid, eps in endpoints.items():
@@ -158,7 +164,19 @@ class UpstreamTraffic(Generic[K]):
     def plan(self, request: Request, now: float, *, source: str = "", exclude: K | None = None) -> CallPlan[K]:
         """Route, split and pick for one call; NoEndpoint when no target has an endpoint. ``exclude``
         (a retry's failed endpoint) is avoided while the target has another one."""
-        decision = route_call(self.chain, request, self.rng.random() * 100, self._memo)
+        return self.plan_call(request.method, request.path, request.headers, now, source=source, exclude=exclude)
+
+    def plan_call(self, method: str, path: str, headers: Mapping[str, str], now: float, *, source: str = "",
+                  exclude: K | None = None) -> CallPlan[K]:
+        """``plan`` without a Request: the call path's form."""
+        decision = self._table.decide(method, path, headers, self.rng.random() * 100)
+        if exclude is None and self.outlier.none_ejected(now):
+            # the common call: its routed target, nothing ejected, no endpoint to avoid
+            routed = self._targets.get(decision.target.id)
+            if routed is not None and routed.endpoints and routed.picker is None:
+                picked = routed.default.pick(now)
+                if picked is not None:
+                    return self._plan_of(decision, decision.target, picked, False)
         order = (decision.target, *decision.failover)
         chosen: tuple[Target, list[K]] | None = None
         for target in order:
@@ -189,13 +207,26 @@ class UpstreamTraffic(Generic[K]):
         if st.picker is not None:
             h = None
             if st.picker.hash_based and st.hash_policies:
-                query = dict(parse_qsl(request.path.partition("?")[2], max_num_fields=100))
-                h = call_hash(st.hash_policies, request.headers, query, source)
+                query = dict(parse_qsl(path.partition("?")[2], max_num_fields=100))
+                h = call_hash(st.hash_policies, headers, query, source)
             endpoint = st.picker.pick(candidates, h)
         else:
             endpoint = self._default_pick(st, candidates, now)
         assert endpoint is not None
-        return CallPlan(decision, target, endpoint, failed_over=target.id != decision.target.id)
+        return self._plan_of(decision, target, endpoint, target.id != decision.target.id)
+
+    def _plan_of(self, decision: RouteDecision, target: Target, endpoint: K, failed_over: bool) -> CallPlan[K]:
+        if decision.path:  # a rewritten path: a decision of this call only
+            return CallPlan(decision, target, endpoint, failed_over=failed_over)
+        # keyed by the decision's identity: the table keeps each decision (and the plan keeps it alive)
+        key = (id(decision), target.id, endpoint)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = CallPlan(decision, target, endpoint, failed_over=failed_over)
+            if len(self._plans) >= 4096:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
 
     def _default_pick(self, st: _TargetState[K], candidates: list[K], now: float) -> K | None:
         if len(candidates) == len(st.endpoints):

@@ -14,6 +14,7 @@ from sidecar.routing import (
     Outcome,
     Request,
     RetryPolicy,
+    RouteTable,
     apply_header_mods,
     retryable,
     route_call,
@@ -91,6 +92,30 @@ def test_default_chain_and_no_route() -> None:
     nodes[router.start_node] = replace(start, routes=start.routes[:1])
     with pytest.raises(NoRoute):
         route_call(replace(router, nodes=nodes), _req("/b"), 0.0)
+
+
+def test_route_table_decides_as_route_call_does() -> None:
+    """The call path's table (memo per request, cumulative weights) against the plain walk."""
+    chain = greeter_canary()
+    table = RouteTable(chain)
+    assert table.header_names == tuple(sorted({h.name for r in chain.start.routes for h in r.match.headers}))
+    requests = [_req("/demo.v1.Greeter/SayHello"), _req("/demo.v1.Greeter/SayHello", x_canary="1"),
+                _req("/demo.v1.Greeter/SayHello", x_canary="0"), _req("/demo.v1.Greeter/SlowHello"),
+                _req("/api/users?beta=&x=1", method="GET"), _req("/api/users?beta", method="POST"),
+                _req("/api/users", method="GET"), _req("/" + "x" * 600)]
+    rng = random.Random(3)
+    draws = [0.0, 89.99, 90.0, 99.99, 100.0, *(rng.random() * 100 for _ in range(200))]
+    for _ in range(2):  # the second round is answered from the table's memo
+        for req in requests:
+            for draw in draws:
+                assert table.decide(req.method, req.path, req.headers, draw) == route_call(chain, req, draw)
+    start = replace(chain.start, routes=chain.start.routes[:1])  # no catch-all: NoRoute, remembered too
+    no_catch_all = RouteTable(replace(chain, nodes={**chain.nodes, chain.start_node: start}))
+    for _ in range(2):
+        with pytest.raises(NoRoute, match="no route of greeter matches POST /b"):
+            no_catch_all.decide("POST", "/b", {}, 0.0)
+    default = compile_entries("db")
+    assert RouteTable(default).decide("POST", "/x", {}, 50.0) == route_call(default, _req("/x"), 50.0)
 
 
 @pytest.mark.parametrize(("conditions", "codes", "outcome", "expected"), [
