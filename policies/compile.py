@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ca.identity import IdentityError, validate_service_name
+from consulkit.conventions import fold_key, intention_precedence
 from policies.model import (
     ACTIONS,
     INTENTIONS_PREFIX,
@@ -52,7 +53,6 @@ from policies.model import (
     OriginKind,
     Permission,
     SourceIntention,
-    precedence,
 )
 
 # Consul's limits (agent/structs/config_entry.go, intention.go)
@@ -82,20 +82,16 @@ class _Problems:
         self.errors.append(f"{self.ref}: {where}: {problem}" if where else f"{self.ref}: {problem}")
 
 
-def _canon(key: str) -> str:
-    return key.replace("_", "").replace("-", "").lower()
-
-
 # canonical key -> field name, per object
-_ENTRY_FIELDS = {_canon(k): k for k in (
+_ENTRY_FIELDS = {fold_key(k): k for k in (
     "Kind", "Name", "Sources", "Description", "Meta", "Mode", "Namespace", "Partition", "JWT",
     "CreateIndex", "ModifyIndex", "Hash")}
-_SOURCE_FIELDS = {_canon(k): k for k in (
+_SOURCE_FIELDS = {fold_key(k): k for k in (
     "Name", "Action", "Permissions", "Description", "Mode", "Precedence", "Type", "LegacyID", "LegacyMeta",
     "LegacyCreateTime", "LegacyUpdateTime", "Namespace", "Partition", "Peer", "SamenessGroup")}
-_PERMISSION_FIELDS = {_canon(k): k for k in ("Action", "HTTP", "JWT")}
-_HTTP_FIELDS = {_canon(k): k for k in ("PathExact", "PathPrefix", "PathRegex", "Methods", "Header")}
-_HEADER_FIELDS = {_canon(k): k for k in ("Name", "Present", "Exact", "Prefix", "Suffix", "Regex", "Invert")}
+_PERMISSION_FIELDS = {fold_key(k): k for k in ("Action", "HTTP", "JWT")}
+_HTTP_FIELDS = {fold_key(k): k for k in ("PathExact", "PathPrefix", "PathRegex", "Methods", "Header")}
+_HEADER_FIELDS = {fold_key(k): k for k in ("Name", "Present", "Exact", "Prefix", "Suffix", "Regex", "Invert")}
 
 
 def _fields(obj: Any, known: Mapping[str, str], where: str, p: _Problems) -> dict[str, Any] | None:
@@ -105,7 +101,7 @@ def _fields(obj: Any, known: Mapping[str, str], where: str, p: _Problems) -> dic
         return None
     out: dict[str, Any] = {}
     for key, value in obj.items():
-        name = known.get(_canon(str(key)))
+        name = known.get(fold_key(str(key)))
         if name is None:
             p.add(f"{where}.{key}" if where else str(key), "unknown field")
             continue
@@ -308,7 +304,7 @@ def parse_entry(raw: Any, ref: str, *, expect_name: str | None = None) -> Intent
     kind = obj.get("Kind")
     if kind is None or kind == "":
         p.add("Kind", f"is required and must be {KIND!r}")
-    elif not isinstance(kind, str) or _canon(kind) != _canon(KIND):
+    elif not isinstance(kind, str) or fold_key(kind) != fold_key(KIND):
         p.add("Kind", f"must be {KIND!r}, not {kind!r}")
     name = _str(obj, "Name", "", p)
     if not name:
@@ -475,7 +471,8 @@ def _rules_of(entry: IntentionsEntry, kind: OriginKind, ref: str) -> list[Compil
     for i, src in enumerate(entry.sources):
         mode: Mode = src.mode or entry.mode or "enforce"
         rules.append(CompiledRule(
-            source=src.name, destination=entry.name, precedence=precedence(src.name, entry.name),
+            source=src.name, destination=entry.name,
+            precedence=intention_precedence(source=src.name, destination=entry.name),
             origin=Origin(kind=kind, ref=ref, index=i, intention_id=src.legacy_id),
             action=src.action, permissions=src.permissions, mode=mode, description=src.description,
         ))

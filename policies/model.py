@@ -50,20 +50,6 @@ OriginKind = Literal["kv", "native"]
 ACTIONS: tuple[Action, ...] = ("allow", "deny")
 MODES: tuple[Mode, ...] = ("enforce", "audit")
 
-# Consul's precedence in the default namespace (agent/structs: computeIntentionPrecedence).
-PRECEDENCE_EXACT_EXACT = 9  # web -> db
-PRECEDENCE_ANY_EXACT = 8  # *   -> db
-PRECEDENCE_EXACT_ANY = 6  # web -> *
-PRECEDENCE_ANY_ANY = 5  # *   -> *
-
-
-def precedence(source: str, destination: str) -> int:
-    """Consul's precedence of an intention ``source -> destination`` in the default namespace."""
-    if destination == WILDCARD:
-        return PRECEDENCE_ANY_ANY if source == WILDCARD else PRECEDENCE_EXACT_ANY
-    return PRECEDENCE_ANY_EXACT if source == WILDCARD else PRECEDENCE_EXACT_EXACT
-
-
 def intentions_key(destination: str) -> str:
     """The KV key of a destination's intentions document."""
     return INTENTIONS_PREFIX + destination

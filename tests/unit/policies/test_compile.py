@@ -9,7 +9,7 @@ import pytest
 
 from policies.compile import Compiler, Document, DocumentError, compile_tables, parse_entry, validate_document
 from policies.evaluate import authorize
-from policies.model import TCP, WILDCARD, CompiledTable, destination_of_key, precedence, table_key_candidates
+from policies.model import TCP, WILDCARD, CompiledTable, destination_of_key, table_key_candidates
 
 KEY = "weft/intentions/db"
 
@@ -131,11 +131,6 @@ def test_native_entry_fields_written_by_consul_are_accepted() -> None:
     assert entry.sources[0].legacy_id.startswith("0b7c5e3a")
 
 
-def test_precedence_values() -> None:
-    assert precedence("web", "db") == 9
-    assert precedence("*", "db") == 8
-    assert precedence("web", "*") == 6
-    assert precedence("*", "*") == 5
 
 
 def test_bad_document_keeps_last_good_version_in_force() -> None:
