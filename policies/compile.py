@@ -41,6 +41,7 @@ from policies.model import (
     INTENTIONS_PREFIX,
     KIND,
     MODES,
+    TABLE_FORMAT,
     WILDCARD,
     Action,
     CompiledRule,
@@ -53,6 +54,7 @@ from policies.model import (
     OriginKind,
     Permission,
     SourceIntention,
+    table_version,
 )
 
 # Consul's limits (agent/structs/config_entry.go, intention.go)
@@ -274,6 +276,56 @@ def parse_permissions(raw: Any, where: str = "Permissions") -> tuple[Permission,
     if p.errors:
         raise DocumentError(where, p.errors)
     return perms
+
+
+def parse_table(data: Any) -> CompiledTable:
+    """Read back a table from :meth:`CompiledTable.to_json` output (what sidecars find in KV), checking
+    every field and that its version is its content's hash; raises ValueError/KeyError on a malformed one.
+
+    Here rather than in :mod:`policies.model` because rules' permissions are checked by the same
+    parser as intentions' (:func:`parse_permissions`), and the model must not import the compiler."""
+    if not isinstance(data, dict):
+        raise ValueError("a compiled table must be a JSON object")
+    fmt = data.get("Format", TABLE_FORMAT)
+    if fmt != TABLE_FORMAT:
+        raise ValueError(f"compiled table format {fmt!r} is not supported (expected {TABLE_FORMAT})")
+    rules = tuple(_table_rule(raw, f"Rules[{i}]") for i, raw in enumerate(data.get("Rules") or []))
+    default_policy = data.get("DefaultPolicy")
+    if default_policy not in ACTIONS:
+        raise ValueError(f"DefaultPolicy must be 'allow' or 'deny', not {default_policy!r}")
+    default_mode = data.get("DefaultMode", "enforce")
+    if default_mode not in MODES:
+        raise ValueError(f"DefaultMode must be 'enforce' or 'audit', not {default_mode!r}")
+    table = CompiledTable(destination=str(data["Destination"]), default_policy=default_policy, rules=rules,
+                          default_mode=default_mode, warnings=tuple(str(w) for w in data.get("Warnings") or ()))
+    computed = table_version(table.content_json())
+    version = str(data.get("Version") or computed)
+    if version != computed:
+        raise ValueError(f"compiled table version {version!r} does not match its content ({computed!r})")
+    return table.with_version()
+
+
+def _table_rule(raw: Any, where: str) -> CompiledRule:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a JSON object")
+    perms = parse_permissions(raw.get("Permissions"), where=where) if raw.get("Permissions") else ()
+    action = raw.get("Action")
+    if not perms and action not in ACTIONS:
+        raise ValueError(f"{where}.Action must be 'allow' or 'deny', not {action!r}")
+    mode = raw.get("Mode", "enforce")
+    if mode not in MODES:
+        raise ValueError(f"{where}.Mode must be 'enforce' or 'audit', not {mode!r}")
+    return CompiledRule(
+        source=str(raw["Source"]), destination=str(raw["Destination"]),
+        precedence=int(raw["Precedence"]), origin=Origin.from_json(raw["Origin"]),
+        action=None if perms else action, permissions=perms, mode=mode,
+        description=str(raw.get("Description", "")),
+    )
+
+
+def loads_table(text: str | bytes) -> CompiledTable:
+    """:func:`parse_table` of a table's JSON text (a KV value)."""
+    return parse_table(json.loads(text))
 
 
 def parse_entry(raw: Any, ref: str, *, expect_name: str | None = None) -> IntentionsEntry:

@@ -53,6 +53,7 @@ from catalog.watch import (
     kv_prefix_watch,
     kv_watch,
 )
+from policies.compile import loads_table
 from policies.model import WILDCARD, CompiledTable, table_key
 from sidecar import faults as faults_mod
 from sidecar import methods as methods_mod
@@ -257,7 +258,7 @@ class SidecarState:
                 self._policy_tables[key] = None
             else:
                 try:
-                    self._policy_tables[key] = CompiledTable.loads(entry.value)
+                    self._policy_tables[key] = loads_table(entry.value)
                 except (ValueError, KeyError, TypeError) as exc:
                     log.error("policy_table_unusable", key=key, error=str(exc)[:300], note="keeping the last good one")
                     continue
