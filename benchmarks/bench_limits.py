@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import weft_pair
-from benchmarks.bench_sidecar import _processes, _ready_grpc, _start_app, cpu_seconds, load
+from benchmarks.bench_sidecar import _processes, _start_app
+from benchmarks.harness import cpu_seconds, load, ready_grpc
 from tests.support import REPO, WEFT, DevAgent, Proc, free_port, wait_for
 
 RELEASE = "ee2a015"
@@ -95,7 +96,7 @@ class Pairs(weft_pair.Stack):
                 ids.append(sid)
         self._wait_ready(ids, timeout=120)
         for port in self.local.values():
-            wait_for(_ready_grpc(f"127.0.0.1:{port}"), timeout=60, interval=0.5, what=f"a call through :{port}")
+            wait_for(ready_grpc(f"127.0.0.1:{port}"), timeout=60, interval=0.5, what=f"a call through :{port}")
 
     def pids(self, variant: str, path: str) -> tuple[int, int]:
         """(client sidecar, server sidecar) of one pair."""
@@ -143,7 +144,7 @@ def run() -> dict[str, Any]:
         release_dir = extract(release, workdir / "release")
         app_port = free_port()
         started.append(_start_app("tests.apps.echo", app_port, workdir, "--name", "bench-echo"))
-        wait_for(_ready_grpc(f"127.0.0.1:{app_port}"), timeout=30, what="echo app")
+        wait_for(ready_grpc(f"127.0.0.1:{app_port}"), timeout=30, what="echo app")
         pairs = Pairs(workdir, app_port, release_dir)
         started.append(pairs)
         t0 = time.monotonic()

@@ -23,17 +23,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmarks import haproxy, pki, weft_pair
-from tests.support import REPO, Proc, free_port, wait_for
+from benchmarks.harness import cpu_seconds, load, ready_grpc
+from tests.support import Proc, free_port, wait_for
 
 PY = sys.executable
 TARGETS = {
@@ -44,61 +44,6 @@ TARGETS = {
     "rss_mb_after_first": 80.0,              # sidecar RSS <= 80 MB after the first N calls
     "rss_growth_after_second": 0.05,         # and grows < 5% over the next N
 }
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-# -- /proc ------------------------------------------------------------------------------------------
-
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{p}/task"):
-                with contextlib.suppress(OSError), open(f"/proc/{p}/task/{task}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-    return out
-
-
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """utime+stime of these processes and their live descendants, in seconds."""
-    ticks = 0
-    for root in pids:
-        for p in _descendants(root):
-            with contextlib.suppress(OSError), open(f"/proc/{p}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
-    return ticks / _CLK_TCK
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size in MB of 10^6 bytes (the target's unit; 80 MB = 76.3 MiB)."""
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * _PAGE / 1e6
-
-
-def memory_breakdown_mb(pid: int) -> dict[str, float]:
-    """RSS split from /proc/<pid>/smaps_rollup: private (USS) vs shared clean (libraries other processes share).
-
-    In MB of 10^6 bytes like `rss_mb`, plus `rss_mib` (2^20 bytes, what top and ps call MB).
-    """
-    fields: dict[str, int] = {}
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            parts = rest.split()
-            if parts and parts[0].isdigit():
-                fields[key] = int(parts[0])
-    if not fields:
-        return {}
-    def mb(kib: int) -> float:
-        return round(kib * 1024 / 1e6, 1)
-    return {"rss_mb": mb(fields.get("Rss", 0)), "rss_mib": round(fields.get("Rss", 0) / 1024, 1),
-            "pss_mb": mb(fields.get("Pss", 0)),
-            "private_mb": mb(fields.get("Private_Dirty", 0) + fields.get("Private_Clean", 0)),
-            "shared_clean_mb": mb(fields.get("Shared_Clean", 0))}
 
 
 # -- paths and load ---------------------------------------------------------------------------------
@@ -111,14 +56,6 @@ class Route:
     proxy_pids: list[int] = field(default_factory=list)
     tcp_proxy_pids: list[int] = field(default_factory=list)
     scenarios: tuple[str, ...] | None = None  # None: all
-
-
-def load(mode: str, targets: Sequence[str], *extra: str, timeout: float = 300) -> dict[str, Any]:
-    args = [PY, "-m", "benchmarks.load", mode, *(a for t in targets for a in ("--target", t)), *extra]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
-    if done.returncode != 0:
-        raise RuntimeError(f"load generator failed ({' '.join(args[3:])}):\n{done.stderr[-3000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def measure(path: Route, mode: str, pids: list[int], *extra: str, target: str | None = None) -> dict[str, Any]:
@@ -149,18 +86,6 @@ def measure_interleaved(paths: Sequence[Route], seconds: float) -> dict[str, dic
             figures["first_error"] = result["first_error"]
         out[path.name] = figures
     return out
-
-
-def _ready_grpc(target: str) -> Callable[[], bool]:
-    def check() -> bool:
-        import grpc
-
-        from tests.apps.echo import echo_pb2, echo_pb2_grpc
-
-        with grpc.insecure_channel(target) as channel:
-            echo_pb2_grpc.EchoStub(channel).Unary(echo_pb2.EchoRequest(payload=b"ping"), timeout=2)  # type: ignore[no-untyped-call]
-        return True
-    return check
 
 
 # -- profiling (optional) ---------------------------------------------------------------------------
@@ -399,7 +324,7 @@ def run() -> dict[str, Any]:
         app_port, tcp_port = free_port(), free_port()
         started.append(_start_app("tests.apps.echo", app_port, workdir, "--name", "bench-echo"))
         started.append(_start_app("tests.apps.tcpecho", tcp_port, workdir))
-        wait_for(_ready_grpc(f"127.0.0.1:{app_port}"), timeout=30, what="echo app")
+        wait_for(ready_grpc(f"127.0.0.1:{app_port}"), timeout=30, what="echo app")
         wait_for(lambda: _listening(tcp_port), timeout=30, what="tcp echo app")
         paths: list[Route] = [Route("direct", f"127.0.0.1:{app_port}", f"127.0.0.1:{tcp_port}")]
 
@@ -413,7 +338,7 @@ def run() -> dict[str, Any]:
                 files = pki.make(workdir / "pki")
                 pair = haproxy.start_pair(binary, workdir, files, app_port, tcp_port)
                 started.append(pair)
-                wait_for(_ready_grpc(f"127.0.0.1:{pair.grpc_port}"), timeout=30, what="haproxy pair")
+                wait_for(ready_grpc(f"127.0.0.1:{pair.grpc_port}"), timeout=30, what="haproxy pair")
                 paths.append(Route("haproxy", f"127.0.0.1:{pair.grpc_port}", f"127.0.0.1:{pair.tcp_port}",
                                    pair.pids, pair.pids))
             except Exception as exc:

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import weft_pair
-from benchmarks.bench_sidecar import Route, _processes, _ready_grpc, _start_app, measure, profile
+from benchmarks.bench_sidecar import Route, _processes, _start_app, measure, profile
+from benchmarks.harness import ready_grpc
 from sidecar.tap import DEFAULT_MAX_RPS
 from tests.support import free_port, wait_for
 
@@ -133,7 +134,7 @@ def run() -> dict[str, Any]:
         app_port, tcp_port = free_port(), free_port()
         started.append(_start_app("tests.apps.echo", app_port, workdir, "--name", "bench-echo"))
         started.append(_start_app("tests.apps.tcpecho", tcp_port, workdir))
-        wait_for(_ready_grpc(f"127.0.0.1:{app_port}"), timeout=30, what="echo app")
+        wait_for(ready_grpc(f"127.0.0.1:{app_port}"), timeout=30, what="echo app")
         stack = weft_pair.Stack(workdir, app_port, tcp_port)
         started.append(stack)
         stack.start()

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_sidecar import cpu_seconds, load
+from benchmarks.harness import cpu_seconds, load
 from tests.integration.sidecar.test_mesh import Mesh
 from tests.support import WEFT, DevAgent, free_port, http_ok, wait_for
 

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import load, memory_breakdown_mb, ready_grpc, rss_mb
 from tests.support import WEFT, DevAgent, Proc, free_port, http_ok, wait_for
 
 MEM_UPSTREAMS = 10
@@ -99,8 +100,6 @@ class Stack:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
-        from benchmarks.bench_sidecar import _ready_grpc
-
         self.agent = DevAgent()
         self.ca_addr = f"127.0.0.1:{free_port()}"
         ca = self._proc("ca", [*WEFT, "ca", "serve", "-dev", "--listen", self.ca_addr])
@@ -119,8 +118,8 @@ class Stack:
             if not proc.alive():
                 raise RuntimeError(f"{what} exited:\n{proc.output()[-3000:]}")
         self._wait_ready(["echo", "tcpecho", "echol7", "client"])
-        wait_for(_ready_grpc(self.grpc_target), timeout=60, interval=0.5, what="a call through the weft pair")
-        wait_for(_ready_grpc(self.l7_target), timeout=60, interval=0.5, what="a call through the weft L7 pair")
+        wait_for(ready_grpc(self.grpc_target), timeout=60, interval=0.5, what="a call through the weft pair")
+        wait_for(ready_grpc(self.l7_target), timeout=60, interval=0.5, what="a call through the weft L7 pair")
 
     @property
     def grpc_target(self) -> str:
@@ -166,8 +165,6 @@ class Stack:
 
     def memory(self, calls: int, max_seconds: float) -> dict[str, Any]:
         """RSS of a sidecar with ten upstreams after `calls` calls spread over them, and after as many more."""
-        from benchmarks.bench_sidecar import load, memory_breakdown_mb, rss_mb
-
         locals_ = [free_port() for _ in range(MEM_UPSTREAMS)]
         names = [f"mem{i}" for i in range(MEM_UPSTREAMS)]
         for name in names:

@@ -277,9 +277,6 @@ class BuiltinProvider:
         index = self._next_index()
         return Generation(root_key, root_cert, inter_key, inter_cert, create_index=index, modify_index=index)
 
-    def cross_sign(self, cert_pem: str, now: datetime) -> str:
-        return _pem(self._cross_sign(x509.load_pem_x509_certificate(cert_pem.encode()), now))
-
     def _cross_sign(self, cert: x509.Certificate, now: datetime) -> x509.Certificate:
         signer = self._active()
         try:
@@ -397,11 +394,6 @@ class BuiltinProvider:
             active.modify_index = self._next_index()
             changed = True
         return changed
-
-    def next_maintenance(self) -> datetime | None:
-        """When ``maintain`` next has something to do (a retired root to drop)."""
-        times = [g.prune_after for g in self._generations if g.prune_after is not None]
-        return min(times) if times else None
 
     def bundle(self, index: int) -> TrustBundle:
         active = self._active()

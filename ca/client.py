@@ -265,7 +265,6 @@ class LeafManager:
         self._draw = self._rng.random()
         self._generation = 0
         self._lock = threading.Lock()
-        self._ready = threading.Event()
         self._subscribers: list[Callable[[Credentials], None]] = []
         self._wake = asyncio.Event()
         self._stream_index = 0
@@ -302,9 +301,6 @@ class LeafManager:
 
         return unsubscribe
 
-    def wait_ready_blocking(self, timeout: float | None = None) -> bool:
-        return self._ready.wait(timeout)
-
     async def wait_ready(self, timeout: float | None = None) -> Credentials:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._current is None:
@@ -339,7 +335,6 @@ class LeafManager:
 
     def _publish(self, creds: Credentials) -> None:
         self._current = creds
-        self._ready.set()
         with self._lock:
             subscribers = list(self._subscribers)
         for callback in subscribers:

@@ -12,7 +12,6 @@ The life of a provider:
 - ``sign(request, ttl, now)``: sign a leaf from an already validated CSR (``ca.csr``);
 - ``rotate(now)``: make a new active root; the old root cross-signs it, and new leaves' chains carry
   that cross-signed certificate so that peers still trusting only the old root accept them;
-- ``cross_sign(cert_pem, now)``: the active root signs another CA certificate (same subject and key);
 - ``maintain(now)``: drop retired roots once every leaf they signed has expired, renew an
   intermediate near its end; returns whether anything changed (the caller then persists and
   publishes);
@@ -144,12 +143,6 @@ class TrustBundle:
     def root_ids(self) -> tuple[str, ...]:
         return tuple(r.id for r in self.roots)
 
-    def active_root(self) -> RootInfo:
-        for r in self.roots:
-            if r.id == self.active_root_id:
-                return r
-        raise ValueError(f"bundle has no active root {self.active_root_id!r}")
-
     def to_consul(self) -> dict[str, Any]:
         return {
             "ActiveRootID": self.active_root_id,
@@ -226,8 +219,6 @@ class Provider(Protocol):
     def state(self) -> dict[str, Any]: ...
 
     def sign(self, request: SignRequest, ttl: timedelta, now: datetime) -> SignedLeaf: ...
-
-    def cross_sign(self, cert_pem: str, now: datetime) -> str: ...
 
     def rotate(self, now: datetime) -> str: ...
 

@@ -167,10 +167,6 @@ class ConsulResponse:
     def content_hash(self) -> str:
         return self.headers.get("x-consul-contenthash", "")
 
-    @property
-    def known_leader(self) -> bool:
-        return self.headers.get("x-consul-knownleader", "true").lower() == "true"
-
     def json(self) -> JSON:
         if not self.body.strip():
             return None
@@ -420,17 +416,6 @@ class ConsulClient:
         r = await self.request("GET", "/v1/agent/self", token=token)
         return _parse(r, "agent self", AgentSelf.from_api)
 
-    async def agent_services(self, *, filter: str = "", token: str | None = None) -> dict[str, ServiceRegistration]:
-        """`/v1/agent/services`: the services registered with this agent, by ID."""
-        params: Params = [("filter", filter)] if filter else []
-        r = await self.request("GET", "/v1/agent/services", params=params, token=token)
-
-        def conv(v: JSON) -> dict[str, ServiceRegistration]:
-            return {sid: ServiceRegistration.from_api(s, f"services[{sid!r}]")
-                    for sid, s in _as_dict(v, "services").items()}
-
-        return _parse(r, "agent services", conv)
-
     async def agent_service(self, service_id: str, *, hash: str = "", wait: float | None = None,
                             token: str | None = None) -> tuple[str, ServiceRegistration | None]:
         """`/v1/agent/service/:id` -> (content hash, registration or None when not registered).
@@ -496,14 +481,6 @@ class ConsulClient:
             raise ValueError(f"status: expected passing, warning or critical, got {status!r}")
         await self.request("PUT", f"/v1/agent/check/update/{check_id}", body={"Status": status, "Output": output},
                            token=token)
-
-    async def agent_connect_ca_roots(self, *, index: int = 0, wait: float | None = None,
-                                     token: str | None = None) -> tuple[int, dict[str, Any]]:
-        """`/v1/agent/connect/ca/roots` as JSON (`ActiveRootID`, `TrustDomain`, `Roots`)."""
-        params: Params = []
-        w = _blocking(params, index, wait)
-        r = await self._get("/v1/agent/connect/ca/roots", params, token=token, wait=w)
-        return (r.index, _parse(r, "ca roots", lambda v: _as_dict(v, "roots")))
 
     # -- health / catalog -----------------------------------------------------------------------------------------
 

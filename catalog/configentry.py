@@ -20,14 +20,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from catalog.servicedef import ServiceDefinitionError, guess_format, load_hcl
+from consulkit.conventions import fold_key
 
 
 class ConfigEntryFileError(ValueError):
     """A config entry file that cannot be read; the message names the file and what is wrong."""
 
 
-def fold(key: str) -> str:
-    return key.replace("_", "").replace("-", "").lower()
+fold = fold_key  # Consul's key matching (consulkit.conventions)
 
 
 # Fields (folded) Consul decodes as one object: a block written once collapses into it.

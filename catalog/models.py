@@ -12,65 +12,28 @@ Types:
 - `ProxyConfig`, `Upstream`, `CheckDefinition`  parts of a registration.
 - `KVEntry`, `Session`, `AclToken`, `AgentSelf`, `KVTxnOp`, `TxnOpError`.
 - `ConsulSettings`    `CONSUL_HTTP_ADDR`/`CONSUL_HTTP_TOKEN`/... parsed from an environment mapping.
-- `parse_duration` / `format_duration`  Go duration strings ("15s", "1m30s", "250ms") <-> seconds.
+- `parse_duration` / `format_duration`  Go duration strings ("15s", "1m30s", "250ms") <-> seconds
+  (re-exported from `consulkit.conventions`, with `aggregate_status`).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from consulkit.conventions import CHECK_STATUSES as CHECK_STATUSES
+from consulkit.conventions import aggregate_status as aggregate_status
+from consulkit.conventions import fold_key, format_duration_seconds, parse_duration_seconds
+
+# the names the mesh has always called them by (one definition: consulkit.conventions)
+parse_duration = parse_duration_seconds
+format_duration = format_duration_seconds
+
 JSON = Any
 """A decoded JSON value (dict/list/str/int/float/bool/None)."""
-
-# ---------------------------------------------------------------------------------------------------------------
-# Durations
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(value: str | float | int, what: str = "duration") -> float:
-    """Seconds in a Go duration ("15s", "1m30s", "250ms", "0"), or a number of seconds as is.
-
-    Raises `ValueError` naming `what` on anything else (negative, empty, unknown unit)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what}: expected a duration, got {value!r}")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"{what}: must not be negative, got {value!r}")
-        return float(value)
-    if not isinstance(value, str):
-        raise ValueError(f"{what}: expected a duration string like '15s', got {value!r}")
-    text = value.strip()
-    if text in ("0", ""):
-        if text == "":
-            raise ValueError(f"{what}: empty duration")
-        return 0.0
-    pos, total = 0, 0.0
-    while pos < len(text):
-        m = _DURATION_PART.match(text, pos)
-        if m is None:
-            raise ValueError(f"{what}: invalid duration {value!r} (use e.g. '15s', '1m30s', '250ms')")
-        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        pos = m.end()
-    return total
-
-
-def format_duration(seconds: float) -> str:
-    """A Go duration string for `seconds`: whole seconds as "15s", otherwise milliseconds ("1500ms")."""
-    if seconds < 0:
-        raise ValueError(f"duration must not be negative, got {seconds!r}")
-    if float(seconds).is_integer():
-        return f"{int(seconds)}s"
-    ms = round(seconds * 1000)
-    return f"{max(ms, 1)}ms"
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Field readers: every parser goes through these so that errors name the field.
@@ -82,7 +45,7 @@ _NORM_CACHE: dict[str, str] = {}
 def _norm(key: str) -> str:
     n = _NORM_CACHE.get(key)
     if n is None:
-        n = key.replace("_", "").replace("-", "").lower()
+        n = fold_key(key)
         if len(_NORM_CACHE) < 4096:  # field names repeat; bound the cache against odd inputs
             _NORM_CACHE[key] = n
     return n
@@ -228,20 +191,6 @@ def _list_of(o: _Obj, name: str) -> list[tuple[str, JSON]]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Health
-
-
-CHECK_STATUSES = ("passing", "warning", "critical", "maintenance")
-_STATUS_RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
-
-
-def aggregate_status(statuses: Sequence[str]) -> str:
-    """Consul's aggregated status: the worst of the checks (maintenance > critical > warning > passing);
-    no checks at all is passing."""
-    worst = "passing"
-    for s in statuses:
-        if _STATUS_RANK.get(s, 2) > _STATUS_RANK[worst]:
-            worst = s if s in _STATUS_RANK else "critical"
-    return worst
 
 
 @dataclass(frozen=True)

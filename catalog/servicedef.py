@@ -19,7 +19,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ServiceDefinitionError", "parse", "parse_data", "parse_duration", "upstreams_of"]
+from consulkit.conventions import SECOND, DurationError, fold_key, parse_duration_ns
+
+__all__ = ["ServiceDefinitionError", "parse", "parse_data", "upstreams_of"]
 
 Payload = dict[str, Any]
 
@@ -63,7 +65,7 @@ def parse_data(data: Any) -> list[Payload]:
     data = _clean(data)
     if not isinstance(data, dict):
         raise ServiceDefinitionError("", f"expected an object with `service` or `services`, got {_kind(data)}")
-    keys = {_norm(k): k for k in data}
+    keys = {fold_key(k): k for k in data}
     unknown = sorted(k for n, k in keys.items() if n not in ("service", "services"))
     if unknown:
         raise ServiceDefinitionError(unknown[0], "unknown top-level key; a definition has `service` or `services`")
@@ -141,10 +143,6 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def _norm(key: str) -> str:
-    return key.replace("_", "").replace("-", "").lower()
-
-
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
@@ -189,7 +187,7 @@ def _fields(obj: dict[str, Any], path: str, allowed: Mapping[str, str]) -> dict[
     for key, value in obj.items():
         if not isinstance(key, str):
             raise ServiceDefinitionError(path, f"keys must be strings, got {key!r}")
-        n = _norm(key)
+        n = fold_key(key)
         if n not in allowed:
             names = ", ".join(sorted(set(allowed.values())))
             raise ServiceDefinitionError(_join(path, key), f"unknown field; expected one of: {names}")
@@ -261,27 +259,6 @@ def _meta(value: Any, path: str) -> dict[str, str]:
     return out
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """A Go duration ("10s", "1m30s", "250ms") in seconds; raises ValueError on anything else."""
-    s = text.strip()
-    if s == "0":
-        return 0.0
-    if not s:
-        raise ValueError("empty duration")
-    pos, total = 0, 0.0
-    while pos < len(s):
-        m = _DURATION_PART.match(s, pos)
-        if m is None:
-            raise ValueError(f"invalid duration {text!r}: use a number and a unit (ns, us, ms, s, m, h), e.g. 10s")
-        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        pos = m.end()
-    return total
-
-
 def _duration(value: Any, path: str, *, minimum: float = 0.0) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise ServiceDefinitionError(path, f"must be a duration such as \"10s\", got {value!r}")
@@ -290,9 +267,10 @@ def _duration(value: Any, path: str, *, minimum: float = 0.0) -> str:
     else:
         text = value
     try:
-        seconds = parse_duration(text)
-    except ValueError as exc:
-        raise ServiceDefinitionError(path, str(exc)) from None
+        seconds = parse_duration_ns(text) / SECOND
+    except DurationError:
+        raise ServiceDefinitionError(
+            path, f"invalid duration {text!r}: use a number and a unit (ns, us, ms, s, m, h), e.g. 10s") from None
     if seconds < minimum:
         raise ServiceDefinitionError(path, f"must be at least {minimum:g}s, got {value!r}")
     return text

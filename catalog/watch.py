@@ -369,14 +369,6 @@ def kv_prefix_watch(client: ConsulClient, prefix: str, *,
     return Watch(fetch, name=f"kv-prefix:{prefix}", policy=policy)
 
 
-def health_service_watch(client: ConsulClient, service: str, *, passing: bool = True,
-                         tag: str | tuple[str, ...] = "",
-                         policy: WatchPolicy | None = None) -> Watch[tuple[ServiceInstance, ...]]:
-    async def fetch(index: int, wait: float) -> tuple[int, tuple[ServiceInstance, ...]]:
-        return await client.health_service(service, passing=passing, tag=tag, index=index, wait=wait)
-    return Watch(fetch, name=f"health-service:{service}", policy=policy)
-
-
 def health_connect_watch(client: ConsulClient, service: str, *, passing: bool = True, filter: str = "",
                          policy: WatchPolicy | None = None) -> Watch[tuple[ServiceInstance, ...]]:
     """The healthy sidecars (and Connect-native instances) of `service`: what an upstream resolves to;
@@ -416,13 +408,6 @@ def intentions_watch(client: ConsulClient, *,
     async def fetch(index: int, wait: float) -> tuple[int, tuple[dict[str, Any], ...]]:
         return await client.intentions_list(index=index, wait=wait)
     return Watch(fetch, name="intentions", policy=policy)
-
-
-def catalog_services_watch(client: ConsulClient, *,
-                           policy: WatchPolicy | None = None) -> Watch[dict[str, tuple[str, ...]]]:
-    async def fetch(index: int, wait: float) -> tuple[int, dict[str, tuple[str, ...]]]:
-        return await client.catalog_services(index=index, wait=wait)
-    return Watch(fetch, name="catalog-services", policy=policy)
 
 
 def agent_service_watch(client: ConsulClient, service_id: str, *,

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from consulkit.conventions import aggregate_status
 from devagent import bexpr, checks, registry
 from devagent import services as sv
 from devagent.agent import Agent
@@ -436,7 +437,7 @@ def _service_health(r: Req, row: dict[str, Any]) -> tuple[int, str, list[dict[st
                                                           "CreateIndex": c.get("CreateIndex", 0),
                                                           "ModifyIndex": c.get("ModifyIndex", 0)}
            for c in rows]
-    status = sv.aggregated_status(c["Status"] for c in rows)
+    status = aggregate_status(c["Status"] for c in rows)
     return _CODES.get(status, 503), status, out
 
 

@@ -5,6 +5,7 @@ datacenters, register, deregister (Consul's agent/catalog_endpoint.go), with blo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -24,7 +25,7 @@ from devagent.http import (
     json_response,
     query_response,
 )
-from devagent.state import Row
+from devagent.state import Row, Tx
 
 
 def setup(agent: Agent) -> None:
@@ -109,100 +110,130 @@ def _decode_hc(raw: Any, what: str) -> dict[str, Any]:
             "ServiceID": expect_str(d.get("ServiceID"), f"{what}.ServiceID")}
 
 
+@dataclass
+class _Registration:
+    """A decoded /v1/catalog/register body."""
+
+    node: str
+    address: str
+    datacenter: str
+    node_id: str
+    meta: dict[str, str]
+    tagged: dict[str, str]
+    skip_node_update: bool
+    locality: Any
+    service: dict[str, Any] | None
+    checks: list[dict[str, Any]]
+
+
+def _decode_register(body: Any) -> _Registration:
+    """The request body as Consul's decoder reads it (raises DecodeError)."""
+    d = decode_struct(body, REGISTER_SPEC)
+    reg = _Registration(
+        node=expect_str(d.get("Node"), "Node"), address=expect_str(d.get("Address"), "Address"),
+        datacenter=expect_str(d.get("Datacenter"), "Datacenter"), node_id=expect_str(d.get("ID"), "ID"),
+        meta=expect_str_map(d.get("NodeMeta"), "NodeMeta"),
+        tagged=expect_str_map(d.get("TaggedAddresses"), "TaggedAddresses"),
+        skip_node_update=expect_bool(d.get("SkipNodeUpdate"), "SkipNodeUpdate"),
+        locality=sv.decode_locality(d.get("Locality")),
+        service=sv.decode_service(d["Service"], what="Service")["service"] if d.get("Service") else None,
+        checks=[])
+    if d.get("Check"):
+        reg.checks.append(_decode_hc(d["Check"], "Check"))
+    if d.get("Checks") is not None:
+        if not isinstance(d["Checks"], list):
+            raise DecodeError("Checks: expected a list")
+        reg.checks.extend(_decode_hc(c, f"Checks[{i}]") for i, c in enumerate(d["Checks"]))
+    return reg
+
+
+def _validate_register(r: Req, reg: _Registration, existing: Row | None) -> None:
+    """Consul's Catalog.Register checks (its errors answer 500 with the message) and ACLs; normalizes
+    the service in place."""
+    if reg.datacenter and reg.datacenter != r.agent.datacenter:
+        raise HTTPError(500, "No path to datacenter")
+    if reg.service is not None and reg.service["Address"] and sv.is_any_address(reg.service["Address"]):
+        raise HTTPError(400, "Invalid service address")
+    if not reg.node:
+        raise HTTPError(500, "Must provide node")
+    if not reg.address and not reg.skip_node_update:
+        raise HTTPError(500, "Must provide address if SkipNodeUpdate is not set")
+    if not (reg.skip_node_update and existing is not None):
+        r.authz.check("node:write", reg.node)
+    if reg.service is not None:
+        if not reg.service["Service"]:
+            raise HTTPError(500, "Must provide service name with ID")
+        reg.service = sv.normalize_service(reg.service)
+        try:
+            sv.validate_service(reg.service, for_agent=False)
+        except sv.ServiceError as exc:
+            raise HTTPError(400, str(exc)) from None
+        r.authz.check("service:write", reg.service["Service"])
+        if reg.service.get("Kind") == sv.CONNECT_PROXY:
+            r.authz.check("service:write", reg.service["Proxy"].get("DestinationServiceName", ""))
+    for hc in reg.checks:
+        if hc["Status"] and hc["Status"] not in (*sv.STATUSES, sv.MAINT):
+            raise HTTPError(400, f"Invalid check status: {hc['Status']!r}")
+        if hc["Node"] and hc["Node"] != reg.node:
+            raise HTTPError(500, f"Node '{hc['Node']}' for check '{hc['CheckID']}' doesn't match register "
+                                 f"request node '{reg.node}'")
+
+
+def _put_node(tx: Tx, r: Req, reg: _Registration, existing: Row | None) -> None:
+    """The node's row, written only when it changes (its unset fields keep their stored values)."""
+    want = {
+        "ID": reg.node_id or (existing or {}).get("ID", ""),
+        "Node": reg.node,
+        "Address": reg.address,
+        "Datacenter": r.agent.datacenter,
+        "TaggedAddresses": reg.tagged or (existing or {}).get("TaggedAddresses") or {},
+        "Meta": reg.meta or (existing or {}).get("Meta") or {},
+    }
+    if reg.locality is not None:
+        want["Locality"] = reg.locality
+    if existing is None or any(existing.get(k) != v for k, v in want.items()):
+        tx.put("nodes", reg.node, {**want, "CreateIndex": existing["CreateIndex"] if existing else tx.index,
+                                   "ModifyIndex": tx.index})
+
+
+def _put_check(tx: Tx, r: Req, node: str, hc: dict[str, Any], registered: Row | None) -> None:
+    """One check of the request, on its service (by ServiceID; ACL service:write) or on the node."""
+    service = registered
+    if hc["ServiceID"]:
+        service = tx.get("services", registry.service_key(node, hc["ServiceID"]))
+        if service is None:
+            raise HTTPError(500, f"Unknown service ID '{hc['ServiceID']}' for check ID '{hc['CheckID']}'")
+        r.authz.check("service:write", service["Service"])
+    else:
+        service = None
+        r.authz.check("node:write", node)
+    cid = hc["CheckID"] or hc["Name"]
+    ct = {k: v for k, v in hc.items() if k not in ("Node", "Output", "ServiceID")}
+    chk = sv.health_check_row(node, cid, ct, service, create_index=tx.index, modify_index=tx.index,
+                              status=hc["Status"] or sv.CRITICAL, output=hc["Output"])
+    old = tx.get("checks", f"{node}/{cid}")
+    if old is not None:
+        chk["CreateIndex"] = old["CreateIndex"]
+    chk.pop("_Type", None)  # catalog checks are not run by this agent (as on a Consul server)
+    tx.put("checks", f"{node}/{cid}", chk)
+
+
 async def register(r: Req) -> web.StreamResponse:
     r.check_dc()
     body = await r.json(required=True)
     try:
-        d = decode_struct(body, REGISTER_SPEC)
-        node_name = expect_str(d.get("Node"), "Node")
-        address = expect_str(d.get("Address"), "Address")
-        dc = expect_str(d.get("Datacenter"), "Datacenter")
-        node_id = expect_str(d.get("ID"), "ID")
-        meta = expect_str_map(d.get("NodeMeta"), "NodeMeta")
-        tagged = expect_str_map(d.get("TaggedAddresses"), "TaggedAddresses")
-        skip = expect_bool(d.get("SkipNodeUpdate"), "SkipNodeUpdate")
-        locality = sv.decode_locality(d.get("Locality"))
-        svc_dec = sv.decode_service(d["Service"], what="Service") if d.get("Service") else None
-        hcs: list[dict[str, Any]] = []
-        if d.get("Check"):
-            hcs.append(_decode_hc(d["Check"], "Check"))
-        if d.get("Checks") is not None:
-            if not isinstance(d["Checks"], list):
-                raise DecodeError("Checks: expected a list")
-            hcs.extend(_decode_hc(c, f"Checks[{i}]") for i, c in enumerate(d["Checks"]))
+        reg = _decode_register(body)
     except DecodeError as exc:
         raise HTTPError(400, f"Request decode failed: {exc}") from None
-    if dc and dc != r.agent.datacenter:
-        raise HTTPError(500, "No path to datacenter")
-    svc = None
-    if svc_dec is not None:
-        svc = svc_dec["service"]
-        if svc["Address"] and sv.is_any_address(svc["Address"]):
-            raise HTTPError(400, "Invalid service address")
-    # Consul's Catalog.Register RPC checks; its errors answer 500 with the message
-    if not node_name:
-        raise HTTPError(500, "Must provide node")
-    if not address and not skip:
-        raise HTTPError(500, "Must provide address if SkipNodeUpdate is not set")
     store = r.agent.store
-    authz = r.authz
-    existing = store.get("nodes", node_name)
-    if not (skip and existing is not None):
-        authz.check("node:write", node_name)
-    if svc is not None:
-        if not svc["Service"]:
-            raise HTTPError(500, "Must provide service name with ID")
-        svc = sv.normalize_service(svc)
-        try:
-            sv.validate_service(svc, for_agent=False)
-        except sv.ServiceError as exc:
-            raise HTTPError(400, str(exc)) from None
-        authz.check("service:write", svc["Service"])
-        if svc.get("Kind") == sv.CONNECT_PROXY:
-            authz.check("service:write", svc["Proxy"].get("DestinationServiceName", ""))
-    for hc in hcs:
-        if hc["Status"] and hc["Status"] not in (*sv.STATUSES, sv.MAINT):
-            raise HTTPError(400, f"Invalid check status: {hc['Status']!r}")
-        if hc["Node"] and hc["Node"] != node_name:
-            raise HTTPError(500, f"Node '{hc['Node']}' for check '{hc['CheckID']}' doesn't match register "
-                                 f"request node '{node_name}'")
+    existing = store.get("nodes", reg.node) if reg.node else None
+    _validate_register(r, reg, existing)
     with store.write() as tx:
-        if not (skip and existing is not None):
-            want = {
-                "ID": node_id or (existing or {}).get("ID", ""),
-                "Node": node_name,
-                "Address": address,
-                "Datacenter": r.agent.datacenter,
-                "TaggedAddresses": tagged or (existing or {}).get("TaggedAddresses") or {},
-                "Meta": meta or (existing or {}).get("Meta") or {},
-            }
-            if locality is not None:
-                want["Locality"] = locality
-            if existing is None or any(existing.get(k) != v for k, v in want.items()):
-                tx.put("nodes", node_name, {**want, "CreateIndex": existing["CreateIndex"] if existing else tx.index,
-                                            "ModifyIndex": tx.index})
-        row = None
-        if svc is not None:
-            row = registry.put_service(tx, node_name, svc)
-        for hc in hcs:
-            service = row
-            if hc["ServiceID"]:
-                service = tx.get("services", registry.service_key(node_name, hc["ServiceID"]))
-                if service is None:
-                    raise HTTPError(500, f"Unknown service ID '{hc['ServiceID']}' for check ID '{hc['CheckID']}'")
-                authz.check("service:write", service["Service"])
-            else:
-                service = None
-                authz.check("node:write", node_name)
-            cid = hc["CheckID"] or hc["Name"]
-            ct = {k: v for k, v in hc.items() if k not in ("Node", "Output", "ServiceID")}
-            chk = sv.health_check_row(node_name, cid, ct, service, create_index=tx.index, modify_index=tx.index,
-                                      status=hc["Status"] or sv.CRITICAL, output=hc["Output"])
-            old = tx.get("checks", f"{node_name}/{cid}")
-            if old is not None:
-                chk["CreateIndex"] = old["CreateIndex"]
-            chk.pop("_Type", None)  # catalog checks are not run by this agent (as on a Consul server)
-            tx.put("checks", f"{node_name}/{cid}", chk)
+        if not (reg.skip_node_update and existing is not None):
+            _put_node(tx, r, reg, existing)
+        row = registry.put_service(tx, reg.node, reg.service) if reg.service is not None else None
+        for hc in reg.checks:
+            _put_check(tx, r, reg.node, hc, row)
     return json_response(r, True)
 
 

@@ -317,31 +317,12 @@ class _Compiler:
         return node
 
     def resolver(self, target: _Target, for_failover: bool = False) -> dict[str, Any]:
-        history: list[str] = []
-        while True:
-            if target.id in self.resolver_nodes:
-                return self.resolver_nodes[target.id]
-            if not target.peer:
-                self.record_protocol(target.service)
-            entry = self._entry(ce.SERVICE_RESOLVER, target.service) or {"Kind": ce.SERVICE_RESOLVER,
-                                                                            "Name": target.service}
-            if target.id in history:
-                history.append(target.id)
-                raise ConfigEntryError(f"detected circular resolver redirect: [{' -> '.join(history)}]")
-            history.append(target.id)
-            redirect = entry.get("Redirect")
-            if redirect is not None:
-                moved = self.rewrite(target, redirect)
-                if moved.id != target.id:
-                    target = moved
-                    continue
-            if not target.subset and entry.get("DefaultSubset"):
-                target = self.rewrite(target, {"ServiceSubset": entry["DefaultSubset"]})
-                continue
-            subsets: Mapping[str, Any] = entry.get("Subsets") or {}
-            if target.subset and target.subset not in subsets:
-                raise ConfigEntryError(f'service "{target.service}" does not have a subset named "{target.subset}"')
-            break
+        """The resolver node of `target` (compiled once per target): redirects followed, connect
+        timeout, load balancer, how the target is reached, and its failover targets."""
+        target, entry = self._resolve_target(target)
+        if target.id in self.resolver_nodes:
+            return self.resolver_nodes[target.id]
+        subsets: Mapping[str, Any] = entry.get("Subsets") or {}
         connect_timeout = _duration_ns(entry.get("ConnectTimeout"))
         if connect_timeout < 1:
             connect_timeout = DEFAULT_CONNECT_TIMEOUT_NS
@@ -362,40 +343,82 @@ class _Compiler:
         if entry.get("LoadBalancer") is not None:
             node["LoadBalancer"] = _omit_empty(entry["LoadBalancer"])
         target.subset_def = dict(subsets.get(target.subset) or {}) if target.subset else {}
-        sd = self.lookup(ce.SERVICE_DEFAULTS, target.service) if not target.peer else None
-        if sd is not None and sd.get("ExternalSNI"):
-            target.sni, target.external = str(sd["ExternalSNI"]), True
-            for what, present in (("redirects", redirect is not None), ("subsets", bool(subsets)),
-                                  ("failover", bool(entry.get("Failover")))):
-                if present:
-                    raise ConfigEntryError(f'service "{target.service}" has an external SNI set; cannot define '
-                                           f"{what} for external services")
-        if not target.external:
-            mode = ""
-            if sd is not None:
-                mode = str((sd.get("MeshGateway") or {}).get("Mode") or "")
-                if (sd.get("TransparentProxy") or {}).get("DialedDirectly"):
-                    target.transparent_proxy = {"DialedDirectly": True}
-            pd = self._proxy_defaults()
-            if pd:
-                mode = mode or str((pd.get("MeshGateway") or {}).get("Mode") or "")
-                if not target.transparent_proxy and (pd.get("TransparentProxy") or {}).get("DialedDirectly"):
-                    target.transparent_proxy = {"DialedDirectly": True}
-            want = self.overrides.mesh_gateway_mode
-            if want and want != mode:
-                mode = want
-                self.customized.add("MeshGateway")
-            target.mesh_gateway = {"Mode": mode} if mode else {}
+        self._target_routing(target, entry)
         self.retained.add(target.id)
         if for_failover:
             return node
         self.resolver_nodes[target.id] = node
         self.nodes[node["_key"]] = node
+        failover = self._failover(target, entry)
+        if failover is not None:
+            resolver["Failover"] = failover
+        return node
+
+    def _resolve_target(self, target: _Target) -> tuple[_Target, Mapping[str, Any]]:
+        """Follow the resolvers' redirects and default subsets to the target that serves `target`, with
+        the resolver entry that governs it (a default one when there is none)."""
+        history: list[str] = []
+        while True:
+            if target.id in self.resolver_nodes:
+                return target, {}
+            if not target.peer:
+                self.record_protocol(target.service)
+            entry = self._entry(ce.SERVICE_RESOLVER, target.service) or {"Kind": ce.SERVICE_RESOLVER,
+                                                                            "Name": target.service}
+            if target.id in history:
+                history.append(target.id)
+                raise ConfigEntryError(f"detected circular resolver redirect: [{' -> '.join(history)}]")
+            history.append(target.id)
+            redirect = entry.get("Redirect")
+            if redirect is not None:
+                moved = self.rewrite(target, redirect)
+                if moved.id != target.id:
+                    target = moved
+                    continue
+            if not target.subset and entry.get("DefaultSubset"):
+                target = self.rewrite(target, {"ServiceSubset": entry["DefaultSubset"]})
+                continue
+            subsets: Mapping[str, Any] = entry.get("Subsets") or {}
+            if target.subset and target.subset not in subsets:
+                raise ConfigEntryError(f'service "{target.service}" does not have a subset named "{target.subset}"')
+            return target, entry
+
+    def _target_routing(self, target: _Target, entry: Mapping[str, Any]) -> None:
+        """How the target is reached: its external SNI (service-defaults), or the mesh gateway mode and
+        transparent-proxy dialing (service-defaults, then proxy-defaults, then the request's override)."""
+        sd = self.lookup(ce.SERVICE_DEFAULTS, target.service) if not target.peer else None
+        if sd is not None and sd.get("ExternalSNI"):
+            target.sni, target.external = str(sd["ExternalSNI"]), True
+            for what, present in (("redirects", entry.get("Redirect") is not None),
+                                  ("subsets", bool(entry.get("Subsets"))), ("failover", bool(entry.get("Failover")))):
+                if present:
+                    raise ConfigEntryError(f'service "{target.service}" has an external SNI set; cannot define '
+                                           f"{what} for external services")
+        if target.external:
+            return
+        mode = ""
+        if sd is not None:
+            mode = str((sd.get("MeshGateway") or {}).get("Mode") or "")
+            if (sd.get("TransparentProxy") or {}).get("DialedDirectly"):
+                target.transparent_proxy = {"DialedDirectly": True}
+        pd = self._proxy_defaults()
+        if pd:
+            mode = mode or str((pd.get("MeshGateway") or {}).get("Mode") or "")
+            if not target.transparent_proxy and (pd.get("TransparentProxy") or {}).get("DialedDirectly"):
+                target.transparent_proxy = {"DialedDirectly": True}
+        want = self.overrides.mesh_gateway_mode
+        if want and want != mode:
+            mode = want
+            self.customized.add("MeshGateway")
+        target.mesh_gateway = {"Mode": mode} if mode else {}
+
+    def _failover(self, target: _Target, entry: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The resolver's failover for the target's subset (or ``*``): its targets, each compiled as a
+        resolver of its own, and the policy (the resolver's, else proxy-defaults'); None without one."""
         failovers: Mapping[str, Any] = entry.get("Failover") or {}
         failover = failovers.get(target.subset, failovers.get(WILDCARD))
         if not failover:
-            return node
-        goals: list[_Target] = []
+            return None
         if failover.get("Datacenters"):
             goals = [self.rewrite(target, {**failover, "Datacenter": dc}) for dc in failover["Datacenters"]]
         elif failover.get("Targets"):
@@ -403,17 +426,17 @@ class _Compiler:
         else:
             goals = [self.rewrite(target, failover)]
         goals = [g for g in goals if g.id != target.id]
-        if goals:
-            df: dict[str, Any] = {"Targets": []}
-            policy = failover.get("Policy")
-            if not policy or not policy.get("Mode"):
-                policy = self._proxy_defaults().get("FailoverPolicy")
-            if policy:
-                df["Policy"] = _omit_empty(policy)
-            for goal in goals:
-                df["Targets"].append(self.resolver(goal, for_failover=True)["Resolver"]["Target"])
-            resolver["Failover"] = df
-        return node
+        if not goals:
+            return None
+        df: dict[str, Any] = {"Targets": []}
+        policy = failover.get("Policy")
+        if not policy or not policy.get("Mode"):
+            policy = self._proxy_defaults().get("FailoverPolicy")
+        if policy:
+            df["Policy"] = _omit_empty(policy)
+        for goal in goals:
+            df["Targets"].append(self.resolver(goal, for_failover=True)["Resolver"]["Target"])
+        return df
 
     # ----- after assembly -----
     def detect_cycles(self) -> None:

@@ -11,15 +11,18 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-NS = 1
-US = 1_000
-MS = 1_000_000
-SECOND = 1_000_000_000
-MINUTE = 60 * SECOND
-HOUR = 60 * MINUTE
+# Go's duration units and JSON key folding, re-exported for the agent's endpoints (one definition,
+# shared with the mesh: consulkit.conventions)
+from consulkit.conventions import HOUR as HOUR
+from consulkit.conventions import MINUTE as MINUTE
+from consulkit.conventions import MS as MS
+from consulkit.conventions import NS as NS
+from consulkit.conventions import SECOND as SECOND
+from consulkit.conventions import US as US
+from consulkit.conventions import DurationError, fold_key, format_duration_ns, parse_duration_ns
 
-_UNITS = {"ns": NS, "us": US, "µs": US, "μs": US, "ms": MS, "s": SECOND, "m": MINUTE, "h": HOUR}
-_DURATION_PART = re.compile(r"(\d*\.?\d*)(ns|us|µs|μs|ms|s|m|h)")
+fold = fold_key
+format_duration = format_duration_ns
 
 
 class DecodeError(ValueError):
@@ -27,60 +30,12 @@ class DecodeError(ValueError):
 
 
 def parse_duration(text: str) -> int:
-    """Parse a Go ``time.ParseDuration`` string ("10s", "1m30s", "500ms", "-1.5h", "0") into nanoseconds."""
-    orig = text
-    if not isinstance(text, str):
-        raise DecodeError(f"time: invalid duration {orig!r}")
-    neg = False
-    if text[:1] in "+-" and text:
-        neg = text[0] == "-"
-        text = text[1:]
-    if text == "0":
-        return 0
-    if not text:
-        raise DecodeError(f'time: invalid duration "{orig}"')
-    total = 0.0
-    pos = 0
-    while pos < len(text):
-        m = _DURATION_PART.match(text, pos)
-        if m is None or m.group(1) in ("", "."):
-            if re.match(r"\d*\.?\d*$", text[pos:]):
-                raise DecodeError(f'time: missing unit in duration "{orig}"')
-            raise DecodeError(f'time: invalid duration "{orig}"')
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    value = round(total)
-    return -value if neg else value
-
-
-def format_duration(ns: int) -> str:
-    """Format nanoseconds like Go's ``time.Duration.String()`` ("1m30s", "500ms", "0s", "1h0m0s")."""
-    if ns == 0:
-        return "0s"
-    sign = "-" if ns < 0 else ""
-    u = abs(ns)
-    if u < SECOND:
-        if u < US:
-            return f"{sign}{u}ns"
-        if u < MS:
-            return sign + _frac(u, US) + "µs"
-        return sign + _frac(u, MS) + "ms"
-    out = _frac(u % MINUTE, SECOND) + "s"
-    u //= MINUTE
-    if u:
-        out = f"{u % 60}m" + out
-        u //= 60
-        if u:
-            out = f"{u}h" + out
-    return sign + out
-
-
-def _frac(value: int, unit: int) -> str:
-    whole, rest = divmod(value, unit)
-    if not rest:
-        return str(whole)
-    digits = str(rest).rjust(len(str(unit)) - 1, "0").rstrip("0")
-    return f"{whole}.{digits}"
+    """Go's ``time.ParseDuration`` ("10s", "1m30s", "500ms", "-1.5h", "0") in nanoseconds; `DecodeError`
+    (a 400 from the handlers) with Go's message on anything else."""
+    try:
+        return parse_duration_ns(text)
+    except DurationError as exc:
+        raise DecodeError(str(exc)) from None
 
 
 def duration_value(value: Any, *, what: str = "duration") -> int:
@@ -95,11 +50,6 @@ def duration_value(value: Any, *, what: str = "duration") -> int:
         except DecodeError as exc:
             raise DecodeError(f"{what}: {exc}") from None
     raise DecodeError(f"{what}: invalid duration {value!r}")
-
-
-def fold(key: str) -> str:
-    """How Consul matches request-body keys: case-insensitively, snake_case equal to CamelCase."""
-    return key.replace("_", "").replace("-", "").lower()
 
 
 # A decoding spec: maps the canonical (CamelCase) field name to how its value is decoded:

@@ -266,6 +266,27 @@ def _resolver(e: dict[str, Any]) -> None:
     _name_required(e)
     _meta(e)
     subsets: dict[str, Any] = e.get("Subsets") or {}
+    _resolver_subsets(subsets)
+    default_subset = _str(e, "DefaultSubset", kind)
+    if default_subset and default_subset not in subsets:
+        raise ConfigEntryError(f'DefaultSubset "{default_subset}" is not a valid subset')
+    failover: dict[str, Any] = e.get("Failover") or {}
+    redirect = e.get("Redirect")
+    if redirect is not None:
+        _resolver_redirect(redirect, e["Name"], subsets, with_failover=bool(failover))
+    for subset, f in failover.items():
+        _resolver_failover(subset, f, e["Name"], subsets)
+    if connect_timeout < 0:
+        raise ConfigEntryError(f"Bad ConnectTimeout '{format_duration(connect_timeout)}', must be >= 0")
+    if request_timeout < 0:
+        raise ConfigEntryError(f"Bad RequestTimeout '{format_duration(request_timeout)}', must be >= 0")
+    lb = e.get("LoadBalancer")
+    if lb is not None:
+        _load_balancer(lb)
+
+
+def _resolver_subsets(subsets: Mapping[str, Any]) -> None:
+    """Subset names (DNS labels) and their filters (bexpr)."""
     for name, subset in subsets.items():
         if not name:
             raise ConfigEntryError("Subset defined with empty name")
@@ -281,75 +302,66 @@ def _resolver(e: dict[str, Any]) -> None:
                 raise ConfigEntryError(f'Filter for subset "{name}" is not a valid expression: {exc}') from None
         _bool(subset, "OnlyPassing", f"Subsets[{name!r}]")
 
-    def is_subset(name: str) -> bool:
-        return name in subsets
 
-    default_subset = _str(e, "DefaultSubset", kind)
-    if default_subset and not is_subset(default_subset):
-        raise ConfigEntryError(f'DefaultSubset "{default_subset}" is not a valid subset')
-    failover: dict[str, Any] = e.get("Failover") or {}
-    redirect = e.get("Redirect")
-    if redirect is not None:
-        r = {f: _str(redirect, f, "Redirect") for f in ce.REDIRECT_SPEC}
-        if failover:
-            raise ConfigEntryError("Redirect and Failover cannot both be set")
-        if not any(r.values()):
-            raise ConfigEntryError("Redirect is empty")
-        if r["Peer"] and r["ServiceSubset"]:
-            raise ConfigEntryError("Redirect.Peer cannot be set with Redirect.ServiceSubset")
-        if r["Peer"] and r["Partition"]:
-            raise ConfigEntryError("Redirect.Partition cannot be set with Redirect.Peer")
-        if r["Peer"] and r["Datacenter"]:
-            raise ConfigEntryError("Redirect.Peer cannot be set with Redirect.Datacenter")
-        if not r["Service"]:
-            for field in ("ServiceSubset", "Namespace", "Partition", "Peer"):
-                if r[field]:
-                    raise ConfigEntryError(f"Redirect.{field} defined without Redirect.Service")
-        elif r["ServiceSubset"] and r["Service"] == e["Name"] and not is_subset(r["ServiceSubset"]):
-            raise ConfigEntryError(f'Redirect.ServiceSubset "{r["ServiceSubset"]}" is not a valid subset of '
-                                   f'"{e["Name"]}"')
-    for subset, f in failover.items():
-        prefix = f'Bad Failover["{subset}"]: '
-        what = f"Failover[{subset!r}]"
-        if subset != WILDCARD and not is_subset(subset):
-            raise ConfigEntryError(prefix + "not a valid subset subset")
-        service, service_subset = _str(f, "Service", what), _str(f, "ServiceSubset", what)
-        dcs, targets = _strs(f, "Datacenters", what), _list(f, "Targets")
-        if not (service or service_subset or _str(f, "Namespace", what) or dcs or targets
-                or _str(f, "SamenessGroup", what)):
-            raise ConfigEntryError(prefix + "one of Service, ServiceSubset, Namespace, Targets, SamenessGroup, "
-                                   "or Datacenters is required")
-        if service_subset and service in ("", e["Name"]) and not is_subset(service_subset):
-            raise ConfigEntryError(f'{prefix}ServiceSubset "{service_subset}" is not a valid subset of "{service}"')
-        if dcs and targets:
-            raise ConfigEntryError(f'Bad Failover["{subset}"]: Targets cannot be set with Datacenters')
-        if service_subset and targets:
-            raise ConfigEntryError(f'Bad Failover["{subset}"]: Targets cannot be set with ServiceSubset')
-        if service and targets:
-            raise ConfigEntryError(f'Bad Failover["{subset}"]: Targets cannot be set with Service')
-        for i, t in enumerate(targets):
-            tp = f'Bad Failover["{subset}"].Targets[{i}]: '
-            tv = {fl: _str(t, fl, f"{what}.Targets[{i}]") for fl in ce.FAILOVER_TARGET_SPEC}
-            if tv["Peer"] and tv["ServiceSubset"]:
-                raise ConfigEntryError(tp + "Peer cannot be set with ServiceSubset")
-            if tv["Peer"] and tv["Partition"]:
-                raise ConfigEntryError(tp + "Partition cannot be set with Peer")
-            if tv["Peer"] and tv["Datacenter"]:
-                raise ConfigEntryError(tp + "Peer cannot be set with Datacenter")
-            if tv["Partition"] and tv["Datacenter"]:
-                raise ConfigEntryError(tp + "Partition cannot be set with Datacenter")
-            if tv["ServiceSubset"] and tv["Service"] in ("", e["Name"]) and not is_subset(tv["ServiceSubset"]):
-                raise ConfigEntryError(f'{tp}ServiceSubset "{tv["ServiceSubset"]}" is not a valid subset of '
-                                       f'"{e["Name"]}"')
-        if any(dc == "" for dc in dcs):
-            raise ConfigEntryError(f'Bad Failover["{subset}"].Datacenters: found empty datacenter')
-    if connect_timeout < 0:
-        raise ConfigEntryError(f"Bad ConnectTimeout '{format_duration(connect_timeout)}', must be >= 0")
-    if request_timeout < 0:
-        raise ConfigEntryError(f"Bad RequestTimeout '{format_duration(request_timeout)}', must be >= 0")
-    lb = e.get("LoadBalancer")
-    if lb is not None:
-        _load_balancer(lb)
+def _resolver_redirect(redirect: Mapping[str, Any], name: str, subsets: Mapping[str, Any], *,
+                       with_failover: bool) -> None:
+    """A redirect (never with a failover) names where to go, with no field that contradicts another."""
+    r = {f: _str(redirect, f, "Redirect") for f in ce.REDIRECT_SPEC}
+    if with_failover:
+        raise ConfigEntryError("Redirect and Failover cannot both be set")
+    if not any(r.values()):
+        raise ConfigEntryError("Redirect is empty")
+    if r["Peer"] and r["ServiceSubset"]:
+        raise ConfigEntryError("Redirect.Peer cannot be set with Redirect.ServiceSubset")
+    if r["Peer"] and r["Partition"]:
+        raise ConfigEntryError("Redirect.Partition cannot be set with Redirect.Peer")
+    if r["Peer"] and r["Datacenter"]:
+        raise ConfigEntryError("Redirect.Peer cannot be set with Redirect.Datacenter")
+    if not r["Service"]:
+        for field in ("ServiceSubset", "Namespace", "Partition", "Peer"):
+            if r[field]:
+                raise ConfigEntryError(f"Redirect.{field} defined without Redirect.Service")
+    elif r["ServiceSubset"] and r["Service"] == name and r["ServiceSubset"] not in subsets:
+        raise ConfigEntryError(f'Redirect.ServiceSubset "{r["ServiceSubset"]}" is not a valid subset of '
+                               f'"{name}"')
+
+
+def _resolver_failover(subset: str, f: Mapping[str, Any], name: str, subsets: Mapping[str, Any]) -> None:
+    """The failover of one subset (or ``*``): a destination is named, Targets excludes the other forms."""
+    prefix = f'Bad Failover["{subset}"]: '
+    what = f"Failover[{subset!r}]"
+    if subset != WILDCARD and subset not in subsets:
+        raise ConfigEntryError(prefix + "not a valid subset subset")
+    service, service_subset = _str(f, "Service", what), _str(f, "ServiceSubset", what)
+    dcs, targets = _strs(f, "Datacenters", what), _list(f, "Targets")
+    if not (service or service_subset or _str(f, "Namespace", what) or dcs or targets
+            or _str(f, "SamenessGroup", what)):
+        raise ConfigEntryError(prefix + "one of Service, ServiceSubset, Namespace, Targets, SamenessGroup, "
+                               "or Datacenters is required")
+    if service_subset and service in ("", name) and service_subset not in subsets:
+        raise ConfigEntryError(f'{prefix}ServiceSubset "{service_subset}" is not a valid subset of "{service}"')
+    if dcs and targets:
+        raise ConfigEntryError(f'Bad Failover["{subset}"]: Targets cannot be set with Datacenters')
+    if service_subset and targets:
+        raise ConfigEntryError(f'Bad Failover["{subset}"]: Targets cannot be set with ServiceSubset')
+    if service and targets:
+        raise ConfigEntryError(f'Bad Failover["{subset}"]: Targets cannot be set with Service')
+    for i, t in enumerate(targets):
+        tp = f'Bad Failover["{subset}"].Targets[{i}]: '
+        tv = {fl: _str(t, fl, f"{what}.Targets[{i}]") for fl in ce.FAILOVER_TARGET_SPEC}
+        if tv["Peer"] and tv["ServiceSubset"]:
+            raise ConfigEntryError(tp + "Peer cannot be set with ServiceSubset")
+        if tv["Peer"] and tv["Partition"]:
+            raise ConfigEntryError(tp + "Partition cannot be set with Peer")
+        if tv["Peer"] and tv["Datacenter"]:
+            raise ConfigEntryError(tp + "Peer cannot be set with Datacenter")
+        if tv["Partition"] and tv["Datacenter"]:
+            raise ConfigEntryError(tp + "Partition cannot be set with Datacenter")
+        if tv["ServiceSubset"] and tv["Service"] in ("", name) and tv["ServiceSubset"] not in subsets:
+            raise ConfigEntryError(f'{tp}ServiceSubset "{tv["ServiceSubset"]}" is not a valid subset of '
+                                   f'"{name}"')
+    if any(dc == "" for dc in dcs):
+        raise ConfigEntryError(f'Bad Failover["{subset}"].Datacenters: found empty datacenter')
 
 
 def _load_balancer(lb: Mapping[str, Any]) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from consulkit.conventions import intention_precedence
 from devagent.codec import DecodeError, decode_struct, expect_str, expect_str_map
 
 WILDCARD = "*"
@@ -56,12 +57,6 @@ class IntentionError(ValueError):
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
-
-
-def precedence(dest: str, src: str) -> int:
-    """Consul's computeIntentionPrecedence in the default namespace: 9, 8, 6 or 5."""
-    top = 6 if dest == WILDCARD else 9
-    return top - (1 if src == WILDCARD else 0)
 
 
 # ----- entries -----
@@ -111,7 +106,7 @@ def normalize_entry(entry: Mapping[str, Any], *, legacy_write: bool = False) -> 
         s["Permissions"] = _permissions(s.get("Permissions"), f"Sources[{i}].Permissions")
         if not s["Permissions"]:
             del s["Permissions"]
-        s["Precedence"] = precedence(out["Name"], s["Name"])
+        s["Precedence"] = intention_precedence(source=s["Name"], destination=out["Name"])
         if not legacy_write:
             for key in ("LegacyID", "LegacyCreateTime", "LegacyUpdateTime"):
                 s.pop(key, None)
@@ -234,7 +229,7 @@ def intention_of(entry: Mapping[str, Any], src: Mapping[str, Any]) -> dict[str, 
         ixn["SourcePeer"] = src["Peer"]
     if src.get("Permissions"):
         ixn["Permissions"] = src["Permissions"]
-    ixn["Precedence"] = src.get("Precedence", precedence(entry["Name"], src["Name"]))
+    ixn["Precedence"] = src.get("Precedence", intention_precedence(source=src["Name"], destination=entry["Name"]))
     ixn["Meta"] = dict(src.get("LegacyMeta") or entry.get("Meta") or {})
     ixn["CreatedAt"] = src.get("LegacyCreateTime") or src.get("_CreatedAt") or "0001-01-01T00:00:00Z"
     ixn["UpdatedAt"] = src.get("LegacyUpdateTime") or src.get("_UpdatedAt") or "0001-01-01T00:00:00Z"

@@ -710,25 +710,6 @@ def node_service_cached(row: Mapping[str, Any]) -> dict[str, Any]:
     return _NODE_SERVICES.get(row, node_service)
 
 
-def aggregated_status(statuses: Iterable[str]) -> str:
-    """Consul's HealthChecks.AggregatedStatus: maintenance > critical > warning > passing."""
-    seen = set(statuses)
-    if not seen:
-        return PASSING
-    for s in (MAINT, CRITICAL, WARNING):
-        if s in seen:
-            return s
-    return PASSING
-
-
-def worst(statuses: Iterable[str]) -> str:
-    seen = set(statuses)
-    for s in (CRITICAL, WARNING):
-        if s in seen:
-            return s
-    return PASSING
-
-
 def has_tags(row: Mapping[str, Any], tags: Iterable[str]) -> bool:
     """Every tag present (Consul's tag filter, case-sensitive)."""
     have = set(row.get("Tags") or [])

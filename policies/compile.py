@@ -35,11 +35,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ca.identity import IdentityError, validate_service_name
+from consulkit.conventions import fold_key, intention_precedence
 from policies.model import (
     ACTIONS,
     INTENTIONS_PREFIX,
     KIND,
     MODES,
+    TABLE_FORMAT,
     WILDCARD,
     Action,
     CompiledRule,
@@ -52,7 +54,7 @@ from policies.model import (
     OriginKind,
     Permission,
     SourceIntention,
-    precedence,
+    table_version,
 )
 
 # Consul's limits (agent/structs/config_entry.go, intention.go)
@@ -82,20 +84,16 @@ class _Problems:
         self.errors.append(f"{self.ref}: {where}: {problem}" if where else f"{self.ref}: {problem}")
 
 
-def _canon(key: str) -> str:
-    return key.replace("_", "").replace("-", "").lower()
-
-
 # canonical key -> field name, per object
-_ENTRY_FIELDS = {_canon(k): k for k in (
+_ENTRY_FIELDS = {fold_key(k): k for k in (
     "Kind", "Name", "Sources", "Description", "Meta", "Mode", "Namespace", "Partition", "JWT",
     "CreateIndex", "ModifyIndex", "Hash")}
-_SOURCE_FIELDS = {_canon(k): k for k in (
+_SOURCE_FIELDS = {fold_key(k): k for k in (
     "Name", "Action", "Permissions", "Description", "Mode", "Precedence", "Type", "LegacyID", "LegacyMeta",
     "LegacyCreateTime", "LegacyUpdateTime", "Namespace", "Partition", "Peer", "SamenessGroup")}
-_PERMISSION_FIELDS = {_canon(k): k for k in ("Action", "HTTP", "JWT")}
-_HTTP_FIELDS = {_canon(k): k for k in ("PathExact", "PathPrefix", "PathRegex", "Methods", "Header")}
-_HEADER_FIELDS = {_canon(k): k for k in ("Name", "Present", "Exact", "Prefix", "Suffix", "Regex", "Invert")}
+_PERMISSION_FIELDS = {fold_key(k): k for k in ("Action", "HTTP", "JWT")}
+_HTTP_FIELDS = {fold_key(k): k for k in ("PathExact", "PathPrefix", "PathRegex", "Methods", "Header")}
+_HEADER_FIELDS = {fold_key(k): k for k in ("Name", "Present", "Exact", "Prefix", "Suffix", "Regex", "Invert")}
 
 
 def _fields(obj: Any, known: Mapping[str, str], where: str, p: _Problems) -> dict[str, Any] | None:
@@ -105,7 +103,7 @@ def _fields(obj: Any, known: Mapping[str, str], where: str, p: _Problems) -> dic
         return None
     out: dict[str, Any] = {}
     for key, value in obj.items():
-        name = known.get(_canon(str(key)))
+        name = known.get(fold_key(str(key)))
         if name is None:
             p.add(f"{where}.{key}" if where else str(key), "unknown field")
             continue
@@ -280,6 +278,56 @@ def parse_permissions(raw: Any, where: str = "Permissions") -> tuple[Permission,
     return perms
 
 
+def parse_table(data: Any) -> CompiledTable:
+    """Read back a table from :meth:`CompiledTable.to_json` output (what sidecars find in KV), checking
+    every field and that its version is its content's hash; raises ValueError/KeyError on a malformed one.
+
+    Here rather than in :mod:`policies.model` because rules' permissions are checked by the same
+    parser as intentions' (:func:`parse_permissions`), and the model must not import the compiler."""
+    if not isinstance(data, dict):
+        raise ValueError("a compiled table must be a JSON object")
+    fmt = data.get("Format", TABLE_FORMAT)
+    if fmt != TABLE_FORMAT:
+        raise ValueError(f"compiled table format {fmt!r} is not supported (expected {TABLE_FORMAT})")
+    rules = tuple(_table_rule(raw, f"Rules[{i}]") for i, raw in enumerate(data.get("Rules") or []))
+    default_policy = data.get("DefaultPolicy")
+    if default_policy not in ACTIONS:
+        raise ValueError(f"DefaultPolicy must be 'allow' or 'deny', not {default_policy!r}")
+    default_mode = data.get("DefaultMode", "enforce")
+    if default_mode not in MODES:
+        raise ValueError(f"DefaultMode must be 'enforce' or 'audit', not {default_mode!r}")
+    table = CompiledTable(destination=str(data["Destination"]), default_policy=default_policy, rules=rules,
+                          default_mode=default_mode, warnings=tuple(str(w) for w in data.get("Warnings") or ()))
+    computed = table_version(table.content_json())
+    version = str(data.get("Version") or computed)
+    if version != computed:
+        raise ValueError(f"compiled table version {version!r} does not match its content ({computed!r})")
+    return table.with_version()
+
+
+def _table_rule(raw: Any, where: str) -> CompiledRule:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a JSON object")
+    perms = parse_permissions(raw.get("Permissions"), where=where) if raw.get("Permissions") else ()
+    action = raw.get("Action")
+    if not perms and action not in ACTIONS:
+        raise ValueError(f"{where}.Action must be 'allow' or 'deny', not {action!r}")
+    mode = raw.get("Mode", "enforce")
+    if mode not in MODES:
+        raise ValueError(f"{where}.Mode must be 'enforce' or 'audit', not {mode!r}")
+    return CompiledRule(
+        source=str(raw["Source"]), destination=str(raw["Destination"]),
+        precedence=int(raw["Precedence"]), origin=Origin.from_json(raw["Origin"]),
+        action=None if perms else action, permissions=perms, mode=mode,
+        description=str(raw.get("Description", "")),
+    )
+
+
+def loads_table(text: str | bytes) -> CompiledTable:
+    """:func:`parse_table` of a table's JSON text (a KV value)."""
+    return parse_table(json.loads(text))
+
+
 def parse_entry(raw: Any, ref: str, *, expect_name: str | None = None) -> IntentionsEntry:
     """Parse and validate one ``service-intentions`` document (JSON text, bytes or a decoded object).
 
@@ -308,7 +356,7 @@ def parse_entry(raw: Any, ref: str, *, expect_name: str | None = None) -> Intent
     kind = obj.get("Kind")
     if kind is None or kind == "":
         p.add("Kind", f"is required and must be {KIND!r}")
-    elif not isinstance(kind, str) or _canon(kind) != _canon(KIND):
+    elif not isinstance(kind, str) or fold_key(kind) != fold_key(KIND):
         p.add("Kind", f"must be {KIND!r}, not {kind!r}")
     name = _str(obj, "Name", "", p)
     if not name:
@@ -475,7 +523,8 @@ def _rules_of(entry: IntentionsEntry, kind: OriginKind, ref: str) -> list[Compil
     for i, src in enumerate(entry.sources):
         mode: Mode = src.mode or entry.mode or "enforce"
         rules.append(CompiledRule(
-            source=src.name, destination=entry.name, precedence=precedence(src.name, entry.name),
+            source=src.name, destination=entry.name,
+            precedence=intention_precedence(source=src.name, destination=entry.name),
             origin=Origin(kind=kind, ref=ref, index=i, intention_id=src.legacy_id),
             action=src.action, permissions=src.permissions, mode=mode, description=src.description,
         ))

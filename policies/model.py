@@ -24,8 +24,8 @@ Three groups of types live here:
   connection or request: allowed, audited (a would-be denial let through by audit mode), the
   deciding rule (``None`` when the default policy decided) and a human-readable reason.
 
-Everything is immutable; tables serialise to and from JSON with :meth:`CompiledTable.to_json` /
-:meth:`CompiledTable.from_json` (Consul-style CamelCase keys).
+Everything is immutable; tables serialise to JSON with :meth:`CompiledTable.to_json` (Consul-style
+CamelCase keys) and are read back, validated, by :func:`policies.compile.parse_table`.
 """
 
 from __future__ import annotations
@@ -49,20 +49,6 @@ Mode = Literal["enforce", "audit"]
 OriginKind = Literal["kv", "native"]
 ACTIONS: tuple[Action, ...] = ("allow", "deny")
 MODES: tuple[Mode, ...] = ("enforce", "audit")
-
-# Consul's precedence in the default namespace (agent/structs: computeIntentionPrecedence).
-PRECEDENCE_EXACT_EXACT = 9  # web -> db
-PRECEDENCE_ANY_EXACT = 8  # *   -> db
-PRECEDENCE_EXACT_ANY = 6  # web -> *
-PRECEDENCE_ANY_ANY = 5  # *   -> *
-
-
-def precedence(source: str, destination: str) -> int:
-    """Consul's precedence of an intention ``source -> destination`` in the default namespace."""
-    if destination == WILDCARD:
-        return PRECEDENCE_ANY_ANY if source == WILDCARD else PRECEDENCE_EXACT_ANY
-    return PRECEDENCE_ANY_EXACT if source == WILDCARD else PRECEDENCE_EXACT_EXACT
-
 
 def intentions_key(destination: str) -> str:
     """The KV key of a destination's intentions document."""
@@ -342,49 +328,6 @@ class CompiledTable:
     def dumps(self) -> str:
         """The canonical JSON text written to KV."""
         return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CompiledTable:
-        """Rebuild a table from :meth:`to_json` output; raises ValueError/KeyError on a malformed one."""
-        from policies.compile import parse_permissions  # local: compile imports this module
-
-        if not isinstance(data, dict):
-            raise ValueError("a compiled table must be a JSON object")
-        fmt = data.get("Format", TABLE_FORMAT)
-        if fmt != TABLE_FORMAT:
-            raise ValueError(f"compiled table format {fmt!r} is not supported (expected {TABLE_FORMAT})")
-        rules = []
-        for i, raw in enumerate(data.get("Rules") or []):
-            perms = parse_permissions(raw.get("Permissions"), where=f"Rules[{i}]") if raw.get("Permissions") else ()
-            action = raw.get("Action")
-            if not perms and action not in ACTIONS:
-                raise ValueError(f"Rules[{i}].Action must be 'allow' or 'deny', not {action!r}")
-            mode = raw.get("Mode", "enforce")
-            if mode not in MODES:
-                raise ValueError(f"Rules[{i}].Mode must be 'enforce' or 'audit', not {mode!r}")
-            rules.append(CompiledRule(
-                source=str(raw["Source"]), destination=str(raw["Destination"]),
-                precedence=int(raw["Precedence"]), origin=Origin.from_json(raw["Origin"]),
-                action=None if perms else action, permissions=perms, mode=mode,
-                description=str(raw.get("Description", "")),
-            ))
-        default_policy = data.get("DefaultPolicy")
-        if default_policy not in ACTIONS:
-            raise ValueError(f"DefaultPolicy must be 'allow' or 'deny', not {default_policy!r}")
-        default_mode = data.get("DefaultMode", "enforce")
-        if default_mode not in MODES:
-            raise ValueError(f"DefaultMode must be 'enforce' or 'audit', not {default_mode!r}")
-        table = cls(destination=str(data["Destination"]), default_policy=default_policy, rules=tuple(rules),
-                    default_mode=default_mode, warnings=tuple(str(w) for w in data.get("Warnings") or ()))
-        computed = table_version(table.content_json())
-        version = str(data.get("Version") or computed)
-        if version != computed:
-            raise ValueError(f"compiled table version {version!r} does not match its content ({computed!r})")
-        return table.with_version()
-
-    @classmethod
-    def loads(cls, text: str | bytes) -> CompiledTable:
-        return cls.from_json(json.loads(text))
 
     def with_version(self) -> CompiledTable:
         """This table with ``version`` set to its content hash."""

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import grpc
 import structlog
 
-from policies.compile import Compiler, CompileResult, validate_document
+from policies.compile import Compiler, CompileResult, loads_table, validate_document
 from policies.evaluate import authorize
 from policies.model import (
     COMPILED_PREFIX,
@@ -298,7 +298,7 @@ class PolicyService:
             if dest is None or not result.is_frozen(dest):
                 continue
             try:
-                tables[dest] = CompiledTable.loads(e.value or b"")
+                tables[dest] = loads_table(e.value or b"")
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("unreadable compiled table in KV", key=e.key, error=str(exc))
         self.kv_tables = tables

@@ -1,12 +1,13 @@
 """The outbound side: one local listener per upstream, an endpoint picked per call or connection.
 
 For each upstream declared in the registration, a listener on ``LocalBindAddress:LocalBindPort``
-speaks the upstream's protocol: a grpc.aio server (gRPC, see ``sidecar.grpc_proxy``), an aiohttp
-server (HTTP, ``sidecar.http_proxy``) or a byte pipe (TCP, ``sidecar.tcp_proxy``). Every call (or
-TCP connection) picks a healthy endpoint of the current snapshot with power of two choices over a
-latency EWMA (``sidecar.balance``) and goes there over mTLS, checking that the server is the
-upstream (DNS SAN ``<service>.svc.default.<trust-domain>`` as the TLS host name; URI SAN for TCP
-and HTTP). gRPC keeps one HTTP/2 channel per endpoint.
+speaks the upstream's protocol: for gRPC, the frame-level HTTP/2 proxy (``sidecar.h2_proxy``, the
+default engine; the grpc.aio engine of ``sidecar.grpc_proxy`` only with ``--grpc-engine aio``), an
+aiohttp server for HTTP (``sidecar.http_proxy``) or a byte pipe for TCP (``sidecar.tcp_proxy``).
+Every call (or TCP connection) picks a healthy endpoint of the current snapshot with power of two
+choices over a latency EWMA (``sidecar.balance``) and goes there over mTLS, checking that the server
+is the upstream (DNS SAN ``<service>.svc.default.<trust-domain>`` as the TLS host name; URI SAN for
+TCP and HTTP). gRPC keeps one HTTP/2 connection per endpoint.
 
 Endpoint changes apply to new calls at once; channels of endpoints that left, or built from a
 previous certificate, are closed with a grace period so that calls in flight finish.

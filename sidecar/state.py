@@ -25,7 +25,9 @@ Consul is unreachable it keeps its last answer and nothing changes here):
 
 Every change goes into a :class:`~sidecar.snapshot.SnapshotBuilder`; when the builder is complete,
 the new snapshot is swapped in atomically (one attribute assignment), a line per change is logged,
-and listeners (inbound, outbound, telemetry) are told.
+and listeners (inbound, outbound, telemetry) are told. Publishing is coalesced as Consul's proxycfg
+does (:mod:`sidecar.coalesce`): the first snapshot at once, then at most one publish per 200 ms
+window after the first change, carrying the latest state.
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ from catalog.watch import (
     kv_prefix_watch,
     kv_watch,
 )
+from policies.compile import loads_table
 from policies.model import WILDCARD, CompiledTable, table_key
 from sidecar import faults as faults_mod
 from sidecar import methods as methods_mod
 from sidecar import ratelimit as ratelimit_mod
+from sidecar.coalesce import DEFAULT_WINDOW, PublishWindow
 from sidecar.snapshot import (
     Credentials,
     Endpoint,
@@ -120,7 +124,8 @@ class SidecarState:
 
     def __init__(self, client: ConsulClient, leaf: LeafManager, registration: Registration, *,
                  app_protocol_meta: str | None, watch_policy: WatchPolicy | None = None,
-                 descriptor_methods: dict[str, str] | None = None, reflect: bool = True) -> None:
+                 descriptor_methods: dict[str, str] | None = None, reflect: bool = True,
+                 coalesce_seconds: float = DEFAULT_WINDOW) -> None:
         self.client = client
         self.leaf = leaf
         self.builder = SnapshotBuilder()
@@ -145,6 +150,8 @@ class SidecarState:
         self._caller_limits: tuple[str, ratelimit_mod.CallerLimits | None] = ("", None)
         self._faults: tuple[str, faults_mod.FaultDoc | None] = ("", None)
         self.last_change = time.time()
+        self._window = PublishWindow(coalesce_seconds)
+        self._publish_timer: asyncio.TimerHandle | None = None
         self._apply_protocol(registration.service)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -165,6 +172,8 @@ class SidecarState:
 
     async def close(self) -> None:
         self._stop.set()
+        if self._publish_timer is not None:
+            self._publish_timer.cancel()
         for w in self._watches:
             w.close()
         for task in self._tasks.values():
@@ -190,6 +199,23 @@ class SidecarState:
 
     # -- publishing ----------------------------------------------------------------------------
     def _changed(self) -> None:
+        """Something the snapshot is built from changed: publish now (no snapshot yet, so that
+        readiness never waits), or once the coalescing window of the first change since the last
+        publish has passed (sidecar.coalesce)."""
+        loop = asyncio.get_running_loop()
+        delay = self._window.change(loop.time(), published=self.current is not None)
+        if delay == 0.0:
+            self._publish()
+        elif delay is not None:
+            self._publish_timer = loop.call_later(delay, self._publish_due)
+
+    def _publish_due(self) -> None:
+        self._publish_timer = None
+        self._window.fire()
+        if not self._stop.is_set():
+            self._publish()
+
+    def _publish(self) -> None:
         snap = self.builder.build()
         if snap is None:
             log.debug("snapshot_incomplete", missing=self.builder.missing())
@@ -258,7 +284,7 @@ class SidecarState:
                 self._policy_tables[key] = None
             else:
                 try:
-                    self._policy_tables[key] = CompiledTable.loads(entry.value)
+                    self._policy_tables[key] = loads_table(entry.value)
                 except (ValueError, KeyError, TypeError) as exc:
                     log.error("policy_table_unusable", key=key, error=str(exc)[:300], note="keeping the last good one")
                     continue

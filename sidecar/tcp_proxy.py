@@ -311,15 +311,6 @@ class Pipe:
         """Both sides are up: flush what side a received while side b was being opened."""
         self.a.flush()
 
-    @property
-    def bytes_a_to_b(self) -> int:
-        return self.a.bytes_in
-
-    @property
-    def bytes_b_to_a(self) -> int:
-        return self.b.bytes_in
-
-
 class OutboundTcp:
     """The local listener of a TCP upstream: each connection goes to a picked endpoint over mTLS.
 

@@ -6,6 +6,7 @@ failed test never leaves a sidecar or agent behind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 WEFT = [sys.executable, "-m", "weft.cli"]
@@ -39,6 +41,41 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
             last_exc = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f": {last_exc!r}" if last_exc else ""))
+
+
+class HttpReply(NamedTuple):
+    status: int
+    headers: dict[str, str]
+    body: Any  # bytes, or with decode=True the decoded JSON (the bytes when they are not JSON)
+
+
+def agent_http(agent: DevAgent, method: str, path: str, body: Any = None, *, token: str | None = None,
+               bearer: str | None = None, decode: bool = False) -> HttpReply:
+    """One raw HTTP call to a dev agent: a non-bytes `body` is sent as JSON; an HTTP error is an
+    answer like any other (its status, headers and body), not an exception."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(agent.url + path, data=data, method=method)
+    if token:
+        req.add_header("X-Consul-Token", token)
+    if bearer:
+        req.add_header("Authorization", f"Bearer {bearer}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw, status, headers = resp.read(), int(resp.status), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        raw, status, headers = exc.read(), int(exc.code), dict(exc.headers)
+    if decode:
+        try:
+            return HttpReply(status, headers, json.loads(raw))
+        except ValueError:
+            pass
+    return HttpReply(status, headers, raw)
+
+
+def agent_json(agent: DevAgent, method: str, path: str, body: Any = None, *, token: str | None = None,
+               bearer: str | None = None) -> HttpReply:
+    """`agent_http` with the answer's body decoded from JSON (left as bytes when it is not JSON)."""
+    return agent_http(agent, method, path, body, token=token, bearer=bearer, decode=True)
 
 
 def http_ok(url: str, token: str | None = None) -> bool:

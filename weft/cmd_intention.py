@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from catalog.client import ConsulClient, ConsulError, ConsulNotFound
-from policies.compile import Compiler, Document, DocumentError, parse_entry, validate_document
+from policies.compile import Compiler, Document, DocumentError, loads_table, parse_entry, validate_document
 from policies.evaluate import authorize
 from policies.model import (
     INTENTIONS_PREFIX,
@@ -254,7 +254,7 @@ async def find_table(consul: ConsulClient, destination: str, default_policy: str
         _, entry = await consul.kv_get(key)
         if entry is not None:
             try:
-                return CompiledTable.loads(entry.value or b""), key
+                return loads_table(entry.value or b""), key
             except (ValueError, KeyError, TypeError) as exc:
                 raise IntentionError(f"{key}: unreadable compiled table: {exc}") from None
     compiler = Compiler("allow" if default_policy == "allow" else "deny")

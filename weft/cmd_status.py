@@ -29,12 +29,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from consulkit.conventions import aggregate_status
 from weft.devstate import ConsulChoice, admin_urls, consul_for_cli
 
 ROOTS_KEY = "weft/ca/roots"
 COMPILED_PREFIX = "weft/policy/compiled/"
 CONSUL_SERVICE = "consul"  # the service Consul registers for each of its server nodes
-_RANK = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,15 +161,6 @@ def role_of(outputs: Iterable[str]) -> str:
         if out.strip() in ROLES:
             return out.strip()
     return ""
-
-
-def worst_health(statuses: Iterable[str]) -> str:
-    """The aggregate health of checks as Consul's `?passing` sees it (no checks: passing)."""
-    worst = "passing"
-    for s in statuses:
-        if _RANK.get(s, 2) > _RANK.get(worst, 0):
-            worst = s if s in _RANK else "critical"
-    return worst
 
 
 def parse_roots(raw: bytes | None) -> tuple[str, list[RootRow]]:
@@ -403,11 +394,11 @@ async def collect(consul_choice: ConsulChoice) -> StatusReport:
                             else:
                                 report.traffic += traffic_rows(sc.service_id, await _sidecar_config(session, admin))
                         sidecars.append(SidecarRow(id=sc.service_id, port=sc.port,
-                                                   health=worst_health(c.status for c in sc.checks), admin=admin,
+                                                   health=aggregate_status(c.status for c in sc.checks), admin=admin,
                                                    cert_expiry=expiry, policy_version=version, error=err))
                     report.instances.append(InstanceRow(
                         service=inst.service, id=inst.service_id, address=inst.address or inst.node_address,
-                        port=inst.port, health=worst_health(c.status for c in inst.checks),
+                        port=inst.port, health=aggregate_status(c.status for c in inst.checks),
                         protocol=meta.get("protocol", ""), sidecars=tuple(sidecars),
                         role=role_of(c.output for c in inst.checks)))
         try:

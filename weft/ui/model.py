@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from consulkit.conventions import aggregate_status
 from weft.cmd_status import StatusReport
 from weft.cmd_top import EdgeStats
 
@@ -83,8 +84,8 @@ def services_view(report: StatusReport) -> list[dict[str, Any]]:
                          for sc in inst.sidecars],
         })
     for svc in out.values():
-        ranks = {"passing": 0, "warning": 1, "critical": 2, "maintenance": 3}
-        svc["health"] = max((i["health"] for i in svc["instances"]), key=lambda h: ranks.get(h, 2), default="unknown")
+        instances = svc["instances"]
+        svc["health"] = aggregate_status(i["health"] for i in instances) if instances else "unknown"
         svc["meshed"] = any(i["sidecars"] for i in svc["instances"])
     return [out[k] for k in sorted(out)]
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from catalog.servicedef import ServiceDefinitionError, parse, parse_data, parse_duration, upstreams_of
+from catalog.servicedef import ServiceDefinitionError, parse, parse_data, upstreams_of
 from tests.support import REPO
 
 DEMO = REPO / "weft" / "demo" / "services"
@@ -191,14 +191,7 @@ def test_syntax_errors_name_the_file() -> None:
         parse('{"service": {"name": "a", "port": true}}', source="web.json")
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("10s", 10.0), ("1m30s", 90.0), ("250ms", 0.25), ("1h", 3600.0), ("0", 0.0), ("1.5s", 1.5), ("100us", 1e-4),
-])
-def test_parse_duration(text: str, seconds: float) -> None:
-    assert parse_duration(text) == pytest.approx(seconds)
-
-
 @pytest.mark.parametrize("text", ["", "10", "s", "10 s", "1d", "-1s"])
-def test_parse_duration_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_duration(text)
+def test_bad_durations_name_the_field(text: str) -> None:
+    with pytest.raises(ServiceDefinitionError, match=r"service\.check\.interval"):
+        parse_data({"service": {"name": "a", "check": {"http": "http://x/", "interval": text}}})

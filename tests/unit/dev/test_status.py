@@ -18,17 +18,9 @@ from weft.cmd_status import (
     policy_for,
     render,
     role_of,
-    worst_health,
 )
 
 NOW = 1_800_000_000.0
-
-
-def test_worst_health() -> None:
-    assert worst_health([]) == "passing"
-    assert worst_health(["passing", "warning"]) == "warning"
-    assert worst_health(["warning", "critical", "passing"]) == "critical"
-    assert worst_health(["bogus"]) == "critical"
 
 
 def test_parse_roots_in_consuls_shape() -> None:

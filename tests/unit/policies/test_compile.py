@@ -7,9 +7,17 @@ from typing import Any
 
 import pytest
 
-from policies.compile import Compiler, Document, DocumentError, compile_tables, parse_entry, validate_document
+from policies.compile import (
+    Compiler,
+    Document,
+    DocumentError,
+    compile_tables,
+    parse_entry,
+    parse_table,
+    validate_document,
+)
 from policies.evaluate import authorize
-from policies.model import TCP, WILDCARD, CompiledTable, destination_of_key, precedence, table_key_candidates
+from policies.model import TCP, WILDCARD, destination_of_key, table_key_candidates
 
 KEY = "weft/intentions/db"
 
@@ -131,11 +139,6 @@ def test_native_entry_fields_written_by_consul_are_accepted() -> None:
     assert entry.sources[0].legacy_id.startswith("0b7c5e3a")
 
 
-def test_precedence_values() -> None:
-    assert precedence("web", "db") == 9
-    assert precedence("*", "db") == 8
-    assert precedence("web", "*") == 6
-    assert precedence("*", "*") == 5
 
 
 def test_bad_document_keeps_last_good_version_in_force() -> None:
@@ -226,11 +229,11 @@ def test_tampered_table_is_refused() -> None:
     data = table.to_json()
     data["DefaultPolicy"] = "allow"
     with pytest.raises(ValueError, match="does not match its content"):
-        CompiledTable.from_json(data)
+        parse_table(data)
     data = table.to_json()
     data["Rules"][0]["Action"] = "perhaps"
     with pytest.raises(ValueError, match="Action"):
-        CompiledTable.from_json(data)
+        parse_table(data)
 
 
 def test_incremental_compile_reuses_unchanged_tables() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from policies.compile import Compiler, Document
+from policies.compile import Compiler, Document, loads_table
 from policies.evaluate import authorize
 from policies.model import (
     TCP,
@@ -304,7 +304,7 @@ def test_native_entry_mode_through_meta() -> None:
 
 def test_per_request_flag_and_table_reuse_after_json_roundtrip() -> None:
     tables = build([entry("api", l7("web", perm("allow", PathPrefix="/")), l4("cron", "allow"))])
-    t = CompiledTable.loads(tables["api"].dumps())
+    t = loads_table(tables["api"].dumps())
     assert t == tables["api"]
     assert authorize(t, "web", TCP).per_request
     assert not authorize(t, "cron", TCP).per_request

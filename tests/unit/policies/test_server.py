@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from policies.compile import Compiler, Document
+from policies.compile import Compiler, Document, loads_table
 from policies.evaluate import authorize
 from policies.model import COMPILED_PREFIX, LEADER_KEY, TCP, CompiledTable, destination_of_key
 from policies.server import PolicyService, batches, plan_ops, request_from_proto, stored_version
@@ -161,7 +161,7 @@ async def wait_until(pred: Any, timeout: float = 10.0) -> None:
 
 
 def compiled(consul: FakeConsul) -> dict[str, CompiledTable]:
-    return {destination_of_key(k) or "": CompiledTable.loads(e.value or b"")
+    return {destination_of_key(k) or "": loads_table(e.value or b"")
             for k, e in consul.kv.items() if k.startswith(COMPILED_PREFIX)}
 
 
@@ -273,7 +273,7 @@ def test_plan_ops_writes_changed_deletes_orphans_and_respects_frozen() -> None:
     assert unchanged == 1
     assert [(o["KV"]["Verb"], o["KV"]["Key"], o["KV"]["Index"]) for o in ops] == [
         ("cas", COMPILED_PREFIX + "db", 6), ("delete-cas", COMPILED_PREFIX + "gone", 7)]
-    assert CompiledTable.loads(base64.b64decode(ops[0]["KV"]["Value"])) == result.tables["db"]
+    assert loads_table(base64.b64decode(ops[0]["KV"]["Value"])) == result.tables["db"]
 
 
 def test_stored_version_detects_tampering() -> None:
@@ -343,7 +343,7 @@ def test_a_table_too_large_to_publish_is_skipped_and_reported() -> None:
     ops, _ = plan_ops(result, {})
     assert [o["KV"]["Key"] for o in ops] == [COMPILED_PREFIX + "_wildcard", COMPILED_PREFIX + "db",
                                              COMPILED_PREFIX + "huge"]
-    placeholder = CompiledTable.loads(base64.b64decode(ops[2]["KV"]["Value"]))
+    placeholder = loads_table(base64.b64decode(ops[2]["KV"]["Value"]))
     assert placeholder.default_policy == "deny" and not placeholder.rules and "exceeds" in placeholder.warnings[0]
     assert not authorize(placeholder, "svc-1", TCP).allowed
     # a table already in KV stays in force

@@ -298,3 +298,21 @@ async def test_tap_settings_follow_kv_and_a_bad_document_keeps_the_last_good(wor
     del consul.kv[tap_key("web")]
     consul.bump()
     await wait_until(lambda: cur(state).tap == OFF, "tap settings removed")
+
+
+async def test_first_snapshot_at_once_then_a_burst_is_one_publish(world: Any) -> None:
+    """Coalesced publishing (sidecar.coalesce): readiness does not wait for a window; changes made
+    together are published once, with the latest state."""
+    consul, leaf, state, snaps = world
+    ca = Authority.root()
+    consul.connect["api"] = [instance("api", 21001)]
+    consul.bump()
+    await wait_until(lambda: state.builder.missing() == ["leaf certificate"], "all but the leaf")
+    leaf.publish(ca, 1)  # the last missing input: the snapshot is published in this very call
+    assert state.ready.is_set() and cur(state).credentials.serial == "1" and len(snaps) == 1
+    for serial in (2, 3, 4):
+        leaf.publish(ca, serial)
+    assert cur(state).credentials.serial == "1"  # within the window: not yet
+    await wait_until(lambda: cur(state).credentials.serial == "4", "the burst published")
+    serials = [s.credentials.serial for s in snaps]
+    assert "2" not in serials and "3" not in serials  # other watches may publish too, never the burst's middle

@@ -125,12 +125,6 @@ def test_renderings() -> None:
     assert not any(k.startswith("_") for k in (*agent_svc, *ns, *sn))
 
 
-def test_aggregated_status() -> None:
-    assert sv.aggregated_status([]) == "passing"
-    assert sv.aggregated_status(["passing", "warning"]) == "warning"
-    assert sv.aggregated_status(["warning", "critical", "passing"]) == "critical"
-
-
 def test_alias_status_follows_worst_check() -> None:
     def chk(cid: str, status: str, sid: str = "web-1", output: str = "") -> dict[str, Any]:
         return {"Node": "n", "CheckID": cid, "Name": cid, "Status": status, "ServiceID": sid, "Output": output}

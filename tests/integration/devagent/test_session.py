@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
 import consul
 import pytest
 
-from tests.support import DevAgent, wait_for
+from tests.support import DevAgent, agent_http, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,18 +27,9 @@ def _c(agent: DevAgent) -> consul.Consul:
     return consul.Consul(host="127.0.0.1", port=agent.port)
 
 
-def _http(agent: DevAgent, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(agent.url + path, data=body, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return int(resp.status), resp.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read()
-
-
 def _create(agent: DevAgent, **body: object) -> str:
     """Create through raw HTTP: py-consul refuses TTLs under 10s client-side."""
-    status, raw = _http(agent, "PUT", "/v1/session/create", json.dumps(body).encode())
+    status, _, raw = agent_http(agent, "PUT", "/v1/session/create", json.dumps(body).encode())
     assert status == 200, raw
     return str(json.loads(raw)["ID"])
 
@@ -62,24 +51,24 @@ def test_create_info_shape_and_defaults(agent: DevAgent) -> None:
     assert c.session.destroy(sid) is True
     _, gone = c.session.info(sid)
     assert gone is None
-    status, body = _http(agent, "GET", f"/v1/session/info/{sid}")
+    status, _, body = agent_http(agent, "GET", f"/v1/session/info/{sid}")
     assert status == 200 and json.loads(body) == []
 
 
 def test_ttl_validation_and_bad_bodies(agent: DevAgent) -> None:
-    status, body = _http(agent, "PUT", "/v1/session/create", json.dumps({"TTL": "500ms"}).encode())
+    status, _, body = agent_http(agent, "PUT", "/v1/session/create", json.dumps({"TTL": "500ms"}).encode())
     assert status == 500 and b"Invalid Session TTL" in body
-    status, body = _http(agent, "PUT", "/v1/session/create", json.dumps({"TTL": "86401s"}).encode())
+    status, _, body = agent_http(agent, "PUT", "/v1/session/create", json.dumps({"TTL": "86401s"}).encode())
     assert status == 500 and b"Invalid Session TTL" in body
-    status, body = _http(agent, "PUT", "/v1/session/create", json.dumps({"Behavior": "explode"}).encode())
+    status, _, body = agent_http(agent, "PUT", "/v1/session/create", json.dumps({"Behavior": "explode"}).encode())
     assert status == 500 and b"Invalid Behavior" in body
-    status, body = _http(agent, "PUT", "/v1/session/create", b"{not json")
+    status, _, body = agent_http(agent, "PUT", "/v1/session/create", b"{not json")
     assert status == 400 and body.startswith(b"Request decode failed")
-    status, body = _http(agent, "PUT", "/v1/session/create", json.dumps({"Node": "nope"}).encode())
+    status, _, body = agent_http(agent, "PUT", "/v1/session/create", json.dumps({"Node": "nope"}).encode())
     assert status == 500 and b"Missing node registration" in body
-    status, body = _http(agent, "PUT", "/v1/session/create", json.dumps({"NodeChecks": ["nope"]}).encode())
+    status, _, body = agent_http(agent, "PUT", "/v1/session/create", json.dumps({"NodeChecks": ["nope"]}).encode())
     assert status == 500 and b"Missing check 'nope' registration" in body
-    status, body = _http(agent, "PUT", "/v1/session/renew/00000000-0000-0000-0000-00000000dead")
+    status, _, body = agent_http(agent, "PUT", "/v1/session/renew/00000000-0000-0000-0000-00000000dead")
     assert status == 404 and b"not found" in body
 
 
@@ -98,7 +87,7 @@ def test_lock_is_exclusive_and_release_lets_others_in(agent: DevAgent) -> None:
     assert c.kv.put("lock/a", "two", acquire=s2) is True
     _, entry = c.kv.get("lock/a")
     assert entry["Session"] == s2 and entry["LockIndex"] == 2
-    status, body = _http(agent, "PUT", "/v1/kv/lock/b?acquire=00000000-0000-0000-0000-000000000000", b"")
+    status, _, body = agent_http(agent, "PUT", "/v1/kv/lock/b?acquire=00000000-0000-0000-0000-000000000000", b"")
     assert status == 500 and b"invalid session" in body
     c.session.destroy(s1)
     c.session.destroy(s2)
@@ -153,7 +142,7 @@ def test_failing_check_invalidates_its_sessions(agent: DevAgent) -> None:
     wait_for(lambda: c.session.info(sid)[1] is None, timeout=10, what="session invalidated by the check")
     assert "Session" not in c.kv.get("guarded/lock")[1]
     # a session cannot be created on a critical check
-    status, body = _http(agent, "PUT", "/v1/session/create",
-                         json.dumps({"ServiceChecks": [{"ID": "service:locker-1"}]}).encode())
+    status, _, body = agent_http(agent, "PUT", "/v1/session/create",
+                                 json.dumps({"ServiceChecks": [{"ID": "service:locker-1"}]}).encode())
     assert status == 500 and b"critical" in body
     c.agent.service.deregister("locker-1")

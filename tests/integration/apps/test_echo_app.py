@@ -12,6 +12,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.apps.echo import echo_pb2, echo_pb2_grpc, server
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 async def stub() -> AsyncIterator[echo_pb2_grpc.EchoStub]:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import consul
 import pytest
 
-from tests.support import DevAgent
+from tests.support import DevAgent, agent_json
 
 pytestmark = pytest.mark.integration
 
@@ -29,20 +27,6 @@ def agent() -> Iterator[DevAgent]:
 
 def _c(agent: DevAgent) -> consul.Consul:
     return consul.Consul(host="127.0.0.1", port=agent.port, dc="dc7")
-
-
-def _http(agent: DevAgent, method: str, path: str, body: Any = None) -> tuple[int, dict[str, str], Any]:
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(agent.url + path, data=data, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            raw, status, headers = resp.read(), int(resp.status), dict(resp.headers)
-    except urllib.error.HTTPError as exc:
-        raw, status, headers = exc.read(), int(exc.code), dict(exc.headers)
-    try:
-        return status, headers, json.loads(raw)
-    except ValueError:
-        return status, headers, raw
 
 
 def _b64(s: str) -> str:
@@ -67,12 +51,13 @@ def test_txn_all_or_nothing(agent: DevAgent) -> None:
     c = _c(agent)
     c.kv.put("txn2/existing", "x")
     _, entry = c.kv.get("txn2/existing")
-    status, _, body = _http(agent, "PUT", "/v1/txn", [
-        {"KV": {"Verb": "set", "Key": "txn2/new", "Value": _b64("n")}},
-        {"KV": {"Verb": "check-index", "Key": "txn2/existing", "Index": entry["ModifyIndex"] + 99}},
-        {"KV": {"Verb": "delete", "Key": "txn2/existing"}},
-        {"KV": {"Verb": "nonsense", "Key": "txn2/k"}},
-    ])
+    status, _, body = agent_json(agent, "PUT", "/v1/txn", [
+                                 {"KV": {"Verb": "set", "Key": "txn2/new", "Value": _b64("n")}},
+                                 {"KV": {"Verb": "check-index", "Key": "txn2/existing",
+                                         "Index": entry["ModifyIndex"] + 99}},
+                                 {"KV": {"Verb": "delete", "Key": "txn2/existing"}},
+                                 {"KV": {"Verb": "nonsense", "Key": "txn2/k"}},
+                                 ])
     assert status == 409
     assert body["Results"] is None
     assert [e["OpIndex"] for e in body["Errors"]] == [1, 3]
@@ -96,11 +81,11 @@ def test_txn_locks_and_bad_bodies(agent: DevAgent) -> None:
     res = c.txn.put([{"KV": {"Verb": "lock", "Key": "txn3/l", "Session": sid, "Value": _b64("v")}},
                      {"KV": {"Verb": "check-session", "Key": "txn3/l", "Session": sid}}])
     assert res["Results"][0]["KV"]["Session"] == sid
-    status, _, body = _http(agent, "PUT", "/v1/txn", b"[{")
+    status, _, body = agent_json(agent, "PUT", "/v1/txn", b"[{")
     assert status == 400 and body.startswith(b"Failed to parse body")
-    status, _, body = _http(agent, "PUT", "/v1/txn", [{"KV": {"Verb": "get", "Key": "x"}}] * 65)
+    status, _, body = agent_json(agent, "PUT", "/v1/txn", [{"KV": {"Verb": "get", "Key": "x"}}] * 65)
     assert status == 413
-    status, _, body = _http(agent, "PUT", "/v1/txn", [{"KV": {"Verb": "set", "Key": "x", "Value": "***"}}])
+    status, _, body = agent_json(agent, "PUT", "/v1/txn", [{"KV": {"Verb": "set", "Key": "x", "Value": "***"}}])
     assert status == 400
     c.session.destroy(sid)
 
@@ -129,10 +114,10 @@ def test_events_fire_list_and_blocking(agent: DevAgent) -> None:
     assert not th.is_alive()
     assert got["r"][1][-1]["Payload"] == b"v2"
     # node filter that does not match this agent: fired, but not kept here
-    status, _, body = _http(agent, "PUT", "/v1/event/fire/elsewhere?node=^other$", b"")
+    status, _, body = agent_json(agent, "PUT", "/v1/event/fire/elsewhere?node=^other$", b"")
     assert status == 200 and body["NodeFilter"] == "^other$"
     assert c.event.list(name="elsewhere")[1] == []
-    status, _, _ = _http(agent, "PUT", "/v1/event/fire/big", b"x" * 600)
+    status, _, _ = agent_json(agent, "PUT", "/v1/event/fire/big", b"x" * 600)
     assert status == 500
 
 
@@ -148,16 +133,16 @@ def test_status_and_agent_self(agent: DevAgent) -> None:
     members = c.agent.members()
     assert [m["Name"] for m in members] == ["node-a"]
     # the agent's own node and serfHealth check are in the catalog store
-    status, _, body = _http(agent, "PUT", "/v1/session/create", {"Node": "node-a", "NodeChecks": ["serfHealth"]})
+    status, _, body = agent_json(agent, "PUT", "/v1/session/create", {"Node": "node-a", "NodeChecks": ["serfHealth"]})
     assert status == 200 and body["ID"]
-    status, _, body = _http(agent, "GET", "/v1/kv/x?dc=elsewhere")
+    status, _, body = agent_json(agent, "GET", "/v1/kv/x?dc=elsewhere")
     assert status == 500 and body == b"No path to datacenter"
 
 
 def test_default_ttl_minimum_is_ten_seconds(agent: DevAgent) -> None:
-    status, _, body = _http(agent, "PUT", "/v1/session/create", {"TTL": "5s"})
+    status, _, body = agent_json(agent, "PUT", "/v1/session/create", {"TTL": "5s"})
     assert status == 500 and b"must be between [10s=24h0m0s]" in body
-    status, _, body = _http(agent, "PUT", "/v1/session/create", {"TTL": "10s"})
+    status, _, body = agent_json(agent, "PUT", "/v1/session/create", {"TTL": "10s"})
     assert status == 200
 
 
@@ -179,20 +164,20 @@ def test_default_ttl_minimum_is_ten_seconds(agent: DevAgent) -> None:
     ("GET", "/v1/session/info/", None),
 ])
 def test_malformed_requests_answer_with_a_message(agent: DevAgent, method: str, path: str, body: bytes | None) -> None:
-    status, _, answer = _http(agent, method, path, body)
+    status, _, answer = agent_json(agent, method, path, body)
     assert 400 <= status < 600, (status, answer)
     text = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
     assert text and b"Traceback" not in text
-    assert _http(agent, "GET", "/v1/status/leader")[0] == 200
+    assert agent_json(agent, "GET", "/v1/status/leader")[0] == 200
 
 
 def test_operator_raft_configuration(agent: DevAgent) -> None:
-    status, _, body = _http(agent, "GET", "/v1/operator/raft/configuration")
+    status, _, body = agent_json(agent, "GET", "/v1/operator/raft/configuration")
     assert status == 200
     assert [(s["Node"], s["Leader"], s["Voter"]) for s in body["Servers"]] == [("node-a", True, True)]
     c = _c(agent)
     assert c.operator.raft_config()["Servers"][0]["Address"] == "127.0.0.1:8300"
-    status, _, body = _http(agent, "GET", "/v1/operator/autopilot/health")
+    status, _, body = agent_json(agent, "GET", "/v1/operator/autopilot/health")
     assert status == 200 and body["Healthy"] is True
 
 
@@ -203,16 +188,16 @@ def test_coordinates(agent: DevAgent) -> None:
     _, coords = c.coordinate.nodes()
     assert [x["Node"] for x in coords] == ["node-a"] and len(coords[0]["Coord"]["Vec"]) == 8
     vec = [0.1] * 8
-    status, _, _ = _http(agent, "PUT", "/v1/coordinate/update",
-                         {"Node": "node-a", "Coord": {"Vec": vec, "Error": 0.5, "Adjustment": 0, "Height": 0.001}})
+    status, _, _ = agent_json(agent, "PUT", "/v1/coordinate/update",
+                              {"Node": "node-a", "Coord": {"Vec": vec, "Error": 0.5, "Adjustment": 0, "Height": 0.001}})
     assert status == 200
-    status, _, body = _http(agent, "GET", "/v1/coordinate/node/node-a")
+    status, _, body = agent_json(agent, "GET", "/v1/coordinate/node/node-a")
     assert status == 200 and body[0]["Coord"]["Vec"] == vec
-    assert _http(agent, "GET", "/v1/coordinate/node/nope")[0] == 404
-    assert _http(agent, "PUT", "/v1/coordinate/update", {"Node": "node-a", "Coord": {"Vec": "x"}})[0] == 400
+    assert agent_json(agent, "GET", "/v1/coordinate/node/nope")[0] == 404
+    assert agent_json(agent, "PUT", "/v1/coordinate/update", {"Node": "node-a", "Coord": {"Vec": "x"}})[0] == 400
     # Consul accepts an update for a node it does not know and drops it (state store CoordinateBatchUpdate)
-    assert _http(agent, "PUT", "/v1/coordinate/update", {"Node": "ghost", "Coord": {"Vec": vec}})[0] == 200
-    assert _http(agent, "GET", "/v1/coordinate/node/ghost")[0] == 404
+    assert agent_json(agent, "PUT", "/v1/coordinate/update", {"Node": "ghost", "Coord": {"Vec": vec}})[0] == 200
+    assert agent_json(agent, "GET", "/v1/coordinate/node/ghost")[0] == 404
     # a coordinate of another dimensionality is not compatible with the agent's own
-    status, _, body = _http(agent, "PUT", "/v1/coordinate/update", {"Node": "node-a", "Coord": {"Vec": [0.1] * 3}})
+    status, _, body = agent_json(agent, "PUT", "/v1/coordinate/update", {"Node": "node-a", "Coord": {"Vec": [0.1] * 3}})
     assert status == 500 and "incompatible coordinate" in str(body)

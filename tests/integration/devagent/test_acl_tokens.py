@@ -6,12 +6,11 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
 import consul
 import pytest
 
-from tests.support import DevAgent
+from tests.support import DevAgent, agent_json
 
 pytestmark = pytest.mark.integration
 
@@ -31,42 +30,23 @@ def _c(agent: DevAgent, token: str | None = None) -> consul.Consul:
     return consul.Consul(host="127.0.0.1", port=agent.port, token=token)
 
 
-def _http(agent: DevAgent, method: str, path: str, body: Any = None, token: str | None = None,
-          bearer: str | None = None) -> tuple[int, Any]:
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(agent.url + path, data=data, method=method)
-    if token:
-        req.add_header("X-Consul-Token", token)
-    if bearer:
-        req.add_header("Authorization", f"Bearer {bearer}")
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            raw, status = resp.read(), int(resp.status)
-    except urllib.error.HTTPError as exc:
-        raw, status = exc.read(), int(exc.code)
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw
-
-
 def test_anonymous_gets_nothing_and_management_everything(agent: DevAgent) -> None:
     anon = _c(agent)
     with pytest.raises(consul.ACLPermissionDenied, match="Permission denied"):
         anon.kv.put("acl/k", "v")
-    status, body = _http(agent, "GET", "/v1/kv/acl/k")
+    status, _, body = agent_json(agent, "GET", "/v1/kv/acl/k")
     assert status == 403 and body.startswith(b"Permission denied")
     mgmt = _c(agent, MGMT)
     assert mgmt.kv.put("acl/k", "v") is True
     assert mgmt.kv.get("acl/k")[1]["Value"] == b"v"
     # the token is accepted as a header, as a Bearer token and as ?token=
-    assert _http(agent, "GET", "/v1/kv/acl/k", token=MGMT)[0] == 200
-    assert _http(agent, "GET", "/v1/kv/acl/k", bearer=MGMT)[0] == 200
-    assert _http(agent, "GET", f"/v1/kv/acl/k?token={MGMT}")[0] == 200
-    status, body = _http(agent, "GET", "/v1/kv/acl/k", token="no-such-secret")
+    assert agent_json(agent, "GET", "/v1/kv/acl/k", token=MGMT)[0] == 200
+    assert agent_json(agent, "GET", "/v1/kv/acl/k", bearer=MGMT)[0] == 200
+    assert agent_json(agent, "GET", f"/v1/kv/acl/k?token={MGMT}")[0] == 200
+    status, _, body = agent_json(agent, "GET", "/v1/kv/acl/k", token="no-such-secret")
     assert status == 403 and body == b"ACL not found"
     # the initial management token is the bootstrap
-    status, body = _http(agent, "PUT", "/v1/acl/bootstrap")
+    status, _, body = agent_json(agent, "PUT", "/v1/acl/bootstrap")
     assert status == 403 and b"ACL bootstrap no longer allowed" in body
 
 
@@ -79,9 +59,8 @@ def test_policy_token_and_enforcement(agent: DevAgent) -> None:
     assert policy["Name"] == "app-rw" and policy["ID"]
     assert json.loads(mgmt.acl.policy.read(policy["ID"])["Rules"])["key"] == {"app/locked": {"policy": "read"}}
     hcl = mgmt.acl.policy.read(policy["ID"])  # HCL rules, as the Consul CLI and UI send them
-    status, body = _http(agent, "PUT", "/v1/acl/policy", {
-        "Name": "hcl-policy", "Rules": 'service "web" { policy = "write" }\nservice_prefix "" { policy = "read" }'},
-        token=MGMT)
+    rules = 'service "web" { policy = "write" }\nservice_prefix "" { policy = "read" }'
+    status, _, body = agent_json(agent, "PUT", "/v1/acl/policy", {"Name": "hcl-policy", "Rules": rules}, token=MGMT)
     assert status == 200 and body["Name"] == "hcl-policy" and hcl["ID"] != body["ID"]
     assert "app-rw" in [p["Name"] for p in mgmt.acl.policy.list()]
     tok = mgmt.acl.token.create(description="app", policies_name=["app-rw"])
@@ -101,9 +80,9 @@ def test_policy_token_and_enforcement(agent: DevAgent) -> None:
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.headers["X-Consul-Results-Filtered-By-ACLs"] == "true"
     # delete-tree needs write on everything under the prefix
-    status, _ = _http(agent, "DELETE", "/v1/kv/app/?recurse", token=secret)
+    status, _, _ = agent_json(agent, "DELETE", "/v1/kv/app/?recurse", token=secret)
     assert status == 403
-    status, _ = _http(agent, "DELETE", "/v1/kv/app/x?recurse", token=secret)
+    status, _, _ = agent_json(agent, "DELETE", "/v1/kv/app/x?recurse", token=secret)
     assert status == 200
     me = app.acl.token.read_self()
     assert me["AccessorID"] == tok["AccessorID"]
@@ -117,10 +96,10 @@ def test_policy_token_and_enforcement(agent: DevAgent) -> None:
     with pytest.raises(consul.ACLPermissionDenied):
         app.kv.put("app/x", "2")
     assert mgmt.acl.token.delete(tok["AccessorID"]) is True
-    status, body = _http(agent, "GET", "/v1/kv/app/x", token=secret)
+    status, _, body = agent_json(agent, "GET", "/v1/kv/app/x", token=secret)
     assert status == 403 and body == b"ACL not found"
     assert mgmt.acl.policy.delete(policy["ID"]) is True
-    status, _ = _http(agent, "GET", f"/v1/acl/policy/{policy['ID']}", token=MGMT)
+    status, _, _ = agent_json(agent, "GET", f"/v1/acl/policy/{policy['ID']}", token=MGMT)
     assert status == 404
 
 
@@ -130,34 +109,34 @@ def test_service_identity_token(agent: DevAgent) -> None:
     authz_secret = tok["SecretID"]
     assert tok["ServiceIdentities"] == [{"ServiceName": "web"}]
     # a service identity grants no KV access
-    status, _ = _http(agent, "PUT", "/v1/kv/web", b"x", token=authz_secret)
+    status, _, _ = agent_json(agent, "PUT", "/v1/kv/web", b"x", token=authz_secret)
     assert status == 403
     # sessions need session:write on the node: not granted either
-    status, _ = _http(agent, "PUT", "/v1/session/create", b"", token=authz_secret)
+    status, _, _ = agent_json(agent, "PUT", "/v1/session/create", b"", token=authz_secret)
     assert status == 403
 
 
 def test_bad_acl_requests(agent: DevAgent) -> None:
-    status, body = _http(agent, "PUT", "/v1/acl/policy", b"{", token=MGMT)
+    status, _, body = agent_json(agent, "PUT", "/v1/acl/policy", b"{", token=MGMT)
     assert status == 400 and body.startswith(b"Policy decoding failed")
-    status, body = _http(agent, "PUT", "/v1/acl/policy", {"Name": "bad", "Rules": 'key "x" { policy = "sudo" }'},
-                         token=MGMT)
+    status, _, body = agent_json(agent, "PUT", "/v1/acl/policy",
+                                 {"Name": "bad", "Rules": 'key "x" { policy = "sudo" }'}, token=MGMT)
     assert status == 500 and b"Invalid Policy" in body
-    status, body = _http(agent, "PUT", "/v1/acl/token", {"Policies": [{"Name": "nope"}]}, token=MGMT)
+    status, _, body = agent_json(agent, "PUT", "/v1/acl/token", {"Policies": [{"Name": "nope"}]}, token=MGMT)
     assert status == 500 and b"No such ACL policy" in body
-    status, body = _http(agent, "PUT", "/v1/acl/token", {"ServiceIdentities": [{"ServiceName": "Bad Name"}]},
-                         token=MGMT)
+    status, _, body = agent_json(agent, "PUT", "/v1/acl/token", {"ServiceIdentities": [{"ServiceName": "Bad Name"}]},
+                                 token=MGMT)
     assert status == 500 and b"invalid name" in body
-    status, _ = _http(agent, "GET", "/v1/acl/token/00000000-0000-0000-0000-0000000000ff", token=MGMT)
+    status, _, _ = agent_json(agent, "GET", "/v1/acl/token/00000000-0000-0000-0000-0000000000ff", token=MGMT)
     assert status == 404
-    status, body = _http(agent, "DELETE", "/v1/acl/policy/00000000-0000-0000-0000-000000000001", token=MGMT)
+    status, _, body = agent_json(agent, "DELETE", "/v1/acl/policy/00000000-0000-0000-0000-000000000001", token=MGMT)
     assert status == 500
 
 
 def test_acls_disabled_answer_401() -> None:
     a = DevAgent()
     try:
-        status, body = _http(a, "GET", "/v1/acl/tokens")
+        status, _, body = agent_json(a, "GET", "/v1/acl/tokens")
         assert status == 401 and body == b"ACL support disabled"
         with pytest.raises(consul.ACLDisabled):
             _c(a).acl.token.list()
@@ -166,12 +145,12 @@ def test_acls_disabled_answer_401() -> None:
 
 
 def test_agent_default_token_serves_requests_without_one(agent: DevAgent) -> None:
-    assert _http(agent, "PUT", "/v1/kv/deflt", b"x")[0] == 403
-    assert _http(agent, "PUT", "/v1/agent/token/default", {"Token": MGMT})[0] == 403  # needs acl:write
-    assert _http(agent, "PUT", "/v1/agent/token/default", {"Token": MGMT}, token=MGMT)[0] == 200
+    assert agent_json(agent, "PUT", "/v1/kv/deflt", b"x")[0] == 403
+    assert agent_json(agent, "PUT", "/v1/agent/token/default", {"Token": MGMT})[0] == 403  # needs acl:write
+    assert agent_json(agent, "PUT", "/v1/agent/token/default", {"Token": MGMT}, token=MGMT)[0] == 200
     try:
-        assert _http(agent, "PUT", "/v1/kv/deflt", b"x")[0] == 200
+        assert agent_json(agent, "PUT", "/v1/kv/deflt", b"x")[0] == 200
     finally:
-        assert _http(agent, "PUT", "/v1/agent/acl_token", {"Token": ""}, token=MGMT)[0] == 404
-        assert _http(agent, "PUT", "/v1/agent/token/acl_token", {"Token": ""}, token=MGMT)[0] == 200
-    assert _http(agent, "PUT", "/v1/kv/deflt", b"x")[0] == 403
+        assert agent_json(agent, "PUT", "/v1/agent/acl_token", {"Token": ""}, token=MGMT)[0] == 404
+        assert agent_json(agent, "PUT", "/v1/agent/token/acl_token", {"Token": ""}, token=MGMT)[0] == 200
+    assert agent_json(agent, "PUT", "/v1/kv/deflt", b"x")[0] == 403

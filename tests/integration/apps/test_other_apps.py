@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 from tests.apps.httpecho import server as httpecho
 from tests.apps.tcpecho import server as tcpecho
+
+pytestmark = pytest.mark.integration
 
 
 async def test_http_echo() -> None:

@@ -15,13 +15,6 @@ def _entry(name: str, *sources: dict[str, Any]) -> dict[str, Any]:
     return ix.normalize_entry({"Kind": ix.KIND, "Name": name, "Sources": list(sources)})
 
 
-def test_precedence_table() -> None:
-    assert ix.precedence("db", "web") == 9
-    assert ix.precedence("db", "*") == 8
-    assert ix.precedence("*", "web") == 6
-    assert ix.precedence("*", "*") == 5
-
-
 def test_normalize_sorts_by_precedence_and_defaults_type() -> None:
     e = _entry("db", {"Name": "*", "Action": "DENY"}, {"Name": "web", "Action": "allow",
                                                         "Permissions": None})

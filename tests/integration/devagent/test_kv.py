@@ -6,8 +6,6 @@ import asyncio
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +13,7 @@ import consul
 import consul.aio
 import pytest
 
-from tests.support import DevAgent
+from tests.support import DevAgent, agent_http
 
 pytestmark = pytest.mark.integration
 
@@ -33,15 +31,6 @@ def _client(agent: DevAgent) -> consul.Consul:
     return consul.Consul(host="127.0.0.1", port=agent.port)
 
 
-def _http(agent: DevAgent, method: str, path: str, body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(agent.url + path, data=body, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return int(resp.status), dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), dict(exc.headers), exc.read()
-
-
 def test_put_get_flags_and_shape(agent: DevAgent) -> None:
     c = _client(agent)
     assert c.kv.put("kvt/a", "hello", flags=42) is True
@@ -52,11 +41,11 @@ def test_put_get_flags_and_shape(agent: DevAgent) -> None:
     assert entry["CreateIndex"] == entry["ModifyIndex"] == int(index)
     assert "Session" not in entry
     # missing key: 404 carrying X-Consul-Index
-    status, headers, body = _http(agent, "GET", "/v1/kv/kvt/missing")
+    status, headers, body = agent_http(agent, "GET", "/v1/kv/kvt/missing")
     assert status == 404 and body == b""
     assert int(headers["X-Consul-Index"]) >= 1
     assert headers["X-Consul-KnownLeader"] == "true"
-    status, _, body = _http(agent, "GET", "/v1/kv/kvt/a?raw")
+    status, _, body = agent_http(agent, "GET", "/v1/kv/kvt/a?raw")
     assert status == 200 and body == b"hello"
 
 
@@ -102,30 +91,30 @@ def test_delete_recurse_and_index_moves(agent: DevAgent) -> None:
 
 
 def test_too_large_and_bad_requests(agent: DevAgent) -> None:
-    status, _, body = _http(agent, "PUT", "/v1/kv/big", b"x" * (512 * 1024 + 1))
+    status, _, body = agent_http(agent, "PUT", "/v1/kv/big", b"x" * (512 * 1024 + 1))
     assert status == 413 and b"too large" in body
-    status, _, _ = _http(agent, "PUT", "/v1/kv/ok-size", b"x" * (512 * 1024))
+    status, _, _ = agent_http(agent, "PUT", "/v1/kv/ok-size", b"x" * (512 * 1024))
     assert status == 200
-    status, _, body = _http(agent, "PUT", "/v1/kv/x?cas=1&acquire=abc", b"")
+    status, _, body = agent_http(agent, "PUT", "/v1/kv/x?cas=1&acquire=abc", b"")
     assert status == 400 and body.startswith(b"Conflicting flags")
-    status, _, body = _http(agent, "PUT", "/v1/kv/x?flags=notanumber", b"")
+    status, _, body = agent_http(agent, "PUT", "/v1/kv/x?flags=notanumber", b"")
     assert status == 400
-    status, _, body = _http(agent, "GET", "/v1/kv/")
+    status, _, body = agent_http(agent, "GET", "/v1/kv/")
     assert status == 400 and body == b"Missing key name"
-    status, _, body = _http(agent, "GET", "/v1/kv/x?index=abc")
+    status, _, body = agent_http(agent, "GET", "/v1/kv/x?index=abc")
     assert status == 400 and body == b"Invalid index"
-    status, _, body = _http(agent, "GET", "/v1/kv/x?index=1&wait=forever")
+    status, _, body = agent_http(agent, "GET", "/v1/kv/x?index=1&wait=forever")
     assert status == 400 and body == b"Invalid wait time"
-    status, _, body = _http(agent, "PUT", "/v1/kv/a/..%2fb", b"x")  # Consul 1.22 key validation
+    status, _, body = agent_http(agent, "PUT", "/v1/kv/a/..%2fb", b"x")  # Consul 1.22 key validation
     assert status == 400 and b"traversal" in body
-    status, _, body = _http(agent, "PUT", "/v1/kv/%20padded", b"x")
+    status, _, body = agent_http(agent, "PUT", "/v1/kv/%20padded", b"x")
     assert status == 400 and b"spaces" in body
-    status, headers, body = _http(agent, "POST", "/v1/kv/x")
+    status, headers, body = agent_http(agent, "POST", "/v1/kv/x")
     assert status == 405 and "PUT" in headers["Allow"]
-    status, _, _ = _http(agent, "GET", "/v1/no-such-endpoint")
+    status, _, _ = agent_http(agent, "GET", "/v1/no-such-endpoint")
     assert status == 404
     # still serving
-    status, _, body = _http(agent, "GET", "/v1/status/leader")
+    status, _, body = agent_http(agent, "GET", "/v1/status/leader")
     assert status == 200 and json.loads(body)
 
 
@@ -219,7 +208,7 @@ def test_body_arriving_in_pieces_is_stored_whole(agent: DevAgent) -> None:
         writer.close()
 
     asyncio.run(main())
-    status, _, stored = _http(agent, "GET", "/v1/kv/pieces?raw")
+    status, _, stored = agent_http(agent, "GET", "/v1/kv/pieces?raw")
     assert status == 200 and stored == bytes(range(256)) * 1200
 
 
