@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
+import json
 import os
 import socket
 import time
@@ -248,6 +249,7 @@ class Sidecar:
         self.outbound: Outbound | None = None
         self.listening: dict[str, Any] = {"up": False, "draining": False, "public": "", "admin": ""}
         self.admin = Admin(self._current_snapshot, self.telemetry, self.ready, self._extra)
+        self.admin.routes["/memory"] = _memory_report  # RSS, and by package under PYTHONTRACEMALLOC
 
     # -- admin API views --------------------------------------------------------------------------------
     def ready(self) -> tuple[bool, str]:
@@ -484,6 +486,12 @@ class Sidecar:
             log.info("registration_restored", id=plan.proxy_id)
         except ConsulError as exc:
             log.warning("restore_failed", id=plan.proxy_id, error=str(exc))
+
+
+def _memory_report() -> tuple[int, str, bytes]:
+    from sidecar import memstats  # tracemalloc's snapshot machinery only when someone asks
+
+    return 200, "application/json", json.dumps(memstats.report()).encode() + b"\n"
 
 
 async def _cancel(task: asyncio.Future[Any]) -> None:
