@@ -23,7 +23,7 @@ from tests.support import WEFT, DevAgent, Proc, free_port, http_ok, wait_for
 
 MEM_UPSTREAMS = 10
 TRACED_CALLS = 20000  # calls through the traced sidecar (steady state is reached well before)
-TRACE_FRAMES = 8      # frames kept per allocation: enough to see past the import machinery
+TRACE_FRAMES = 16     # frames kept per allocation: enough to see past the import machinery
 
 
 class Stack:
@@ -216,11 +216,11 @@ class Stack:
         self._sidecar("memtrace", env={"PYTHONTRACEMALLOC": str(TRACE_FRAMES)})
         self._wait_ready(["memtrace"], timeout=180)
         admin = self.sidecars["memtrace"][1]
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/memory", timeout=60) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/memory", timeout=300) as resp:
             at_start = json.loads(resp.read())
         result = load("unary", [f"127.0.0.1:{p}" for p in binds], "--calls", str(calls), "--concurrency", "32",
                       "--max-seconds", str(max_seconds), timeout=max_seconds + 120)
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/memory", timeout=60) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/memory", timeout=300) as resp:
             after = json.loads(resp.read())
         return {"calls": result["calls"], "tracemalloc_frames": TRACE_FRAMES, "ready": at_start, "after_calls": after}
 

@@ -52,14 +52,19 @@ def by_package(snapshot: tracemalloc.Snapshot, roots: Iterable[str] = ()) -> dic
     """Bytes of live allocations per package, largest first (see the module docstring)."""
     roots = [r.rstrip("/") for r in roots]
     totals: dict[str, int] = {}
-    for trace in snapshot.traces:
-        frames = trace.traceback  # oldest first
+    packages: dict[str, str] = {}  # filename -> package, computed once per file
+    raw = getattr(snapshot.traces, "_traces", None)  # CPython's (domain, size, frames newest first, ...)
+    if raw is None:
+        raw = [(0, t.size, tuple((f.filename, f.lineno) for f in reversed(t.traceback))) for t in snapshot.traces]
+    # no allocation per trace below: tracemalloc is tracing this loop too, and would make it crawl
+    for trace in raw:
         key = "<import machinery>"
-        for frame in reversed(frames):
-            if not frame.filename.startswith("<frozen"):
-                key = package_of(frame.filename, roots)
+        for frame in trace[2]:  # newest first
+            filename = frame[0]
+            if not filename.startswith("<frozen"):
+                key = packages.get(filename) or packages.setdefault(filename, package_of(filename, roots))
                 break
-        totals[key] = totals.get(key, 0) + trace.size
+        totals[key] = totals.get(key, 0) + trace[1]
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
@@ -67,7 +72,7 @@ def report() -> dict[str, Any]:
     """RSS, and when tracemalloc traces, the traced total and the top packages (MB of 10^6 bytes)."""
     out: dict[str, Any] = {"rss_mb": round(rss_bytes() / 1e6, 1)}
     if not tracemalloc.is_tracing():
-        out["tracemalloc"] = "off: start the sidecar with PYTHONTRACEMALLOC=8 for a breakdown by package"
+        out["tracemalloc"] = "off: start the sidecar with PYTHONTRACEMALLOC=16 for a breakdown by package"
         return out
     snapshot = tracemalloc.take_snapshot()
     packages = by_package(snapshot, [p for p in sys.path if p])
