@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import sysconfig
 import tracemalloc
+from collections.abc import Callable
+from typing import TypeVar
 
 from sidecar import memstats
 
 STDLIB = sysconfig.get_paths()["stdlib"]
+T = TypeVar("T")
 
 
 def test_files_map_to_their_top_level_package() -> None:
@@ -27,20 +30,25 @@ def _hold() -> list[bytes]:
     return [bytes(1000) for _ in range(2000)]  # about 2 MB, allocated in this file (package "tests")
 
 
+def _while_tracing(frames: int, measure: Callable[[], T]) -> T:
+    """`measure()` while about 2 MB allocated here are live and traced with `frames` frames."""
+    tracemalloc.start(frames)
+    try:
+        held = _hold()
+        out = measure()
+        assert len(held) == 2000
+        return out
+    finally:
+        tracemalloc.stop()
+
+
 def test_live_allocations_are_summed_by_package() -> None:
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    tracemalloc.start(8)
-    try:
-        held = _hold()
-        snapshot = tracemalloc.take_snapshot()
-    finally:
-        tracemalloc.stop()
-    totals = memstats.by_package(snapshot, [root])
+    totals = memstats.by_package(_while_tracing(8, tracemalloc.take_snapshot), [root])
     assert totals["tests"] >= 2000 * 1000
     assert list(totals.values()) == sorted(totals.values(), reverse=True)
-    assert len(held) == 2000
 
 
 def test_report_without_tracing_says_how_to_turn_it_on() -> None:
@@ -50,11 +58,5 @@ def test_report_without_tracing_says_how_to_turn_it_on() -> None:
 
 
 def test_report_while_tracing_lists_packages() -> None:
-    tracemalloc.start(4)
-    try:
-        held = _hold()
-        out = memstats.report()
-    finally:
-        tracemalloc.stop()
+    out = _while_tracing(4, memstats.report)
     assert out["traced_mb"] >= 2.0 and len(out["by_package_mb"]) <= memstats.TOP + 1
-    assert len(held) == 2000
