@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from sidecar.config import SidecarConfig
     from sidecar.limits import Limits
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--sidecar-for", "-sidecar-for", required=True, metavar="SERVICE_ID",
