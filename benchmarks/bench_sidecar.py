@@ -352,9 +352,10 @@ def memory_lines(memory: dict[str, Any]) -> list[str]:
     traced sidecar's Python allocations go, by top-level package."""
     if "rss_mb_after_first" not in memory:
         return [f"memory     weft     {json.dumps(memory)}"]
-    lines = [f"memory     weft     RSS {memory['rss_mb_start']} MB at ready, {memory['rss_mb_after_first']} MB after "
-             f"{memory['calls_first']} calls over {memory['upstreams']} upstreams, {memory['rss_mb_after_second']} MB "
-             f"after {memory['calls_second']} more (growth {memory['rss_growth_after_second']:+.2%})"]
+    m = memory
+    lines = [f"memory     weft     RSS {m.get('rss_mb_start')} MB at ready, {m['rss_mb_after_first']} MB after "
+             f"{m.get('calls_first')} calls over {m.get('upstreams')} upstreams, {m.get('rss_mb_after_second')} MB "
+             f"after {m.get('calls_second')} more (growth {m['rss_growth_after_second']:+.2%})"]
     after = memory.get("breakdown_after_second") or {}
     if after:
         lines.append(f"{'':<20}private {after.get('private_mb')} MB, shared with other processes (libraries) "
