@@ -36,9 +36,10 @@ from ca.client import GrpcCA, fixed_resolver
 from ca.csr import make_csr, new_key, parse_csr
 from ca.identity import SpiffeId
 from ca.provider import CAConfig, TrustBundle
-from ca.server import CAServer, CAService, ServeOptions, bundle_from_pb
+from ca.server import CAServer, CAService, ServeOptions
 from ca.store import CAStore, kek_from_text
 from ca.v1 import ca_pb2, ca_pb2_grpc
+from ca.wire import bundle_from_pb
 from tests.support import WEFT, DevAgent, Proc, free_port, wait_for
 from tests.unit.ca.fakes import FakeAcl, FakeKV, FakeLock, FakeRegistry
 

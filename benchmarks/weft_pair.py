@@ -23,6 +23,8 @@ from benchmarks.harness import load, memory_breakdown_mb, ready_grpc, rss_mb
 from tests.support import WEFT, DevAgent, Proc, free_port, http_ok, wait_for
 
 MEM_UPSTREAMS = 10
+TRACED_CALLS = 20000  # calls through the traced sidecar (steady state is reached well before)
+TRACE_FRAMES = 16     # frames kept per allocation: enough to see past the import machinery
 
 
 class Stack:
@@ -78,11 +80,12 @@ class Stack:
         doc = {"Kind": "service-intentions", "Name": destination, "Sources": [rule]}
         self._consul("PUT", f"/v1/kv/weft/intentions/{destination}", json.dumps(doc).encode())
 
-    def _sidecar(self, service_id: str) -> None:
+    def _sidecar(self, service_id: str, env: dict[str, str] | None = None) -> None:
         admin = free_port()
-        proc = self._proc(f"sidecar-{service_id}",
-                          [*WEFT, "sidecar", "--sidecar-for", service_id, "--admin-port", str(admin),
-                           "--public-port", str(self.public_ports[service_id]), "--ca-addr", self.ca_addr])
+        proc = Proc([*WEFT, "sidecar", "--sidecar-for", service_id, "--admin-port", str(admin),
+                     "--public-port", str(self.public_ports[service_id]), "--ca-addr", self.ca_addr],
+                    env={**self.env, **(env or {})}, log=self.workdir / f"sidecar-{service_id}.log")
+        self.procs.append(proc)
         self.sidecars[service_id] = (proc, admin)
 
     def _wait_ready(self, ids: list[str], timeout: float = 90) -> None:
@@ -193,7 +196,30 @@ class Stack:
         out["completed"] = all(p["calls"] >= calls for p in phases)
         out["server_sidecar_rss_mb_max"] = round(max(rss_mb(self.sidecars[n][0].pid) for n in names), 1)
         out["rss_mb"] = out["rss_mb_after_second"]
+        out["by_package"] = self._traced_breakdown(names, locals_, min(calls, TRACED_CALLS), max_seconds)
         return out
+
+    def _traced_breakdown(self, names: list[str], locals_: list[int], calls: int,
+                          max_seconds: float) -> dict[str, Any]:
+        """Where the memory goes, by top-level package: a second client sidecar like `memclient`, started
+        with tracemalloc on (which costs memory of its own, so the RSS figures above come from the
+        untraced one), after `calls` calls over the same ten upstreams; its admin API's /memory."""
+        from benchmarks.bench_sidecar import load
+
+        binds = [free_port() for _ in names]
+        for name in names:
+            self._allow("memtrace", name)
+        self._register("memtrace", free_port(), "grpc", list(zip(names, binds, strict=True)))
+        self._sidecar("memtrace", env={"PYTHONTRACEMALLOC": str(TRACE_FRAMES)})
+        self._wait_ready(["memtrace"], timeout=180)
+        admin = self.sidecars["memtrace"][1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/memory", timeout=300) as resp:
+            at_start = json.loads(resp.read())
+        result = load("unary", [f"127.0.0.1:{p}" for p in binds], "--calls", str(calls), "--concurrency", "32",
+                      "--max-seconds", str(max_seconds), timeout=max_seconds + 120)
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/memory", timeout=300) as resp:
+            after = json.loads(resp.read())
+        return {"calls": result["calls"], "tracemalloc_frames": TRACE_FRAMES, "ready": at_start, "after_calls": after}
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

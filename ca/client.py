@@ -27,9 +27,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import grpc
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -39,17 +38,28 @@ from ca.backend import SERVICE_NAME
 from ca.csr import key_pem, make_csr, make_renewal_proof, new_key
 from ca.identity import SpiffeId
 from ca.provider import TrustBundle
-from ca.server import bundle_from_pb
-from ca.v1 import ca_pb2, ca_pb2_grpc
+from ca.v1 import ca_pb2
+from ca.wire import bundle_from_pb
+
+if TYPE_CHECKING:  # grpc is loaded by GrpcCA and server_credentials only: a sidecar never needs its C core
+    import grpc
+    import grpc.aio
 
 log = structlog.get_logger(__name__)
 
 
+class StatusCodeLike(Protocol):
+    """A gRPC status code: `grpc.StatusCode` (GrpcCA) or the sidecar's own CA client's, of the same names."""
+
+    @property
+    def name(self) -> str: ...
+
+
 class CARefused(Exception):
     """The CA answered with a refusal (INVALID_ARGUMENT, PERMISSION_DENIED, ...): retrying the same
-    request will not help."""
+    request will not help. ``code.name`` is the status's name."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: StatusCodeLike, message: str) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
@@ -134,6 +144,8 @@ class GrpcCA:
         self._retired: list[grpc.aio.Channel] = []
 
     def _channel(self, address: str, bundle: TrustBundle) -> grpc.aio.Channel:
+        import grpc.aio
+
         roots = bundle.roots_pem
         key = (address, roots)
         channel = self._channels.get(key)
@@ -170,6 +182,10 @@ class GrpcCA:
 
     async def sign(self, csr: bytes, *, token: str, current_chain: bytes, proof: bytes, ttl_seconds: int,
                    bundle: TrustBundle | None) -> SignResult:
+        import grpc.aio
+
+        from ca.v1 import ca_pb2_grpc
+
         if bundle is None:
             raise CAUnavailable("no trust bundle yet: cannot verify the CA")
         errors: list[str] = []
@@ -189,6 +205,10 @@ class GrpcCA:
         raise CAUnavailable("no CA replica could sign: " + "; ".join(errors))
 
     async def rotate(self, token: str, bundle: TrustBundle) -> tuple[str, TrustBundle]:
+        import grpc.aio
+
+        from ca.v1 import ca_pb2_grpc
+
         errors: list[str] = []
         for address in await self._addresses():
             stub = ca_pb2_grpc.CAStub(self._channel(address, bundle))  # type: ignore[no-untyped-call]
@@ -205,6 +225,10 @@ class GrpcCA:
 
     async def watch_roots(self, known_index: int, bundle: TrustBundle | None) -> AsyncIterator[TrustBundle]:
         """Stream bundles from the first replica that serves the stream; raises CAUnavailable when none."""
+        import grpc.aio
+
+        from ca.v1 import ca_pb2_grpc
+
         if bundle is None:
             raise CAUnavailable("no trust bundle yet: cannot verify the CA")
         errors: list[str] = []
@@ -311,6 +335,8 @@ class LeafManager:
 
     def server_credentials(self, require_client_auth: bool = True) -> grpc.ServerCredentials:
         """gRPC server credentials that always present the current leaf and trust the current roots."""
+        import grpc
+
         cur = self._current
         if cur is None:
             raise RuntimeError("no certificate yet; await wait_ready() first")

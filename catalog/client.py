@@ -1,13 +1,14 @@
 """`ConsulClient`: the one place in Weft that calls Consul's HTTP API.
 
-Built on py-consul's asyncio client: a `consul.aio.Consul` owns the process's single aiohttp session
-(address, scheme, TLS) and every call goes through its request path (`HTTPClient.get/put/delete`).
-py-consul's endpoint helpers are not used for the calls themselves: they return untyped dicts, fold
-errors into strings (a txn 409 becomes a `ClientError` whose per-operation `Errors` must be re-parsed
-from text), and py-consul 1.8 lacks what Weft's watches need: no `index`/`wait` (so no blocking and
-no `X-Consul-Index`) on config-entry get/list and on the intentions list, no `hash`/`wait` and no
-`X-Consul-ContentHash` on `/v1/agent/service/:id`, no `/v1/agent/check/update`. Here every call has
-typed results and typed errors.
+Built on aiohttp directly: one `aiohttp.ClientSession` per client (address, scheme, TLS, unix sockets
+from `ConsulSettings`) and one request path (`ConsulClient.request`). py-consul is not used here: its
+package `__init__` loads its synchronous client and `requests` (about 7 MB of RSS in every sidecar) even
+when only `consul.aio` is wanted, and its endpoint helpers return untyped dicts, fold errors into strings
+(a txn 409 becomes a `ClientError` whose per-operation `Errors` must be re-parsed from text) and lack
+what Weft's watches need (no `index`/`wait` on config-entry get/list and the intentions list, no
+`hash`/`wait` and no `X-Consul-ContentHash` on `/v1/agent/service/:id`, no `/v1/agent/check/update`).
+py-consul stays a test dependency: the dev agent's tests use it as a third-party Consul client. Here
+every call has typed results and typed errors.
 
 Configuration is read like Consul's own tools: `CONSUL_HTTP_ADDR` (``host:port``,
 ``http(s)://host:port`` or ``unix:///path``), `CONSUL_HTTP_TOKEN` / `CONSUL_HTTP_TOKEN_FILE`,
@@ -41,6 +42,7 @@ import asyncio
 import json
 import os
 import ssl
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,9 +50,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
-import consul.aio
 import structlog
-from consul import base as consul_base
 
 from catalog import configentry
 from catalog.chain import CompiledChain, parse_chain
@@ -182,7 +182,7 @@ def _message(body: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# py-consul transport with Weft's settings (unix sockets, TLS options, no session-wide timeout)
+# the transport: Weft's settings (unix sockets, TLS options, no session-wide timeout) on one aiohttp session
 
 
 def _ssl_context(settings: ConsulSettings) -> ssl.SSLContext | bool:
@@ -199,41 +199,39 @@ def _ssl_context(settings: ConsulSettings) -> ssl.SSLContext | bool:
     return ctx
 
 
-class _HTTPClient(consul.aio.HTTPClient):  # type: ignore[misc]
-    """py-consul's aiohttp transport, with a connector built from `ConsulSettings`.
-
-    py-consul's own constructor only knows TCP and uses aiohttp's deprecated `ssl_context` argument;
-    everything else (`get`/`put`/`delete`/`_request`/`close`) is py-consul's."""
+class _Transport:
+    """The client's aiohttp session, with a connector built from `ConsulSettings` (TCP or unix socket,
+    TLS options); no session-wide total timeout: blocking queries last up to wait + wait/16, and each
+    call sets its own."""
 
     def __init__(self, settings: ConsulSettings) -> None:
         scheme = "https" if settings.scheme == "https" else "http"
         host = settings.host if settings.scheme != "unix" else "localhost"
         port = settings.port if settings.scheme != "unix" else 80
-        consul_base.HTTPClient.__init__(self, host, port, scheme, verify=settings.verify)
-        if ":" in host:
-            self.base_uri = f"{scheme}://[{host}]:{port}"
-        self.loop = None
+        self.base_uri = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
         connector: aiohttp.BaseConnector
         if settings.scheme == "unix":
             connector = aiohttp.UnixConnector(path=settings.unix_path, limit=0)
         else:
             connector = aiohttp.TCPConnector(ssl=_ssl_context(settings), limit=0)
-        # No session-wide total timeout: blocking queries last up to wait + wait/16; each call sets its own.
         self._session = aiohttp.ClientSession(connector=connector,
                                               timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
 
+    def uri(self, path: str, params: Sequence[tuple[str, str]]) -> str:
+        uri = self.base_uri + urllib.parse.quote(path, safe="/:")
+        return f"{uri}?{urllib.parse.urlencode(params)}" if params else uri
 
-class _Consul(consul.aio.Consul):  # type: ignore[misc]
-    def __init__(self, settings: ConsulSettings) -> None:
-        self._weft_settings = settings
-        super().__init__(host=settings.host or "localhost", port=settings.port or 80,
-                         scheme="https" if settings.scheme == "https" else "http",
-                         dc=settings.datacenter or None, verify=settings.verify)
-        self.token = settings.token or None
+    async def request(self, method: str, path: str, params: Sequence[tuple[str, str]], data: bytes | str,
+                      headers: dict[str, str], timeout: float | None) -> tuple[int, dict[str, str], str]:
+        """(status, headers with lower-case names, body as UTF-8 text)."""
+        async with self._session.request(method, self.uri(path, params), headers=headers,
+                                         data=data if method != "GET" else None,
+                                         timeout=aiohttp.ClientTimeout(total=timeout) if timeout else None) as resp:
+            body = await resp.text(encoding="utf-8")
+            return resp.status, {str(k).lower(): str(v) for k, v in resp.headers.items()}, body
 
-    def http_connect(self, host: str, port: int, scheme: str, verify: bool | str = True,
-                     cert: Any = None) -> _HTTPClient:
-        return _HTTPClient(self._weft_settings)
+    async def close(self) -> None:
+        await self._session.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,7 +298,7 @@ class ConsulClient:
                 raise ValueError(f"CONSUL_HTTP_TOKEN_FILE: cannot read {self.settings.token_file}: "
                                  f"{exc.strerror}") from None
         self._token = token
-        self._consul: _Consul | None = None
+        self._transport: _Transport | None = None
         self._closed = False
 
     @classmethod
@@ -314,14 +312,13 @@ class ConsulClient:
         return f"unix://{s.unix_path}" if s.scheme == "unix" else s.base_url
 
     @property
-    def consul(self) -> consul.aio.Consul:
-        """The underlying py-consul client (its `http` owns the session). Created on first use."""
+    def _http(self) -> _Transport:
+        """The session, created on first use (inside the running event loop)."""
         if self._closed:
             raise RuntimeError("ConsulClient is closed")
-        if self._consul is None:
-            self._consul = _Consul(self.settings)
-            self._consul.token = self._token or None  # for py-consul's own helpers, if anyone uses them
-        return self._consul
+        if self._transport is None:
+            self._transport = _Transport(self.settings)
+        return self._transport
 
     @property
     def token(self) -> str:
@@ -331,9 +328,9 @@ class ConsulClient:
 
     async def close(self) -> None:
         self._closed = True
-        if self._consul is not None:
-            c, self._consul = self._consul, None
-            await c.close()
+        if self._transport is not None:
+            t, self._transport = self._transport, None
+            await t.close()
 
     async def __aenter__(self) -> ConsulClient:
         return self
@@ -352,7 +349,7 @@ class ConsulClient:
         Use this for endpoints without a typed method; it shares the one session."""
         if not path.startswith("/v1/"):
             raise ValueError(f"path must start with /v1/, got {path!r}")
-        http = self.consul.http
+        http = self._http
         headers: dict[str, str] = {}
         tok = self._token if token is None else token
         if tok:
@@ -375,24 +372,13 @@ class ConsulClient:
         # (aiohttp itself resends an idempotent request once when a pooled keep-alive connection turns out
         # to have been closed by the server, e.g. after an agent restart)
         try:
-            if verb == "GET":
-                resp = await http.get(_identity, path, params=plist, headers=headers, connections_timeout=total)
-            elif verb == "PUT":
-                resp = await http.put(_identity, path, params=plist, data=data, headers=headers,
-                                      connections_timeout=total)
-            elif verb == "DELETE":
-                resp = await http.delete(_identity, path, params=plist, data=data, headers=headers,
-                                         connections_timeout=total)
-            else:
-                resp = await http.post(_identity, path, params=plist, data=data, headers=headers,
-                                       connections_timeout=total)
+            status, resp_headers, text = await http.request(verb, path, plist, data, headers, total)
         except asyncio.CancelledError:
             raise
-        except (TimeoutError, aiohttp.ClientError, OSError, consul.Timeout) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ConsulUnavailable(f"cannot reach Consul at {self.address}: {type(exc).__name__}: {exc}",
                                     method=verb, path=path) from None
-        out = ConsulResponse(status=int(resp.code), headers={str(k).lower(): str(v) for k, v in resp.headers.items()},
-                             body=resp.body if isinstance(resp.body, str) else bytes(resp.body).decode())
+        out = ConsulResponse(status=status, headers=resp_headers, body=text)
         return _check(out, verb, path, allow_404=allow_404, ok_statuses=ok_statuses)
 
     def _timeout_for(self, wait: float | None) -> float | None:
@@ -773,10 +759,6 @@ class ConsulClient:
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _identity(response: consul_base.Response) -> consul_base.Response:
-    return response
 
 
 def _check(r: ConsulResponse, method: str, path: str, *, allow_404: bool,

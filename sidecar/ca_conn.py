@@ -12,14 +12,14 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from ca.backend import SERVICE_NAME
 from ca.client import CARefused, CAUnavailable, Resolver, SignResult, ca_addresses
 from ca.identity import SpiffeId
 from ca.provider import TrustBundle
-from ca.server import bundle_from_pb
 from ca.v1 import ca_pb2
+from ca.wire import bundle_from_pb
 from sidecar.grpc_client import CANCELLED, DEADLINE_EXCEEDED, UNAVAILABLE, Channel, RpcError
 
 SIGN = "/weft.ca.v1.CA/Sign"
@@ -27,11 +27,15 @@ WATCH_ROOTS = "/weft.ca.v1.CA/WatchRoots"
 _SKIP = (UNAVAILABLE, DEADLINE_EXCEEDED)
 
 
-def _refused(exc: RpcError) -> CARefused:
-    import grpc  # the module only (ca.client has loaded it): CARefused carries a grpc.StatusCode
+class Status(NamedTuple):
+    """A refusal's gRPC status, as `CARefused.code` carries it (grpc.StatusCode has the same `name`)."""
 
-    code = next((c for c in grpc.StatusCode if c.value[0] == exc.code), grpc.StatusCode.UNKNOWN)
-    return CARefused(code, exc.details)
+    value: int
+    name: str
+
+
+def _refused(exc: RpcError) -> CARefused:
+    return CARefused(Status(exc.code, exc.name), exc.details)
 
 
 def _split(address: str) -> tuple[str, int]:

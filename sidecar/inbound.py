@@ -34,15 +34,12 @@ import asyncio
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
-import grpc.aio
 import structlog
 
 from ca.identity import SpiffeId
 from sidecar import authz
-from sidecar.grpc_proxy import ProxyHandler, Refusal, Target, UpstreamChannel, channel_options, server_options
 from sidecar.h2guard import H2Guard, Violation
 from sidecar.limits import Limits
 from sidecar.snapshot import Snapshot
@@ -51,58 +48,12 @@ from sidecar.telemetry import Telemetry
 from sidecar.tls import PeerIdentityError, TlsContexts, peer_identity, tls_error_reason
 from sidecar.traffic import InboundControls
 
+if TYPE_CHECKING:  # the aio engine (grpc, sidecar.grpc_proxy) is imported only where it is started
+    import grpc.aio
+
+    from sidecar.grpc_proxy import UpstreamChannel
+
 log = structlog.get_logger("weft.sidecar.inbound")
-
-
-def _port_of_peer(peer: str) -> int:
-    """The port of a grpc peer string ``ipv4:127.0.0.1:PORT`` / ``ipv6:[::1]:PORT``."""
-    try:
-        return int(peer.rsplit(":", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-class _GrpcRouter:
-    """Routes full-path gRPC calls: authorize by the caller's identity, then the local app."""
-
-    def __init__(self, inbound: Inbound) -> None:
-        self._in = inbound
-
-    def route(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Target:
-        inbound = self._in
-        snap = inbound.snapshot()
-        ident = inbound.identities.get(_port_of_peer(context.peer()))
-        if ident is None:
-            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, "weft: the caller's identity is unknown")
-        if inbound.draining:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, "weft: the sidecar is shutting down")
-        metadata = authz.header_map((k, v) for k, v in context.invocation_metadata() or () if isinstance(v, str))
-        decision = authz.decide(snap.policy, ident.uri, authz.GrpcRequest(method, metadata))
-        inbound.telemetry.decision(authz.decision_label(decision), decision.rule_label)
-        if not decision.allowed:
-            message = authz.denial_message(decision, ident.service, snap.registration.service, method)
-            log.info("denied", source=ident.service, destination=snap.registration.service, method=method,
-                     rule=decision.rule_label, reason=decision.reason)
-            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, message)
-        if decision.audited:
-            log.warning("audit_would_deny", source=ident.service, destination=snap.registration.service,
-                        method=method, rule=decision.rule_label, reason=decision.reason)
-        return Target(inbound.app_channel())
-
-    def retry_target(self, method: str, failed: Target) -> Target | None:
-        return None
-
-    def record(self, method: str, code: grpc.StatusCode, seconds: float,
-               context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        inbound = self._in
-        ident = inbound.identities.get(_port_of_peer(context.peer()))
-        source = ident.service if ident is not None else "unknown"
-        snap = inbound.snapshot()
-        dest = snap.registration.service
-        label = inbound.telemetry.method_label(dest, method, snap.local_methods)
-        inbound.telemetry.request("inbound", source, dest, label, code.name, seconds)
-        inbound.telemetry.access.line(time.monotonic(), direction="inbound", source=source, destination=dest,
-                                      method=method, status=code.name, duration_ms=round(seconds * 1000, 3))
 
 
 class Inbound:
@@ -185,6 +136,10 @@ class Inbound:
         task.add_done_callback(self._tasks.discard)
 
     def app_channel(self) -> UpstreamChannel:
+        import grpc.aio
+
+        from sidecar.grpc_proxy import UpstreamChannel, channel_options
+
         snap = self.snapshot()
         target = f"{snap.registration.local_service_address}:{snap.registration.local_service_port}"
         ch = self._app_channel
@@ -294,9 +249,14 @@ class Inbound:
                 return int(self._h2.port)
             if protocol == "grpc":
                 if self._grpc_server is None:
+                    import grpc.aio
+
+                    from sidecar.aio_routers import InboundRouter
+                    from sidecar.grpc_proxy import ProxyHandler, server_options
+
                     server = grpc.aio.server(options=server_options(self.max_message_bytes, self.limits))
                     server.add_generic_rpc_handlers(
-                        (ProxyHandler(_GrpcRouter(self), lambda: self.snapshot().local_methods),))
+                        (ProxyHandler(InboundRouter(self), lambda: self.snapshot().local_methods),))
                     self._grpc_port = server.add_insecure_port("127.0.0.1:0")
                     await server.start()
                     self._grpc_server = server

@@ -23,15 +23,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
-import grpc.aio
 import structlog
 
 from sidecar.balance import Balancer
-from sidecar.grpc_proxy import ProxyHandler, Refusal, Target, UpstreamChannel, channel_options, server_options
 from sidecar.limits import Limits
 from sidecar.retry import RetryBudget
 from sidecar.routing import NoRoute
@@ -40,6 +36,11 @@ from sidecar.telemetry import Telemetry
 from sidecar.tls import TlsContexts, expected_server_name
 from sidecar.traffic import CallPlan, NoEndpoint, UpstreamTraffic
 from sidecar.traffic_metrics import metrics_of
+
+if TYPE_CHECKING:  # the aio engine (grpc, sidecar.grpc_proxy) is imported only where it is started
+    import grpc
+
+    from sidecar.grpc_proxy import UpstreamChannel
 
 log = structlog.get_logger("weft.sidecar.outbound")
 
@@ -173,6 +174,10 @@ class EndpointPool:
     def channel(self, key: str, snap: Snapshot) -> UpstreamChannel:
         ch = self._channels.get(key)
         if ch is None:
+            import grpc.aio
+
+            from sidecar.grpc_proxy import UpstreamChannel, channel_options
+
             creds = self.tls.grpc_credentials(snap.credentials)
             name = expected_server_name(self.service_of(key), snap.credentials.trust_domain)
             options = [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name),
@@ -185,7 +190,7 @@ class EndpointPool:
         cb = self._done.get(key)
         if cb is None:
             def cb(code: grpc.StatusCode, seconds: float, key: str = key) -> None:
-                self.observe(key, code is not grpc.StatusCode.UNAVAILABLE, seconds)
+                self.observe(key, code.name != "UNAVAILABLE", seconds)
             if len(self._done) > 1024:
                 self._done.clear()
             self._done[key] = cb
@@ -197,88 +202,6 @@ class EndpointPool:
         self._channels.clear()
         for task in list(self._retiring):
             task.cancel()
-
-
-@dataclass(slots=True)
-class _RoutedTarget(Target):
-    """A call's target chosen through the discovery chain (kept to plan a retry the same way)."""
-
-    headers: dict[str, str] = field(default_factory=dict)
-    endpoint: str = ""
-
-
-class _GrpcRouter:
-    def __init__(self, outbound: Outbound, pool: EndpointPool) -> None:
-        self._out = outbound
-        self._pool = pool
-
-    def route(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Target:
-        if self._out.draining:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, "weft: the sidecar is shutting down")
-        pool = self._pool
-        if pool.routed:
-            return self._routed(method, context)
-        key = pool.pick()
-        if key is None:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, f"weft: no healthy endpoint of upstream {pool.name}")
-        return Target(pool.channel(key, self._out.snapshot()), pool.done_callback(key))
-
-    def _routed(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Target:
-        """The aio engine through a discovery chain: route, split, target and endpoint per call (its
-        timeouts and retries are the h2 engine's only; here the caller's deadline applies)."""
-        headers = {str(k): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        target = self._routed_target(method, headers, "")
-        if isinstance(target, str):
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, f"weft: {target}")
-        return target
-
-    def _routed_target(self, method: str, headers: dict[str, str], exclude: str) -> _RoutedTarget | str:
-        pool = self._pool
-        plan = pool.plan("POST", method, headers, self._out.snapshot().registration.service, exclude=exclude)
-        if isinstance(plan, str):
-            return plan
-
-        def done(code: grpc.StatusCode, seconds: float) -> None:
-            failed = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
-            pool.finished(plan, seconds=seconds, status=code.name, failed=code is grpc.StatusCode.UNAVAILABLE,
-                          transport_ok=not failed)
-
-        return _RoutedTarget(pool.channel(plan.endpoint, self._out.snapshot()), done, headers=headers,
-                             endpoint=plan.endpoint)
-
-    def _routed_retry(self, method: str, failed: _RoutedTarget) -> Target | None:
-        """A connect failure of a routed call (already reported to ``done``): once more, through the
-        chain, to another endpoint."""
-        if self._out.draining:
-            return None
-        target = self._routed_target(method, failed.headers, failed.endpoint)
-        if isinstance(target, str) or target.endpoint == failed.endpoint:
-            return None
-        self._pool.metrics.retries.labels(self._pool.name).inc()
-        return target
-
-    def retry_target(self, method: str, failed: Target) -> Target | None:
-        pool = self._pool
-        if isinstance(failed, _RoutedTarget):
-            return self._routed_retry(method, failed)
-        if len(pool.endpoints) < 2 or self._out.draining:
-            return None
-        key = pool.pick(exclude=failed.channel.key)
-        if key is None or key == failed.channel.key:
-            return None
-        pool.telemetry.retries.labels(pool.name).inc()
-        return Target(pool.channel(key, self._out.snapshot()), pool.done_callback(key))
-
-    def record(self, method: str, code: grpc.StatusCode, seconds: float,
-               context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        out = self._out
-        snap = out.snapshot()
-        up = snap.upstreams.get(self._pool.name)
-        source = snap.registration.service
-        label = out.telemetry.method_label(self._pool.name, method, up.methods if up is not None else None)
-        out.telemetry.request("outbound", source, self._pool.name, label, code.name, seconds)
-        out.telemetry.access.line(time.monotonic(), direction="outbound", source=source, destination=self._pool.name,
-                                  method=method, status=code.name, duration_ms=round(seconds * 1000, 3))
 
 
 class Outbound:
@@ -321,13 +244,18 @@ class Outbound:
             await h2.start(up.config.local_bind_address, up.config.local_bind_port)
             self._listeners[name] = h2
         elif up.protocol == "grpc":
+            import grpc.aio
+
+            from sidecar.aio_routers import OutboundRouter
+            from sidecar.grpc_proxy import ProxyHandler, server_options
+
             server = grpc.aio.server(options=server_options(self.max_message_bytes, self.limits))
 
             def kinds(name: str = name) -> Any:
                 u = self.snapshot().upstreams.get(name)
                 return u.methods if u is not None else {}
 
-            server.add_generic_rpc_handlers((ProxyHandler(_GrpcRouter(self, pool), kinds),))
+            server.add_generic_rpc_handlers((ProxyHandler(OutboundRouter(self, pool), kinds),))
             if server.add_insecure_port(addr) == 0:
                 raise OSError(f"cannot listen on {addr} for upstream {name}")
             await server.start()
@@ -385,8 +313,8 @@ class Outbound:
     async def _stop_upstream(self, name: str, grace: float) -> None:
         listener = self._listeners.pop(name, None)
         pool = self.pools.pop(name, None)
-        self._protocols.pop(name, None)
-        if isinstance(listener, grpc.aio.Server):
+        protocol = self._protocols.pop(name, None)
+        if protocol == "grpc" and self.grpc_engine == "aio" and listener is not None:  # a grpc.aio.Server
             await listener.stop(grace)
         elif listener is not None:
             await listener.close(grace)

@@ -21,13 +21,16 @@ import ssl
 import tempfile
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import grpc
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
 from ca.identity import IdentityError, SpiffeId, dns_name
 from sidecar.snapshot import Credentials
+
+if TYPE_CHECKING:  # grpc is loaded only by the aio engine, which alone needs channel credentials
+    import grpc
 
 ALPN_GRPC = ["h2"]
 ALPN_HTTP = ["http/1.1"]
@@ -81,6 +84,8 @@ def client_context(creds: Credentials, alpn: list[str] | None = None) -> ssl.SSL
 
 
 def channel_credentials(creds: Credentials) -> grpc.ChannelCredentials:
+    import grpc
+
     return grpc.ssl_channel_credentials(
         root_certificates=creds.roots_pem.encode(),
         private_key=creds.key_pem.encode(),

@@ -14,8 +14,8 @@ from ca.client import CARefused, LeafManager
 from ca.csr import make_csr, make_renewal_proof, new_key
 from ca.identity import SpiffeId
 from ca.renewal import Backoff
-from ca.server import bundle_from_pb
 from ca.v1 import ca_pb2, ca_pb2_grpc
+from ca.wire import bundle_from_pb
 from tests.unit.ca.fakes import FakeKV, FakeLock
 from tests.unit.ca.helpers import csr_with
 

@@ -208,6 +208,18 @@ def test_calls_flow_and_registration(mesh: Mesh) -> None:
                                 'method="/weft.test.echo.v1.Echo/Unary"') >= 2
 
 
+def test_a_sidecar_that_needs_no_grpc_does_not_load_it(mesh: Mesh) -> None:
+    """With the default h2 engine, the CA's calls and reflection on the sidecar's own client, a running
+    sidecar (after start-up, calls and method discovery) has not mapped grpc's compiled core."""
+    for sid in ("web-1", "api-1"):
+        proc = mesh.sidecars[sid][0]
+        assert proc.alive(), sid
+        with open(f"/proc/{proc.pid}/maps") as f:
+            maps = f.read()
+        assert "_cython" not in maps and "/grpc/" not in maps, sid
+        assert "/uvloop/" in maps, sid  # the check reads the right process's maps
+
+
 def test_intentions_flip_allow_and_deny(mesh: Mesh) -> None:
     def denied() -> bool:
         try:
