@@ -204,7 +204,6 @@ class Stack:
         """Where the memory goes, by top-level package: a second client sidecar like `memclient`, started
         with tracemalloc on (which costs memory of its own, so the RSS figures above come from the
         untraced one), after `calls` calls over the same ten upstreams; its admin API's /memory."""
-        from benchmarks.bench_sidecar import load
 
         binds = [free_port() for _ in names]
         for name in names:
