@@ -7,19 +7,64 @@ default h2 engine never loads grpc.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
 import structlog
 
+from ca.identity import SpiffeId
 from sidecar import authz
-from sidecar.grpc_proxy import Refusal, Target
+from sidecar.grpc_proxy import Refusal, Target, UpstreamChannel
+from sidecar.snapshot import Endpoint, Snapshot
+from sidecar.telemetry import Telemetry
+from sidecar.traffic import CallPlan
+from sidecar.traffic_metrics import TrafficMetrics
 
-if TYPE_CHECKING:
-    from sidecar.inbound import Inbound
-    from sidecar.outbound import EndpointPool, Outbound
+# The seams: what the routers use of the listeners that own them (sidecar.inbound.Inbound,
+# sidecar.outbound.Outbound and EndpointPool), so that this module does not import those.
+
+class InboundSide(Protocol):
+    @property
+    def snapshot(self) -> Callable[[], Snapshot]: ...
+    @property
+    def telemetry(self) -> Telemetry: ...
+    @property
+    def identities(self) -> Mapping[int, SpiffeId]: ...
+    @property
+    def draining(self) -> bool: ...
+    def app_channel(self) -> UpstreamChannel: ...
+
+
+class OutboundSide(Protocol):
+    @property
+    def snapshot(self) -> Callable[[], Snapshot]: ...
+    @property
+    def telemetry(self) -> Telemetry: ...
+    @property
+    def draining(self) -> bool: ...
+
+
+class UpstreamPool(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def routed(self) -> bool: ...
+    @property
+    def endpoints(self) -> Mapping[str, Endpoint]: ...
+    @property
+    def telemetry(self) -> Telemetry: ...
+    @property
+    def metrics(self) -> TrafficMetrics: ...
+    def pick(self, exclude: str = "") -> str | None: ...
+    def plan(self, method: str, path: str, headers: dict[str, str], source: str = "",
+             *, exclude: str = "") -> CallPlan[str] | str: ...
+    def finished(self, plan: CallPlan[str], *, seconds: float, status: str, failed: bool,
+                 transport_ok: bool = True) -> None: ...
+    def channel(self, key: str, snap: Snapshot) -> UpstreamChannel: ...
+    def done_callback(self, key: str) -> Callable[[grpc.StatusCode, float], None]: ...
 
 log = structlog.get_logger("weft.sidecar.inbound")
 
@@ -35,7 +80,7 @@ def _port_of_peer(peer: str) -> int:
 class InboundRouter:
     """Routes full-path gRPC calls: authorize by the caller's identity, then the local app."""
 
-    def __init__(self, inbound: Inbound) -> None:
+    def __init__(self, inbound: InboundSide) -> None:
         self._in = inbound
 
     def route(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Target:
@@ -87,7 +132,7 @@ class _RoutedTarget(Target):
 class OutboundRouter:
     """Routes outbound calls to one upstream: pick (or plan through the discovery chain), then its channel."""
 
-    def __init__(self, outbound: Outbound, pool: EndpointPool) -> None:
+    def __init__(self, outbound: OutboundSide, pool: UpstreamPool) -> None:
         self._out = outbound
         self._pool = pool
 

@@ -220,9 +220,18 @@ def test_dashboard_tap_shows_live_calls_and_no_secret(dev: Dev, browser: Any) ->
         _secret_call(target, "ui-probe")
         rows = browser.find_elements("css selector", "#tap-rows tr.tap-row")
         for row in rows[:50]:
-            if "frontend" in row.text and "SayHello" in row.text:
-                row.click()
-                return "ui-probe" in browser.find_element("id", "tap-detail").text
+            cells = [td.text for td in row.find_elements("css selector", "td")]
+            if len(cells) < 5 or cells[2:4] != ["frontend", "greeter"] or "SayHello" not in cells[4]:
+                continue
+            row.click()
+            # rows are added while we look: the detail must be the call of the row we meant
+            try:
+                shown = json.loads(browser.find_element("id", "tap-detail").text)
+            except ValueError:
+                continue
+            if (shown.get("source"), shown.get("destination")) == ("frontend", "greeter") \
+                    and "ui-probe" in json.dumps(shown):
+                return True
         return False
 
     wait_for(probe_row, timeout=60, interval=0.5, what="a live call with its payload in the dashboard's tap")
