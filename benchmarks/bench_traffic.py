@@ -1,17 +1,16 @@
-"""Traffic management's cost per call: a call through a router + splitter + resolver chain, with a
-retry policy, passive health checking and a per-caller rate limit configured, against the plain path.
-
-Real processes on loopback: the dev agent, the CA, the policy service, one echo app registered as
-three instances — `plain-1` (service `plain`, no config entries beyond its protocol) and `routed-1`,
+"""Traffic management's cost per call: a call through a router + splitter + resolver chain, with a retry
+policy, passive health checking and a per-caller rate limit configured, against the plain path. Real
+processes on loopback: the dev agent, the CA, the policy service, one echo app registered as three
+instances — `plain-1` (service `plain`, no config entries beyond its protocol) and `routed-1`,
 `routed-2` (service `routed`, meta version v1/v2) — and two callers, `cplain` and `crouted`, each with
-one upstream. `routed` has a resolver (subsets v1/v2), a 90/10 splitter, a router (a header route and
-a route with `NumRetries = 2`, `RetryOn = ["unavailable"]`, `RequestTimeout = "10s"`), `crouted`'s
-service-defaults a `PassiveHealthCheck` for it, and KV `weft/ratelimits/routed` a (never reached)
-per-caller limit, so routed calls also take the inbound's per-call path. Each sidecar runs the
-default h2 engine. The load generator alternates rounds on the two paths (unary, 8 in flight); the
-CPU of each path's sidecars (`/proc`) over its calls gives `proxy_cpu_us_per_call` (and, split by
-sidecar, `per_sidecar_us_per_call`: where a path's CPU goes), and `ratio` = routed / plain (target:
-at most 1.15).
+one upstream. `routed` has a resolver (subsets v1/v2), a 90/10 splitter, a router (a header route and a
+route with `NumRetries = 2`, `RetryOn = ["unavailable"]`, `RequestTimeout = "10s"`), `crouted`'s
+service-defaults a `PassiveHealthCheck` and `Limits` (circuit breakers, never reached) for it, and KV
+`weft/ratelimits/routed` a (never reached) per-caller limit, so routed calls also take the inbound's
+per-call path. Each sidecar runs the default h2 engine. The load generator alternates rounds on the two
+paths (unary, 8 in flight); the CPU of each path's sidecars (`/proc`) over its calls gives
+`proxy_cpu_us_per_call` (and, split by sidecar, `per_sidecar_us_per_call`: where a path's CPU goes), and
+`ratio` = routed / plain (target: at most 1.15).
 
     python -m benchmarks traffic        (WEFT_BENCH_SECONDS per round, default 8; WEFT_BENCH_ROUNDS, default 3;
                                          WEFT_BENCH_TRAFFIC_LIMITS=0 leaves the rate-limit document out)
@@ -59,7 +58,9 @@ ENTRIES: list[dict[str, Any]] = [
     {"Kind": "service-defaults", "Name": "plain", "Protocol": "grpc"},
     {"Kind": "service-defaults", "Name": "routed", "Protocol": "grpc"},
     {"Kind": "service-defaults", "Name": "crouted", "UpstreamConfig": {"Overrides": [
-        {"Name": "routed", "PassiveHealthCheck": {"MaxFailures": 5, "BaseEjectionTime": "30s"}}]}},
+        {"Name": "routed", "PassiveHealthCheck": {"MaxFailures": 5, "BaseEjectionTime": "30s"},
+         # circuit breakers, never reached: their per-call accounting is part of the routed path's cost
+         "Limits": {"MaxConnections": 1000, "MaxPendingRequests": 1000, "MaxConcurrentRequests": 1000}}]}},
     {"Kind": "service-resolver", "Name": "routed", "DefaultSubset": "v1",
      "Subsets": {"v1": {"Filter": "Service.Meta.version == v1"}, "v2": {"Filter": "Service.Meta.version == v2"}}},
     {"Kind": "service-splitter", "Name": "routed",
