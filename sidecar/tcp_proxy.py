@@ -726,7 +726,8 @@ class TlsConnection(asyncio.BufferedProtocol):
                     log.info("tls_read_failed", error=str(exc)[:200])
                     self.raw.abort()
                     return
-                if not n:
+                if not n:  # no data raises SSLWantReadError: 0 is the peer's close_notify (ssl's clean EOF)
+                    eof = True
                     break
                 total += n
             self._deliver(buf, total, eof)
