@@ -67,9 +67,16 @@ from sidecar.h2_conn import REPLAY_LIMIT, AppConn, Conn, Stream, UpConn, log
 from sidecar.limits import DEFAULT as DEFAULT_LIMITS
 from sidecar.limits import Limits
 from sidecar.tap import HeaderBlock
+from sidecar.tcp_proxy import TlsProtocolClient
 from sidecar.telemetry import RateLimitedLog, Telemetry
 
 TAP_MAX_HEADER_LIST = 64 * 1024  # what a tap's reader decodes of one header block at most
+
+
+async def _open_tls(tls: TlsProtocolClient, host: str, port: int) -> None:
+    """Connect ``tls`` and wait for its handshake (which connects its inner protocol)."""
+    await asyncio.get_running_loop().create_connection(lambda: tls, host, port)
+    await tls.ready
 
 
 def _tap_headers_of(block: bytes) -> list[tuple[bytes, bytes]]:
@@ -179,17 +186,16 @@ class H2Outbound:
 
         ep = self.pool.endpoints.get(up.key)
         creds = snap.credentials
-        loop = asyncio.get_running_loop()
         limit = h2_circuit.connect_timeout(self.pool, up.key)  # 0: not routed, the sidecar's own bounds
+        tls: TlsProtocolClient | None = None
         try:
             if ep is None:
                 raise ConnectionRefusedError(f"endpoint {up.key} left the upstream")
-            ctx = self._out.tls.client(creds, "grpc")
-            transport, _ = await asyncio.wait_for(loop.create_connection(
-                lambda: up, ep.address, ep.port, ssl=ctx,
-                server_hostname=expected_server_name(h2_traffic.service_of(self.pool, up.key), creds.trust_domain),
-                ssl_handshake_timeout=limit + 1 if limit else 10), limit or 15)
-            sslobj = transport.get_extra_info("ssl_object")
+            # TLS on memory BIOs (sidecar.tcp_proxy): no 256 KiB read buffer per connection as with ssl=
+            tls = TlsProtocolClient(up, self._out.tls.client(creds, "grpc"), expected_server_name(
+                h2_traffic.service_of(self.pool, up.key), creds.trust_domain), limit + 1 if limit else 10)
+            await asyncio.wait_for(_open_tls(tls, ep.address, ep.port), limit or 15)
+            sslobj = tls.sslobj
             check_server_identity(sslobj.getpeercert(binary_form=True) if sslobj else None,
                                   h2_traffic.service_of(self.pool, up.key), creds.trust_domain)
             if sslobj is not None and sslobj.selected_alpn_protocol() != "h2":
@@ -201,8 +207,8 @@ class H2Outbound:
                 h2_circuit.connect_timed_out(self, up.key, limit)
             log.warning("upstream_connect_failed", upstream=self.pool.name, endpoint=up.key, error=str(exc)[:200])
             up.closed = True
-            if up.transport is not None:
-                up.transport.abort()
+            if tls is not None:
+                tls.drop()
             self.up_lost(up)
             self.flush()
             return

@@ -67,6 +67,12 @@ class _SharedBuffer:
 _PIPE_BUFFER = _SharedBuffer()
 # ciphertext reads of the public port: copied into the connection's BIO at once, so one buffer serves all
 _TLS_READ = memoryview(bytearray(_BUF))
+# Plaintext of TLS connections that feed a plain asyncio.Protocol (the h2 engine's upstream connections) is
+# decrypted here, then copied out in one ``data_received`` call: 64 KiB holds four full TLS records (16 KiB
+# each), so a burst is parsed in few calls, and being one buffer per process (not 256 KiB per connection,
+# as the loop's SSL transport allocates) it bounds what a peer makes us hold to the record being decrypted.
+TLS_PLAIN_READ = 64 * 1024
+_PLAIN_READ = memoryview(bytearray(TLS_PLAIN_READ))
 
 
 def _peer_of(transport: Any) -> str:
@@ -440,6 +446,9 @@ class _TlsWriter:
     def get_write_buffer_size(self) -> int:
         return 0  # the plaintext was encrypted into a new buffer: the caller's is not held
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._conn.raw.set_write_buffer_limits(high=high, low=low)  # ciphertext: the plaintext plus a few %
+
     def pause_reading(self) -> None:
         self._conn.raw.pause_reading()
 
@@ -553,8 +562,17 @@ class IdleSweeper:
 LINGER = 2.0  # seconds a closed TLS connection keeps reading (and discarding) so its last bytes arrive
 
 
+class _TlsStreamWriter(_TlsWriter):
+    """The writer handed to a protocol that watches the write buffer for its back-pressure (an h2 ``Conn``)."""
+
+    __slots__ = ()
+
+    def get_write_buffer_size(self) -> int:
+        return 0 if self._conn.closed else int(self._conn.raw.get_write_buffer_size())
+
+
 class TlsConnection(asyncio.BufferedProtocol):
-    """TLS over memory BIOs on a raw connection, feeding one half of a :class:`Pipe` (see the two subclasses).
+    """TLS over memory BIOs on a raw connection, feeding one half of a :class:`Pipe` or a protocol (subclasses).
 
     Reads go through one buffer shared by all connections, nothing is allocated for TLS before it is
     needed, and the TLS state is freed as soon as the connection is dropped or lost.
@@ -562,11 +580,10 @@ class TlsConnection(asyncio.BufferedProtocol):
 
     server_side = True
 
-    def __init__(self, half: _Half, context: Callable[[], ssl.SSLContext],
+    def __init__(self, half: Any, context: Callable[[], ssl.SSLContext],
                  on_handshake: Callable[[Any], None], on_failure: Callable[[Any, BaseException], None],
                  handshake_timeout: float = 10.0, admission: TlsAdmission | None = None,
                  server_hostname: str | None = None) -> None:
-        self.pipe = half.pipe
         self.half = half
         self._context = context
         self._on_handshake = on_handshake
@@ -617,7 +634,8 @@ class TlsConnection(asyncio.BufferedProtocol):
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
-        self.raw.abort()
+        if self.raw is not None:
+            self.raw.abort()
         self._release()
 
     def _fail(self, exc: BaseException) -> None:
@@ -679,18 +697,20 @@ class TlsConnection(asyncio.BufferedProtocol):
             self._timer.cancel()
         if self._admission is not None:
             self._admission.handshake_over(self)
-        half = self.half
-        half.transport = self.writer
+        self._attach()
         self._on_handshake(self)
         if not self.closed:
             self._read_plain()
 
+    def _attach(self) -> None:
+        """The handshake is done: the inner side writes through :attr:`writer` from now on."""
+        self.half.transport = self.writer
+
     def _read_plain(self) -> None:
         """Decrypt everything available into the half's buffer, record after record, then pass it on once."""
-        half = self.half
         sslobj = self.sslobj
         while not self.closed:
-            buf = half.get_buffer(-1)
+            buf = self._plain_buffer()
             size = len(buf)
             total = 0
             eof = False
@@ -706,19 +726,29 @@ class TlsConnection(asyncio.BufferedProtocol):
                     log.info("tls_read_failed", error=str(exc)[:200])
                     self.raw.abort()
                     return
-                if not n:
+                if not n:  # no data raises SSLWantReadError: 0 is the peer's close_notify (ssl's clean EOF)
+                    eof = True
                     break
                 total += n
-            if total:
-                half.buffer_updated(total)
+            self._deliver(buf, total, eof)
             if eof:
-                half.eof_received()
                 self.close()
                 break
             if total < size:
                 break
         if self._out is not None and self._out.pending:
             self.flush()
+
+    def _plain_buffer(self) -> memoryview:
+        """Where the next decrypted bytes go: the half's own buffer (the pipe forwards from it)."""
+        return self.half.get_buffer(-1)  # type: ignore[no-any-return]
+
+    def _deliver(self, buf: memoryview, nbytes: int, eof: bool) -> None:
+        """Pass ``nbytes`` decrypted bytes (and the peer's close_notify) on to the inner side."""
+        if nbytes:
+            self.half.buffer_updated(nbytes)
+        if eof:
+            self.half.eof_received()
 
     def eof_received(self) -> bool | None:
         if self.handshaken and not self.closed:
@@ -780,7 +810,7 @@ class TlsConnection(asyncio.BufferedProtocol):
 
     def _lost_in_handshake(self, exc: Exception | None) -> None:
         self.half.closed = True
-        self.pipe._lost()
+        self.half.pipe._lost()
 
 
 class TlsServerConnection(TlsConnection):
@@ -797,20 +827,21 @@ class TlsServerConnection(TlsConnection):
                  on_failure: Callable[[TlsServerConnection, BaseException], None],
                  handshake_timeout: float = 10.0, admission: TlsAdmission | None = None) -> None:
         super().__init__(pipe.a, context, on_handshake, on_failure, handshake_timeout, admission)
+        self.pipe = pipe
 
 
-class TlsClientConnection(TlsConnection):
-    """Client-side TLS to an upstream, feeding side ``b`` of a :class:`Pipe` (the TCP outbound listener's dial).
+class TlsClient(TlsConnection):
+    """Client-side TLS to an upstream over memory BIOs (see the subclasses for what it feeds).
 
-    It costs an idle connection less than the loop's TLS transport, and sits in the same pipe code as
-    the public port. :attr:`ready` resolves when the handshake is done (or fails with its error);
-    before that the pipe's half is untouched, so a failed attempt can be retried on the same pipe.
+    It costs an idle connection less than the loop's TLS transport (no 256 KiB read buffer of its own).
+    :attr:`ready` resolves when the handshake is done (or fails with its error, a ``TimeoutError`` past
+    the handshake timeout); before that the inner side is untouched, so a failed attempt can be retried.
     """
 
     server_side = False
 
-    def __init__(self, pipe: Pipe, context: ssl.SSLContext, server_hostname: str, timeout: float) -> None:
-        super().__init__(pipe.b, lambda: context, self._ready, self._failed, timeout, None, server_hostname)
+    def __init__(self, inner: Any, context: ssl.SSLContext, server_hostname: str, timeout: float) -> None:
+        super().__init__(inner, lambda: context, self._ready, self._failed, timeout, None, server_hostname)
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -828,3 +859,35 @@ class TlsClientConnection(TlsConnection):
 
     def _lost_in_handshake(self, exc: Exception | None) -> None:
         self._failed(self, exc or ConnectionResetError("the upstream closed the connection during the TLS handshake"))
+
+
+class TlsClientConnection(TlsClient):
+    """Client-side TLS feeding side ``b`` of a :class:`Pipe` (the TCP outbound listener's dial)."""
+
+    def __init__(self, pipe: Pipe, context: ssl.SSLContext, server_hostname: str, timeout: float) -> None:
+        super().__init__(pipe.b, context, server_hostname, timeout)
+
+
+class TlsProtocolClient(TlsClient):
+    """Client-side TLS feeding a plain ``asyncio.Protocol`` (the h2 engine's upstream connection, ``UpConn``).
+
+    The protocol gets ``connection_made`` with a transport-like writer once the handshake is done (as
+    with ``create_connection(ssl=...)``), its decrypted bytes through one buffer of the process
+    (:data:`TLS_PLAIN_READ`), and ``connection_lost`` only if it was made. Its write buffer limits
+    apply to the raw connection's ciphertext, so its back-pressure bounds stay what they were.
+    """
+
+    def __init__(self, inner: asyncio.Protocol, context: ssl.SSLContext, server_hostname: str,
+                 timeout: float) -> None:
+        super().__init__(inner, context, server_hostname, timeout)
+        self.writer = _TlsStreamWriter(self)
+
+    def _attach(self) -> None:
+        self.half.connection_made(self.writer)
+
+    def _plain_buffer(self) -> memoryview:
+        return _PLAIN_READ
+
+    def _deliver(self, buf: memoryview, nbytes: int, eof: bool) -> None:
+        if nbytes:
+            self.half.data_received(bytes(buf[:nbytes]))  # copied: the buffer is reused by the next read
