@@ -280,7 +280,8 @@ def memory_lines(memory: dict[str, Any]) -> list[str]:
     m = memory
     lines = [f"memory     weft     RSS {m.get('rss_mb_start')} MB at ready, {m['rss_mb_after_first']} MB after "
              f"{m.get('calls_first')} calls over {m.get('upstreams')} upstreams, {m.get('rss_mb_after_second')} MB "
-             f"after {m.get('calls_second')} more (growth {m['rss_growth_after_second']:+.2%})"]
+             f"after {m.get('calls_second')} more (growth {m['rss_growth_after_second']:+.2%})",
+             f"{'':<20}interpreter: {m.get('interpreter', 'dev venv')}"]
     after = memory.get("breakdown_after_second") or {}
     if after:
         lines.append(f"{'':<20}private {after.get('private_mb')} MB, shared with other processes (libraries) "

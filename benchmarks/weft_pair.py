@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import load, memory_breakdown_mb, ready_grpc, rss_mb
-from tests.support import WEFT, DevAgent, Proc, free_port, http_ok, wait_for
+from benchmarks.lean_venv import lean_interpreter
+from tests.support import REPO, WEFT, DevAgent, Proc, free_port, http_ok, wait_for
 
 MEM_UPSTREAMS = 10
 TRACED_CALLS = 20000  # calls through the traced sidecar (steady state is reached well before)
@@ -80,9 +81,10 @@ class Stack:
         doc = {"Kind": "service-intentions", "Name": destination, "Sources": [rule]}
         self._consul("PUT", f"/v1/kv/weft/intentions/{destination}", json.dumps(doc).encode())
 
-    def _sidecar(self, service_id: str, env: dict[str, str] | None = None) -> None:
+    def _sidecar(self, service_id: str, env: dict[str, str] | None = None, python: str | None = None) -> None:
         admin = free_port()
-        proc = Proc([*WEFT, "sidecar", "--sidecar-for", service_id, "--admin-port", str(admin),
+        weft = [python, *WEFT[1:]] if python else WEFT
+        proc = Proc([*weft, "sidecar", "--sidecar-for", service_id, "--admin-port", str(admin),
                      "--public-port", str(self.public_ports[service_id]), "--ca-addr", self.ca_addr],
                     env={**self.env, **(env or {})}, log=self.workdir / f"sidecar-{service_id}.log")
         self.procs.append(proc)
@@ -167,7 +169,9 @@ class Stack:
         return out
 
     def memory(self, calls: int, max_seconds: float) -> dict[str, Any]:
-        """RSS of a sidecar with ten upstreams after `calls` calls spread over them, and after as many more."""
+        """RSS of a sidecar with ten upstreams after `calls` calls spread over them, and after as many more;
+        the memory scenario's sidecars run on a production-like interpreter (`benchmarks.lean_venv`)."""
+        interp = lean_interpreter(REPO)
         locals_ = [free_port() for _ in range(MEM_UPSTREAMS)]
         names = [f"mem{i}" for i in range(MEM_UPSTREAMS)]
         for name in names:
@@ -175,11 +179,12 @@ class Stack:
             self._allow("memclient", name)
         self._register("memclient", free_port(), "grpc", list(zip(names, locals_, strict=True)))
         for sid in (*names, "memclient"):
-            self._sidecar(sid)
+            self._sidecar(sid, python=interp.python)
         self._wait_ready([*names, "memclient"], timeout=180)
         targets = [f"127.0.0.1:{p}" for p in locals_]
         pid = self.sidecars["memclient"][0].pid
-        out: dict[str, Any] = {"upstreams": MEM_UPSTREAMS, "rss_mb_start": round(rss_mb(pid), 1)}
+        out: dict[str, Any] = {"interpreter": interp.note, "upstreams": MEM_UPSTREAMS,
+                               "rss_mb_start": round(rss_mb(pid), 1)}
         phases = []
         for label in ("first", "second"):
             t0 = time.monotonic()
@@ -196,11 +201,12 @@ class Stack:
         out["completed"] = all(p["calls"] >= calls for p in phases)
         out["server_sidecar_rss_mb_max"] = round(max(rss_mb(self.sidecars[n][0].pid) for n in names), 1)
         out["rss_mb"] = out["rss_mb_after_second"]
-        out["by_package"] = self._traced_breakdown(names, locals_, min(calls, TRACED_CALLS), max_seconds)
+        out["by_package"] = self._traced_breakdown(names, locals_, min(calls, TRACED_CALLS), max_seconds,
+                                                   interp.python)
         return out
 
     def _traced_breakdown(self, names: list[str], locals_: list[int], calls: int,
-                          max_seconds: float) -> dict[str, Any]:
+                          max_seconds: float, python: str) -> dict[str, Any]:
         """Where the memory goes, by top-level package: a second client sidecar like `memclient`, started
         with tracemalloc on (which costs memory of its own, so the RSS figures above come from the
         untraced one), after `calls` calls over the same ten upstreams; its admin API's /memory."""
@@ -209,7 +215,7 @@ class Stack:
         for name in names:
             self._allow("memtrace", name)
         self._register("memtrace", free_port(), "grpc", list(zip(names, binds, strict=True)))
-        self._sidecar("memtrace", env={"PYTHONTRACEMALLOC": str(TRACE_FRAMES)})
+        self._sidecar("memtrace", env={"PYTHONTRACEMALLOC": str(TRACE_FRAMES)}, python=python)
         self._wait_ready(["memtrace"], timeout=180)
         admin = self.sidecars["memtrace"][1]
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/memory", timeout=300) as resp:

@@ -1,6 +1,8 @@
 """`ConsulClient`: the one place in Weft that calls Consul's HTTP API.
 
-Built on aiohttp directly: one `aiohttp.ClientSession` per client (address, scheme, TLS, unix sockets
+Built on a small HTTP/1.1 client on asyncio streams (`catalog.http1`: h11 parses, sizes are bounded,
+keep-alive pool) rather than aiohttp, which with yarl, multidict and friends costs a gRPC-only sidecar
+several MB of RSS: one connection pool per client (address, scheme, TLS, unix sockets
 from `ConsulSettings`) and one request path (`ConsulClient.request`). py-consul is not used here: its
 package `__init__` loads its synchronous client and `requests` (about 7 MB of RSS in every sidecar) even
 when only `consul.aio` is wanted, and its endpoint helpers return untyped dicts, fold errors into strings
@@ -49,10 +51,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-import aiohttp
 import structlog
 
-from catalog import configentry
+from catalog import configentry, http1
 from catalog.chain import CompiledChain, parse_chain
 from catalog.models import (
     JSON,
@@ -182,7 +183,7 @@ def _message(body: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the transport: Weft's settings (unix sockets, TLS options, no session-wide timeout) on one aiohttp session
+# the transport: Weft's settings (unix sockets, TLS options, no pool-wide timeout) on one HTTP/1.1 connection pool
 
 
 def _ssl_context(settings: ConsulSettings) -> ssl.SSLContext | bool:
@@ -200,38 +201,37 @@ def _ssl_context(settings: ConsulSettings) -> ssl.SSLContext | bool:
 
 
 class _Transport:
-    """The client's aiohttp session, with a connector built from `ConsulSettings` (TCP or unix socket,
-    TLS options); no session-wide total timeout: blocking queries last up to wait + wait/16, and each
-    call sets its own."""
+    """The client's HTTP/1.1 connection pool (`catalog.http1`), built from `ConsulSettings` (TCP or unix
+    socket, TLS options); no pool-wide timeout: blocking queries last up to wait + wait/16, and each call
+    sets its own (waiting for a pooled connection included)."""
 
     def __init__(self, settings: ConsulSettings) -> None:
-        scheme = "https" if settings.scheme == "https" else "http"
-        host = settings.host if settings.scheme != "unix" else "localhost"
-        port = settings.port if settings.scheme != "unix" else 80
-        self.base_uri = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
-        connector: aiohttp.BaseConnector
         if settings.scheme == "unix":
-            connector = aiohttp.UnixConnector(path=settings.unix_path, limit=0)
+            self.host_header = "localhost"
+            opener = http1.unix_opener(settings.unix_path)
         else:
-            connector = aiohttp.TCPConnector(ssl=_ssl_context(settings), limit=0)
-        self._session = aiohttp.ClientSession(connector=connector,
-                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+            ctx = _ssl_context(settings)
+            self.host_header = (f"[{settings.host}]:{settings.port}" if ":" in settings.host
+                                else f"{settings.host}:{settings.port}")
+            opener = http1.tcp_opener(settings.host, settings.port, ctx if isinstance(ctx, ssl.SSLContext) else None)
+        self._pool = http1.Http1Pool(opener)
 
-    def uri(self, path: str, params: Sequence[tuple[str, str]]) -> str:
-        uri = self.base_uri + urllib.parse.quote(path, safe="/:")
-        return f"{uri}?{urllib.parse.urlencode(params)}" if params else uri
+    @staticmethod
+    def target(path: str, params: Sequence[tuple[str, str]]) -> str:
+        target = urllib.parse.quote(path, safe="/:")
+        return f"{target}?{urllib.parse.urlencode(params)}" if params else target
 
     async def request(self, method: str, path: str, params: Sequence[tuple[str, str]], data: bytes | str,
                       headers: dict[str, str], timeout: float | None) -> tuple[int, dict[str, str], str]:
         """(status, headers with lower-case names, body as UTF-8 text)."""
-        async with self._session.request(method, self.uri(path, params), headers=headers,
-                                         data=data if method != "GET" else None,
-                                         timeout=aiohttp.ClientTimeout(total=timeout) if timeout else None) as resp:
-            body = await resp.text(encoding="utf-8")
-            return resp.status, {str(k).lower(): str(v) for k, v in resp.headers.items()}, body
+        body = data.encode() if isinstance(data, str) else data
+        hs = [("Host", self.host_header), ("Accept", "application/json"), *headers.items()]
+        async with asyncio.timeout(timeout):
+            status, resp_headers, raw = await self._pool.request(method, self.target(path, params), hs, body)
+        return status, dict(resp_headers), raw.decode("utf-8", errors="replace")
 
     async def close(self) -> None:
-        await self._session.close()
+        self._pool.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def _bool_body(value: JSON, what: str) -> bool:
 
 
 class ConsulClient:
-    """Typed async access to Consul's HTTP API over one aiohttp session (created on first use, inside
+    """Typed async access to Consul's HTTP API over one connection pool (created on first use, inside
     the running event loop; `await close()` when done, or use `async with`)."""
 
     def __init__(self, settings: ConsulSettings | None = None, *, request_timeout: float = 30.0) -> None:
@@ -369,13 +369,16 @@ class ConsulClient:
         verb = method.upper()
         if verb not in ("GET", "PUT", "DELETE", "POST"):
             raise ValueError(f"unsupported method {method!r}")
-        # (aiohttp itself resends an idempotent request once when a pooled keep-alive connection turns out
-        # to have been closed by the server, e.g. after an agent restart)
+        # (the pool resends a GET once when a pooled keep-alive connection turns out to have been closed by
+        # the server, e.g. after an agent restart; other methods fail with ConsulUnavailable)
         try:
             status, resp_headers, text = await http.request(verb, path, plist, data, headers, total)
         except asyncio.CancelledError:
             raise
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except http1.ResponseError as exc:
+            raise ConsulInvalidResponse(f"bad HTTP response from Consul at {self.address}: {exc}",
+                                        method=verb, path=path) from None
+        except (TimeoutError, http1.ConnectionLost, OSError) as exc:
             raise ConsulUnavailable(f"cannot reach Consul at {self.address}: {type(exc).__name__}: {exc}",
                                     method=verb, path=path) from None
         out = ConsulResponse(status=status, headers=resp_headers, body=text)

@@ -220,6 +220,20 @@ def test_a_sidecar_that_needs_no_grpc_does_not_load_it(mesh: Mesh) -> None:
         assert "/uvloop/" in maps, sid  # the check reads the right process's maps
 
 
+def test_a_grpc_only_sidecar_does_not_load_aiohttp(mesh: Mesh) -> None:
+    """Every service in this mesh speaks gRPC: the sidecars talk to Consul over catalog.http1 and never
+    import sidecar.http_proxy, so aiohttp and what only it loads (multidict, yarl, frozenlist) are not
+    mapped (their compiled extensions would be)."""
+    for sid in ("web-1", "api-1"):
+        proc = mesh.sidecars[sid][0]
+        assert proc.alive(), sid
+        with open(f"/proc/{proc.pid}/maps") as f:
+            maps = f.read()
+        for package in ("aiohttp", "multidict", "yarl", "frozenlist"):
+            assert f"/{package}/" not in maps, (sid, package)
+        assert "/uvloop/" in maps, sid  # the check reads the right process's maps
+
+
 def test_intentions_flip_allow_and_deny(mesh: Mesh) -> None:
     def denied() -> bool:
         try:
