@@ -33,7 +33,7 @@ test-abuse: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy weft catalog devagent consulkit ca policies sidecar benchmarks
+	$(BIN)/mypy weft devmesh catalog devagent consulkit ca policies sidecar benchmarks
 	$(BIN)/lint-imports setup.cfg
 
 bench: $(STAMP)

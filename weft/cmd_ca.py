@@ -54,8 +54,8 @@ from catalog.client import (
 )
 from catalog.lock import LeaderLock
 from catalog.registration import service_registration, ttl_check_id
+from devmesh.state import consul_for_cli
 from weft import logsetup, runner
-from weft.devstate import consul_for_cli
 from weft.durations import parse_duration
 
 log = structlog.get_logger("weft.ca")
@@ -381,7 +381,7 @@ async def _roots() -> int:
 
 def _client(token: str | None, prog: str) -> ConsulClient:
     """A Consul client for an operator command: CONSUL_HTTP_ADDR, else a running weft dev's agent
-    (`weft.devstate`); ``--token`` replaces CONSUL_HTTP_TOKEN, as Consul's CLI does."""
+    (`devmesh.state`); ``--token`` replaces CONSUL_HTTP_TOKEN, as Consul's CLI does."""
     env = dict(consul_for_cli(prog).env)
     if token is not None:
         env["CONSUL_HTTP_TOKEN"] = token

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from catalog.client import ConsulClient, ConsulError, ConsulNotFound
+from devmesh.state import consul_for_cli
 from policies.compile import Compiler, Document, DocumentError, loads_table, parse_entry, validate_document
 from policies.evaluate import authorize
 from policies.model import (
@@ -43,7 +44,6 @@ from policies.model import (
     intentions_key,
     table_key_candidates,
 )
-from weft.devstate import consul_for_cli
 
 CAS_RETRIES = 8
 

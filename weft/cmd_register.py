@@ -21,7 +21,7 @@ from typing import Any
 
 from catalog.client import ConsulClient, ConsulError
 from catalog.servicedef import ServiceDefinitionError, parse, upstreams_of
-from weft.devstate import consul_for_cli
+from devmesh.state import consul_for_cli
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

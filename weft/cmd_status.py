@@ -30,7 +30,7 @@ from datetime import datetime
 from typing import Any
 
 from consulkit.conventions import aggregate_status
-from weft.devstate import ConsulChoice, admin_urls, consul_for_cli
+from devmesh.state import ConsulChoice, admin_urls, consul_for_cli
 
 ROOTS_KEY = "weft/ca/roots"
 COMPILED_PREFIX = "weft/policy/compiled/"

@@ -21,8 +21,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from devmesh.state import ConsulChoice, admin_urls, consul_for_cli
 from sidecar.tap import DEFAULT_MAX_RPS, TapError, TapFilter, filter_query, parse_filter
-from weft.devstate import ConsulChoice, admin_urls, consul_for_cli
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

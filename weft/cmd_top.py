@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from weft.devstate import ConsulChoice, admin_urls, consul_for_cli
+from devmesh.state import ConsulChoice, admin_urls, consul_for_cli
 
 # ---------------------------------------------------------------------------------------------------
 # Pure: parsing
@@ -279,7 +279,7 @@ def dev_admin_urls(state_dir: str | Path = ".weft-dev") -> dict[str, str]:
     """Admin URLs by service name that a `weft dev` recorded in its state file (empty if none).
 
     A fallback for sidecars whose registrations publish no admin address."""
-    from weft.devstate import read_state
+    from devmesh.state import read_state
 
     state = read_state(Path(state_dir))
     return dict(state.admin) if state is not None else {}

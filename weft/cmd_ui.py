@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import sys
 
-from weft.devstate import consul_for_cli
+from devmesh.state import consul_for_cli
 
 DEFAULT_ADDR = "127.0.0.1:8580"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import grimp
 
-PACKAGES = ("weft", "catalog", "devagent", "consulkit", "ca", "policies", "sidecar", "benchmarks")
+PACKAGES = ("weft", "devmesh", "catalog", "devagent", "consulkit", "ca", "policies", "sidecar", "benchmarks")
 
 # Cycles that exist today in files other work is changing; each is to be broken there, then removed
 # from here. Nothing else may join them.

@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from weft.devstate import ConsulChoice, admin_urls
+from devmesh.state import ConsulChoice, admin_urls
 from weft.ui import model
 
 log = structlog.get_logger("weft.ui")

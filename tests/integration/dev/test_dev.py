@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
+from devmesh.state import STATE_FILE
+from devmesh.state import running as _running
 from tests.support import REPO, WEFT, Proc, free_port, wait_for
-from weft.cmd_dev import STATE_FILE, _running
 from weft.cmd_top import parse_metrics
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(360)]  # weft dev starts ~10 processes

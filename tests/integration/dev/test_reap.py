@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from devmesh.processes import reap_stale
+from devmesh.state import STATE_FILE
+from devmesh.state import process_start_time as _start_time
 from tests.support import wait_for
-from weft.cmd_dev import STATE_FILE, _start_time, reap_stale
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from catalog.servicedef import parse
-from weft.cmd_dev import (
+from devmesh.plan import (
     ADMIN_PORTS,
-    DEMO_SERVICES,
     DevError,
     Plan,
     app_command,
@@ -20,6 +19,9 @@ from weft.cmd_dev import (
     rewrite_ports,
     summary,
 )
+from weft.cmd_dev import DEMO
+
+DEMO_SERVICES = DEMO.services
 
 
 def demo_payloads() -> list[dict[str, object]]:
@@ -84,6 +86,8 @@ def test_incomplete_demo_definitions_are_refused() -> None:
     payloads = [p for p in demo_payloads() if p["Name"] != "store"]
     with pytest.raises(DevError, match="lack store"):
         demo_services(payloads, ADMIN_PORTS)
+    with pytest.raises(DevError, match=r"lack store-1 \(in /defs\)"):
+        demo_services(payloads, ADMIN_PORTS, source=Path("/defs"))
     no_sidecar = [dict(p) for p in demo_payloads()]
     for p in no_sidecar:
         p.pop("Connect", None)
@@ -117,7 +121,8 @@ def test_consul_address_refuses_what_the_dev_agent_cannot_be(addr: str) -> None:
 
 def test_summary_says_where_to_look() -> None:
     plan = make_plan(demo_payloads(), consul_host="127.0.0.1", consul_port=18500)
-    text = summary(plan, started_agent=True, state_dir=Path("/tmp/x"), traffic_rps=2.0, default_consul=False)
+    text = summary(plan, started_agent=True, state_dir=Path("/tmp/x"), traffic_rps=2.0, default_consul=False,
+                   demo_config=DEMO.config)
     assert "export CONSUL_HTTP_ADDR=127.0.0.1:18500" in text
     assert "weft intention deny frontend greeter" in text
     assert "weft top" in text
@@ -125,7 +130,8 @@ def test_summary_says_where_to_look() -> None:
     assert "curl 'http://127.0.0.1:19100/hello?name=ada'" in text
     assert "2 requests/s" in text
     default = make_plan(demo_payloads(), consul_host="127.0.0.1", consul_port=8500)
-    quiet = summary(default, started_agent=False, state_dir=Path("/tmp/x"), traffic_rps=None, default_consul=True)
+    quiet = summary(default, started_agent=False, state_dir=Path("/tmp/x"), traffic_rps=None, default_consul=True,
+                    demo_config=DEMO.config)
     assert "export CONSUL_HTTP_ADDR" not in quiet and "requests/s" not in quiet
     assert "(already running)" in quiet
 
@@ -134,5 +140,6 @@ def test_free_ports_summary_says_which_consul_address_to_export() -> None:
     """`weft dev -free-ports` without CONSUL_HTTP_ADDR moves the dev agent off 8500: say where it is."""
     plan = make_plan(demo_payloads(), consul_host="127.0.0.1", consul_port=8500)
     moved = Plan("127.0.0.1", 41234, plan.ca_port, plan.policy_port, plan.services)
-    text = summary(moved, started_agent=True, state_dir=Path("/tmp/x"), traffic_rps=2.0, default_consul=True)
+    text = summary(moved, started_agent=True, state_dir=Path("/tmp/x"), traffic_rps=2.0, default_consul=True,
+                   demo_config=DEMO.config)
     assert "export CONSUL_HTTP_ADDR=127.0.0.1:41234" in text

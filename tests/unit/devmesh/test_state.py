@@ -1,4 +1,4 @@
-"""weft.devstate: which Consul an operator command uses when CONSUL_HTTP_ADDR is unset (a running
+"""devmesh.state: which Consul an operator command uses when CONSUL_HTTP_ADDR is unset (a running
 `weft dev`'s state file), found from the current directory, a parent, or $XDG_RUNTIME_DIR."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from weft import devstate
-from weft.devstate import DevState, candidate_dirs, choose, consul_for_cli, resolve
+from devmesh import state as devstate
+from devmesh.state import DevState, candidate_dirs, choose, consul_for_cli, resolve
 
 
 def _write_state(state_dir: Path, *, consul: str = "http://127.0.0.1:41234", pid: int | None = None,
