@@ -130,6 +130,9 @@ class Credentials:
     not_after: float  # Unix time
     trust_domain: str
     roots_version: str = ""  # e.g. the ActiveRootID plus the set of root IDs
+    # changes whenever anything a TLS context is built from changes; computed once (every new upstream
+    # stream compares it with its connection's, so it is read per call)
+    generation: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if "BEGIN CERTIFICATE" not in self.cert_pem:
@@ -138,21 +141,17 @@ class Credentials:
             raise SnapshotError("leaf key is not PEM")
         if "BEGIN CERTIFICATE" not in self.roots_pem:
             raise SnapshotError("trust bundle has no root certificate")
+        h = hashlib.sha256()
+        for part in (self.cert_pem, self.chain_pem, self.roots_pem):
+            h.update(part.encode())
+            h.update(b"\0")
+        object.__setattr__(self, "generation", h.hexdigest()[:16])
 
     @property
     def full_chain_pem(self) -> str:
         """Leaf followed by its intermediates, as sent in a handshake."""
         chain = self.chain_pem.strip()
         return self.cert_pem.strip() + "\n" + (chain + "\n" if chain else "")
-
-    @property
-    def generation(self) -> str:
-        """Changes whenever anything a TLS context is built from changes."""
-        h = hashlib.sha256()
-        for part in (self.cert_pem, self.chain_pem, self.roots_pem):
-            h.update(part.encode())
-            h.update(b"\0")
-        return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True, order=True)

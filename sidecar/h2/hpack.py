@@ -88,6 +88,15 @@ def _string(block: bytes, i: int) -> tuple[bytes, int]:
     return s, end
 
 
+def _past_string(block: bytes, i: int) -> int:
+    """Where the HPACK string at ``i`` ends (not decoded)."""
+    n, i = _int(block, i, 7)
+    end = i + n
+    if end > len(block):
+        raise HpackError("HPACK string runs past the end of the header block")
+    return end
+
+
 def huffman_cache_size() -> tuple[int, int]:
     """(entries, largest entry) of the Huffman cache, for tests of its bounds."""
     return len(_strings), max((len(k) for k in _strings), default=0)
@@ -117,9 +126,9 @@ def scan(block: bytes, want: bytes) -> bytes | None:
                 name = _STATIC_NAMES.get(idx, b"")
             else:
                 name, i = _string(block, i)
-            value, i = _string(block, i)
             if name == want:
-                return value
+                return _string(block, i)[0]
+            i = _past_string(block, i)  # values of other headers are not decoded
     except IndexError:
         raise HpackError("truncated header block") from None
     return None
