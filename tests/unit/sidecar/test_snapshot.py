@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -140,3 +142,11 @@ def test_kind_of() -> None:
     assert kind_of(True, False) == "client_stream"
     assert kind_of(False, True) == "server_stream"
     assert kind_of(True, True) == "bidi_stream"
+
+
+def test_the_tls_generation_follows_what_a_tls_context_is_built_from() -> None:
+    other_roots = CERT + "-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n"
+    assert creds().generation == creds(serial="02").generation  # the serial is not in a TLS context
+    assert creds().generation != creds(roots=other_roots).generation
+    assert dataclasses.replace(creds(), roots_pem=other_roots).generation == creds(roots=other_roots).generation
+    assert creds().generation not in repr(creds())
