@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hpack import Decoder, Encoder
 
 from sidecar.h2_proxy import context_free, frame, scan, status_of, trailers_only
@@ -141,3 +142,12 @@ def test_request_pseudo_headers_are_checked() -> None:
     for bad, why in cases:
         with pytest.raises(MalformedRequest, match=why):
             check_request(bad)
+
+
+def test_scan_refuses_a_value_that_runs_past_the_block_even_unread() -> None:
+    from sidecar.h2.hpack import HpackError
+
+    # a literal with a new name "a" and a value whose length (5) runs past the block's end
+    block = bytes([0x00, 0x01]) + b"a" + bytes([0x05]) + b"xy"
+    with pytest.raises(HpackError):
+        scan(block, b"zzz")
