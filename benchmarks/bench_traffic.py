@@ -7,10 +7,9 @@ one upstream. `routed` has a resolver (subsets v1/v2), a 90/10 splitter, a route
 route with `NumRetries = 2`, `RetryOn = ["unavailable"]`, `RequestTimeout = "10s"`), `crouted`'s
 service-defaults a `PassiveHealthCheck` and `Limits` (circuit breakers, never reached) for it, and KV
 `weft/ratelimits/routed` a (never reached) per-caller limit, so routed calls also take the inbound's
-per-call path. Each sidecar runs the default h2 engine. The load generator alternates rounds on the two
-paths (unary, 8 in flight); the CPU of each path's sidecars (`/proc`) over its calls gives
-`proxy_cpu_us_per_call` (and, split by sidecar, `per_sidecar_us_per_call`: where a path's CPU goes), and
-`ratio` = routed / plain (target: at most 1.15).
+per-call path. The load generator alternates rounds on the two paths (unary, 8 in flight); the CPU
+of each path's sidecars (`/proc`) over its calls gives `proxy_cpu_us_per_call` (and, split by sidecar,
+`per_sidecar_us_per_call`: where a path's CPU goes), and `ratio` = routed / plain (target: at most 1.15).
 
     python -m benchmarks traffic        (WEFT_BENCH_SECONDS per round, default 8; WEFT_BENCH_ROUNDS, default 3;
                                          WEFT_BENCH_TRAFFIC_LIMITS=0 leaves the rate-limit document out)
