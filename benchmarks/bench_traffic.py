@@ -17,7 +17,7 @@ Every path spreads its calls evenly over two instances, so that `ratio` measures
 connection's smaller writes or a second instance's background work. Until 2026-12-05 the plain path had
 one instance and the split was 90/10: ratio 1.22 at 23:13 UTC that day, and the plain caller's sidecar
 alone cost 141 us/call with its one upstream connection against 148-156 with two (fewer frames per TLS
-write). Each sidecar runs the default h2 engine. The load generator alternates rounds over the paths
+write). The load generator alternates rounds over the paths
 (unary, 8 in flight); the CPU of each path's sidecars (`/proc`) over its calls gives
 `proxy_cpu_us_per_call` (and, split by sidecar, `per_sidecar_us_per_call`: where a path's CPU goes), and
 `ratio` = routed / plain (target: at most 1.15).

@@ -22,8 +22,8 @@ built is closed in reverse order however the run ends):
    in-flight calls get `config.drain_timeout`, then deregister (or give back the agent-made
    registration).
 
-Nothing here imports grpc: the default `h2` engine and the CA client never need grpc's C core
-(tests/integration/sidecar/test_startup.py checks a running sidecar's /proc/PID/maps).
+Nothing here imports grpc: the gRPC data path (the frame-level HTTP/2 proxy) and the CA client never need
+grpc's C core (tests/integration/sidecar/test_mesh.py checks a running sidecar's /proc/PID/maps).
 """
 
 from __future__ import annotations
@@ -427,9 +427,9 @@ class Sidecar:
         cfg = self.config
         tls = TlsContexts()
         inbound = Inbound(state.snapshot, self.telemetry, tls, max_message_bytes=cfg.max_message_bytes,
-                          passthrough_enabled=cfg.passthrough, grpc_engine=cfg.grpc_engine, limits=cfg.limits)
+                          passthrough_enabled=cfg.passthrough, limits=cfg.limits)
         outbound = Outbound(state.snapshot, self.telemetry, tls, max_message_bytes=cfg.max_message_bytes,
-                            grpc_engine=cfg.grpc_engine, limits=cfg.limits)
+                            limits=cfg.limits)
         self.outbound = outbound
 
         async def close_unless_drained() -> None:  # start-up failed or was cancelled from here on: close at once

@@ -9,11 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Literal
 
 from sidecar.limits import Limits
-
-GrpcEngine = Literal["h2", "aio"]
 
 
 class ConfigError(ValueError):
@@ -38,7 +35,6 @@ class SidecarConfig:
     access_log_sample: float = 0.01
     descriptor_methods: Mapping[str, str] | None = None  # from --descriptor-set
     reflect: bool = True
-    grpc_engine: GrpcEngine = "h2"
     passthrough: bool = True
     leaf_ttl: timedelta | None = None                # None: the CA's
     watch_wait: float = 60.0
@@ -59,8 +55,6 @@ class SidecarConfig:
             raise ConfigError("--drain-timeout must not be negative")
         if self.watch_wait <= 0:
             raise ConfigError("--watch-wait must be positive")
-        if self.grpc_engine not in ("h2", "aio"):
-            raise ConfigError(f"--grpc-engine {self.grpc_engine!r}: expected h2 or aio")
         for name, port in self.upstreams:
             if not name or not 0 < port < 65536:
                 raise ConfigError(f"--upstream {name}:{port}: expected NAME:PORT")

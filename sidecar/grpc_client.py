@@ -3,8 +3,7 @@ sidecar makes itself: the CA (Sign, WatchRoots) and the app's server reflection.
 
 Why not grpc.aio: the first grpc channel starts grpc's C core in the process (event-engine and timer
 threads, their malloc arenas, several MB of its code paged in): about 6 MB of RSS in a sidecar whose
-data path (the default `--grpc-engine h2`) never needs it. `--grpc-engine aio` still uses grpc.aio
-for the data path.
+data path (the frame-level HTTP/2 proxy of sidecar.h2_proxy) never needs it.
 
 What it does: one HTTP/2 connection per channel (TLS with ALPN h2, or plaintext h2c), requests sent
 whole with END_STREAM (unary, server streaming, and client streams known in advance), the response

@@ -1,4 +1,4 @@
-"""The outbound gRPC listener as a frame-level HTTP/2 proxy (``--grpc-engine h2``, the default).
+"""The outbound gRPC listener as a frame-level HTTP/2 proxy (and, in ``H2Inbound``, the inbound full path).
 
 Why: a grpc.aio server plus a grpc.aio client cost several hundred microseconds of CPU per call in
 grpc's core and the event loop, whatever the options. This proxy keeps HTTP/2 end to end and does

@@ -11,10 +11,10 @@ Then the caller's identity is authorized for the connection (``policies.evaluate
 - an L4 allow in enforce mode ("pass-through"): every call on the connection would be allowed, so
   its bytes go straight to the app; per-call metrics come from the caller's outbound side;
 - otherwise, for gRPC and HTTP services ("full path"): the decrypted connection is spliced into an
-  internal grpc.aio server (or aiohttp server) on loopback that authorizes every call with the
-  caller's identity and answers PERMISSION_DENIED / 403 naming the deciding rule, or forwards the
-  call to the app; the internal server learns the caller's identity from the local port of the
-  splice connection;
+  internal server on loopback (for gRPC the frame-level HTTP/2 proxy of ``sidecar.h2_proxy``, for
+  HTTP an aiohttp server) that authorizes every call with the caller's identity and answers
+  PERMISSION_DENIED / 403 naming the deciding rule, or forwards the call to the app; the internal
+  server learns the caller's identity from the local port of the splice connection;
 - for TCP services a denied connection is closed (and counted and logged with its rule).
 
 When the policy changes, open pass-through connections (and TCP connections) are re-decided and
@@ -34,7 +34,7 @@ import asyncio
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
@@ -48,11 +48,6 @@ from sidecar.telemetry import Telemetry
 from sidecar.tls import PeerIdentityError, TlsContexts, peer_identity, tls_error_reason
 from sidecar.traffic import InboundControls
 
-if TYPE_CHECKING:  # the aio engine (grpc, sidecar.grpc_proxy) is imported only where it is started
-    import grpc.aio
-
-    from sidecar.grpc_proxy import UpstreamChannel
-
 log = structlog.get_logger("weft.sidecar.inbound")
 
 
@@ -61,10 +56,7 @@ class Inbound:
 
     def __init__(self, snapshot: Callable[[], Snapshot], telemetry: Telemetry, tls: TlsContexts, *,
                  max_message_bytes: int = 4 * 1024 * 1024, passthrough_enabled: bool = True,
-                 grpc_engine: str = "h2", limits: Limits | None = None) -> None:
-        if grpc_engine not in ("h2", "aio"):
-            raise ValueError(f"grpc engine {grpc_engine!r} is not h2 or aio")
-        self.grpc_engine = grpc_engine
+                 limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self.snapshot = snapshot
         self.telemetry = telemetry
@@ -74,12 +66,8 @@ class Inbound:
         self.identities: dict[int, SpiffeId] = {}
         self.draining = False
         self._server: asyncio.AbstractServer | None = None
-        self._grpc_server: grpc.aio.Server | None = None
-        self._grpc_port = 0
         self._http: Any = None  # sidecar.http_proxy.InboundHttp
         self._h2: Any = None  # sidecar.h2_proxy.H2Inbound
-        self._app_channel: UpstreamChannel | None = None
-        self._app_target = ""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._internal_lock = asyncio.Lock()
         # open connections by (caller service, mode): re-decided when the policy changes
@@ -114,8 +102,6 @@ class Inbound:
 
     async def close(self, grace: float = 5.0) -> None:
         self.stop_accepting()
-        if self._grpc_server is not None:
-            await self._grpc_server.stop(grace)
         if self._http is not None:
             await self._http.close()
         if self._h2 is not None:
@@ -125,8 +111,6 @@ class Inbound:
             await asyncio.sleep(0.05)
         for pipe in list(self.connections):
             pipe.close(abort=True)
-        if self._app_channel is not None:
-            await self._app_channel.channel.close(None)
         for task in list(self._tasks):
             task.cancel()
 
@@ -134,22 +118,6 @@ class Inbound:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def app_channel(self) -> UpstreamChannel:
-        import grpc.aio
-
-        from sidecar.grpc_proxy import UpstreamChannel, channel_options
-
-        snap = self.snapshot()
-        target = f"{snap.registration.local_service_address}:{snap.registration.local_service_port}"
-        ch = self._app_channel
-        if ch is None or self._app_target != target:
-            ch = UpstreamChannel(grpc.aio.insecure_channel(target, options=channel_options(self.max_message_bytes,
-                                                                                           self.limits)),
-                                 target)
-            self._app_channel = ch
-            self._app_target = target
-        return ch
 
     # -- one connection ------------------------------------------------------------------------
     def _accept(self) -> asyncio.BaseProtocol:
@@ -239,7 +207,7 @@ class Inbound:
     async def _internal(self, protocol: str) -> int:
         """The port of the internal full-path server for ``protocol`` (started on first use)."""
         async with self._internal_lock:
-            if protocol == "grpc" and self.grpc_engine == "h2":
+            if protocol == "grpc":
                 if self._h2 is None:
                     from sidecar.h2_proxy import H2Inbound
 
@@ -247,20 +215,6 @@ class Inbound:
                     await h2.start()
                     self._h2 = h2
                 return int(self._h2.port)
-            if protocol == "grpc":
-                if self._grpc_server is None:
-                    import grpc.aio
-
-                    from sidecar.aio_routers import InboundRouter
-                    from sidecar.grpc_proxy import ProxyHandler, server_options
-
-                    server = grpc.aio.server(options=server_options(self.max_message_bytes, self.limits))
-                    server.add_generic_rpc_handlers(
-                        (ProxyHandler(InboundRouter(self), lambda: self.snapshot().local_methods),))
-                    self._grpc_port = server.add_insecure_port("127.0.0.1:0")
-                    await server.start()
-                    self._grpc_server = server
-                return self._grpc_port
             if protocol == "http":
                 if self._http is None:
                     from sidecar.http_proxy import InboundHttp

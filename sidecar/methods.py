@@ -4,8 +4,9 @@ A sidecar asks its app through gRPC server reflection (``grpc.reflection.v1alpha
 offers and reads their file descriptors for each method's streaming kind; or it reads a
 ``FileDescriptorSet`` its owner points to (``--descriptor-set FILE``, as ``protoc
 --descriptor_set_out`` writes). It publishes ``{"Service": ..., "Methods": {"/pkg.Svc/M": kind}}``
-under ``weft/methods/<service>`` whenever that changes, so callers' sidecars can use unary handlers
-for unary methods. Reflection's own service and health checks are included like any other.
+under ``weft/methods/<service>`` whenever that changes, so callers' sidecars can label their metrics
+by method (names outside the table become ``unknown``). Reflection's own service and health checks are
+included like any other.
 """
 
 from __future__ import annotations

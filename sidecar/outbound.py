@@ -1,16 +1,14 @@
 """The outbound side: one local listener per upstream, an endpoint picked per call or connection.
 
 For each upstream declared in the registration, a listener on ``LocalBindAddress:LocalBindPort``
-speaks the upstream's protocol: for gRPC, the frame-level HTTP/2 proxy (``sidecar.h2_proxy``, the
-default engine; the grpc.aio engine of ``sidecar.grpc_proxy`` only with ``--grpc-engine aio``), an
+speaks the upstream's protocol: for gRPC, the frame-level HTTP/2 proxy (``sidecar.h2_proxy``), an
 aiohttp server for HTTP (``sidecar.http_proxy``) or a byte pipe for TCP (``sidecar.tcp_proxy``).
 Every call (or TCP connection) picks a healthy endpoint of the current snapshot with power of two
 choices over a latency EWMA (``sidecar.balance``) and goes there over mTLS, checking that the server
 is the upstream (DNS SAN ``<service>.svc.default.<trust-domain>`` as the TLS host name; URI SAN for
-TCP and HTTP). gRPC keeps one HTTP/2 connection per endpoint.
+TCP and HTTP). gRPC keeps one HTTP/2 connection per endpoint (``sidecar.h2_proxy``).
 
-Endpoint changes apply to new calls at once; channels of endpoints that left, or built from a
-previous certificate, are closed with a grace period so that calls in flight finish.
+Endpoint changes apply to new calls at once; calls in flight finish.
 
 An upstream whose snapshot carries a discovery chain that routes, splits, redirects or fails over
 (or service-defaults limits, passive health checks, timeouts) is ``routed``: its pool then holds the
@@ -23,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
@@ -33,37 +31,23 @@ from sidecar.retry import RetryBudget
 from sidecar.routing import NoRoute
 from sidecar.snapshot import Endpoint, Snapshot, UpstreamState
 from sidecar.telemetry import Telemetry
-from sidecar.tls import TlsContexts, expected_server_name
+from sidecar.tls import TlsContexts
 from sidecar.traffic import CallPlan, NoEndpoint, UpstreamTraffic
 from sidecar.traffic_metrics import metrics_of
 
-if TYPE_CHECKING:  # the aio engine (grpc, sidecar.grpc_proxy) is imported only where it is started
-    import grpc
-
-    from sidecar.grpc_proxy import UpstreamChannel
-
 log = structlog.get_logger("weft.sidecar.outbound")
 
-RETIRE_GRACE = 30.0
 NO_BUDGET = RetryBudget(ratio=0.0, min_per_second=0.0)
 
 
 class EndpointPool:
-    """Endpoints of one upstream: the balancer, and one gRPC channel per endpoint."""
+    """Endpoints of one upstream: the balancer and, while the upstream is routed, its traffic decisions."""
 
-    def __init__(self, name: str, telemetry: Telemetry, tls: TlsContexts, max_message_bytes: int,
-                 limits: Limits | None = None) -> None:
+    def __init__(self, name: str, telemetry: Telemetry) -> None:
         self.name = name
-        self.limits = limits or Limits()
         self.telemetry = telemetry
-        self.tls = tls
-        self.max_message_bytes = max_message_bytes
         self.balancer: Balancer[str] = Balancer()
         self.endpoints: dict[str, Endpoint] = {}
-        self._channels: dict[str, UpstreamChannel] = {}
-        self._generation = ""
-        self._done: dict[str, Callable[[grpc.StatusCode, float], None]] = {}
-        self._retiring: set[asyncio.Task[Any]] = set()
         self.traffic: UpstreamTraffic[str] | None = None  # set while the upstream is routed
         self.services: dict[str, str] = {}  # endpoint key -> its service (a chain may reach other services)
         self.metrics = metrics_of(telemetry)
@@ -72,7 +56,7 @@ class EndpointPool:
     def routed(self) -> bool:
         return self.traffic is not None
 
-    def update(self, up: UpstreamState, snap: Snapshot) -> None:
+    def update(self, up: UpstreamState) -> None:
         now = time.monotonic()
         if up.routed and up.chain is not None:
             endpoints: dict[str, Endpoint] = {}
@@ -93,18 +77,7 @@ class EndpointPool:
             self.services = {}
             self.endpoints = {e.key: e for e in up.endpoints}
         self.balancer.set_endpoints(self.endpoints, now)
-        generation = snap.credentials.generation
-        stale = [k for k in self._channels if k not in self.endpoints or generation != self._generation]
-        self._generation = generation
-        for key in stale:
-            self._retire(self._channels.pop(key))
         self.telemetry.set_endpoints(self.name, len(self.endpoints))
-
-    def _retire(self, ch: UpstreamChannel) -> None:
-        ch.closing = True
-        task = asyncio.ensure_future(ch.channel.close(grace=RETIRE_GRACE))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
 
     def pick(self, exclude: str = "") -> str | None:
         now = time.monotonic()
@@ -171,48 +144,12 @@ class EndpointPool:
             self.telemetry.ejections.labels(self.name).inc()
             log.warning("endpoint_ejected", upstream=self.name, endpoint=key)
 
-    def channel(self, key: str, snap: Snapshot) -> UpstreamChannel:
-        ch = self._channels.get(key)
-        if ch is None:
-            import grpc.aio
-
-            from sidecar.grpc_proxy import UpstreamChannel, channel_options
-
-            creds = self.tls.grpc_credentials(snap.credentials)
-            name = expected_server_name(self.service_of(key), snap.credentials.trust_domain)
-            options = [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name),
-                       *channel_options(self.max_message_bytes, self.limits)]
-            ch = UpstreamChannel(grpc.aio.secure_channel(key, creds, options=options), key)
-            self._channels[key] = ch
-        return ch
-
-    def done_callback(self, key: str) -> Callable[[grpc.StatusCode, float], None]:
-        cb = self._done.get(key)
-        if cb is None:
-            def cb(code: grpc.StatusCode, seconds: float, key: str = key) -> None:
-                self.observe(key, code.name != "UNAVAILABLE", seconds)
-            if len(self._done) > 1024:
-                self._done.clear()
-            self._done[key] = cb
-        return cb
-
-    async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.channel.close(None)
-        self._channels.clear()
-        for task in list(self._retiring):
-            task.cancel()
-
 
 class Outbound:
     """All upstream listeners of one sidecar."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], telemetry: Telemetry, tls: TlsContexts, *,
-                 max_message_bytes: int = 4 * 1024 * 1024, grpc_engine: str = "h2",
-                 limits: Limits | None = None) -> None:
-        if grpc_engine not in ("h2", "aio"):
-            raise ValueError(f"grpc engine {grpc_engine!r} is not h2 or aio")
-        self.grpc_engine = grpc_engine
+                 max_message_bytes: int = 4 * 1024 * 1024, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self.snapshot = snapshot
         self.telemetry = telemetry
@@ -232,34 +169,17 @@ class Outbound:
                 await self._start_upstream(name, up, snap)
 
     async def _start_upstream(self, name: str, up: UpstreamState, snap: Snapshot) -> None:
-        pool = EndpointPool(name, self.telemetry, self.tls, self.max_message_bytes, self.limits)
-        pool.update(up, snap)
+        pool = EndpointPool(name, self.telemetry)
+        pool.update(up)
         self.pools[name] = pool
         self._protocols[name] = up.protocol
         addr = f"{up.config.local_bind_address}:{up.config.local_bind_port}"
-        if up.protocol == "grpc" and self.grpc_engine == "h2":
+        if up.protocol == "grpc":
             from sidecar.h2_proxy import H2Outbound
 
             h2 = H2Outbound(self, pool)
             await h2.start(up.config.local_bind_address, up.config.local_bind_port)
             self._listeners[name] = h2
-        elif up.protocol == "grpc":
-            import grpc.aio
-
-            from sidecar.aio_routers import OutboundRouter
-            from sidecar.grpc_proxy import ProxyHandler, server_options
-
-            server = grpc.aio.server(options=server_options(self.max_message_bytes, self.limits))
-
-            def kinds(name: str = name) -> Any:
-                u = self.snapshot().upstreams.get(name)
-                return u.methods if u is not None else {}
-
-            server.add_generic_rpc_handlers((ProxyHandler(OutboundRouter(self, pool), kinds),))
-            if server.add_insecure_port(addr) == 0:
-                raise OSError(f"cannot listen on {addr} for upstream {name}")
-            await server.start()
-            self._listeners[name] = server
         elif up.protocol == "http":
             from sidecar.http_proxy import OutboundHttp
 
@@ -282,7 +202,7 @@ class Outbound:
             if pool is None or self._protocols.get(name) != up.protocol:
                 reconfigure = True
             else:
-                pool.update(up, snap)
+                pool.update(up)
                 listener: Any = self._listeners.get(name)
                 if listener is not None and hasattr(listener, "on_snapshot"):
                     listener.on_snapshot()
@@ -312,14 +232,10 @@ class Outbound:
 
     async def _stop_upstream(self, name: str, grace: float) -> None:
         listener = self._listeners.pop(name, None)
-        pool = self.pools.pop(name, None)
-        protocol = self._protocols.pop(name, None)
-        if protocol == "grpc" and self.grpc_engine == "aio" and listener is not None:  # a grpc.aio.Server
-            await listener.stop(grace)
-        elif listener is not None:
+        self.pools.pop(name, None)
+        self._protocols.pop(name, None)
+        if listener is not None:
             await listener.close(grace)
-        if pool is not None:
-            await pool.close()
 
     def stop_accepting(self) -> None:
         self.draining = True

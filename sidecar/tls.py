@@ -1,11 +1,10 @@
 """Mutual TLS for the sidecar: contexts from the snapshot's credentials, peer identities, error reasons.
 
 - :class:`TlsContexts` builds ``ssl.SSLContext`` objects (server side for the public listener,
-  client side for outbound TCP/HTTP) and ``grpc.ChannelCredentials`` from a
-  :class:`~sidecar.snapshot.Credentials`, and caches them by the credentials' generation. Listeners
-  ask for the context of the *current* snapshot for every new connection, so a rotated leaf or a
-  new trust bundle applies to the next handshake without a restart; established connections keep
-  going.
+  client side for the upstream connections) from a :class:`~sidecar.snapshot.Credentials`, and
+  caches them by the credentials' generation. Listeners ask for the context of the *current*
+  snapshot for every new connection, so a rotated leaf or a new trust bundle applies to the next
+  handshake without a restart; established connections keep going.
 - The peer's chain is verified against the roots by OpenSSL (``CERT_REQUIRED``); then
   :func:`peer_identity` reads the SPIFFE ID from the URI SAN and checks its trust domain, and
   :func:`check_server_identity` checks that a server is the upstream we meant to reach (its URI SAN
@@ -21,16 +20,12 @@ import ssl
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
 
 from ca.identity import IdentityError, SpiffeId, dns_name
 from sidecar.snapshot import Credentials
-
-if TYPE_CHECKING:  # grpc is loaded only by the aio engine, which alone needs channel credentials
-    import grpc
 
 ALPN_GRPC = ["h2"]
 ALPN_HTTP = ["http/1.1"]
@@ -83,16 +78,6 @@ def client_context(creds: Credentials, alpn: list[str] | None = None) -> ssl.SSL
     return ctx
 
 
-def channel_credentials(creds: Credentials) -> grpc.ChannelCredentials:
-    import grpc
-
-    return grpc.ssl_channel_credentials(
-        root_certificates=creds.roots_pem.encode(),
-        private_key=creds.key_pem.encode(),
-        certificate_chain=creds.full_chain_pem.encode(),
-    )
-
-
 @dataclass(frozen=True)
 class _Entry:
     generation: str
@@ -106,7 +91,6 @@ class TlsContexts:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entry: _Entry | None = None
-        self._grpc: tuple[str, grpc.ChannelCredentials] | None = None
 
     def _current(self, creds: Credentials) -> _Entry:
         entry = self._entry
@@ -135,13 +119,6 @@ class TlsContexts:
             ctx = client_context(creds, alpn)
             entry.client[protocol] = ctx
         return ctx
-
-    def grpc_credentials(self, creds: Credentials) -> grpc.ChannelCredentials:
-        cached = self._grpc
-        if cached is None or cached[0] != creds.generation:
-            cached = (creds.generation, channel_credentials(creds))
-            self._grpc = cached
-        return cached[1]
 
 
 def spiffe_ids_of(der: bytes) -> list[str]:

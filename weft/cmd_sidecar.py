@@ -48,9 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--descriptor-set", "-descriptor-set", default="",
       help="FileDescriptorSet of the app (protoc --descriptor_set_out) when it offers no reflection")
     a("--no-reflection", "-no-reflection", action="store_true", help="do not ask the app for its methods")
-    a("--grpc-engine", "-grpc-engine", choices=("h2", "aio"), default="h2",
-      help="gRPC proxying (outbound, and the inbound full path): h2 (frame-level HTTP/2 proxy, cheapest) "
-           "or aio (grpc.aio servers and channels)")
     a("--no-passthrough", "-no-passthrough", action="store_true",
       help="authorize every call on the full path even for L4-allowed callers (slower; per-call inbound metrics)")
     a("--leaf-ttl", "-leaf-ttl", type=parse_duration_or_seconds, default=None,
@@ -96,7 +93,7 @@ def config_of(args: argparse.Namespace) -> SidecarConfig:
         token=args.token, ttl=args.ttl, deregister_after=args.deregister_after, drain_timeout=args.drain_timeout,
         max_message_bytes=args.max_message_bytes, access_log_rate=args.access_log_rate,
         access_log_sample=args.access_log_sample, descriptor_methods=descriptor_methods,
-        reflect=not args.no_reflection, grpc_engine=args.grpc_engine, passthrough=not args.no_passthrough,
+        reflect=not args.no_reflection, passthrough=not args.no_passthrough,
         leaf_ttl=args.leaf_ttl or None, watch_wait=args.watch_wait, limits=limits_of(args))
 
 

@@ -40,8 +40,7 @@ class Mesh:
     local_port: int
 
 
-async def make_mesh(*, unary_known: bool, passthrough: bool = True, policy: Any = None,
-                    engine: str = "h2") -> AsyncIterator[Mesh]:
+async def make_mesh(*, unary_known: bool, passthrough: bool = True, policy: Any = None) -> AsyncIterator[Mesh]:
     ca = Authority.root()
     app, app_port, _ = await echo_server.start(0, name="api-1")
     pol = policy if policy is not None else table("api", ("web", "allow"))
@@ -55,7 +54,7 @@ async def make_mesh(*, unary_known: bool, passthrough: bool = True, policy: Any 
     web_holder = Holder(snapshot("web", ca.leaf("web"), upstreams={"api": (local, [public], "grpc")},
                                  methods=methods, policy=table("web")))
     web_tel = Telemetry()
-    outbound = Outbound(web_holder, web_tel, TlsContexts(), grpc_engine=engine)
+    outbound = Outbound(web_holder, web_tel, TlsContexts())
     web_holder.listeners.append(outbound.on_snapshot)
     await outbound.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{local}", options=[("grpc.max_receive_message_length", 1 << 24),
@@ -70,10 +69,9 @@ async def make_mesh(*, unary_known: bool, passthrough: bool = True, policy: Any 
         await app.stop(None)
 
 
-@pytest.fixture(params=[("h2", True), ("aio", True), ("aio", False)], ids=["h2", "aio-unary", "aio-generic"])
-async def mesh(request: pytest.FixtureRequest) -> AsyncIterator[Mesh]:
-    engine, unary_known = request.param
-    async for m in make_mesh(unary_known=unary_known, engine=engine):
+@pytest.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    async for m in make_mesh(unary_known=True):
         yield m
 
 

@@ -70,7 +70,7 @@ async def make_pair(limits: Limits, *, policy: Any = None, max_streams: int = 0)
     web_holder = Holder(snapshot("web", ca.leaf("web"), upstreams={"api": (local, [public], "grpc")},
                                  policy=table("web")))
     web_tel = Telemetry()
-    outbound = Outbound(web_holder, web_tel, TlsContexts(), grpc_engine="h2", limits=limits)
+    outbound = Outbound(web_holder, web_tel, TlsContexts(), limits=limits)
     web_holder.listeners.append(outbound.on_snapshot)
     await outbound.start()
     try:

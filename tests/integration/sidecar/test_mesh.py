@@ -200,7 +200,7 @@ def test_calls_flow_and_registration(mesh: Mesh) -> None:
         names[c["ServiceID"]].append(c["Type"] or c["Name"])
     assert any("ttl" in t.lower() for t in names["web-1-sidecar-proxy"])
     assert any("alias" in t.lower() for t in names["web-1-sidecar-proxy"])
-    # callers learned api's methods: unary handlers, and per-method metrics on the outbound side
+    # callers learned api's methods: per-method metrics on the outbound side
     cfg = mesh.config("web-1")
     assert cfg["snapshot"]["upstreams"]["api"]["methods"]["/weft.test.echo.v1.Echo/Unary"] == "unary"
     assert "PRIVATE KEY" not in json.dumps(cfg)
@@ -209,8 +209,8 @@ def test_calls_flow_and_registration(mesh: Mesh) -> None:
 
 
 def test_a_sidecar_that_needs_no_grpc_does_not_load_it(mesh: Mesh) -> None:
-    """With the default h2 engine, the CA's calls and reflection on the sidecar's own client, a running
-    sidecar (after start-up, calls and method discovery) has not mapped grpc's compiled core."""
+    """With the frame-level HTTP/2 data path, the CA's calls and reflection on the sidecar's own client, a
+    running sidecar (after start-up, calls and method discovery) has not mapped grpc's compiled core."""
     for sid in ("web-1", "api-1"):
         proc = mesh.sidecars[sid][0]
         assert proc.alive(), sid

@@ -39,7 +39,7 @@ async def test_upstream_connection_checks_the_peer_certificate(peer: str) -> Non
     local = free_port()
     web_tel = Telemetry()
     outbound = Outbound(Holder(snapshot("web", ca.leaf("web"), upstreams={"api": (local, [public], "grpc")},
-                                        policy=table("web"))), web_tel, TlsContexts(), grpc_engine="h2")
+                                        policy=table("web"))), web_tel, TlsContexts())
     await outbound.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{local}")
     stub = echo_pb2_grpc.EchoStub(channel)  # type: ignore[no-untyped-call]

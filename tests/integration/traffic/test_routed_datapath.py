@@ -8,7 +8,6 @@ instance is an Inbound plus an echo app named api-v1-N / api-v2-N.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -36,9 +35,6 @@ from tests.support import free_port
 pytestmark = pytest.mark.integration
 
 V1, V2 = "v1.api.default.default.dc1", "v2.api.default.default.dc1"
-# the h2 engine's traffic hooks come with its frame-level data path (branch h2core)
-H2 = importlib.util.find_spec("sidecar.h2_traffic") is not None
-ENGINES = ["h2", "aio"] if H2 else ["aio"]
 
 
 def compile_chain(*entries: dict[str, Any]) -> CompiledChain:
@@ -126,7 +122,7 @@ async def _instance(ca: Authority, name: str, subset: str, policy: Any, passthro
     return Instance(name, subset, app, inbound, holder, port)
 
 
-async def make_mesh(engine: str, *, per_subset: int = 2, passthrough: bool = False) -> AsyncIterator[RoutedMesh]:
+async def make_mesh(*, per_subset: int = 2, passthrough: bool = False) -> AsyncIterator[RoutedMesh]:
     """api's inbounds take the full path (every call seen, as with L7 intentions) unless ``passthrough``."""
     ca = Authority.root()
     policy = table("api", ("web", "allow"), ("batch", "allow"))
@@ -150,7 +146,7 @@ async def make_mesh(engine: str, *, per_subset: int = 2, passthrough: bool = Fal
     assert snap is not None and snap.upstreams["api"].routed
     web = Holder(snap)
     tel = Telemetry()
-    outbound = Outbound(web, tel, TlsContexts(), grpc_engine=engine)
+    outbound = Outbound(web, tel, TlsContexts())
     web.listeners.append(outbound.on_snapshot)
     await outbound.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{local}")
@@ -165,9 +161,9 @@ async def make_mesh(engine: str, *, per_subset: int = 2, passthrough: bool = Fal
             await i.app.stop(None)
 
 
-@pytest.fixture(params=ENGINES)
-async def mesh(request: pytest.FixtureRequest) -> AsyncIterator[RoutedMesh]:
-    async for m in make_mesh(request.param):
+@pytest.fixture
+async def mesh() -> AsyncIterator[RoutedMesh]:
+    async for m in make_mesh():
         yield m
 
 
@@ -200,8 +196,6 @@ async def test_failover_to_v2_when_v1_has_no_endpoint(mesh: RoutedMesh) -> None:
 
 
 async def test_route_timeout_ends_a_slow_call_with_deadline_exceeded(mesh: RoutedMesh) -> None:
-    if mesh.outbound.grpc_engine != "h2":
-        pytest.skip("route timeouts are applied by the h2 engine (the aio engine keeps the caller's deadline)")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await mesh.stub.Unary(echo_pb2.EchoRequest(), metadata=(("x-test", "timeout"), ("x-echo-delay-ms", "3000")),
                               timeout=10)
@@ -211,8 +205,6 @@ async def test_route_timeout_ends_a_slow_call_with_deadline_exceeded(mesh: Route
 
 
 async def test_retries_rescue_calls_to_a_flaky_instance_within_the_budget(mesh: RoutedMesh) -> None:
-    if mesh.outbound.grpc_engine != "h2":
-        pytest.skip("retries on answers are the h2 engine's")
     # api-v1-0's app is gone: its sidecar answers every call UNAVAILABLE (trailers-only); api-v1-1 is fine
     flaky = next(i for i in mesh.instances if i.name == "api-v1-0")
     await flaky.app.stop(None)
@@ -225,9 +217,8 @@ async def test_retries_rescue_calls_to_a_flaky_instance_within_the_budget(mesh: 
     assert metric(mesh.tel, "weft_retries_total", upstream="api") >= 1
 
 
-@pytest.mark.skipif(not H2, reason="needs the h2 engine's traffic hooks")
 async def test_a_reset_connection_is_retried_when_the_route_says_so() -> None:
-    async for mesh in make_mesh("h2", passthrough=True):
+    async for mesh in make_mesh(passthrough=True):
         # pass-through: the failing instance's sidecar drops the connection when its app is gone
         flaky = next(i for i in mesh.instances if i.name == "api-v1-0")
         await flaky.app.stop(None)
@@ -236,8 +227,6 @@ async def test_a_reset_connection_is_retried_when_the_route_says_so() -> None:
 
 
 async def test_retries_stop_at_the_budget_when_a_subset_always_fails(mesh: RoutedMesh) -> None:
-    if mesh.outbound.grpc_engine != "h2":
-        pytest.skip("retries on answers are the h2 engine's")
     for inst in mesh.instances:
         if inst.subset == "v1":
             await inst.app.stop(None)  # both v1 sidecars answer UNAVAILABLE (trailers-only)
@@ -282,9 +271,8 @@ async def test_a_failing_instance_is_ejected_and_returns(mesh: RoutedMesh) -> No
     assert f"127.0.0.1:{bad.port}" not in mesh.outbound.describe_traffic()["api"]["ejected"]
 
 
-@pytest.mark.skipif(not H2, reason="needs the h2 engine's traffic hooks (gRPC inbound full path)")
 async def test_per_caller_limit_and_faults_at_the_inbound() -> None:
-    async for mesh in make_mesh("h2", per_subset=1, passthrough=True):
+    async for mesh in make_mesh(per_subset=1, passthrough=True):
         target = mesh.instances[0]
         snap = target.holder()
         limits = limits_doc({"Callers": {"web": {"RequestsPerSecond": 1, "RequestsMaxBurst": 5}}})

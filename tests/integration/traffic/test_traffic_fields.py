@@ -31,11 +31,11 @@ import pytest
 
 from tests.apps.echo import echo_pb2, echo_pb2_grpc
 from tests.integration.sidecar.test_mesh import sys_python
-from tests.integration.traffic.test_traffic_processes import ENGINE, TrafficMesh, call
+from tests.integration.traffic.test_traffic_processes import TrafficMesh, call
 from tests.support import WEFT, DevAgent, free_port, http_ok, wait_for
 
 pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(importlib.util.find_spec("sidecar.h2_circuit") is None or ENGINE != "h2",
+              pytest.mark.skipif(importlib.util.find_spec("sidecar.h2_circuit") is None,
                                  reason="needs the h2 engine's traffic hooks")]
 
 SUBSETS = '''Subsets = {

@@ -5,7 +5,6 @@ with the KV API. One mesh for the module; tests run in file order.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import time
@@ -22,9 +21,6 @@ from tests.integration.sidecar.test_mesh import Mesh, sys_python
 from tests.support import WEFT, DevAgent, free_port, http_ok, wait_for
 
 pytestmark = pytest.mark.integration
-
-H2 = importlib.util.find_spec("sidecar.h2_traffic") is not None
-ENGINE = "h2" if H2 else "aio"
 
 ENTRIES = {
     "defaults.hcl": 'Kind = "service-defaults"\nName = "api"\nProtocol = "grpc"\n',
@@ -77,7 +73,7 @@ class TrafficMesh(Mesh):
         self.register("web-1", "web", free_port(), web_public, upstreams)
         admin = free_port()
         proc = self.proc("sidecar-web-1", [*WEFT, "sidecar", "--sidecar-for", "web-1", "--admin-port", str(admin),
-                                           "--bind", "127.0.0.1", "--grpc-engine", ENGINE, "--watch-wait", "10"])
+                                           "--bind", "127.0.0.1", "--watch-wait", "10"])
         self.sidecars["web-1"] = (proc, admin, web_public)
 
     def kv(self, key: str, doc: Any | None) -> None:
@@ -186,7 +182,6 @@ def test_failover_moves_to_v2_when_v1_is_critical(mesh: TrafficMesh) -> None:
         "v1.api.default.default.dc1"]["endpoints"]), timeout=30, interval=0.2, what="v1 back")
 
 
-@pytest.mark.skipif(not H2, reason="route timeouts, inbound limits and faults need the h2 engine's traffic hooks")
 def test_route_timeout_limits_and_faults(mesh: TrafficMesh) -> None:
     # a route timeout ends a slow call with DEADLINE_EXCEEDED
     with grpc.insecure_channel(f"127.0.0.1:{mesh.web_local}") as ch:

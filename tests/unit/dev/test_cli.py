@@ -64,7 +64,7 @@ def test_sidecar_help_shows_its_defaults(capsys: pytest.CaptureFixture[str]) -> 
         cli.main(["sidecar", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for expected in ("(default: 19000)", "(default: 10s)", "(default: 1m)", "(default: 10.0)", "(default: 4194304)",
-                     "(default: h2)", "(default: the CA's)"):
+                     "(default: the CA's)"):
         assert expected in text, expected
 
 

@@ -40,10 +40,11 @@ def test_bad_flags(args: list[str], message: str, capsys: pytest.CaptureFixture[
     assert message in capsys.readouterr().err
 
 
-def test_grpc_engine_choices(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_removed_grpc_engine_flag_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """--grpc-engine went with the aio engine: argparse refuses it by name rather than ignoring it."""
     with pytest.raises(SystemExit):
-        main(["sidecar", "--sidecar-for", "web-1", "--grpc-engine", "fast"])
-    assert "invalid choice" in capsys.readouterr().err
+        main(["sidecar", "--sidecar-for", "web-1", "--grpc-engine", "h2"])
+    assert "unrecognized arguments: --grpc-engine" in capsys.readouterr().err
 
 
 def _config(*flags: str) -> SidecarConfig:
@@ -69,14 +70,14 @@ def test_every_flag_reaches_the_config(tmp_path: Path) -> None:
                   "--public-port", "21001", "--bind", "127.0.0.1", "--upstream", "api:9191", "--upstream", "db:9192",
                   "--token", "t", "--ttl", "5s", "--deregister-after", "2m", "--drain-timeout", "3",
                   "--max-message-bytes", "1024", "--access-log-rate", "5", "--access-log-sample", "0.5",
-                  "--descriptor-set", str(tmp_path / "x.pb"), "--no-reflection", "--grpc-engine", "aio",
+                  "--descriptor-set", str(tmp_path / "x.pb"), "--no-reflection",
                   "--no-passthrough", "--leaf-ttl", "90m", "--watch-wait", "10",
                   "--h2-max-concurrent-streams", "100")
     assert cfg == SidecarConfig(
         service_id="web-1", admin_port=0, admin_bind="0.0.0.0", ca_addr="10.0.0.1:8502", public_port=21001,
         bind="127.0.0.1", upstreams=(("api", 9191), ("db", 9192)), token="t", ttl="5s", deregister_after="2m",
         drain_timeout=3.0, max_message_bytes=1024, access_log_rate=5.0, access_log_sample=0.5,
-        descriptor_methods={"/x.S/Up": "server_stream"}, reflect=False, grpc_engine="aio", passthrough=False,
+        descriptor_methods={"/x.S/Up": "server_stream"}, reflect=False, passthrough=False,
         leaf_ttl=timedelta(minutes=90), watch_wait=10.0, limits=Limits(h2_max_concurrent_streams=100))
 
 
@@ -88,7 +89,6 @@ def test_every_flag_reaches_the_config(tmp_path: Path) -> None:
     ({"admin_port": 70000}, "--admin-port 70000"),
     ({"drain_timeout": -1.0}, "--drain-timeout"),
     ({"watch_wait": 0.0}, "--watch-wait"),
-    ({"grpc_engine": "fast"}, "--grpc-engine 'fast'"),
     ({"upstreams": (("api", 0),)}, "--upstream api:0"),
 ])
 def test_config_refuses_out_of_range_values(changes: dict[str, object], message: str) -> None:

@@ -119,7 +119,6 @@ def test_contexts_cached_per_generation(ca: Authority) -> None:
     assert contexts.server(a, "grpc") is not contexts.server(a, "tcp")
     b = ca.leaf("api")
     assert contexts.server(b, "grpc") is not contexts.server(a, "grpc")
-    assert contexts.grpc_credentials(b) is contexts.grpc_credentials(b)
 
 
 def test_plaintext_reason() -> None:
