@@ -339,6 +339,93 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _start_paths(workdir: Path, started: list[Any], out: dict[str, Any]
+                 ) -> tuple[list[Route], dict[str, str], Any]:
+    """The echo apps, then every path to them: direct, the HAProxy pair and the Weft pair (each that
+    cannot start is skipped, saying why); returns the paths, the skipped ones and the Weft stack."""
+    app_port, tcp_port = free_port(), free_port()
+    started.append(_start_app("tests.apps.echo", app_port, workdir, "--name", "bench-echo"))
+    started.append(_start_app("tests.apps.tcpecho", tcp_port, workdir))
+    wait_for(ready_grpc(f"127.0.0.1:{app_port}"), timeout=30, what="echo app")
+    wait_for(lambda: _listening(tcp_port), timeout=30, what="tcp echo app")
+    paths: list[Route] = [Route("direct", f"127.0.0.1:{app_port}", f"127.0.0.1:{tcp_port}")]
+
+    binary = haproxy.ensure_installed()
+    skipped: dict[str, str] = {}
+    if binary is None:
+        skipped["haproxy"] = "haproxy not installed and apt-get install haproxy failed (not root or no network)"
+    else:
+        out["haproxy_version"] = haproxy.version(binary)
+        try:
+            files = pki.make(workdir / "pki")
+            pair = haproxy.start_pair(binary, workdir, files, app_port, tcp_port)
+            started.append(pair)
+            wait_for(ready_grpc(f"127.0.0.1:{pair.grpc_port}"), timeout=30, what="haproxy pair")
+            paths.append(Route("haproxy", f"127.0.0.1:{pair.grpc_port}", f"127.0.0.1:{pair.tcp_port}",
+                               pair.pids, pair.pids))
+        except Exception as exc:
+            skipped["haproxy"] = f"haproxy pair did not start: {exc!r}"[:2000]
+
+    weft_stack: Any = None
+    try:
+        weft_stack = weft_pair.Stack(workdir, app_port, tcp_port)
+        started.append(weft_stack)
+        weft_stack.start()
+        paths.append(Route("weft", weft_stack.grpc_target, weft_stack.tcp_target,
+                           weft_stack.grpc_pids, weft_stack.tcp_pids))
+        paths.append(Route("weft_l7", weft_stack.l7_target, None, weft_stack.l7_pids, [],
+                           scenarios=("unary_c32", "unary_c1")))
+    except Exception as exc:  # the sidecar may not run end to end yet: say why, measure the rest
+        skipped["weft"] = f"weft sidecar pair did not start: {exc!r}"[:2000]
+    return paths, skipped, weft_stack
+
+
+def _measure_scenarios(paths: list[Route], skipped: dict[str, str], seconds: str, rounds: int
+                       ) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every scenario on every path, rounds interleaved across paths so that noise on this shared
+    machine hits them all; each path's best round (``best``) is its figure."""
+    scenarios: dict[str, tuple[str, list[str]]] = {
+        "unary_c32": ("unary", ["--concurrency", "32", "--duration", seconds]),
+        "unary_c1": ("interleaved", []),
+        "bidi": ("bidi", ["--streams", "4", "--window", "16", "--duration", seconds]),
+        "tcp": ("tcp", ["--connections", "2", "--duration", seconds]),
+    }
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for scenario, (mode, extra) in scenarios.items():
+        results[scenario] = {}
+        if mode == "interleaved":  # one run, all paths call by call, as long as the rounds would take
+            try:
+                results[scenario] = measure_interleaved(paths, float(seconds) * rounds)
+            except Exception as exc:
+                results[scenario] = {p.name: {"error": repr(exc)[:1000]} for p in paths}
+            for name, figures in results[scenario].items():
+                print(f"   {scenario:<10} {name:<8} {json.dumps(figures)}", flush=True)
+            for name, why in skipped.items():
+                results[scenario][name] = {"skipped": why}
+            continue
+        runs: dict[str, list[dict[str, Any]]] = {
+            path.name: [] for path in paths if path.scenarios is None or scenario in path.scenarios}
+        for round_ in range(rounds):
+            for path in paths:
+                if path.scenarios is not None and scenario not in path.scenarios:
+                    continue
+                pids = path.tcp_proxy_pids if mode == "tcp" else path.proxy_pids
+                target = path.tcp if mode == "tcp" else None
+                if mode == "tcp" and target is None:
+                    continue
+                try:
+                    result = measure(path, mode, pids, *extra, target=target)
+                except Exception as exc:
+                    result = {"error": repr(exc)[:1000]}
+                runs[path.name].append(result)
+                print(f"   {scenario:<10} {path.name:<8} #{round_ + 1} {json.dumps(result)}", flush=True)
+        for name, attempts in runs.items():
+            results[scenario][name] = best(scenario, attempts) if attempts else {"skipped": "no TCP path"}
+        for name, why in skipped.items():
+            results[scenario][name] = {"skipped": why}
+    return results
+
+
 def run() -> dict[str, Any]:
     seconds = os.environ.get("WEFT_BENCH_SECONDS", "5")
     rounds = int(os.environ.get("WEFT_BENCH_ROUNDS", "2"))
@@ -349,94 +436,22 @@ def run() -> dict[str, Any]:
     out: dict[str, Any] = {"payload_bytes": 100, "seconds_per_run": float(seconds), "rounds": rounds}
     with tempfile.TemporaryDirectory(prefix="weft-bench-") as tmp, _processes() as started:
         workdir = Path(tmp)
-        app_port, tcp_port = free_port(), free_port()
-        started.append(_start_app("tests.apps.echo", app_port, workdir, "--name", "bench-echo"))
-        started.append(_start_app("tests.apps.tcpecho", tcp_port, workdir))
-        wait_for(ready_grpc(f"127.0.0.1:{app_port}"), timeout=30, what="echo app")
-        wait_for(lambda: _listening(tcp_port), timeout=30, what="tcp echo app")
-        paths: list[Route] = [Route("direct", f"127.0.0.1:{app_port}", f"127.0.0.1:{tcp_port}")]
-
-        binary = haproxy.ensure_installed()
-        skipped: dict[str, str] = {}
-        if binary is None:
-            skipped["haproxy"] = "haproxy not installed and apt-get install haproxy failed (not root or no network)"
-        else:
-            out["haproxy_version"] = haproxy.version(binary)
-            try:
-                files = pki.make(workdir / "pki")
-                pair = haproxy.start_pair(binary, workdir, files, app_port, tcp_port)
-                started.append(pair)
-                wait_for(ready_grpc(f"127.0.0.1:{pair.grpc_port}"), timeout=30, what="haproxy pair")
-                paths.append(Route("haproxy", f"127.0.0.1:{pair.grpc_port}", f"127.0.0.1:{pair.tcp_port}",
-                                   pair.pids, pair.pids))
-            except Exception as exc:
-                skipped["haproxy"] = f"haproxy pair did not start: {exc!r}"[:2000]
-
-        weft_stack: Any = None
-        try:
-            weft_stack = weft_pair.Stack(workdir, app_port, tcp_port)
-            started.append(weft_stack)
-            weft_stack.start()
-            paths.append(Route("weft", weft_stack.grpc_target, weft_stack.tcp_target,
-                               weft_stack.grpc_pids, weft_stack.tcp_pids))
-            paths.append(Route("weft_l7", weft_stack.l7_target, None, weft_stack.l7_pids, [],
-                               scenarios=("unary_c32", "unary_c1")))
-        except Exception as exc:  # the sidecar may not run end to end yet: say why, measure the rest
-            skipped["weft"] = f"weft sidecar pair did not start: {exc!r}"[:2000]
+        paths, skipped, weft_stack = _start_paths(workdir, started, out)
         out["skipped"] = skipped
-
-        scenarios: dict[str, tuple[str, list[str]]] = {
-            "unary_c32": ("unary", ["--concurrency", "32", "--duration", seconds]),
-            "unary_c1": ("interleaved", []),
-            "bidi": ("bidi", ["--streams", "4", "--window", "16", "--duration", seconds]),
-            "tcp": ("tcp", ["--connections", "2", "--duration", seconds]),
-        }
-        results: dict[str, dict[str, dict[str, Any]]] = {}
-        for scenario, (mode, extra) in scenarios.items():
-            results[scenario] = {}
-            if mode == "interleaved":  # one run, all paths call by call, as long as the rounds would take
-                try:
-                    results[scenario] = measure_interleaved(paths, float(seconds) * rounds)
-                except Exception as exc:
-                    results[scenario] = {p.name: {"error": repr(exc)[:1000]} for p in paths}
-                for name, figures in results[scenario].items():
-                    print(f"   {scenario:<10} {name:<8} {json.dumps(figures)}", flush=True)
-                for name, why in skipped.items():
-                    results[scenario][name] = {"skipped": why}
-                continue
-            runs: dict[str, list[dict[str, Any]]] = {
-                path.name: [] for path in paths if path.scenarios is None or scenario in path.scenarios}
-            for round_ in range(rounds):
-                for path in paths:  # interleaved, so that noise on this shared machine hits every path
-                    if path.scenarios is not None and scenario not in path.scenarios:
-                        continue
-                    pids = path.tcp_proxy_pids if mode == "tcp" else path.proxy_pids
-                    target = path.tcp if mode == "tcp" else None
-                    if mode == "tcp" and target is None:
-                        continue
-                    try:
-                        result = measure(path, mode, pids, *extra, target=target)
-                    except Exception as exc:
-                        result = {"error": repr(exc)[:1000]}
-                    runs[path.name].append(result)
-                    print(f"   {scenario:<10} {path.name:<8} #{round_ + 1} {json.dumps(result)}", flush=True)
-            for name, attempts in runs.items():
-                results[scenario][name] = best(scenario, attempts) if attempts else {"skipped": "no TCP path"}
-            for name, why in skipped.items():
-                results[scenario][name] = {"skipped": why}
-
-        if weft_stack is not None and "weft" not in skipped:
+        results = _measure_scenarios(paths, skipped, seconds, rounds)
+        weft_up = weft_stack is not None and "weft" not in skipped
+        if weft_up:
             out["weft_metrics"] = weft_stack.modes()  # shows the inbound mode (pass-through or full path)
 
         memory: dict[str, Any] | None = None
-        if weft_stack is not None and "weft" not in skipped and mem_on:
+        if weft_up and mem_on:
             try:
                 memory = weft_stack.memory(mem_calls, mem_seconds)
             except Exception as exc:
                 memory = {"error": repr(exc)[:2000]}
             print(f"   memory     weft     {json.dumps(memory)}", flush=True)
 
-        if os.environ.get("WEFT_BENCH_PROFILE") and "weft" not in skipped:
+        if os.environ.get("WEFT_BENCH_PROFILE") and weft_up:
             weft_route = next(p for p in paths if p.name == "weft")
             out["profile"] = profile(weft_route, ["client_sidecar", "server_sidecar"], workdir, seconds)
             print(f"   profile    weft     {json.dumps(out['profile'])[:3000]}", flush=True)

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from policies.evaluate import authorize
 from policies.model import TCP, CompiledTable, Decision, GrpcRequest, HttpRequest, TcpRequest, header_map
 
@@ -27,9 +29,17 @@ __all__ = [
     "decide",
     "decision_label",
     "denial_message",
+    "grpc_metadata",
     "header_map",
     "passthrough",
 ]
+
+
+def grpc_metadata(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """A gRPC request's metadata as rules match it: pseudo-headers and binary (``-bin``) values left out,
+    every copy of a repeated key kept (see ``header_map``)."""
+    return header_map((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers
+                      if not k.startswith(b":") and not k.endswith(b"-bin"))
 
 
 def decide(table: CompiledTable | None, source: str, request: TcpRequest | HttpRequest | GrpcRequest) -> Decision:

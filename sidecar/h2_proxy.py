@@ -47,6 +47,7 @@ from sidecar.h2.frames import (
 )
 from sidecar.h2.grpc import (
     INTERNAL,
+    PERMISSION_DENIED,
     RESOURCE_EXHAUSTED,
     STATUS_NAMES,
     UNAUTHENTICATED,
@@ -68,7 +69,7 @@ from sidecar.limits import DEFAULT as DEFAULT_LIMITS
 from sidecar.limits import Limits
 from sidecar.tap import HeaderBlock
 from sidecar.tcp_proxy import TlsProtocolClient
-from sidecar.telemetry import RateLimitedLog, Telemetry
+from sidecar.telemetry import Telemetry
 
 TAP_MAX_HEADER_LIST = 64 * 1024  # what a tap's reader decodes of one header block at most
 
@@ -523,7 +524,6 @@ class H2Inbound(H2Outbound):
         super().__init__(inbound, None, gate)
         self.max_message = int(inbound.max_message_bytes)
         self.port = 0
-        self.denials = RateLimitedLog("weft.sidecar.h2")  # a denied caller cannot flood the log
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         await super().start(host, port)
@@ -564,20 +564,11 @@ class H2Inbound(H2Outbound):
         except ValueError as exc:
             self.fail(st, INTERNAL, f"weft: unreadable request headers: {exc}")
             return
-        metadata = authz.header_map((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers
-                                    if not k.startswith(b":") and not k.endswith(b"-bin"))
-        decision = authz.decide(snap.policy, ident.uri, authz.GrpcRequest(st.method, metadata))
-        inbound.telemetry.decision(authz.decision_label(decision), decision.rule_label)
-        if not decision.allowed:
-            self.denials.warning(time.monotonic(), "denied", source=ident.service,
-                                 destination=snap.registration.service, method=st.method, rule=decision.rule_label,
-                                 reason=decision.reason)
-            self.fail(st, 7, authz.denial_message(decision, ident.service, snap.registration.service, st.method))
+        verdict = inbound.authorizer.check(snap.policy, ident, snap.registration.service,
+                                           authz.GrpcRequest(st.method, authz.grpc_metadata(headers)), st.method)
+        if verdict.denial is not None:
+            self.fail(st, PERMISSION_DENIED, verdict.denial)
             return
-        if decision.audited:
-            self.denials.warning(time.monotonic(), "audit_would_deny", source=ident.service,
-                                 destination=snap.registration.service, method=st.method, rule=decision.rule_label,
-                                 reason=decision.reason)
         if h2_traffic.inbound_controls(self, st, snap, lambda: self._to_app(st, snap)):
             return  # refused by a rate limit or a fault, or held by an injected delay
         self._to_app(st, snap)

@@ -276,119 +276,140 @@ class H2Guard:
                 return self._empty_frame()
             self._empty = 0
             return None
-        if ftype == HEADERS:
-            if sid == 0 or not sid & 1:
-                return self._fail("stream_id", PROTOCOL_ERROR, f"HEADERS on stream {sid}")
-            if sid > self.last_client_stream:
-                if len(self.streams) >= self.max_streams:
-                    return self._fail("concurrent_streams", PROTOCOL_ERROR,
-                                      f"stream {sid} over the {self.max_streams} concurrent streams allowed")
-                self.last_client_stream = sid
-                self.streams_opened += 1
-                self.streams[sid] = 0
-            else:  # trailers on an open stream, or a stream id used again
-                state = self.streams.get(sid)
-                if state is None and sid not in self._app_resets:
-                    return self._fail("stream_id_reused", PROTOCOL_ERROR,
-                                      f"HEADERS on stream {sid}, not above the last opened stream "
-                                      f"{self.last_client_stream}")
-                if state is not None and state & _CLIENT_ENDED:
-                    return self._fail("headers_after_end_stream", STREAM_CLOSED,
-                                      f"HEADERS after END_STREAM on stream {sid}")
-            if length > self.limits.h2_max_header_block_size:
-                return self._fail("header_block_size", ENHANCE_YOUR_CALM,
-                                  f"header block over {self.limits.h2_max_header_block_size} bytes")
-            if not flags & FLAG_END_HEADERS:
-                self._cont_sid = sid
-                self._cont_frames = 0
-                self._block = length
-            if length == 0 and not flags & FLAG_END_STREAM:
-                v = self._empty_frame()
-                if v is not None:
-                    return v
-            else:
-                self._empty = 0
-            if flags & FLAG_END_STREAM:
-                self._end(sid, _CLIENT_ENDED)
-            return None
-        if ftype == CONTINUATION:
-            if not self._cont_sid:
-                return self._fail("stream_id", PROTOCOL_ERROR, f"CONTINUATION outside a header block on stream {sid}")
-            self._cont_frames += 1
-            if self._cont_frames > self.limits.h2_max_continuation_frames:
-                return self._fail("continuation_flood", ENHANCE_YOUR_CALM,
-                                  f"more than {self.limits.h2_max_continuation_frames} CONTINUATION frames")
-            self._block += length
-            if self._block > self.limits.h2_max_header_block_size:
-                return self._fail("header_block_size", ENHANCE_YOUR_CALM,
-                                  f"header block over {self.limits.h2_max_header_block_size} bytes")
-            if flags & FLAG_END_HEADERS:
-                self._cont_sid = 0
-            if length == 0 and not flags & FLAG_END_HEADERS:
-                return self._empty_frame()
+        check = _CLIENT_CHECKS.get(ftype)
+        if check is None:
+            return None  # an extension frame: RFC 9113 says ignore it; the app does
+        return check(self, length, flags, sid)
+
+    def _check_headers(self, length: int, flags: int, sid: int) -> Violation | None:
+        """A request's headers (a new stream, below the concurrent-stream limit) or its trailers."""
+        if sid == 0 or not sid & 1:
+            return self._fail("stream_id", PROTOCOL_ERROR, f"HEADERS on stream {sid}")
+        if sid > self.last_client_stream:
+            if len(self.streams) >= self.max_streams:
+                return self._fail("concurrent_streams", PROTOCOL_ERROR,
+                                  f"stream {sid} over the {self.max_streams} concurrent streams allowed")
+            self.last_client_stream = sid
+            self.streams_opened += 1
+            self.streams[sid] = 0
+        else:  # trailers on an open stream, or a stream id used again
+            state = self.streams.get(sid)
+            if state is None and sid not in self._app_resets:
+                return self._fail("stream_id_reused", PROTOCOL_ERROR,
+                                  f"HEADERS on stream {sid}, not above the last opened stream "
+                                  f"{self.last_client_stream}")
+            if state is not None and state & _CLIENT_ENDED:
+                return self._fail("headers_after_end_stream", STREAM_CLOSED,
+                                  f"HEADERS after END_STREAM on stream {sid}")
+        if length > self.limits.h2_max_header_block_size:
+            return self._fail("header_block_size", ENHANCE_YOUR_CALM,
+                              f"header block over {self.limits.h2_max_header_block_size} bytes")
+        if not flags & FLAG_END_HEADERS:
+            self._cont_sid = sid
+            self._cont_frames = 0
+            self._block = length
+        if length == 0 and not flags & FLAG_END_STREAM:
+            v = self._empty_frame()
+            if v is not None:
+                return v
+        else:
             self._empty = 0
+        if flags & FLAG_END_STREAM:
+            self._end(sid, _CLIENT_ENDED)
+        return None
+
+    def _check_continuation(self, length: int, flags: int, sid: int) -> Violation | None:
+        """The rest of a header block: counted and bounded like the block itself."""
+        if not self._cont_sid:
+            return self._fail("stream_id", PROTOCOL_ERROR, f"CONTINUATION outside a header block on stream {sid}")
+        self._cont_frames += 1
+        if self._cont_frames > self.limits.h2_max_continuation_frames:
+            return self._fail("continuation_flood", ENHANCE_YOUR_CALM,
+                              f"more than {self.limits.h2_max_continuation_frames} CONTINUATION frames")
+        self._block += length
+        if self._block > self.limits.h2_max_header_block_size:
+            return self._fail("header_block_size", ENHANCE_YOUR_CALM,
+                              f"header block over {self.limits.h2_max_header_block_size} bytes")
+        if flags & FLAG_END_HEADERS:
+            self._cont_sid = 0
+        if length == 0 and not flags & FLAG_END_HEADERS:
+            return self._empty_frame()
+        self._empty = 0
+        return None
+
+    def _check_window_update(self, length: int, flags: int, sid: int) -> Violation | None:
+        """Bounded by the DATA the app sends (a flood of them costs the app work for nothing)."""
+        if length != 4:
+            return self._fail("frame_size", FRAME_SIZE_ERROR, f"WINDOW_UPDATE of {length} bytes")
+        self._window_updates += 1
+        allowed = 10 + self.limits.h2_max_window_updates_per_data_frame * (1 + self._server_data_frames)
+        if self._window_updates > allowed:
+            return self._fail("window_update_flood", ENHANCE_YOUR_CALM,
+                              f"{self._window_updates} WINDOW_UPDATE frames for {self._server_data_frames} "
+                              "DATA frames")
+        if sid == 0:
+            self._c.kind = _CLIENT_WINDOW_UPDATE
+        return None
+
+    def _check_rst_stream(self, length: int, flags: int, sid: int) -> Violation | None:
+        """A reset of a stream the app has not answered spends the rapid-reset budget."""
+        if length != 4:
+            return self._fail("frame_size", FRAME_SIZE_ERROR, f"RST_STREAM of {length} bytes")
+        if sid == 0 or (sid & 1 and sid > self.last_client_stream):
+            return self._fail("stream_id", PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
+        state = self.streams.pop(sid, None)
+        if state is not None and not state & _ANSWERED:
+            return self._reset_unanswered()
+        return None
+
+    def _check_settings(self, length: int, flags: int, sid: int) -> Violation | None:
+        """An ACK puts our announced MAX_CONCURRENT_STREAMS in force; entries are parsed from the payload."""
+        if sid != 0:
+            return self._fail("stream_id", PROTOCOL_ERROR, f"SETTINGS on stream {sid}")
+        if flags & FLAG_ACK:
+            if length:
+                return self._fail("frame_size", FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            if self._pending_server_settings:
+                self.max_streams = self._pending_server_settings.pop(0)
             return None
-        if ftype == WINDOW_UPDATE:
-            if length != 4:
-                return self._fail("frame_size", FRAME_SIZE_ERROR, f"WINDOW_UPDATE of {length} bytes")
-            self._window_updates += 1
-            allowed = 10 + self.limits.h2_max_window_updates_per_data_frame * (1 + self._server_data_frames)
-            if self._window_updates > allowed:
-                return self._fail("window_update_flood", ENHANCE_YOUR_CALM,
-                                  f"{self._window_updates} WINDOW_UPDATE frames for {self._server_data_frames} "
-                                  "DATA frames")
-            if sid == 0:
-                self._c.kind = _CLIENT_WINDOW_UPDATE
+        if length % 6:
+            return self._fail("frame_size", FRAME_SIZE_ERROR, f"SETTINGS of {length} bytes")
+        self._c.kind = _CLIENT_SETTINGS
+        return self._control_frame("settings_flood")
+
+    def _check_ping(self, length: int, flags: int, sid: int) -> Violation | None:
+        """Bounded like SETTINGS: control frames the app must answer."""
+        if length != 8:
+            return self._fail("frame_size", FRAME_SIZE_ERROR, f"PING of {length} bytes")
+        if sid != 0:
+            return self._fail("stream_id", PROTOCOL_ERROR, f"PING on stream {sid}")
+        if flags & FLAG_ACK:
             return None
-        if ftype == RST_STREAM:
-            if length != 4:
-                return self._fail("frame_size", FRAME_SIZE_ERROR, f"RST_STREAM of {length} bytes")
-            if sid == 0 or (sid & 1 and sid > self.last_client_stream):
-                return self._fail("stream_id", PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
-            state = self.streams.pop(sid, None)
-            if state is not None and not state & _ANSWERED:
-                return self._reset_unanswered()
-            return None
-        if ftype == SETTINGS:
-            if sid != 0:
-                return self._fail("stream_id", PROTOCOL_ERROR, f"SETTINGS on stream {sid}")
-            if flags & FLAG_ACK:
-                if length:
-                    return self._fail("frame_size", FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
-                if self._pending_server_settings:
-                    self.max_streams = self._pending_server_settings.pop(0)
-                return None
-            if length % 6:
-                return self._fail("frame_size", FRAME_SIZE_ERROR, f"SETTINGS of {length} bytes")
-            self._c.kind = _CLIENT_SETTINGS
-            return self._control_frame("settings_flood")
-        if ftype == PING:
-            if length != 8:
-                return self._fail("frame_size", FRAME_SIZE_ERROR, f"PING of {length} bytes")
-            if sid != 0:
-                return self._fail("stream_id", PROTOCOL_ERROR, f"PING on stream {sid}")
-            if flags & FLAG_ACK:
-                return None
-            return self._control_frame("ping_flood")
-        if ftype == PRIORITY:
-            if length != 5:
-                return self._fail("frame_size", FRAME_SIZE_ERROR, f"PRIORITY of {length} bytes")
-            if sid == 0:
-                return self._fail("stream_id", PROTOCOL_ERROR, "PRIORITY on stream 0")
-            self._priority_frames += 1
-            if self._priority_frames > 10 + self.limits.h2_max_priority_frames_per_stream * (1 + self.streams_opened):
-                return self._fail("priority_flood", ENHANCE_YOUR_CALM,
-                                  f"{self._priority_frames} PRIORITY frames for {self.streams_opened} streams")
-            return None
-        if ftype == GOAWAY:
-            if sid != 0:
-                return self._fail("stream_id", PROTOCOL_ERROR, f"GOAWAY on stream {sid}")
-            if length < 8:
-                return self._fail("frame_size", FRAME_SIZE_ERROR, f"GOAWAY of {length} bytes")
-            return None
-        if ftype == PUSH_PROMISE:
-            return self._fail("stream_id", PROTOCOL_ERROR, "PUSH_PROMISE from a client")
-        return None  # an extension frame: RFC 9113 says ignore it; the app does
+        return self._control_frame("ping_flood")
+
+    def _check_priority(self, length: int, flags: int, sid: int) -> Violation | None:
+        """Bounded per stream opened (the app does work for each)."""
+        if length != 5:
+            return self._fail("frame_size", FRAME_SIZE_ERROR, f"PRIORITY of {length} bytes")
+        if sid == 0:
+            return self._fail("stream_id", PROTOCOL_ERROR, "PRIORITY on stream 0")
+        self._priority_frames += 1
+        if self._priority_frames > 10 + self.limits.h2_max_priority_frames_per_stream * (1 + self.streams_opened):
+            return self._fail("priority_flood", ENHANCE_YOUR_CALM,
+                              f"{self._priority_frames} PRIORITY frames for {self.streams_opened} streams")
+        return None
+
+    def _check_goaway(self, length: int, flags: int, sid: int) -> Violation | None:
+        """Only its shape is checked; the app acts on it."""
+        if sid != 0:
+            return self._fail("stream_id", PROTOCOL_ERROR, f"GOAWAY on stream {sid}")
+        if length < 8:
+            return self._fail("frame_size", FRAME_SIZE_ERROR, f"GOAWAY of {length} bytes")
+        return None
+
+    def _check_push_promise(self, length: int, flags: int, sid: int) -> Violation | None:
+        """Never from a client (RFC 9113 8.4)."""
+        return self._fail("stream_id", PROTOCOL_ERROR, "PUSH_PROMISE from a client")
 
     def _client_payload(self, data: memoryview, i: int, n: int) -> tuple[int, Violation | None]:
         """Parse the SETTINGS entries / WINDOW_UPDATE increment of the current client frame."""
@@ -606,3 +627,17 @@ class H2Guard:
 
 
 __all__ = ["PREFACE", "H2Guard", "Violation", "goaway"]
+
+
+# the check of each client frame type other than DATA (checked inline: most frames are DATA)
+_CLIENT_CHECKS: dict[int, Callable[[H2Guard, int, int, int], Violation | None]] = {
+    HEADERS: H2Guard._check_headers,
+    CONTINUATION: H2Guard._check_continuation,
+    WINDOW_UPDATE: H2Guard._check_window_update,
+    RST_STREAM: H2Guard._check_rst_stream,
+    SETTINGS: H2Guard._check_settings,
+    PING: H2Guard._check_ping,
+    PRIORITY: H2Guard._check_priority,
+    GOAWAY: H2Guard._check_goaway,
+    PUSH_PROMISE: H2Guard._check_push_promise,
+}

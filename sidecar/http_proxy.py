@@ -386,19 +386,13 @@ class InboundHttp:
             if ident is None:
                 status = "403"
                 return web.Response(status=403, text="weft: the caller's identity is unknown\n")
-            headers = authz.header_map(request.headers.items())  # every copy of a repeated header
-            decision = authz.decide(snap.policy, ident.uri,
-                                    authz.HttpRequest.of(request.method, request.path_qs, headers))
-            inbound.telemetry.decision(authz.decision_label(decision), decision.rule_label)
-            if not decision.allowed:
+            verdict = inbound.authorizer.check(
+                snap.policy, ident, dest,
+                authz.HttpRequest.of(request.method, request.path_qs, authz.header_map(request.headers.items())),
+                f" {request.method} {request.path}")
+            if verdict.denial is not None:
                 status = "403"
-                message = authz.denial_message(decision, source, dest, f" {request.method} {request.path}")
-                log.info("denied", source=source, destination=dest, method=request.method, path=request.path,
-                         rule=decision.rule_label, reason=decision.reason)
-                return web.Response(status=403, text=message + "\n")
-            if decision.audited:
-                log.warning("audit_would_deny", source=source, destination=dest, method=request.method,
-                            path=request.path, rule=decision.rule_label, reason=decision.reason)
+                return web.Response(status=403, text=verdict.denial + "\n")
             refused = await _inbound_controls(inbound, snap, source, request.path)
             if refused is not None:
                 status = str(refused.status)

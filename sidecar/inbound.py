@@ -40,6 +40,7 @@ import structlog
 
 from ca.identity import SpiffeId
 from sidecar import authz
+from sidecar.authorizer import Authorizer
 from sidecar.h2guard import H2Guard, Violation
 from sidecar.limits import Limits
 from sidecar.snapshot import Snapshot
@@ -60,6 +61,7 @@ class Inbound:
         self.limits = limits or Limits()
         self.snapshot = snapshot
         self.telemetry = telemetry
+        self.authorizer = Authorizer(telemetry)
         self.tls = tls
         self.max_message_bytes = max_message_bytes
         self.passthrough_enabled = passthrough_enabled
@@ -155,17 +157,11 @@ class Inbound:
         app = (snap.registration.local_service_address, snap.registration.local_service_port)
         try:
             if protocol == "tcp":
-                self.telemetry.decision(authz.decision_label(decision), decision.rule_label)
-                if not decision.allowed:
+                if not self.authorizer.settle(decision, ident, snap.registration.service).allowed:
                     self.telemetry.inbound_connections.labels("denied").inc()
                     self.telemetry.request("inbound", ident.service, snap.registration.service, "tcp", "denied", 0.0)
-                    log.info("denied", source=ident.service, destination=snap.registration.service,
-                             rule=decision.rule_label, reason=decision.reason)
                     conn.close()
                     return
-                if decision.audited:
-                    log.warning("audit_would_deny", source=ident.service, destination=snap.registration.service,
-                                rule=decision.rule_label, reason=decision.reason)
                 pipe.info.update(source=ident.service, mode="tcp")
                 self.connections[pipe] = (ident, "tcp")
                 await pipe.connect_b(*app)
@@ -173,7 +169,7 @@ class Inbound:
             elif self._passthrough(decision, ident.service, snap) \
                     and not self.telemetry.tap.wants_calls_from(ident.service, snap.registration.service):
                 # pass-through, checked frame by frame when it is HTTP/2 (see _handshaken)
-                self.telemetry.decision("allow", decision.rule_label)
+                self.authorizer.settle(decision, ident, snap.registration.service)
                 pipe.info.update(source=ident.service, mode="passthrough")
                 self.connections[pipe] = (ident, "passthrough")
                 await pipe.connect_b(*app)
