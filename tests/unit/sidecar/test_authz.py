@@ -1,9 +1,10 @@
-"""What a denied caller reads: the deciding rule named once, with its origin."""
+"""What a denied caller reads (the deciding rule named once, with its origin), and the inbound side's one
+authorization step (sidecar.authorizer): counted, logged, worded the same for every protocol."""
 
 from __future__ import annotations
 
-from policies.model import TCP, GrpcRequest, RepeatedHeader
 from ca.identity import SpiffeId
+from policies.model import TCP, GrpcRequest, RepeatedHeader
 from sidecar import authz
 from sidecar.authorizer import Authorizer
 from sidecar.telemetry import Telemetry
