@@ -12,7 +12,6 @@ PACKAGES = ("weft", "devmesh", "catalog", "devagent", "consulkit", "ca", "polici
 # from here. Nothing else may join them.
 KNOWN: frozenset[frozenset[str]] = frozenset({
     frozenset({"sidecar.h2_conn", "sidecar.h2_proxy"}),  # the frame-level proxy and its connection
-    frozenset({"sidecar.http_proxy", "sidecar.http_routing"}),  # plain and routed HTTP relay
 })
 
 
