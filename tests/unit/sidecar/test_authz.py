@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from policies.model import TCP, GrpcRequest, RepeatedHeader
 from ca.identity import SpiffeId
+from policies.model import TCP, GrpcRequest, RepeatedHeader
 from sidecar import authz
 from sidecar.authorizer import Authorizer
 from sidecar.telemetry import Telemetry
