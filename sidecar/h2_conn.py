@@ -7,20 +7,27 @@ not read from, and gets no DATA until it drains), the SETTINGS timeout, errors c
 (forwarded as they are when context-free, else decoded and re-encoded, within the header-list
 limit). :class:`AppConn` is a client's connection to the sidecar, :class:`UpConn` the sidecar's
 connection to an upstream; :class:`Stream` is one proxied call across the two. What they do with
-frames is the proxy's (``sidecar.h2_proxy``): they call it through ``self.proxy``.
+frames is the proxy's (``sidecar.h2_proxy``): they call it through ``self.proxy``, typed with
+:class:`FrameProxy`, the protocol below, so that this module does not import the proxy's.
+
+:class:`OutboundFrameProxy` and :class:`InboundFrameProxy` are what the proxy's helpers
+(``sidecar.h2_traffic``, ``sidecar.h2_circuit``, ``sidecar.h2_idle``) use of it, and
+:class:`DeadlineGroup` the timer the routed and local timeouts of streams share. They are here
+because their members speak of :class:`Stream` and :class:`UpConn`; the other seams of the data
+path are in ``sidecar.seams``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from hpack import Decoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 
-from sidecar import h2_traffic
 from sidecar.h2.connection import ConnectionFault, H2Connection, H2Stream
 from sidecar.h2.frames import (
     E_CANCEL,
@@ -57,7 +64,11 @@ from sidecar.limits import DEFAULT as DEFAULT_LIMITS
 from sidecar.limits import Limits
 
 if TYPE_CHECKING:
-    from sidecar.h2_proxy import H2Outbound
+    from sidecar.gate import ListenerGate
+    from sidecar.seams import Direction, InboundDirection, UpstreamPool
+    from sidecar.tap import CallRecord
+    from sidecar.telemetry import Telemetry
+    from sidecar.traffic import CallPlan
 
 log = structlog.get_logger("weft.sidecar.h2")
 
@@ -150,11 +161,11 @@ class Stream:
         self.msg_up = Messages()  # gRPC message framing, app -> upstream (for the size limit)
         self.msg_app = Messages()  # upstream -> app
         self.source = ""  # the caller's service (inbound full path)
-        self.tap: Any = None  # a sidecar.tap.CallRecord while a tap that may match this call is open
+        self.tap: CallRecord | None = None  # while a tap that may match this call is open
         # traffic management (see sidecar.h2_traffic): the call's plan through the upstream's chain,
         # its timeout timer and deadline, retries made, when the current attempt started
-        self.plan: Any = None
-        self.timer: Any = None  # its deadline's group while one is armed (sidecar.h2_traffic)
+        self.plan: CallPlan[str] | None = None
+        self.timer: DeadlineGroup | None = None  # its deadline's group while one is armed
         self.deadline: float | None = None
         self.retries = 0
         self.attempt_start: float | None = None
@@ -191,7 +202,8 @@ class Conn(H2Connection, asyncio.Protocol):
     kind = "h2"
     is_context_free = staticmethod(context_free)
 
-    def __init__(self, proxy: Any, limits: Limits | None = None, telemetry: Any = None, *, client: bool) -> None:
+    def __init__(self, proxy: ConnOwner, limits: Limits | None = None, telemetry: Telemetry | None = None, *,
+                 client: bool) -> None:
         H2Connection.__init__(self, limits or DEFAULT_LIMITS, client=client)
         self.proxy = proxy
         self.telemetry = telemetry
@@ -335,8 +347,9 @@ class AppConn(Conn):
 
     kind = "app"
     is_context_free = staticmethod(context_free)
+    proxy: FrameProxy
 
-    def __init__(self, proxy: H2Outbound) -> None:
+    def __init__(self, proxy: FrameProxy) -> None:
         super().__init__(proxy, proxy.limits, proxy.telemetry, client=False)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -439,8 +452,9 @@ class UpConn(Conn):
 
     kind = "upstream"
     is_context_free = staticmethod(context_free_cached)  # responses repeat the same few blocks
+    proxy: FrameProxy
 
-    def __init__(self, proxy: H2Outbound, key: str, generation: str) -> None:
+    def __init__(self, proxy: FrameProxy, key: str, generation: str) -> None:
         super().__init__(proxy, proxy.limits, proxy.telemetry, client=True)
         self.key = key
         self.generation = generation
@@ -501,7 +515,7 @@ class UpConn(Conn):
         end = bool(flags & F_END_STREAM)
         if end:
             st.status = status_of(raw)
-        if st.plan is not None and h2_traffic.retry_answer(self.proxy, self, st, raw, end):
+        if st.plan is not None and self.proxy.retry_answer(self, st, raw, end):
             return
         st.replay = None  # answered: no retry any more
         self.proxy.to_app_headers(st, raw, end)
@@ -624,4 +638,144 @@ class UpConn(Conn):
         super().on_connection_error(code, reason, detail)
 
 
-__all__ = ["REPLAY_LIMIT", "AppConn", "Conn", "Stream", "UpConn", "decode_plain"]
+# -- what the connections and the proxy's helpers use of the proxy ---------------------------------
+
+class ConnOwner(Protocol):
+    """What :class:`Conn` needs of whoever owns it: a list of connections with output queued in this
+    event-loop turn, and ``flush``, which writes it.
+
+    Implemented by :class:`FrameProxy`'s implementations and by ``sidecar.grpc_client``'s
+    connection owner; used by :class:`Conn`.
+    """
+
+    @property
+    def dirty(self) -> list[Conn]: ...
+    def flush(self) -> None: ...
+
+
+class FrameProxy(ConnOwner, Protocol):
+    """What the connections ask of the frame-level proxy that owns them: where a new stream goes, and
+    what is done with each frame of a call; also what ``sidecar.h2_idle`` and the shared parts of
+    ``sidecar.h2_traffic`` use (``fail``, ``flush``, the deadline groups).
+
+    Implemented by ``sidecar.h2_proxy.H2Outbound`` and ``sidecar.h2_proxy.H2Inbound``; used by
+    :class:`Conn`, :class:`AppConn`, :class:`UpConn`, :class:`DeadlineGroup`, ``sidecar.h2_idle``
+    and ``sidecar.h2_traffic``.
+    """
+
+    @property
+    def name(self) -> str:
+        """The upstream's name (inbound: "the local app"), for messages and logs."""
+    @property
+    def limits(self) -> Limits: ...
+    @property
+    def telemetry(self) -> Telemetry | None: ...
+    @property
+    def gate(self) -> ListenerGate | None: ...
+    @property
+    def apps(self) -> set[AppConn]: ...
+    @property
+    def _traffic_deadlines(self) -> dict[tuple[float, Expiry], DeadlineGroup]:
+        """The deadline groups of this proxy's streams, by timeout and expiry (``sidecar.h2_traffic``)."""
+    def open_stream(self, st: Stream, exclude: str = "") -> None: ...
+    def send_request(self, st: Stream, up: UpConn) -> None: ...
+    def client_trailers(self, st: Stream, block: bytes) -> None: ...
+    def to_upstream(self, st: Stream, data: bytes, end: bool) -> None: ...
+    def flush_to_up(self, st: Stream) -> None: ...
+    def retry_answer(self, up: UpConn, st: Stream, raw: bytes, end: bool) -> bool:
+        """Response headers of a stream with a plan: True when a retry (or a failure) consumed them."""
+    def to_app_headers(self, st: Stream, block: bytes, end: bool) -> None: ...
+    def to_app(self, st: Stream, data: bytes, end: bool) -> None: ...
+    def flush_to_app(self, st: Stream) -> None: ...
+    def drop_queues(self, st: Stream) -> None: ...
+    def abandon(self, st: Stream, code: int) -> None: ...
+    def fail(self, st: Stream, code: int, message: str) -> None: ...
+    def release(self, st: Stream, *, ok: bool) -> None: ...
+    def finish(self, st: Stream, code: int) -> None: ...
+    def forget(self, up: UpConn) -> None: ...
+    def up_lost(self, up: UpConn) -> None: ...
+    def retry_lost(self, st: Stream) -> bool:
+        """A stream with a plan lost its connection: True when it is being retried."""
+
+
+class OutboundFrameProxy(FrameProxy, Protocol):
+    """The outbound proxy of one upstream, as its routed streams' helpers see it: the upstream's pool,
+    its connections, and how a planned stream is sent to an endpoint.
+
+    Implemented by ``sidecar.h2_proxy.H2Outbound``; used by ``sidecar.h2_traffic`` (routing, timeouts,
+    retries) and ``sidecar.h2_circuit`` (limits, connect timeouts).
+    """
+
+    @property
+    def _out(self) -> Direction: ...
+    @property
+    def pool(self) -> UpstreamPool: ...
+    @property
+    def ups(self) -> dict[str, UpConn]:
+        """The connection new calls to each endpoint go to."""
+    @property
+    def all_ups(self) -> set[UpConn]:
+        """Every open upstream connection, retired ones included."""
+    def route(self, st: Stream, up: UpConn) -> None: ...
+    def _up(self, key: str) -> UpConn: ...
+
+
+class InboundFrameProxy(FrameProxy, Protocol):
+    """The inbound full path's proxy, as ``sidecar.h2_traffic``'s inbound hooks (the caller's rate
+    limits and faults) see it.
+
+    Implemented by ``sidecar.h2_proxy.H2Inbound``; used by ``sidecar.h2_traffic.inbound_controls``.
+    """
+
+    @property
+    def _out(self) -> InboundDirection: ...
+
+
+Expiry = Callable[[FrameProxy, Stream, float], None]  # what a deadline group calls for a stream past its timeout
+
+
+class DeadlineGroup:
+    """The streams of one proxy that share a timeout, in the order they started (so in the order of
+    their deadlines), with one timer for the earliest: a stream costs a dict insert and delete
+    instead of a timer of its own, and a call that ends in time touches no timer. Armed and disarmed
+    by ``sidecar.h2_traffic``."""
+
+    __slots__ = ("expire", "handle", "loop", "proxy", "streams", "timeout")
+
+    def __init__(self, proxy: FrameProxy, timeout: float, expire: Expiry, loop: asyncio.AbstractEventLoop) -> None:
+        self.proxy = proxy
+        self.timeout = timeout
+        self.expire = expire  # expire(proxy, stream, timeout)
+        self.loop = loop
+        self.streams: dict[Stream, float] = {}  # stream -> deadline (loop time)
+        self.handle: asyncio.TimerHandle | None = None
+
+    def add(self, st: Stream) -> None:
+        deadline = self.loop.time() + self.timeout
+        self.streams[st] = deadline
+        st.timer = self
+        if self.handle is None:
+            self.handle = self.loop.call_at(deadline, self._fire)
+
+    def cancel_for(self, st: Stream) -> None:
+        self.streams.pop(st, None)
+
+    def _fire(self) -> None:
+        self.handle = None
+        due = self.loop.time() + 0.001  # timers fire at millisecond resolution
+        streams = self.streams
+        expired = []
+        for st, deadline in streams.items():
+            if deadline > due:
+                self.handle = self.loop.call_at(deadline, self._fire)
+                break
+            expired.append(st)
+        for st in expired:
+            del streams[st]
+            if st.timer is self:
+                st.timer = None
+            self.expire(self.proxy, st, self.timeout)
+
+
+__all__ = ["REPLAY_LIMIT", "AppConn", "Conn", "ConnOwner", "DeadlineGroup", "Expiry", "FrameProxy", "InboundFrameProxy",
+           "OutboundFrameProxy", "Stream", "UpConn", "decode_plain"]

@@ -10,34 +10,37 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sidecar.idle import IdleWatch
 
+if TYPE_CHECKING:
+    from sidecar.h2_conn import FrameProxy, Stream
+
 DEADLINE_EXCEEDED = 4
 
-_watches: dict[Any, IdleWatch] = {}  # stream -> its watch, only while the call runs
+_watches: dict[Stream, IdleWatch] = {}  # stream -> its watch, only while the call runs
 
 
-def arm(proxy: Any, st: Any, timeout: float) -> None:
+def arm(proxy: FrameProxy, st: Stream, timeout: float) -> None:
     watch = IdleWatch(timeout, time.monotonic())
     _watches[st] = watch
     watch.handle = asyncio.get_running_loop().call_later(timeout, _check, proxy, st, watch)
 
 
-def touch(st: Any) -> None:
+def touch(st: Stream) -> None:
     watch = _watches.get(st)
     if watch is not None:
         watch.last = time.monotonic()
 
 
-def stop(st: Any) -> None:
+def stop(st: Stream) -> None:
     watch = _watches.pop(st, None)
     if watch is not None and isinstance(watch.handle, asyncio.TimerHandle):
         watch.handle.cancel()
 
 
-def _check(proxy: Any, st: Any, watch: IdleWatch) -> None:
+def _check(proxy: FrameProxy, st: Stream, watch: IdleWatch) -> None:
     if _watches.get(st) is not watch:
         return  # the call ended (stop) or was re-armed
     if st.recorded:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar import h2_circuit, h2_idle, h2_traffic
 from sidecar.h2.frames import (
@@ -71,6 +71,13 @@ from sidecar.tap import HeaderBlock
 from sidecar.tcp_proxy import TlsProtocolClient
 from sidecar.telemetry import Telemetry
 
+if TYPE_CHECKING:
+    from sidecar.gate import ListenerGate
+    from sidecar.h2_conn import DeadlineGroup, Expiry
+    from sidecar.seams import Direction, InboundDirection, UpstreamPool
+    from sidecar.snapshot import Snapshot
+    from sidecar.tap import CallRecord
+
 TAP_MAX_HEADER_LIST = 64 * 1024  # what a tap's reader decodes of one header block at most
 
 
@@ -85,24 +92,26 @@ def _tap_headers_of(block: bytes) -> list[tuple[bytes, bytes]]:
     return headers_of(block, TAP_MAX_HEADER_LIST)
 
 
-class H2Outbound:
-    """The outbound gRPC listener of one upstream, frame by frame (see the module docstring)."""
+class H2Proxy:
+    """What the outbound and inbound frame-level proxies share: the listener, the connections, and the
+    relaying of a call's frames once its upstream connection is chosen. Where a new stream goes, and
+    how a finished one is counted, is each subclass's (``open_stream``, ``release``, ``finish``)."""
 
-    def __init__(self, outbound: Any, pool: Any, gate: Any = None) -> None:
-        self._out = outbound  # sidecar.outbound.Outbound
-        self.pool = pool  # sidecar.outbound.EndpointPool
-        self.gate = gate  # sidecar.gate.ListenerGate, or None
+    def __init__(self, direction: Direction, name: str, gate: ListenerGate | None = None) -> None:
+        self._out = direction
+        self.gate = gate
         self._server: asyncio.AbstractServer | None = None
         self.apps: set[AppConn] = set()
         self.ups: dict[str, UpConn] = {}
         self.all_ups: set[UpConn] = set()
         self.dirty: list[Conn] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.max_message = int(getattr(outbound, "max_message_bytes", 4 * 1024 * 1024))
-        self.name = pool.name if pool is not None else "the local app"
-        limits = getattr(outbound, "limits", None)
+        self._traffic_deadlines: dict[tuple[float, Expiry], DeadlineGroup] = {}  # sidecar.h2_traffic
+        self.max_message = int(getattr(direction, "max_message_bytes", 4 * 1024 * 1024))
+        self.name = name
+        limits = getattr(direction, "limits", None)
         self.limits: Limits = limits if isinstance(limits, Limits) else DEFAULT_LIMITS
-        self.telemetry = getattr(outbound, "telemetry", None)
+        self.telemetry: Telemetry | None = getattr(direction, "telemetry", None)
         if gate is None and isinstance(self.telemetry, Telemetry):
             from sidecar.gate import ListenerGate
 
@@ -120,24 +129,24 @@ class H2Outbound:
 
     # -- streams -----------------------------------------------------------------------------------
     def open_stream(self, st: Stream, exclude: str = "") -> None:
-        out = self._out
-        if st.tries == 0 and out.telemetry.tap.active:
-            self._tap_start(st, "outbound", out.snapshot().registration.service, self.pool.name)
-        if out.draining:
-            self.fail(st, UNAVAILABLE, "weft: the sidecar is shutting down")
-            return
-        if h2_traffic.routed(self.pool):  # through the upstream's discovery chain
-            h2_traffic.open_routed(self, st, exclude)
-            return
-        st.tries += 1
-        key = self.pool.pick(exclude=exclude)
-        if key is None or (exclude and key == exclude):
-            if key is not None:
-                self.pool.release(key)
-            self.fail(st, UNAVAILABLE, f"weft: no healthy endpoint of upstream {self.pool.name}")
-            return
-        st.endpoint = key
-        self.route(st, self._up(key))
+        """A new call (or one to send again, away from ``exclude``): on to an upstream connection, or failed."""
+        raise NotImplementedError
+
+    def release(self, st: Stream, *, ok: bool) -> None:
+        """The stream leaves its endpoint."""
+        raise NotImplementedError
+
+    def finish(self, st: Stream, code: int) -> None:
+        """The call ended with ``code``: counted (once)."""
+        raise NotImplementedError
+
+    def retry_answer(self, up: UpConn, st: Stream, raw: bytes, end: bool) -> bool:
+        """Response headers of a stream with a plan (see ``H2Outbound``; only routed streams have one)."""
+        return False
+
+    def retry_lost(self, st: Stream) -> bool:
+        """A stream with a plan lost its connection (see ``H2Outbound``; only routed streams have one)."""
+        return False
 
     def _tap_start(self, st: Stream, direction: str, source: str, destination: str) -> None:
         """Only while a tap is open: a record for this call, with its request header block."""
@@ -146,11 +155,11 @@ class H2Outbound:
             rec.request_headers = HeaderBlock(_tap_headers_of, st.request_block)  # decoded by the tap's reader
             st.tap = rec
 
-    def _tap_headers(self, st: Stream, block: bytes, end: bool) -> None:
+    def _tap_headers(self, rec: CallRecord, block: bytes, end: bool) -> None:
         if end:
-            st.tap.trailers = HeaderBlock(_tap_headers_of, block)
+            rec.trailers = HeaderBlock(_tap_headers_of, block)
         else:
-            st.tap.response_headers = HeaderBlock(_tap_headers_of, block)
+            rec.response_headers = HeaderBlock(_tap_headers_of, block)
 
     def route(self, st: Stream, up: UpConn) -> None:
         st.up = up
@@ -159,62 +168,12 @@ class H2Outbound:
         else:
             up.waiting.append(st)
 
-    def _up(self, key: str) -> UpConn:
-        snap = self._out.snapshot()
-        gen = snap.credentials.generation
-        up = self.ups.get(key)
-        if up is not None and (up.closed or up.retired or up.dead or up.generation != gen):
-            self.forget(up)
-            up = None
-        if up is None:
-            up = UpConn(self, key, gen)
-            self.ups[key] = up
-            self.all_ups.add(up)
-            task = asyncio.ensure_future(self._connect(up, snap))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return up
-
     def forget(self, up: UpConn) -> None:
         """No new calls go to ``up``; it closes once its last stream is done."""
         if self.ups.get(up.key) is up:
             del self.ups[up.key]
         if not up.streams and not up.waiting and up.transport is not None and not up.closed:
             up.transport.close()
-
-    async def _connect(self, up: UpConn, snap: Any) -> None:
-        from sidecar.tls import PeerIdentityError, check_server_identity, expected_server_name, tls_error_reason
-
-        ep = self.pool.endpoints.get(up.key)
-        creds = snap.credentials
-        limit = h2_circuit.connect_timeout(self.pool, up.key)  # 0: not routed, the sidecar's own bounds
-        tls: TlsProtocolClient | None = None
-        try:
-            if ep is None:
-                raise ConnectionRefusedError(f"endpoint {up.key} left the upstream")
-            # TLS on memory BIOs (sidecar.tcp_proxy): no 256 KiB read buffer per connection as with ssl=
-            tls = TlsProtocolClient(up, self._out.tls.client(creds, "grpc"), expected_server_name(
-                h2_traffic.service_of(self.pool, up.key), creds.trust_domain), limit + 1 if limit else 10)
-            await asyncio.wait_for(_open_tls(tls, ep.address, ep.port), limit or 15)
-            sslobj = tls.sslobj
-            check_server_identity(sslobj.getpeercert(binary_form=True) if sslobj else None,
-                                  h2_traffic.service_of(self.pool, up.key), creds.trust_domain)
-            if sslobj is not None and sslobj.selected_alpn_protocol() != "h2":
-                raise ssl.SSLError(f"the upstream did not agree to ALPN h2 ({sslobj.selected_alpn_protocol()})")
-        except (OSError, TimeoutError, ssl.SSLError, PeerIdentityError) as exc:
-            if isinstance(exc, (ssl.SSLError, PeerIdentityError)):
-                self._out.telemetry.tls_errors.labels("outbound", tls_error_reason(exc)).inc()
-            elif isinstance(exc, TimeoutError) and limit:
-                h2_circuit.connect_timed_out(self, up.key, limit)
-            log.warning("upstream_connect_failed", upstream=self.pool.name, endpoint=up.key, error=str(exc)[:200])
-            up.closed = True
-            if tls is not None:
-                tls.drop()
-            self.up_lost(up)
-            self.flush()
-            return
-        up.start()
-        self.flush()
 
     def up_lost(self, up: UpConn) -> None:
         if up not in self.all_ups:
@@ -227,16 +186,15 @@ class H2Outbound:
             self.release(st, ok=False)
             st.up = None
             if not st.app.closed and st.a.sid in st.app.streams:
-                if st.tries < 2:
-                    if self.pool is not None:
-                        self._out.telemetry.retries.labels(self.name).inc()
+                if st.tries < 2:  # never for H2Inbound, which has nowhere else to go (see its up_lost)
+                    self._out.telemetry.retries.labels(self.name).inc()
                     self.open_stream(st, exclude=up.key)
                 else:
                     self.fail(st, UNAVAILABLE, f"weft: cannot reach {self.name} at {up.key}")
         for s in list(up.streams.values()):
             st = s.call
             st.u = None
-            if st.plan is not None and h2_traffic.retry_lost(self, st):
+            if st.plan is not None and self.retry_lost(st):
                 continue
             if not st.app.closed:
                 self.fail(st, UNAVAILABLE, f"weft: the connection to {self.name} was lost")
@@ -322,7 +280,7 @@ class H2Outbound:
 
     def to_app_headers(self, st: Stream, block: bytes, end: bool) -> None:
         if st.tap is not None:
-            self._tap_headers(st, block, end)
+            self._tap_headers(st.tap, block, end)
         if st.plan is not None:
             h2_idle.touch(st)
         app = st.app
@@ -446,13 +404,122 @@ class H2Outbound:
         app = st.app
         a = st.a
         if st.tap is not None:
-            self._tap_headers(st, trailers_only(code, message, with_status=not st.headers_sent_app), True)
+            self._tap_headers(st.tap, trailers_only(code, message, with_status=not st.headers_sent_app), True)
         if not app.closed and a.sid in app.streams and not app.dead:
             app.send_headers(a, trailers_only(code, message, with_status=not st.headers_sent_app), True)
             app.close_stream(a)
         self.cancel_up(st)
         self.drop_queues(st)
         self.finish(st, code)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def on_snapshot(self) -> None:
+        """A new snapshot: connections to where calls no longer go close once their streams are done."""
+        raise NotImplementedError
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Drain: GOAWAY NO_ERROR (with the last stream id) to every client, so that they send new calls
+        elsewhere; the streams in progress may finish within ``grace``; then every connection closes."""
+        if self._server is not None:
+            self._server.close()
+        for app in list(self.apps):
+            app.goaway()
+        self.flush()
+        deadline = time.monotonic() + grace
+        while any(a.streams for a in self.apps) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for app in list(self.apps):
+            if app.transport is not None:
+                app.transport.close()
+        for up in list(self.all_ups):
+            up.goaway()
+            up.flush()
+            if up.transport is not None:
+                up.transport.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+class H2Outbound(H2Proxy):
+    """The outbound gRPC listener of one upstream, frame by frame (see the module docstring)."""
+
+    def __init__(self, outbound: Direction, pool: UpstreamPool, gate: ListenerGate | None = None) -> None:
+        self.pool = pool
+        super().__init__(outbound, pool.name, gate)
+
+    # a routed stream's response headers (UpConn) and lost connection (up_lost): retried, or passed on
+    retry_answer = h2_traffic.retry_answer
+    retry_lost = h2_traffic.retry_lost
+
+    def open_stream(self, st: Stream, exclude: str = "") -> None:
+        out = self._out
+        if st.tries == 0 and out.telemetry.tap.active:
+            self._tap_start(st, "outbound", out.snapshot().registration.service, self.pool.name)
+        if out.draining:
+            self.fail(st, UNAVAILABLE, "weft: the sidecar is shutting down")
+            return
+        if h2_traffic.routed(self.pool):  # through the upstream's discovery chain
+            h2_traffic.open_routed(self, st, exclude)
+            return
+        st.tries += 1
+        key = self.pool.pick(exclude=exclude)
+        if key is None or (exclude and key == exclude):
+            if key is not None:
+                self.pool.release(key)
+            self.fail(st, UNAVAILABLE, f"weft: no healthy endpoint of upstream {self.pool.name}")
+            return
+        st.endpoint = key
+        self.route(st, self._up(key))
+
+    def _up(self, key: str) -> UpConn:
+        snap = self._out.snapshot()
+        gen = snap.credentials.generation
+        up = self.ups.get(key)
+        if up is not None and (up.closed or up.retired or up.dead or up.generation != gen):
+            self.forget(up)
+            up = None
+        if up is None:
+            up = UpConn(self, key, gen)
+            self.ups[key] = up
+            self.all_ups.add(up)
+            task = asyncio.ensure_future(self._connect(up, snap))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return up
+
+    async def _connect(self, up: UpConn, snap: Snapshot) -> None:
+        from sidecar.tls import PeerIdentityError, check_server_identity, expected_server_name, tls_error_reason
+
+        ep = self.pool.endpoints.get(up.key)
+        creds = snap.credentials
+        limit = h2_circuit.connect_timeout(self.pool, up.key)  # 0: not routed, the sidecar's own bounds
+        tls: TlsProtocolClient | None = None
+        try:
+            if ep is None:
+                raise ConnectionRefusedError(f"endpoint {up.key} left the upstream")
+            # TLS on memory BIOs (sidecar.tcp_proxy): no 256 KiB read buffer per connection as with ssl=
+            tls = TlsProtocolClient(up, self._out.tls.client(creds, "grpc"), expected_server_name(
+                h2_traffic.service_of(self.pool, up.key), creds.trust_domain), limit + 1 if limit else 10)
+            await asyncio.wait_for(_open_tls(tls, ep.address, ep.port), limit or 15)
+            sslobj = tls.sslobj
+            check_server_identity(sslobj.getpeercert(binary_form=True) if sslobj else None,
+                                  h2_traffic.service_of(self.pool, up.key), creds.trust_domain)
+            if sslobj is not None and sslobj.selected_alpn_protocol() != "h2":
+                raise ssl.SSLError(f"the upstream did not agree to ALPN h2 ({sslobj.selected_alpn_protocol()})")
+        except (OSError, TimeoutError, ssl.SSLError, PeerIdentityError) as exc:
+            if isinstance(exc, (ssl.SSLError, PeerIdentityError)):
+                self._out.telemetry.tls_errors.labels("outbound", tls_error_reason(exc)).inc()
+            elif isinstance(exc, TimeoutError) and limit:
+                h2_circuit.connect_timed_out(self, up.key, limit)
+            log.warning("upstream_connect_failed", upstream=self.pool.name, endpoint=up.key, error=str(exc)[:200])
+            up.closed = True
+            if tls is not None:
+                tls.drop()
+            self.up_lost(up)
+            self.flush()
+            return
+        up.start()
+        self.flush()
 
     def release(self, st: Stream, *, ok: bool) -> None:
         """The stream leaves its endpoint (for the balancer's in-flight count and latency)."""
@@ -482,37 +549,14 @@ class H2Outbound:
         out.telemetry.access.line(time.monotonic(), direction="outbound", source=source, destination=self.pool.name,
                                   method=st.method, status=name, duration_ms=round(seconds * 1000, 3))
 
-    # -- lifecycle ---------------------------------------------------------------------------------
     def on_snapshot(self) -> None:
         """Endpoints that left: their idle connections close; busy ones finish their streams first."""
         for key, up in list(self.ups.items()):
             if key not in self.pool.endpoints:
                 self.forget(up)
 
-    async def close(self, grace: float = 5.0) -> None:
-        """Drain: GOAWAY NO_ERROR (with the last stream id) to every client, so that they send new calls
-        elsewhere; the streams in progress may finish within ``grace``; then every connection closes."""
-        if self._server is not None:
-            self._server.close()
-        for app in list(self.apps):
-            app.goaway()
-        self.flush()
-        deadline = time.monotonic() + grace
-        while any(a.streams for a in self.apps) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for app in list(self.apps):
-            if app.transport is not None:
-                app.transport.close()
-        for up in list(self.all_ups):
-            up.goaway()
-            up.flush()
-            if up.transport is not None:
-                up.transport.close()
-        for task in list(self._tasks):
-            task.cancel()
 
-
-class H2Inbound(H2Outbound):
+class H2Inbound(H2Proxy):
     """The inbound full path for gRPC services, frame by frame: every stream is authorized with the
     caller's identity (PERMISSION_DENIED naming the rule, or on to the app over plaintext h2c).
 
@@ -520,8 +564,10 @@ class H2Inbound(H2Outbound):
     through (see ``sidecar.inbound``), whose identity it finds by the connection's source port.
     """
 
-    def __init__(self, inbound: Any, gate: Any = None) -> None:
-        super().__init__(inbound, None, gate)
+    _out: InboundDirection
+
+    def __init__(self, inbound: InboundDirection, gate: ListenerGate | None = None) -> None:
+        super().__init__(inbound, "the local app", gate)
         self.max_message = int(inbound.max_message_bytes)
         self.port = 0
 
@@ -573,7 +619,7 @@ class H2Inbound(H2Outbound):
             return  # refused by a rate limit or a fault, or held by an injected delay
         self._to_app(st, snap)
 
-    def _to_app(self, st: Stream, snap: Any) -> None:
+    def _to_app(self, st: Stream, snap: Snapshot) -> None:
         h2_traffic.local_timeout(self, st, snap)
         st.tries += 1
         st.endpoint = "app"
@@ -643,5 +689,5 @@ class H2Inbound(H2Outbound):
                 self.forget(up)
 
 
-__all__ = ["AppConn", "H2Inbound", "H2Outbound", "Stream", "UpConn", "context_free", "frame", "headers_of", "scan",
-           "status_of", "trailers_only"]
+__all__ = ["AppConn", "H2Inbound", "H2Outbound", "H2Proxy", "Stream", "UpConn", "context_free", "frame",
+           "headers_of", "scan", "status_of", "trailers_only"]

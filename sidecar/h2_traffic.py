@@ -20,18 +20,25 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import structlog
 
 from sidecar import h2_circuit, h2_idle
 from sidecar.h2.grpc import RESOURCE_EXHAUSTED, UNAVAILABLE, percent
 from sidecar.h2.hpack import encode_plain, headers_of, scan
+from sidecar.h2_conn import DeadlineGroup
 from sidecar.ratelimit import retry_after_header
 from sidecar.retry import decide
 from sidecar.routing import Outcome, apply_header_mods
 from sidecar.traffic import CallPlan
 from sidecar.traffic_metrics import metrics_of
+
+if TYPE_CHECKING:
+    from sidecar.h2_conn import Expiry, FrameProxy, InboundFrameProxy, OutboundFrameProxy, Stream, UpConn
+    from sidecar.seams import UpstreamPool
+    from sidecar.snapshot import Snapshot
 
 log = structlog.get_logger("weft.sidecar.h2")
 
@@ -55,18 +62,18 @@ class _Replayable:
 
 # ----- outbound ---------------------------------------------------------------------------------------
 
-def routed(pool: Any) -> bool:
+def routed(pool: UpstreamPool) -> bool:
     """Whether the upstream's calls go through its discovery chain (``sidecar.outbound.EndpointPool``)."""
     return bool(getattr(pool, "routed", False))
 
 
-def service_of(pool: Any, key: str) -> str:
+def service_of(pool: UpstreamPool, key: str) -> str:
     """The service whose identity the endpoint ``key`` must prove (a chain may reach another service)."""
     of = getattr(pool, "service_of", None)
     return str(of(key)) if of is not None else str(pool.name)
 
 
-def open_routed(proxy: Any, st: Any, exclude: str = "") -> None:
+def open_routed(proxy: OutboundFrameProxy, st: Stream, exclude: str = "") -> None:
     """Plan a new (or retried) stream of a routed upstream and send it on its way."""
     pool = proxy.pool
     out = proxy._out
@@ -117,76 +124,34 @@ def open_routed(proxy: Any, st: Any, exclude: str = "") -> None:
             _deadline(proxy, st, timeout, _timed_out)
         if decision.idle_timeout > 0:
             h2_idle.arm(proxy, st, decision.idle_timeout)
-    if pool.traffic.circuit is not None and not h2_circuit.admit(proxy, st, plan):
+    traffic = pool.traffic  # routed: the pool's traffic state made this plan
+    if traffic is not None and traffic.circuit is not None and not h2_circuit.admit(proxy, st, plan, traffic):
         return  # UpstreamConfig.Limits: refused at once
     st.endpoint = plan.endpoint
     st.attempt_start = time.perf_counter()
     proxy.route(st, proxy._up(plan.endpoint))
 
 
-def _timed_out(proxy: Any, st: Any, timeout: float) -> None:
-    if not st.recorded:
-        proxy.fail(st, DEADLINE_EXCEEDED, f"weft: {proxy.pool.name} did not answer within the route's timeout "
+def _timed_out(proxy: FrameProxy, st: Stream, timeout: float) -> None:
+    if not st.recorded:  # the proxy's name is its upstream's
+        proxy.fail(st, DEADLINE_EXCEEDED, f"weft: {proxy.name} did not answer within the route's timeout "
                                           f"of {timeout:g}s")
         proxy.flush()
 
 
-class _DeadlineGroup:
-    """The streams of one proxy that share a timeout, in the order they started (so in the order of
-    their deadlines), with one timer for the earliest: a stream costs a dict insert and delete
-    instead of a timer of its own, and a call that ends in time touches no timer."""
-
-    __slots__ = ("expire", "handle", "loop", "proxy", "streams", "timeout")
-
-    def __init__(self, proxy: Any, timeout: float, expire: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self.proxy = proxy
-        self.timeout = timeout
-        self.expire = expire  # expire(proxy, stream, timeout)
-        self.loop = loop
-        self.streams: dict[Any, float] = {}  # stream -> deadline (loop time)
-        self.handle: asyncio.TimerHandle | None = None
-
-    def add(self, st: Any) -> None:
-        deadline = self.loop.time() + self.timeout
-        self.streams[st] = deadline
-        st.timer = self
-        if self.handle is None:
-            self.handle = self.loop.call_at(deadline, self._fire)
-
-    def cancel_for(self, st: Any) -> None:
-        self.streams.pop(st, None)
-
-    def _fire(self) -> None:
-        self.handle = None
-        due = self.loop.time() + 0.001  # timers fire at millisecond resolution
-        streams = self.streams
-        expired = []
-        for st, deadline in streams.items():
-            if deadline > due:
-                self.handle = self.loop.call_at(deadline, self._fire)
-                break
-            expired.append(st)
-        for st in expired:
-            del streams[st]
-            if st.timer is self:
-                st.timer = None
-            self.expire(self.proxy, st, self.timeout)
-
-
-def _deadline(proxy: Any, st: Any, timeout: float, expire: Any) -> None:
+def _deadline(proxy: FrameProxy, st: Stream, timeout: float, expire: Expiry) -> None:
     """Arm ``timeout`` for ``st``: ``expire(proxy, st, timeout)`` runs when it passes first;
     ``stream_done`` disarms it. The groups (one per timeout and expiry; timeouts come from config
     entries, so they are few) live on the proxy."""
-    groups: dict[tuple[float, Any], _DeadlineGroup] | None = getattr(proxy, "_traffic_deadlines", None)
-    if groups is None:
-        groups = proxy._traffic_deadlines = {}
+    groups = proxy._traffic_deadlines
     g = groups.get((timeout, expire))
     if g is None:
-        g = groups[(timeout, expire)] = _DeadlineGroup(proxy, timeout, expire, asyncio.get_running_loop())
+        g = groups[(timeout, expire)] = DeadlineGroup(proxy, timeout, expire, asyncio.get_running_loop())
     g.add(st)
 
 
-def attempt_ended(proxy: Any, st: Any, *, status: str, failed: bool, transport_ok: bool = True) -> None:
+def attempt_ended(proxy: OutboundFrameProxy, st: Stream, *, status: str, failed: bool,
+                  transport_ok: bool = True) -> None:
     """An attempt of a routed stream ended: its outcome to the pickers, passive health checking and metrics."""
     plan: CallPlan[str] | None = st.plan
     if plan is None or st.attempt_start is None:
@@ -196,7 +161,7 @@ def attempt_ended(proxy: Any, st: Any, *, status: str, failed: bool, transport_o
     proxy.pool.finished(plan, seconds=seconds, status=status, failed=failed, transport_ok=transport_ok)
 
 
-def stream_done(st: Any) -> None:
+def stream_done(st: Stream) -> None:
     timer = st.timer
     if timer is not None:
         st.timer = None
@@ -206,7 +171,7 @@ def stream_done(st: Any) -> None:
         h2_idle.stop(st)
 
 
-def retry_answer(proxy: Any, up: Any, st: Any, raw: bytes, end: bool) -> bool:
+def retry_answer(proxy: OutboundFrameProxy, up: UpConn, st: Stream, raw: bytes, end: bool) -> bool:
     """The upstream's response headers of a routed stream: True when they were consumed by a retry
     (or a failure past one), False to pass them on as usual."""
     plan: CallPlan[str] | None = st.plan
@@ -246,7 +211,7 @@ def retry_answer(proxy: Any, up: Any, st: Any, raw: bytes, end: bool) -> bool:
     return True
 
 
-def retry_lost(proxy: Any, st: Any) -> bool:
+def retry_lost(proxy: OutboundFrameProxy, st: Stream) -> bool:
     """The connection carrying a routed stream broke before its response started: True when the
     stream is retried (the route retries on ``reset``, ``5xx`` or ``gateway-error``)."""
     plan: CallPlan[str] | None = st.plan
@@ -266,7 +231,7 @@ def retry_lost(proxy: Any, st: Any) -> bool:
     return True
 
 
-def _resend(proxy: Any, st: Any, failed_endpoint: str, delay: float, *, failed: bool) -> None:
+def _resend(proxy: OutboundFrameProxy, st: Stream, failed_endpoint: str, delay: float, *, failed: bool) -> None:
     """Put the request sent so far back in front of the queue and send it again after ``delay``."""
     replay = st.replay
     chunks = [replay] if isinstance(replay, bytes) else list(replay or ())  # one chunk is kept as bytes
@@ -293,7 +258,7 @@ def _resend(proxy: Any, st: Any, failed_endpoint: str, delay: float, *, failed: 
 
 # ----- inbound -------------------------------------------------------------------------------------
 
-def inbound_controls(h2in: Any, st: Any, snap: Any, go_on: Any) -> bool:
+def inbound_controls(h2in: InboundFrameProxy, st: Stream, snap: Snapshot, go_on: Callable[[], None]) -> bool:
     """Rate limits and faults for one inbound call; True when the call was refused or deferred (``go_on``
     is called after an injected delay), False to go on at once."""
     inbound = h2in._out
@@ -328,7 +293,7 @@ def inbound_controls(h2in: Any, st: Any, snap: Any, go_on: Any) -> bool:
     return True
 
 
-def refuse(h2in: Any, st: Any, code: int, message: str, retry_after: str) -> None:
+def refuse(h2in: FrameProxy, st: Stream, code: int, message: str, retry_after: str) -> None:
     """End a call with a trailers-only gRPC status (and ``retry-after`` when given)."""
     app = st.app
     if not app.closed and st.a.sid in app.streams and not app.dead:
@@ -342,14 +307,14 @@ def refuse(h2in: Any, st: Any, code: int, message: str, retry_after: str) -> Non
     h2in.finish(st, code)
 
 
-def local_timeout(h2in: Any, st: Any, snap: Any) -> None:
+def local_timeout(h2in: FrameProxy, st: Stream, snap: Snapshot) -> None:
     """service-defaults ``LocalRequestTimeoutMs``: a call to the local app ends with DEADLINE_EXCEEDED past it."""
     timeout = snap.inbound.local.request_timeout
     if timeout > 0 and st.timer is None:
         _deadline(h2in, st, timeout, _local_expired)
 
 
-def _local_expired(h2in: Any, st: Any, timeout: float) -> None:
+def _local_expired(h2in: FrameProxy, st: Stream, timeout: float) -> None:
     if not st.recorded:
         h2in.fail(st, DEADLINE_EXCEEDED, f"weft: the local app did not answer within {timeout:g}s "
                                          "(LocalRequestTimeoutMs)")

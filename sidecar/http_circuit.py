@@ -13,9 +13,12 @@ import asyncio
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sidecar.circuit import RequestCircuit
+
+if TYPE_CHECKING:
+    from sidecar.seams import UpstreamPool
 
 # a condition per circuit, for the requests waiting for a connection (no strong reference: a circuit
 # replaced by a settings change goes with its last request)
@@ -23,7 +26,7 @@ _conditions: weakref.WeakKeyDictionary[RequestCircuit, asyncio.Condition] = weak
 
 
 @asynccontextmanager
-async def held(circuit: RequestCircuit, pool: Any, wait_limit: float) -> AsyncIterator[tuple[int, str] | None]:
+async def held(circuit: RequestCircuit, pool: UpstreamPool, wait_limit: float) -> AsyncIterator[tuple[int, str] | None]:
     """Inside: the request holds a connection slot of ``circuit`` (the value is None), or it may not go
     (the value is the (HTTP status, text) to answer; nothing is held). A request waits for a slot at
     most ``wait_limit`` seconds (0: as long as its caller waits)."""

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import structlog
@@ -34,18 +34,16 @@ from aiohttp.web_protocol import RequestHandler
 
 from sidecar import authz
 from sidecar.gate import ListenerGate
+from sidecar.http_relay import forward_headers, relay_response
 from sidecar.limits import Limits
 from sidecar.telemetry import Telemetry
 
+if TYPE_CHECKING:
+    from sidecar.seams import Direction, InboundDirection, UpstreamPool
+    from sidecar.snapshot import Snapshot
+    from sidecar.tap import CallRecord, TapHub
+
 log = structlog.get_logger("weft.sidecar.http")
-
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-                        "transfer-encoding", "upgrade", "host", "content-length"})
-_CHUNK = 64 * 1024
-
-
-def _forward_headers(headers: Any) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP]
 
 
 def route_label(method: str, path: str) -> str:
@@ -54,7 +52,8 @@ def route_label(method: str, path: str) -> str:
     return f"{method} /{first[:40]}"
 
 
-def _tap_start(hub: Any, direction: str, source: str, destination: str, request: web.BaseRequest) -> Any:
+def _tap_start(hub: TapHub, direction: str, source: str, destination: str,
+               request: web.BaseRequest) -> CallRecord | None:
     """Only while a tap is open: a sidecar.tap.CallRecord for this request (None when no tap matches)."""
     rec = hub.start(direction, source, destination, f"{request.method} {request.path}", path=request.path_qs,
                     protocol="http")
@@ -63,10 +62,10 @@ def _tap_start(hub: Any, direction: str, source: str, destination: str, request:
     return rec
 
 
-async def _body(content: aiohttp.StreamReader, idle: float, tap: Any = None) -> AsyncIterator[bytes]:
+async def _body(content: aiohttp.StreamReader, idle: float, tap: CallRecord | None = None) -> AsyncIterator[bytes]:
     """A request body, chunk by chunk as it arrives; a client that sends no byte for ``idle`` seconds ends it.
     With a tap recording payloads, its first bytes are kept for the tap."""
-    record = tap is not None and tap.request_body is not None
+    record = tap.request_data if tap is not None and tap.request_body is not None else None
     while True:
         if idle > 0:
             async with asyncio.timeout(idle):
@@ -75,37 +74,19 @@ async def _body(content: aiohttp.StreamReader, idle: float, tap: Any = None) -> 
             chunk = await content.readany()
         if not chunk:
             return
-        if record:
-            tap.request_data(chunk)
+        if record is not None:
+            record(chunk)
         yield chunk
 
 
-async def _relay(request: web.BaseRequest, session: aiohttp.ClientSession, url: str, idle: float, tap: Any = None,
-                 **kwargs: Any) -> web.StreamResponse:
+async def _relay(request: web.BaseRequest, session: aiohttp.ClientSession, url: str, idle: float,
+                 tap: CallRecord | None = None, **kwargs: Any) -> web.StreamResponse:
     body = _body(request.content, idle, tap) if request.body_exists else None
-    async with session.request(request.method, url, headers=_forward_headers(request.headers), data=body,
+    async with session.request(request.method, url, headers=forward_headers(request.headers), data=body,
                                allow_redirects=False, auto_decompress=False, **kwargs) as upstream:
         if tap is not None:
             tap.response_headers = list(upstream.headers.items())
-        return await relay_response(request, upstream, _forward_headers(upstream.headers), tap)
-
-
-async def relay_response(request: web.BaseRequest, upstream: aiohttp.ClientResponse,
-                         headers: Iterable[tuple[str, str]], tap: Any = None) -> web.StreamResponse:
-    """Stream an upstream's response (with these headers: hop-by-hop ones already dropped) to the client;
-    ``tap`` (a sidecar.tap call record, or None) sees the body's preview."""
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    for k, v in headers:
-        response.headers.add(k, v)
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length
-    await response.prepare(request)
-    async for chunk in upstream.content.iter_chunked(_CHUNK):
-        if tap is not None:
-            tap.response_data(chunk)
-        await response.write(chunk)
-    await response.write_eof()
-    return response
+        return await relay_response(request, upstream, forward_headers(upstream.headers), tap)
 
 
 _HEAD_TOO_LARGE = ("weft: the request head is larger than the sidecar accepts "
@@ -257,9 +238,9 @@ def _close_later(session: aiohttp.ClientSession) -> None:
 class OutboundHttp:
     """The local listener of an HTTP upstream."""
 
-    def __init__(self, outbound: Any, pool: Any) -> None:
-        self._out = outbound  # sidecar.outbound.Outbound
-        self._pool = pool  # sidecar.outbound.EndpointPool
+    def __init__(self, outbound: Direction, pool: UpstreamPool) -> None:
+        self._out = outbound
+        self._pool = pool
         self._limits: Limits = outbound.limits
         self._server = _Server(self._handle, f"outbound:{pool.name}", self._limits, outbound.telemetry)
         self._sessions: dict[str, aiohttp.ClientSession] = {}
@@ -335,7 +316,7 @@ class OutboundHttp:
             await session.close()
 
 
-async def _inbound_controls(inbound: Any, snap: Any, source: str, path: str) -> web.Response | None:
+async def _inbound_controls(inbound: InboundDirection, snap: Snapshot, source: str, path: str) -> web.Response | None:
     """Rate limits (429 with retry-after) and injected faults (delay, abort) for one inbound request."""
     from sidecar.ratelimit import retry_after_header
     from sidecar.traffic_metrics import metrics_of
@@ -360,8 +341,8 @@ async def _inbound_controls(inbound: Any, snap: Any, source: str, path: str) -> 
 class InboundHttp:
     """The internal server of the inbound full path for HTTP services."""
 
-    def __init__(self, inbound: Any) -> None:
-        self._in = inbound  # sidecar.inbound.Inbound
+    def __init__(self, inbound: InboundDirection) -> None:
+        self._in = inbound
         self._limits: Limits = inbound.limits
         self._server = _Server(self._handle, "inbound-http", self._limits, inbound.telemetry)
         self._session: aiohttp.ClientSession | None = None

@@ -16,16 +16,22 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 import structlog
 from aiohttp import web
 
 from sidecar import http_circuit
+from sidecar.http_relay import forward_headers, relay_response
 from sidecar.retry import BodyBuffer, decide
 from sidecar.routing import Outcome, apply_header_mods
 from sidecar.tls import expected_server_name
+
+if TYPE_CHECKING:
+    from sidecar.seams import HttpListener
+    from sidecar.snapshot import Snapshot
+    from sidecar.traffic import CallPlan
 
 log = structlog.get_logger("weft.sidecar.http")
 
@@ -57,7 +63,7 @@ async def _rest(prefix: list[bytes], content: aiohttp.StreamReader) -> AsyncIter
         yield chunk
 
 
-async def routed_request(listener: Any, request: web.BaseRequest) -> tuple[web.StreamResponse, str]:
+async def routed_request(listener: HttpListener, request: web.BaseRequest) -> tuple[web.StreamResponse, str]:
     """(response, status label) of one request through the chain."""
     pool = listener._pool
     out = listener._out
@@ -83,11 +89,9 @@ async def routed_request(listener: Any, request: web.BaseRequest) -> tuple[web.S
         return await _send(listener, request, plan, headers, snap)
 
 
-async def _send(listener: Any, request: web.BaseRequest, plan: Any, headers: dict[str, str],
-                snap: Any) -> tuple[web.StreamResponse, str]:
+async def _send(listener: HttpListener, request: web.BaseRequest, plan: CallPlan[str], headers: dict[str, str],
+                snap: Snapshot) -> tuple[web.StreamResponse, str]:
     """The planned request's attempts (retries included) and its response."""
-    from sidecar.http_proxy import _forward_headers, relay_response
-
     pool = listener._pool
     source = snap.registration.service
     decision = plan.decision
@@ -106,10 +110,10 @@ async def _send(listener: Any, request: web.BaseRequest, plan: Any, headers: dic
             while True:
                 ep = pool.endpoints.get(plan.endpoint)
                 url = f"https://{ep.address}:{ep.port}{decision.path or request.path_qs}" if ep else ""
-                fwd = apply_header_mods([(k.lower(), v) for k, v in _forward_headers(request.headers)],
+                fwd = apply_header_mods([(k.lower(), v) for k, v in forward_headers(request.headers)],
                                         decision.request_headers)
                 if buffered is not None and buffered.replayable:
-                    body: Any = b"".join(head) if request.body_exists else None
+                    body: bytes | AsyncIterator[bytes] | None = b"".join(head) if request.body_exists else None
                 elif buffered is not None:
                     body = _rest(head, request.content)
                 else:
@@ -176,7 +180,7 @@ async def _send(listener: Any, request: web.BaseRequest, plan: Any, headers: dic
                     return web.Response(status=502, text=f"weft: upstream {pool.name} failed\n"), "502"
                 async with upstream:
                     response = await relay_response(request, upstream, apply_header_mods(
-                        [(k.lower(), v) for k, v in _forward_headers(upstream.headers)], decision.response_headers))
+                        [(k.lower(), v) for k, v in forward_headers(upstream.headers)], decision.response_headers))
                 return response, str(upstream.status)
     except TimeoutError:
         if response is not None and response.prepared:

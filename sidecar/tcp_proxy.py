@@ -36,7 +36,7 @@ import asyncio
 import ssl
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -45,6 +45,9 @@ from sidecar.gate import ListenerGate
 from sidecar.h2guard import INTERNAL_ERROR, NO_ERROR, H2Guard, Violation, goaway
 from sidecar.limits import Limits
 from sidecar.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from sidecar.seams import Direction, UpstreamPool
 
 _BUF = 256 * 1024
 log = structlog.get_logger("weft.sidecar.tcp")
@@ -325,9 +328,9 @@ class OutboundTcp:
     ``idle_timeout`` closed.
     """
 
-    def __init__(self, outbound: Any, pool: Any) -> None:
-        self._out = outbound  # sidecar.outbound.Outbound
-        self._pool = pool  # sidecar.outbound.EndpointPool
+    def __init__(self, outbound: Direction, pool: UpstreamPool) -> None:
+        self._out = outbound
+        self._pool = pool
         self._server: asyncio.AbstractServer | None = None
         self._pipes: set[Pipe] = set()
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -10,7 +10,8 @@ from sidecar import h2_traffic
 
 
 class _Proxy:
-    pass
+    def __init__(self) -> None:
+        self._traffic_deadlines: dict[Any, Any] = {}  # where h2_traffic keeps the deadline groups (FrameProxy)
 
 
 class _Stream:
@@ -43,5 +44,5 @@ async def test_streams_expire_in_order_and_an_ended_stream_never_does() -> None:
         await asyncio.sleep(0.02)
     assert expired == [("c", 0.02), ("a", 0.05), ("d", 0.05)]
     assert a.timer is None and c.timer is None and d.timer is None
-    groups = proxy._traffic_deadlines  # type: ignore[attr-defined]
+    groups = proxy._traffic_deadlines
     assert all(not g.streams and g.handle is None for g in groups.values())  # nothing left armed
