@@ -66,6 +66,9 @@ class Inbound:
         self.max_message_bytes = max_message_bytes
         self.passthrough_enabled = passthrough_enabled
         self.identities: dict[int, SpiffeId] = {}
+        # which splice holds each local port: loopback ports are reused at once (tcp_tw_reuse), so a closed
+        # splice may only forget the identity of its own port, not that of a newer splice on the same one
+        self._splice_of_port: dict[int, Pipe] = {}
         self.draining = False
         self._server: asyncio.AbstractServer | None = None
         self._http: Any = None  # sidecar.http_proxy.InboundHttp
@@ -179,7 +182,7 @@ class Inbound:
                 internal = await self._internal(protocol)
                 transport = await pipe.connect_b("127.0.0.1", internal)
                 local_port = int(transport.get_extra_info("sockname")[1])
-                self.identities[local_port] = ident
+                self._remember_splice(local_port, ident, pipe)
                 pipe.info["local_port"] = local_port
                 self.telemetry.inbound_connections.labels("full").inc()
             pipe.start()
@@ -236,10 +239,16 @@ class Inbound:
                                         code=violation.code, detail=violation.detail, mode="passthrough",
                                         source=pipe.info.get("source", ""))
 
+    def _remember_splice(self, local_port: int, ident: SpiffeId, pipe: Pipe) -> None:
+        """The full-path server finds the caller of a spliced connection by the splice's local port."""
+        self.identities[local_port] = ident
+        self._splice_of_port[local_port] = pipe
+
     def _closed(self, pipe: Pipe) -> None:
         entry = self.connections.pop(pipe, None)
         port = pipe.info.get("local_port")
-        if port is not None:
+        if port is not None and self._splice_of_port.get(port) is pipe:
+            del self._splice_of_port[port]
             self.identities.pop(port, None)
         if entry is not None and entry[1] == "tcp":
             snap = self.snapshot()
