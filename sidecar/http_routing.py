@@ -16,6 +16,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -25,7 +26,7 @@ from aiohttp import web
 from sidecar import http_circuit
 from sidecar.http_relay import forward_headers, relay_response
 from sidecar.retry import BodyBuffer, decide
-from sidecar.routing import Outcome, apply_header_mods
+from sidecar.routing import Outcome, RouteDecision, apply_header_mods
 from sidecar.tls import expected_server_name
 
 if TYPE_CHECKING:
@@ -89,6 +90,52 @@ async def routed_request(listener: HttpListener, request: web.BaseRequest) -> tu
         return await _send(listener, request, plan, headers, snap)
 
 
+@dataclass(slots=True)
+class _Attempt:
+    """How one attempt of a routed request went."""
+
+    outcome: Outcome
+    upstream: aiohttp.ClientResponse | None  # the response's head, when one came
+    seconds: float
+    idled: bool = False  # the route's IdleTimeout passed
+    connect_timeout: float = 0.0  # the connect timeout it passed, when it did
+
+
+async def _attempt(listener: HttpListener, request: web.BaseRequest, plan: CallPlan[str], decision: RouteDecision,
+                   body: bytes | AsyncIterator[bytes] | None, snap: Snapshot) -> _Attempt:
+    """Send the request once, to the plan's endpoint, as the first plan's route ``decision`` says (path
+    rewrite, header changes, idle timeout), over mTLS; connect failures, resets and timeouts become the
+    attempt's outcome (counted and logged), for the retry policy to judge."""
+    pool = listener._pool
+    ep = pool.endpoints.get(plan.endpoint)
+    url = f"https://{ep.address}:{ep.port}{decision.path or request.path_qs}" if ep else ""
+    fwd = apply_header_mods([(k.lower(), v) for k, v in forward_headers(request.headers)], decision.request_headers)
+    session = listener._session()
+    connect_timeout = pool.traffic.connect_timeout(plan.endpoint) if pool.traffic is not None else 0.0
+    t0 = time.perf_counter()
+    try:
+        if ep is None:
+            raise aiohttp.ClientConnectionError(f"endpoint {plan.endpoint} left")
+        upstream = await session.request(
+            request.method, url, headers=fwd, data=body, allow_redirects=False, auto_decompress=False,
+            server_hostname=expected_server_name(pool.service_of(plan.endpoint), snap.credentials.trust_domain),
+            timeout=_attempt_timeout(session.timeout, connect_timeout, decision.idle_timeout))
+        return _Attempt(Outcome(http_status=upstream.status), upstream, time.perf_counter() - t0)
+    except aiohttp.ConnectionTimeoutError:
+        pool.metrics.connect_timeouts.labels(pool.name).inc()
+        log.warning("upstream_connect_timeout", upstream=pool.name, endpoint=plan.endpoint, timeout=connect_timeout)
+        return _Attempt(Outcome(connect_failure=True), None, time.perf_counter() - t0,
+                        connect_timeout=connect_timeout)
+    except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
+        log.warning("upstream_request_failed", upstream=pool.name, endpoint=plan.endpoint, error=str(exc)[:200])
+        return _Attempt(Outcome(connect_failure=True), None, time.perf_counter() - t0)
+    except (aiohttp.ClientError, OSError) as exc:
+        idled = decision.idle_timeout > 0 and isinstance(exc, aiohttp.SocketTimeoutError)
+        log.warning("upstream_request_failed", upstream=pool.name, endpoint=plan.endpoint,
+                    error="the route's IdleTimeout passed" if idled else str(exc)[:200])
+        return _Attempt(Outcome(reset=True), None, time.perf_counter() - t0, idled=idled)
+
+
 async def _send(listener: HttpListener, request: web.BaseRequest, plan: CallPlan[str], headers: dict[str, str],
                 snap: Snapshot) -> tuple[web.StreamResponse, str]:
     """The planned request's attempts (retries included) and its response."""
@@ -108,47 +155,16 @@ async def _send(listener: HttpListener, request: web.BaseRequest, plan: CallPlan
     try:
         async with asyncio.timeout_at(asyncio.get_running_loop().time() + timeout if timeout else None):
             while True:
-                ep = pool.endpoints.get(plan.endpoint)
-                url = f"https://{ep.address}:{ep.port}{decision.path or request.path_qs}" if ep else ""
-                fwd = apply_header_mods([(k.lower(), v) for k, v in forward_headers(request.headers)],
-                                        decision.request_headers)
                 if buffered is not None and buffered.replayable:
                     body: bytes | AsyncIterator[bytes] | None = b"".join(head) if request.body_exists else None
                 elif buffered is not None:
                     body = _rest(head, request.content)
                 else:
                     body = _rest([], request.content) if request.body_exists else None
-                t0 = time.perf_counter()
-                outcome: Outcome | None = None
-                upstream = None
-                session = listener._session()
-                connect_timeout = pool.traffic.connect_timeout(plan.endpoint) if pool.traffic is not None else 0.0
-                idled = False
-                try:
-                    if ep is None:
-                        raise aiohttp.ClientConnectionError(f"endpoint {plan.endpoint} left")
-                    upstream = await session.request(
-                        request.method, url, headers=fwd, data=body, allow_redirects=False, auto_decompress=False,
-                        server_hostname=expected_server_name(pool.service_of(plan.endpoint),
-                                                             snap.credentials.trust_domain),
-                        timeout=_attempt_timeout(session.timeout, connect_timeout, decision.idle_timeout))
-                    outcome = Outcome(http_status=upstream.status)
-                except aiohttp.ConnectionTimeoutError:
-                    outcome = Outcome(connect_failure=True)
-                    timed_out = connect_timeout
-                    pool.metrics.connect_timeouts.labels(pool.name).inc()
-                    log.warning("upstream_connect_timeout", upstream=pool.name, endpoint=plan.endpoint,
-                                timeout=connect_timeout)
-                except (aiohttp.ClientConnectorError, ConnectionRefusedError) as exc:
-                    outcome = Outcome(connect_failure=True)
-                    log.warning("upstream_request_failed", upstream=pool.name, endpoint=plan.endpoint,
-                                error=str(exc)[:200])
-                except (aiohttp.ClientError, OSError) as exc:
-                    outcome = Outcome(reset=True)
-                    idled = decision.idle_timeout > 0 and isinstance(exc, aiohttp.SocketTimeoutError)
-                    log.warning("upstream_request_failed", upstream=pool.name, endpoint=plan.endpoint,
-                                error="the route's IdleTimeout passed" if idled else str(exc)[:200])
-                seconds = time.perf_counter() - t0
+                attempt = await _attempt(listener, request, plan, decision, body, snap)
+                outcome, upstream, seconds, idled = attempt.outcome, attempt.upstream, attempt.seconds, attempt.idled
+                if attempt.connect_timeout:
+                    timed_out = attempt.connect_timeout
                 failed = outcome.connect_failure or outcome.reset or outcome.http_status >= 500
                 status = str(outcome.http_status) if outcome.http_status else "502"
                 verdict = decide(decision.retry, outcome, retries_done=retries, response_started=False,
