@@ -1,7 +1,7 @@
 """Connection bookkeeping of a listener: unfinished handshakes (bounded, oldest dropped) and idle connections.
 
-Pure: no I/O, no clock of its own. The listeners (``sidecar.inbound``, ``sidecar.tcp_proxy``) call these
-from their protocol callbacks and from one periodic sweep per listener.
+Pure: no I/O, no clock of its own. The listeners (``sidecar.inbound``, ``sidecar.tls_conn``, ``sidecar.pipe``,
+``sidecar.tcp_proxy``) call these from their protocol callbacks and from one periodic sweep per listener.
 
 - :class:`PendingHandshakes`: connections that have not finished their TLS handshake. Past the
   limit, admitting a new one evicts the *oldest*: a flood of half-open connections then only ever

@@ -68,8 +68,8 @@ from sidecar.h2_conn import REPLAY_LIMIT, AppConn, Conn, Stream, UpConn, log
 from sidecar.limits import DEFAULT as DEFAULT_LIMITS
 from sidecar.limits import Limits
 from sidecar.tap import HeaderBlock
-from sidecar.tcp_proxy import TlsProtocolClient
 from sidecar.telemetry import Telemetry
+from sidecar.tls_conn import TlsProtocolClient
 
 if TYPE_CHECKING:
     from sidecar.gate import ListenerGate
@@ -497,7 +497,7 @@ class H2Outbound(H2Proxy):
         try:
             if ep is None:
                 raise ConnectionRefusedError(f"endpoint {up.key} left the upstream")
-            # TLS on memory BIOs (sidecar.tcp_proxy): no 256 KiB read buffer per connection as with ssl=
+            # TLS on memory BIOs (sidecar.tls_conn): no 256 KiB read buffer per connection as with ssl=
             tls = TlsProtocolClient(up, self._out.tls.client(creds, "grpc"), expected_server_name(
                 h2_traffic.service_of(self.pool, up.key), creds.trust_domain), limit + 1 if limit else 10)
             await asyncio.wait_for(_open_tls(tls, ep.address, ep.port), limit or 15)

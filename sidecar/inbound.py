@@ -23,7 +23,7 @@ the path that now applies.
 
 Bounds (``sidecar.limits``): at most ``max_connections`` open connections and
 ``max_pending_handshakes`` unfinished handshakes (the oldest dropped past it), each handshake within
-``handshake_timeout`` (``sidecar.tcp_proxy.TlsAdmission``); pass-through and TCP connections that
+``handshake_timeout`` (``sidecar.tls_conn.TlsAdmission``); pass-through and TCP connections that
 move no byte (and, for HTTP/2, have no open stream) for ``idle_timeout`` are closed; the frames of
 pass-through HTTP/2 connections are checked in both directions by ``sidecar.h2guard``.
 """
@@ -43,10 +43,11 @@ from sidecar import authz
 from sidecar.authorizer import Authorizer
 from sidecar.h2guard import H2Guard, Violation
 from sidecar.limits import Limits
+from sidecar.pipe import IdleSweeper, Pipe
 from sidecar.snapshot import Snapshot
-from sidecar.tcp_proxy import IdleSweeper, Pipe, TlsAdmission, TlsServerConnection
 from sidecar.telemetry import Telemetry
 from sidecar.tls import PeerIdentityError, TlsContexts, peer_identity, tls_error_reason
+from sidecar.tls_conn import TlsAdmission, TlsServerConnection
 from sidecar.traffic import InboundControls
 
 log = structlog.get_logger("weft.sidecar.inbound")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ca.identity import SpiffeId
 from sidecar.inbound import Inbound
-from sidecar.tcp_proxy import Pipe
+from sidecar.pipe import Pipe
 from sidecar.telemetry import Telemetry
 from sidecar.tls import TlsContexts
 

@@ -8,10 +8,11 @@ import h2.config
 import h2.connection
 import h2.events
 
-from sidecar import tcp_proxy
+from sidecar import pipe as pipe_module
+from sidecar import tls_conn
 from sidecar.h2guard import H2Guard, Violation
 from sidecar.limits import Limits
-from sidecar.tcp_proxy import Pipe
+from sidecar.pipe import Pipe
 
 
 class FakeTransport:
@@ -88,9 +89,9 @@ def test_bytes_before_the_peer_is_up_are_kept_then_flushed() -> None:
 def test_a_transport_that_keeps_a_view_gets_the_buffer_and_a_backlogged_one_gets_copies() -> None:
     pipe, _, b = wired()
     b.backlog = 10
-    before = tcp_proxy._PIPE_BUFFER.buf
+    before = pipe_module._PIPE_BUFFER.buf
     feed(pipe.a, b"first")
-    assert tcp_proxy._PIPE_BUFFER.buf is not before  # the written view may be held: a fresh shared buffer
+    assert pipe_module._PIPE_BUFFER.buf is not before  # the written view may be held: a fresh shared buffer
     assert isinstance(b.written[0], memoryview) and bytes(b.written[0]) == b"first"
     feed(pipe.a, b"second")
     assert isinstance(b.written[1], bytes) and b.written[1] == b"second"  # already backlogged: a copy
@@ -151,10 +152,10 @@ def test_a_failing_guard_ends_its_connection_only() -> None:
     assert other_b.data() == b"fine"
 
 
-def _tls_conn(admission: tcp_proxy.TlsAdmission, failures: list[BaseException]) -> tcp_proxy.TlsServerConnection:
+def _tls_conn(admission: tls_conn.TlsAdmission, failures: list[BaseException]) -> tls_conn.TlsServerConnection:
     import ssl
 
-    conn = tcp_proxy.TlsServerConnection(Pipe(), lambda: ssl.create_default_context(ssl.Purpose.CLIENT_AUTH),
+    conn = tls_conn.TlsServerConnection(Pipe(), lambda: ssl.create_default_context(ssl.Purpose.CLIENT_AUTH),
                                          lambda c: None, lambda c, exc: failures.append(exc), admission=admission)
     conn.connection_made(FakeTransport())  # type: ignore[arg-type]
     return conn
@@ -164,7 +165,7 @@ async def test_admission_caps_connections_and_evicts_the_oldest_handshake() -> N
     from sidecar.telemetry import Telemetry
 
     telemetry = Telemetry()
-    admission = tcp_proxy.TlsAdmission("public", Limits(max_connections=3, max_pending_handshakes=2), telemetry)
+    admission = tls_conn.TlsAdmission("public", Limits(max_connections=3, max_pending_handshakes=2), telemetry)
     failures: list[BaseException] = []
     first, second, third = (_tls_conn(admission, failures) for _ in range(3))
     assert first.raw.aborted and first.closed  # the oldest unfinished handshake was dropped

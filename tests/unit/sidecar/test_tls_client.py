@@ -1,4 +1,4 @@
-"""Client-side TLS on memory BIOs (sidecar.tcp_proxy.TlsProtocolClient), pumped against an in-process server.
+"""Client-side TLS on memory BIOs (sidecar.tls_conn.TlsProtocolClient), pumped against an in-process server.
 
 No sockets: the client's raw transport is a recorder, the server is an ``ssl.SSLObject`` on memory BIOs.
 """
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from sidecar import tcp_proxy
-from sidecar.tcp_proxy import TLS_PLAIN_READ, TlsProtocolClient
+from sidecar import tls_conn
 from sidecar.tls import ALPN_GRPC, client_context, expected_server_name, server_context
+from sidecar.tls_conn import TLS_PLAIN_READ, TlsProtocolClient
 from tests.unit.sidecar.pki import TD, Authority
 from tests.unit.sidecar.test_pipe import FakeTransport
 
@@ -179,4 +179,4 @@ async def test_garbage_from_the_server_fails_the_handshake(ca: Authority) -> Non
 
 def test_the_plaintext_buffer_is_one_bounded_buffer_of_the_process() -> None:
     assert 16 * 1024 <= TLS_PLAIN_READ <= 64 * 1024
-    assert len(tcp_proxy._PLAIN_READ) == TLS_PLAIN_READ
+    assert len(tls_conn._PLAIN_READ) == TLS_PLAIN_READ
