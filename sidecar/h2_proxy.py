@@ -543,11 +543,7 @@ class H2Outbound(H2Proxy):
         name = STATUS_NAMES[code] if 0 <= code < 17 else "UNKNOWN"
         label = out.telemetry.method_label(self.pool.name, st.method, up.methods if up is not None else None)
         source = snap.registration.service
-        out.telemetry.request("outbound", source, self.pool.name, label, name, seconds)
-        if st.tap is not None:
-            out.telemetry.tap.finish(st.tap, name, seconds)
-        out.telemetry.access.line(time.monotonic(), direction="outbound", source=source, destination=self.pool.name,
-                                  method=st.method, status=name, duration_ms=round(seconds * 1000, 3))
+        out.telemetry.call_ended("outbound", source, self.pool.name, label, name, seconds, st.tap, st.method)
 
     def on_snapshot(self) -> None:
         """Endpoints that left: their idle connections close; busy ones finish their streams first."""
@@ -675,11 +671,7 @@ class H2Inbound(H2Proxy):
         name = status_name(code)
         label = inbound.telemetry.method_label(dest, st.method, snap.local_methods)
         source = st.source or "unknown"
-        inbound.telemetry.request("inbound", source, dest, label, name, seconds)
-        if st.tap is not None:
-            inbound.telemetry.tap.finish(st.tap, name, seconds)
-        inbound.telemetry.access.line(time.monotonic(), direction="inbound", source=source, destination=dest,
-                                      method=st.method, status=name, duration_ms=round(seconds * 1000, 3))
+        inbound.telemetry.call_ended("inbound", source, dest, label, name, seconds, st.tap, st.method)
 
     def on_snapshot(self) -> None:
         reg = self._out.snapshot().registration

@@ -302,13 +302,8 @@ class OutboundHttp:
             seconds = time.perf_counter() - start
             source = out.snapshot().registration.service
             route = route_label(request.method, request.path)
-            out.telemetry.request("outbound", source, pool.name, out.telemetry.method_label(pool.name, route),
-                                  status, seconds)
-            if tap is not None:
-                out.telemetry.tap.finish(tap, status, seconds)
-            out.telemetry.access.line(time.monotonic(), direction="outbound", source=source, destination=pool.name,
-                                      method=request.method, path=request.path, status=status,
-                                      duration_ms=round(seconds * 1000, 3))
+            out.telemetry.call_ended("outbound", source, pool.name, out.telemetry.method_label(pool.name, route),
+                                     status, seconds, tap, request.method, request.path)
 
     async def close(self, grace: float = 5.0) -> None:
         await self._server.close()
@@ -400,13 +395,8 @@ class InboundHttp:
         finally:
             seconds = time.perf_counter() - start
             route = route_label(request.method, request.path)
-            inbound.telemetry.request("inbound", source, dest, inbound.telemetry.method_label(dest, route), status,
-                                      seconds)
-            if tap is not None:
-                inbound.telemetry.tap.finish(tap, status, seconds)
-            inbound.telemetry.access.line(time.monotonic(), direction="inbound", source=source, destination=dest,
-                                          method=request.method, path=request.path, status=status,
-                                          duration_ms=round(seconds * 1000, 3))
+            inbound.telemetry.call_ended("inbound", source, dest, inbound.telemetry.method_label(dest, route),
+                                         status, seconds, tap, request.method, request.path)
 
     async def close(self) -> None:
         await self._server.close()

@@ -33,13 +33,14 @@ not in the destination's published method table (when it has one) is ``unknown``
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Collection
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from sidecar.tap import TapHub
+from sidecar.tap import CallRecord, TapHub
 
 MAX_SERVICES = 256
 MAX_METHODS = 64
@@ -193,6 +194,21 @@ class Telemetry:
             self._children[key] = pair
         pair[0].inc()
         pair[1].observe(seconds)
+
+    def call_ended(self, direction: str, source: str, destination: str, label: str, status: str, seconds: float,
+                   tap: CallRecord | None, method: str, path: str | None = None) -> None:
+        """A proxied call (gRPC stream or HTTP request) ended: the one place it is recorded, whatever the
+        protocol and direction: its metrics (``label`` is the method as metrics name it), the open tap's
+        record if it has one, and the sampled access log (``method`` and ``path`` as the caller sent them)."""
+        self.request(direction, source, destination, label, status, seconds)
+        if tap is not None:
+            self.tap.finish(tap, status, seconds)
+        if path is None:
+            self.access.line(time.monotonic(), direction=direction, source=source, destination=destination,
+                             method=method, status=status, duration_ms=round(seconds * 1000, 3))
+        else:
+            self.access.line(time.monotonic(), direction=direction, source=source, destination=destination,
+                             method=method, path=path, status=status, duration_ms=round(seconds * 1000, 3))
 
     def decision(self, decision: str, rule: str) -> None:
         key = (decision, rule)

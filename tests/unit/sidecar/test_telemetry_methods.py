@@ -20,6 +20,23 @@ def test_request_series_and_cached_children() -> None:
     assert len(t._children) == 1
 
 
+def test_a_call_is_recorded_once_in_metrics_tap_and_access_log() -> None:
+    t = Telemetry(access_per_second=100.0, access_sample=1.0)  # every access line admitted
+    finished: list[tuple[object, str, float]] = []
+    lines: list[dict[str, object]] = []
+    t.tap.finish = lambda rec, status, seconds: finished.append((rec, status, seconds))  # type: ignore[method-assign]
+    t.access._log = type("L", (), {"info": lambda self, event, **f: lines.append(f)})()  # type: ignore[assignment]
+    record = object()
+    t.call_ended("inbound", "web", "api", "GET /items", "200", 0.01, record, "GET", "/items/7")  # type: ignore[arg-type]
+    t.call_ended("outbound", "web", "api", "/p.S/M", "OK", 0.02, None, "/p.S/M")
+    text = t.render().decode()
+    assert 'direction="inbound",method="GET /items",source="web",status="200"} 1.0' in text
+    assert 'direction="outbound",method="/p.S/M",source="web",status="OK"} 1.0' in text
+    assert finished == [(record, "200", 0.01)]  # only the call that had a tap record
+    assert [line.get("path") for line in lines] == ["/items/7", None]
+    assert lines[1]["method"] == "/p.S/M" and lines[1]["duration_ms"] == 20.0
+
+
 def test_unknown_methods_fold() -> None:
     t = Telemetry()
     known = {"/p.S/A"}
