@@ -305,6 +305,9 @@ class OutboundHttp:
             out.telemetry.call_ended("outbound", source, pool.name, out.telemetry.method_label(pool.name, route),
                                      status, seconds, tap, request.method, request.path)
 
+    def on_snapshot(self) -> None:
+        """Nothing to do: endpoint changes apply to the next request (the pool is already updated)."""
+
     async def close(self, grace: float = 5.0) -> None:
         await self._server.close()
         for session in self._sessions.values():

@@ -33,8 +33,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -44,11 +44,16 @@ from sidecar.authorizer import Authorizer
 from sidecar.h2guard import H2Guard, Violation
 from sidecar.limits import Limits
 from sidecar.pipe import IdleSweeper, Pipe
-from sidecar.snapshot import Snapshot
+from sidecar.snapshot import InboundTraffic, Snapshot
 from sidecar.telemetry import Telemetry
 from sidecar.tls import PeerIdentityError, TlsContexts, peer_identity, tls_error_reason
 from sidecar.tls_conn import TlsAdmission, TlsServerConnection
 from sidecar.traffic import InboundControls
+
+if TYPE_CHECKING:  # the full-path servers are imported when the first caller needs one
+    from sidecar.h2_proxy import H2Inbound
+    from sidecar.http_proxy import InboundHttp
+    from sidecar.tap import TapHub
 
 log = structlog.get_logger("weft.sidecar.inbound")
 
@@ -72,8 +77,8 @@ class Inbound:
         self._splice_of_port: dict[int, Pipe] = {}
         self.draining = False
         self._server: asyncio.AbstractServer | None = None
-        self._http: Any = None  # sidecar.http_proxy.InboundHttp
-        self._h2: Any = None  # sidecar.h2_proxy.H2Inbound
+        self._http: InboundHttp | None = None
+        self._h2: H2Inbound | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._internal_lock = asyncio.Lock()
         # open connections by (caller service, mode): re-decided when the policy changes
@@ -85,7 +90,7 @@ class Inbound:
         telemetry.tap.changed.append(self._tap_changed)
         # rate limits and faults: a caller they may apply to goes through the per-call (full) path
         self.controls = InboundControls()
-        self._controls_config: Any = None
+        self._controls_config: InboundTraffic | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self, host: str, port: int) -> int:
@@ -120,7 +125,7 @@ class Inbound:
         for task in list(self._tasks):
             task.cancel()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -256,7 +261,7 @@ class Inbound:
             self.telemetry.request("inbound", entry[0].service, snap.registration.service, "tcp", "closed",
                                    time.monotonic() - pipe.started)
 
-    def _tap_changed(self, hub: Any) -> None:
+    def _tap_changed(self, hub: TapHub) -> None:
         """A tap opened: pass-through connections of the callers it may match are closed, so that they
         come back through the per-call path where the tap sees their calls (as after a policy change)."""
         service = self.snapshot().registration.service

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -34,6 +34,9 @@ from sidecar.telemetry import Telemetry
 from sidecar.tls import TlsContexts
 from sidecar.traffic import CallPlan, NoEndpoint, UpstreamTraffic
 from sidecar.traffic_metrics import metrics_of
+
+if TYPE_CHECKING:
+    from sidecar.seams import OutboundListener
 
 log = structlog.get_logger("weft.sidecar.outbound")
 
@@ -156,7 +159,7 @@ class Outbound:
         self.tls = tls
         self.max_message_bytes = max_message_bytes
         self.pools: dict[str, EndpointPool] = {}
-        self._listeners: dict[str, Any] = {}
+        self._listeners: dict[str, OutboundListener] = {}
         self._protocols: dict[str, str] = {}
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -203,8 +206,8 @@ class Outbound:
                 reconfigure = True
             else:
                 pool.update(up)
-                listener: Any = self._listeners.get(name)
-                if listener is not None and hasattr(listener, "on_snapshot"):
+                listener = self._listeners.get(name)
+                if listener is not None:
                     listener.on_snapshot()
         if set(self.pools) - set(snap.upstreams):
             reconfigure = True

@@ -124,3 +124,17 @@ class HttpListener(Protocol):
 
 
 __all__ = ["Direction", "HttpListener", "InboundDirection", "UpstreamPool"]
+
+
+class OutboundListener(Protocol):
+    """An upstream's local listener as ``sidecar.outbound.Outbound`` starts, updates and stops it;
+    implemented by ``sidecar.h2_proxy.H2Outbound``, ``sidecar.http_proxy.OutboundHttp`` and
+    ``sidecar.tcp_proxy.OutboundTcp``."""
+
+    async def start(self, host: str, port: int) -> None: ...
+
+    def on_snapshot(self) -> None:
+        """The upstream's endpoints may have changed (its pool is already updated)."""
+
+    async def close(self, grace: float = 5.0) -> None: ...
+

@@ -118,6 +118,9 @@ class OutboundTcp:
         self._out.telemetry.request("outbound", snap.registration.service, self._pool.name, "tcp", status,
                                     time.monotonic() - pipe.started)
 
+    def on_snapshot(self) -> None:
+        """Nothing to do: endpoint changes apply to the next connection (the pool is already updated)."""
+
     async def close(self, grace: float = 5.0) -> None:
         if self._server is not None:
             self._server.close()
