@@ -142,19 +142,21 @@ class _Half(asyncio.BufferedProtocol):
         return False
 
     def pause_writing(self) -> None:
-        peer = self.peer
-        if peer is not None and peer.transport is not None:
-            try:
-                peer.transport.pause_reading()
-            except (AttributeError, RuntimeError):
-                pass
+        self._peer_reading(pause=True)
 
     def resume_writing(self) -> None:
+        self._peer_reading(pause=False)
+
+    def _peer_reading(self, *, pause: bool) -> None:
+        """Back-pressure: the other side stops (or resumes) reading while this side's writes are backed up."""
         peer = self.peer
         if peer is not None and peer.transport is not None:
             try:
-                peer.transport.resume_reading()
-            except (AttributeError, RuntimeError):
+                if pause:
+                    peer.transport.pause_reading()
+                else:
+                    peer.transport.resume_reading()
+            except (AttributeError, RuntimeError):  # a transport without reading control, or one closing
                 pass
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -73,9 +73,9 @@ class AccessLog:
                 return True
         return self.sample > 0 and self._rng.random() < self.sample
 
-    def line(self, now: float, **fields: Any) -> None:
-        if self.admit(now):
-            self._log.info("access", **fields)
+    def emit(self, fields: dict[str, str], status: str, duration_ms: float) -> None:
+        """Write an admitted call's line (the caller asked :meth:`admit` first)."""
+        self._log.info("access", **fields, status=status, duration_ms=duration_ms)
 
 
 class RateLimitedLog:
@@ -203,12 +203,12 @@ class Telemetry:
         self.request(direction, source, destination, label, status, seconds)
         if tap is not None:
             self.tap.finish(tap, status, seconds)
-        if path is None:
-            self.access.line(time.monotonic(), direction=direction, source=source, destination=destination,
-                             method=method, status=status, duration_ms=round(seconds * 1000, 3))
-        else:
-            self.access.line(time.monotonic(), direction=direction, source=source, destination=destination,
-                             method=method, path=path, status=status, duration_ms=round(seconds * 1000, 3))
+        now = time.monotonic()
+        if self.access.admit(now):  # most calls are not logged: their line is not even built
+            fields = {"direction": direction, "source": source, "destination": destination, "method": method}
+            if path is not None:
+                fields["path"] = path
+            self.access.emit(fields, status, round(seconds * 1000, 3))
 
     def decision(self, decision: str, rule: str) -> None:
         key = (decision, rule)
