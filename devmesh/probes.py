@@ -24,17 +24,31 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
 
 
 def upstreams_known(config_url: str, timeout: float = 1.0) -> bool:
-    """A sidecar's /config shows at least one endpoint for each of its upstreams."""
+    """A sidecar's /config shows endpoints for each of its upstreams (see :func:`endpoints_known`)."""
     try:
         with urllib.request.urlopen(config_url, timeout=timeout) as resp:
             doc = json.loads(resp.read(1 << 20))
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
         return False
-    snapshot = doc.get("snapshot") if isinstance(doc, dict) else None
+    return endpoints_known(doc)
+
+
+def endpoints_known(config: object) -> bool:
+    """In a sidecar's /config document: every upstream has an endpoint and, when it is routed through a
+    discovery chain, so has every target of the chain (the demo's canary v2 is a target of its own: a
+    sidecar that knows v1 only would answer the split's v2 share with 503)."""
+    snapshot = config.get("snapshot") if isinstance(config, dict) else None
     if not isinstance(snapshot, dict):
         return False
-    upstreams = snapshot.get("upstreams") or {}
-    return all(isinstance(u, dict) and u.get("endpoints") for u in upstreams.values())
+    for upstream in (snapshot.get("upstreams") or {}).values():
+        if not isinstance(upstream, dict) or not upstream.get("endpoints"):
+            return False
+        chain = upstream.get("chain")
+        targets = chain.get("targets") if isinstance(chain, dict) else None
+        if isinstance(targets, dict) and not all(isinstance(t, dict) and t.get("endpoints")
+                                                 for t in targets.values()):
+            return False
+    return True
 
 
 def tcp_open(host: str, port: int) -> bool:
