@@ -38,8 +38,9 @@ from collections.abc import Collection
 from typing import Any
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from sidecar.call_metrics import CallMetrics
 from sidecar.tap import CallRecord, TapHub
 
 MAX_SERVICES = 256
@@ -116,11 +117,7 @@ class Telemetry:
 
     def __init__(self, *, access_per_second: float = 20.0, access_sample: float = 0.01) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        labels = ("direction", "source", "destination", "method", "status")
-        self.requests = Counter("weft_requests_total", "Calls, HTTP requests and TCP connections proxied",
-                                labels, registry=self.registry)
-        self.duration = Histogram("weft_request_duration_seconds", "Duration of proxied calls as seen by the sidecar",
-                                  labels, buckets=_BUCKETS, registry=self.registry)
+        self.calls = CallMetrics(self.registry, _BUCKETS)  # weft_requests_total, weft_request_duration_seconds
         self.authz = Counter("weft_authz_decisions_total", "Authorization decisions by the deciding rule",
                              ("decision", "rule"), registry=self.registry)
         self.tls_errors = Counter("weft_tls_handshake_errors_total", "Failed TLS handshakes by reason",
@@ -153,7 +150,6 @@ class Telemetry:
                                     ("version",), registry=self.registry)
         self.snapshot_version = Gauge("weft_snapshot_version", "Publications of the configuration snapshot",
                                       registry=self.registry)
-        self._children: dict[tuple[str, str, str, str, str], tuple[Any, Any]] = {}
         self._authz_children: dict[tuple[str, str], Any] = {}
         self._services: set[str] = set()
         self._methods: dict[str, set[str]] = {}
@@ -187,13 +183,7 @@ class Telemetry:
             source = self.service_label(source)
         if destination not in self._services:
             destination = self.service_label(destination)
-        key = (direction, source, destination, method, status)
-        pair = self._children.get(key)
-        if pair is None:
-            pair = (self.requests.labels(*key), self.duration.labels(*key))
-            self._children[key] = pair
-        pair[0].inc()
-        pair[1].observe(seconds)
+        self.calls.record((direction, source, destination, method, status), seconds)
 
     def call_ended(self, direction: str, source: str, destination: str, label: str, status: str, seconds: float,
                    tap: CallRecord | None, method: str, path: str | None = None) -> None:

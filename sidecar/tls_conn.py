@@ -277,12 +277,18 @@ class TlsConnection(asyncio.BufferedProtocol):
     def _read_plain(self) -> None:
         """Decrypt everything available into the half's buffer, record after record, then pass it on once."""
         sslobj = self.sslobj
+        inbio = self._in
+        assert inbio is not None
         while not self.closed:
             buf = self._plain_buffer()
             size = len(buf)
             total = 0
             eof = False
             while total < size:
+                if total and not inbio.pending and not sslobj.pending():
+                    # all ciphertext consumed and no plaintext left in OpenSSL: the next read could only
+                    # raise SSLWantReadError, which costs more than the whole rest of a small read
+                    break
                 try:
                     n = sslobj.read(size - total, buf[total:])
                 except ssl.SSLWantReadError:

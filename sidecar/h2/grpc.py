@@ -102,6 +102,15 @@ class Messages:
                 self.rest -= take
                 i += take
                 continue
+            if not self.head and n - i >= 5:  # a whole prefix in this frame: the common case, no copies kept
+                length = int.from_bytes(data[i + 1:i + 5], "big")
+                if length > limit:
+                    return length
+                i += 5
+                take = min(length, n - i)
+                self.rest = length - take
+                i += take
+                continue
             need = 5 - len(self.head)
             self.head += data[i:i + need]
             i += need

@@ -72,6 +72,25 @@ def test_message_framing_across_frames() -> None:
     assert m2.too_large(big[2:100], 4096) == 5000
 
 
+def test_message_framing_finds_the_first_oversized_message_however_the_frames_split() -> None:
+    import random
+
+    from sidecar.h2.grpc import Messages as _Messages
+
+    rng = random.Random(7)
+    for _ in range(300):
+        sizes = [rng.choice((0, 1, 4, 5, 100, 4096, 4097, 9000)) for _ in range(rng.randint(1, 6))]
+        stream = b"".join(b"\x00" + n.to_bytes(4, "big") + b"m" * n for n in sizes)
+        expected = next((n for n in sizes if n > 4096), 0)
+        cuts = sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randint(0, 8))))
+        parts = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+        m = _Messages()
+        found = next((v for v in (m.too_large(p, 4096) for p in parts) if v), 0)
+        assert found == expected, (sizes, cuts)
+        if not expected:
+            assert m.rest == 0 and m.head == b""
+
+
 def test_headers_of_decodes_every_header_of_a_context_free_block() -> None:
     from sidecar.h2_proxy import headers_of
 

@@ -17,7 +17,45 @@ def test_request_series_and_cached_children() -> None:
     assert 'weft_requests_total{destination="api",direction="outbound",method="/p.S/M",source="web",status="OK"} 2.0' \
         in text
     assert "weft_request_duration_seconds_bucket" in text
-    assert len(t._children) == 1
+    assert len(t.calls.series) == 1
+
+
+def test_call_series_expose_what_prometheus_client_metrics_expose() -> None:
+    """The plain-number series render as a prometheus_client Counter and Histogram would (less _created)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from sidecar.telemetry import _BUCKETS
+
+    labels = ("direction", "source", "destination", "method", "status")
+    reference = CollectorRegistry()
+    counter = Counter("weft_requests_total", "Calls, HTTP requests and TCP connections proxied", labels,
+                      registry=reference)
+    histogram = Histogram("weft_request_duration_seconds", "Duration of proxied calls as seen by the sidecar",
+                          labels, buckets=_BUCKETS, registry=reference)
+    t = Telemetry()
+    rng = random.Random(3)
+    keys = [("outbound", "web", "api", "/p.S/M", "OK"), ("inbound", "web", "api", "GET /x", "503")]
+    # every bound exactly, just above it, zero, and past the last bucket
+    durations = [0.0, *_BUCKETS, *(b * 1.0001 for b in _BUCKETS), 42.0,
+                 *(rng.uniform(0, 12) for _ in range(200))]
+    for i, seconds in enumerate(durations):
+        key = keys[i % 2]
+        t.request(*key, seconds)
+        counter.labels(*key).inc()
+        histogram.labels(*key).observe(seconds)
+
+    def series(text: str) -> dict[str, float]:
+        out = {}
+        for line in text.splitlines():
+            if line.startswith(("weft_requests_total", "weft_request_duration_seconds_")) and "_created" not in line:
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    ours, theirs = series(t.render().decode()), series(generate_latest(reference).decode())
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * (1 + len(_BUCKETS) + 1 + 2)
+    assert all(ours[k] == pytest.approx(theirs[k]) for k in ours)
+    assert t.calls.calls(keys[0]) == (len(durations) + 1) // 2
 
 
 def test_a_call_is_recorded_once_in_metrics_tap_and_access_log() -> None:

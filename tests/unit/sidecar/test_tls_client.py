@@ -128,6 +128,36 @@ async def test_handshake_then_data_both_ways_through_the_bounded_buffer(ca: Auth
     assert inner.lost == [None] and conn.sslobj is None
 
 
+async def test_every_record_is_delivered_however_the_ciphertext_is_split(ca: Authority) -> None:
+    """Reads stop once the BIO is drained (no SSLWantReadError asked for): nothing may be left behind by it."""
+    conn, raw, server, inner = start(ca, ca.leaf("api"))
+    messages = [bytes([i]) * size for i, size in enumerate((1, 100, 5000, 17000, 3))]
+    for m in messages:
+        server.obj.write(m)  # one or more records each
+    wire = server.out.read()
+    # byte by byte, then records in one chunk with a partial record at its end, then the rest
+    for piece in [wire[:40][i:i + 1] for i in range(40)] + [wire[40:9000], wire[9000:]]:
+        feed(conn, piece)
+    assert b"".join(inner.received) == b"".join(messages)
+    # a burst over the plaintext buffer whose records do not line up with it: the buffer fills in the
+    # middle of a record, whose rest OpenSSL holds with the ciphertext all read
+    inner.received.clear()
+    burst = [bytes([i]) * 5000 for i in range(14)]  # the 14th record holds byte 65536
+    for m in burst:
+        server.obj.write(m)
+    feed(conn, server.out.read())
+    assert b"".join(inner.received) == b"".join(burst)
+    # data and the close_notify in one chunk: both seen
+    inner.received.clear()
+    server.obj.write(b"last words")
+    try:
+        server.obj.unwrap()
+    except ssl.SSLWantReadError:
+        pass
+    feed(conn, server.out.read())
+    assert b"".join(inner.received) == b"last words" and conn.closed
+
+
 async def test_an_untrusted_server_fails_this_connection_only(ca: Authority) -> None:
     conn, raw, _, inner = start(ca, Authority.root().leaf("api"))
     with pytest.raises(ssl.SSLCertVerificationError):
