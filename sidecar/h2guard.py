@@ -154,6 +154,7 @@ class H2Guard:
         self._s = _Direction()
         self._preface = 0  # bytes of the client preface matched so far
         self._first_frame = True  # the client's first frame must be SETTINGS
+        self._regular = False  # past the first frame and outside a header block: the inline checks apply
         self.failed: Violation | None = None
         # streams: id -> state bits; the limits below bound its size
         self.streams: dict[int, int] = {}
@@ -172,6 +173,8 @@ class H2Guard:
         self.client_max_frame = DEFAULT_MAX_FRAME_SIZE  # the app's SETTINGS_MAX_FRAME_SIZE
         # header blocks
         self._cont_sid = 0
+        # a HEADERS frame that may be checked inline: no longer than the block limit nor the frame size
+        self._inline_headers_max = min(limits.h2_max_header_block_size, DEFAULT_MAX_FRAME_SIZE)
         self._cont_frames = 0
         self._block = 0
         # floods
@@ -209,7 +212,7 @@ class H2Guard:
             i = take
         d = self._c
         unpack = _HDR.unpack_from
-        frame = self._client_frame
+        streams = self.streams
         while i < n:
             if d.remaining:
                 if d.kind == _SKIP:
@@ -228,9 +231,29 @@ class H2Guard:
                 lt, flags, sid = unpack(data, i)
                 i += 9
             length = lt >> 8
-            v = frame(length, lt & 0xFF, flags, sid & MAX_WINDOW)
-            if v is not None:
-                return v
+            ftype = lt & 0xFF
+            sid &= MAX_WINDOW
+            # the frames of every call, checked inline when nothing is unusual (the rest in _client_frame):
+            # the request's HEADERS opening a stream, and its last DATA frame
+            if (ftype == HEADERS and self._regular and flags & FLAG_END_HEADERS and sid & 1 and length
+                    and sid > self.last_client_stream and len(streams) < self.max_streams
+                    and length <= self._inline_headers_max):
+                self.last_client_stream = sid
+                self.streams_opened += 1
+                streams[sid] = _CLIENT_ENDED if flags & FLAG_END_STREAM else 0
+                self._empty = 0
+            elif (ftype == DATA and flags & FLAG_END_STREAM and self._regular and length <= self.client_max_frame
+                  and streams.get(sid, _CLIENT_ENDED) & _CLIENT_ENDED == 0):
+                self._empty = 0
+                state = streams[sid]
+                if state & _SERVER_ENDED:
+                    del streams[sid]
+                else:
+                    streams[sid] = state | _CLIENT_ENDED
+            else:
+                v = self._client_frame(length, ftype, flags, sid)
+                if v is not None:
+                    return v
             if d.kind == _SKIP:  # the payload is not read: pass over what of it is in this chunk
                 i += length
                 if i > n:
@@ -251,6 +274,7 @@ class H2Guard:
             self._first_frame = False
             if ftype != SETTINGS or flags & FLAG_ACK:
                 return self._fail("preface", PROTOCOL_ERROR, "the client's first frame is not SETTINGS")
+            self._regular = True
         if self._cont_sid and (ftype != CONTINUATION or sid != self._cont_sid):
             return self._fail("continuation_expected", PROTOCOL_ERROR,
                               f"frame type {ftype} inside the header block of stream {self._cont_sid}")
@@ -306,6 +330,7 @@ class H2Guard:
                               f"header block over {self.limits.h2_max_header_block_size} bytes")
         if not flags & FLAG_END_HEADERS:
             self._cont_sid = sid
+            self._regular = False
             self._cont_frames = 0
             self._block = length
         if length == 0 and not flags & FLAG_END_STREAM:
@@ -332,6 +357,7 @@ class H2Guard:
                               f"header block over {self.limits.h2_max_header_block_size} bytes")
         if flags & FLAG_END_HEADERS:
             self._cont_sid = 0
+            self._regular = True
         if length == 0 and not flags & FLAG_END_HEADERS:
             return self._empty_frame()
         self._empty = 0

@@ -176,6 +176,11 @@ def test_continuation_floods_and_oversized_header_blocks_are_refused() -> None:
     v = pair.send_client(frame(HEADERS, 0, 1, b"\x82" * 1000) + frame(CONTINUATION, 0, 1, b"\x82" * 1000)
                          + frame(CONTINUATION, 0, 1, b"\x82" * 1000))
     assert v is not None and v.reason == "header_block_size"
+    pair = Pair(Limits(h2_max_header_block_size=2048))  # one HEADERS frame (END_HEADERS) over the limit
+    v = pair.send_client(frame(HEADERS, 0x4, 1, b"\x82" * 2049))
+    assert v is not None and v.reason == "header_block_size" and v.code == ENHANCE_YOUR_CALM
+    pair = Pair(Limits(h2_max_header_block_size=2048))
+    assert pair.guard.feed_client(memoryview(bytearray(frame(HEADERS, 0x4, 1, b"\x82" * 2048)))) is None
     pair = Pair()
     v = pair.send_client(frame(HEADERS, 0, 1, b"\x82") + frame(PING, 0, 0, b"12345678"))
     assert v is not None and v.reason == "continuation_expected"
@@ -351,6 +356,11 @@ def test_frames_after_the_clients_end_stream_are_stream_closed() -> None:
     assert pair.call(1, answer=False) is None
     v = pair.send_client(frame(HEADERS, 0x4 | 0x1, 1, b"\x40\x0bgrpc-status\x010"))
     assert v is not None and v.reason == "headers_after_end_stream" and v.code == STREAM_CLOSED
+    pair = Pair()  # a request without a body: its HEADERS end the stream
+    assert pair.guard.feed_client(memoryview(bytearray(frame(HEADERS, 0x4 | 0x1, 1, b"\x82\x87\x84")))) is None
+    assert pair.guard.streams == {1: 1}
+    v = pair.send_client(frame(DATA, 0x1, 1, b"\0\0\0\0\0"))
+    assert v is not None and v.reason == "data_after_end_stream" and v.code == STREAM_CLOSED
     pair = Pair()
     assert pair.call(1) is None  # answered and closed on both sides
     v = pair.send_client(frame(DATA, 0x1, 1, b""))

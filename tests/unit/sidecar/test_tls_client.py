@@ -130,7 +130,7 @@ async def test_handshake_then_data_both_ways_through_the_bounded_buffer(ca: Auth
 
 async def test_every_record_is_delivered_however_the_ciphertext_is_split(ca: Authority) -> None:
     """Reads stop once the BIO is drained (no SSLWantReadError asked for): nothing may be left behind by it."""
-    conn, raw, server, inner = start(ca, ca.leaf("api"))
+    conn, _raw, server, inner = start(ca, ca.leaf("api"))
     messages = [bytes([i]) * size for i, size in enumerate((1, 100, 5000, 17000, 3))]
     for m in messages:
         server.obj.write(m)  # one or more records each
