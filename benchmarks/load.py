@@ -86,6 +86,7 @@ async def run_unary(args: argparse.Namespace) -> dict[str, Any]:
     phase = _Phase(args.warmup, args.duration, args.calls, args.max_seconds)
     latencies: array[float] = array("d")
     counts = {"ok": 0, "errors": 0, "measured": 0}
+    by_target = [0] * len(methods)  # calls made (ok or not) per target, for CPU per call of each path
     first_error: list[str] = []
     cpu0 = _cpu_seconds()
 
@@ -93,6 +94,7 @@ async def run_unary(args: argparse.Namespace) -> dict[str, Any]:
         i = offset
         while phase.more():
             method = methods[i % len(methods)]
+            by_target[i % len(methods)] += 1
             i += 1
             t0 = time.perf_counter()
             try:
@@ -117,7 +119,8 @@ async def run_unary(args: argparse.Namespace) -> dict[str, Any]:
     window = ended - phase.measure_from if args.calls == 0 else ended - began
     measured = counts["measured"] if args.calls == 0 else counts["ok"]
     total = counts["ok"] + counts["errors"]
-    return {"calls_total": total, "calls": measured, "errors": counts["errors"],
+    return {"calls_total": total, "calls_by_target": dict(zip(args.target, by_target, strict=True)),
+            "calls": measured, "errors": counts["errors"],
             "first_error": first_error[0] if first_error else None, "seconds": round(window, 3),
             "rps": round(measured / window, 1) if window > 0 else 0.0, **latency_summary(latencies),
             "loadgen_cpu_us_per_call": round(cpu / max(total, 1) * 1e6, 1)}
