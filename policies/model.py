@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -414,11 +414,12 @@ class HttpRequest:
 class GrpcRequest:
     """One gRPC call ``/pkg.Service/Method``; matched as an HTTP POST of that path, as in Consul.
 
-    ``metadata`` keys must be lowercase (gRPC metadata keys always are).
+    ``metadata`` keys must be lowercase (gRPC metadata keys always are). Any mapping will do: the
+    sidecar passes one that is built only if a rule looks at it.
     """
 
     method: str
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 Request = TcpRequest | HttpRequest | GrpcRequest

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from policies.evaluate import authorize
 from policies.model import TCP, CompiledTable, Decision, GrpcRequest, HttpRequest, TcpRequest, header_map
@@ -23,6 +23,7 @@ NO_TABLE = Decision(allowed=False, reason="no compiled policy is available for t
 __all__ = [
     "TCP",
     "Decision",
+    "GrpcMetadata",
     "GrpcRequest",
     "HttpRequest",
     "TcpRequest",
@@ -40,6 +41,43 @@ def grpc_metadata(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     every copy of a repeated key kept (see ``header_map``)."""
     return header_map((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers
                       if not k.startswith(b":") and not k.endswith(b"-bin"))
+
+
+class GrpcMetadata(Mapping[str, str]):
+    """:func:`grpc_metadata` of a request's headers, built the first time a rule looks at it: most rules
+    match on the method alone (or the decision is fixed per caller), and never do."""
+
+    __slots__ = ("_headers", "_map")
+
+    def __init__(self, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        self._headers = headers
+        self._map: dict[str, str] | None = None
+
+    def _built(self) -> dict[str, str]:
+        built = self._map
+        if built is None:
+            built = self._map = grpc_metadata(self._headers)
+            self._headers = ()
+        return built
+
+    @property
+    def built(self) -> bool:
+        return self._map is not None
+
+    def __getitem__(self, key: str) -> str:
+        return self._built()[key]
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return self._built().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._built()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
 
 
 def decide(table: CompiledTable | None, source: str, request: TcpRequest | HttpRequest | GrpcRequest) -> Decision:

@@ -607,7 +607,7 @@ class H2Inbound(H2Proxy):
             self.fail(st, INTERNAL, f"weft: unreadable request headers: {exc}")
             return
         verdict = inbound.authorizer.check(snap.policy, ident, snap.registration.service,
-                                           authz.GrpcRequest(st.method, authz.grpc_metadata(headers)), st.method)
+                                           authz.GrpcRequest(st.method, authz.GrpcMetadata(headers)), st.method)
         if verdict.denial is not None:
             self.fail(st, PERMISSION_DENIED, verdict.denial)
             return

@@ -259,7 +259,7 @@ def check_request(headers: list[tuple[bytes, bytes]]) -> None:
     seen: set[bytes] = set()
     regular = False
     for name, _ in headers:
-        if name[:1] == b":":
+        if name.startswith(b":"):
             if regular:
                 raise MalformedRequest(f"pseudo-header {name.decode('latin-1')} after a regular header")
             if name not in _REQUEST_PSEUDO:
@@ -269,7 +269,7 @@ def check_request(headers: list[tuple[bytes, bytes]]) -> None:
             seen.add(name)
         else:
             regular = True
-            if name.lower() != name:
+            if not name.islower() and name.lower() != name:  # islower: the common case, without a copy
                 raise MalformedRequest(f"uppercase header name {name.decode('latin-1')}")
     for required in (b":method", b":path", b":scheme"):
         if required not in seen:

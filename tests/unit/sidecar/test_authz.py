@@ -99,3 +99,18 @@ def test_grpc_metadata_keeps_every_copy_and_leaves_out_pseudo_and_binary_headers
     metadata = authz.grpc_metadata(headers)
     assert set(metadata) == {"x-team"}
     assert isinstance(metadata["x-team"], RepeatedHeader) and metadata["x-team"].values == ("a", "b")
+
+
+def test_grpc_metadata_is_built_only_when_a_rule_looks_at_it() -> None:
+    headers = [(b":path", b"/a.S/M"), (b"x-team", b"a"), (b"X-Team", b"b"), (b"trace-bin", b"\x00\x01")]
+    by_path = build([entry("api", l7("web", perm("allow", PathPrefix="/a.S/")))])["api"]
+    lazy = authz.GrpcMetadata(headers)
+    assert authz.decide(by_path, "web", GrpcRequest("/a.S/M", lazy)).allowed and not lazy.built
+    by_header = build([entry("api", l7("web", perm("allow", PathPrefix="/a.S/",
+                                                   Header=[{"Name": "x-team", "Exact": "a"}])))])["api"]
+    lazy = authz.GrpcMetadata(headers)
+    # every copy of x-team must match: "b" does not, so the call is refused, as with the eager map
+    eager = authz.decide(by_header, "web", GrpcRequest("/a.S/M", authz.grpc_metadata(headers)))
+    assert authz.decide(by_header, "web", GrpcRequest("/a.S/M", lazy)).allowed is eager.allowed is False
+    assert lazy.built and dict(lazy) == authz.grpc_metadata(headers) and len(lazy) == 1
+    assert lazy.get("x-team") == authz.grpc_metadata(headers)["x-team"] and "trace-bin" not in lazy
