@@ -212,7 +212,6 @@ class H2Guard:
             i = take
         d = self._c
         unpack = _HDR.unpack_from
-        streams = self.streams
         while i < n:
             if d.remaining:
                 if d.kind == _SKIP:
@@ -222,6 +221,11 @@ class H2Guard:
                 if v is not None:
                     return v
                 continue
+            if self._regular and not d.hbuf and n - i >= 9:
+                j = self._client_run(data, i, n)
+                if j != i:
+                    i = j
+                    continue
             if d.hbuf or n - i < 9:
                 i, header = d.split_header(data, i, n)
                 if header is None:
@@ -231,29 +235,9 @@ class H2Guard:
                 lt, flags, sid = unpack(data, i)
                 i += 9
             length = lt >> 8
-            ftype = lt & 0xFF
-            sid &= MAX_WINDOW
-            # the frames of every call, checked inline when nothing is unusual (the rest in _client_frame):
-            # the request's HEADERS opening a stream, and its last DATA frame
-            if (ftype == HEADERS and self._regular and flags & FLAG_END_HEADERS and sid & 1 and length
-                    and sid > self.last_client_stream and len(streams) < self.max_streams
-                    and length <= self._inline_headers_max):
-                self.last_client_stream = sid
-                self.streams_opened += 1
-                streams[sid] = _CLIENT_ENDED if flags & FLAG_END_STREAM else 0
-                self._empty = 0
-            elif (ftype == DATA and flags & FLAG_END_STREAM and self._regular and length <= self.client_max_frame
-                  and streams.get(sid, _CLIENT_ENDED) & _CLIENT_ENDED == 0):
-                self._empty = 0
-                state = streams[sid]
-                if state & _SERVER_ENDED:
-                    del streams[sid]
-                else:
-                    streams[sid] = state | _CLIENT_ENDED
-            else:
-                v = self._client_frame(length, ftype, flags, sid)
-                if v is not None:
-                    return v
+            v = self._client_frame(length, lt & 0xFF, flags, sid & MAX_WINDOW)
+            if v is not None:
+                return v
             if d.kind == _SKIP:  # the payload is not read: pass over what of it is in this chunk
                 i += length
                 if i > n:
@@ -264,6 +248,55 @@ class H2Guard:
             else:
                 d.kind = _SKIP
         return None
+
+    def _client_run(self, data: memoryview, i: int, n: int) -> int:
+        """Pass over the frames every call sends, from offset ``i`` (at a frame header, the connection in a
+        regular state): a request's HEADERS opening a stream in one frame, and its last DATA frame. Returns
+        the offset of the first frame that is anything else (for :meth:`_client_frame`), or of the chunk's
+        end. Each frame taken here meets the checks :meth:`_client_frame` would make, which it would pass:
+        its conditions are those checks, with the limits read once per chunk."""
+        unpack = _HDR.unpack_from
+        streams = self.streams
+        last = self.last_client_stream
+        max_streams = self.max_streams
+        headers_max = self._inline_headers_max
+        max_frame = self.client_max_frame
+        start = i
+        opened = 0
+        while n - i >= 9:
+            lt, flags, sid = unpack(data, i)
+            ftype = lt & 0xFF
+            length = lt >> 8
+            sid &= MAX_WINDOW
+            if ftype == HEADERS:
+                if not (flags & FLAG_END_HEADERS and sid & 1 and length and sid > last
+                        and len(streams) < max_streams and length <= headers_max):
+                    break
+                last = sid
+                opened += 1
+                streams[sid] = _CLIENT_ENDED if flags & FLAG_END_STREAM else 0
+            elif ftype == DATA:
+                if not (flags & FLAG_END_STREAM and length <= max_frame
+                        and streams.get(sid, _CLIENT_ENDED) & _CLIENT_ENDED == 0):
+                    break
+                state = streams[sid]
+                if state & _SERVER_ENDED:
+                    del streams[sid]
+                else:
+                    streams[sid] = state | _CLIENT_ENDED
+            else:
+                break
+            i += 9 + length
+            if i > n:  # its payload goes on in the next chunk, passed over unread
+                self._c.remaining = i - n
+                self._c.kind = _SKIP
+                i = n
+        if i != start:
+            self._empty = 0  # every frame taken had a payload or END_STREAM
+            if opened:
+                self.last_client_stream = last
+                self.streams_opened += opened
+        return i
 
     def _client_frame(self, length: int, ftype: int, flags: int, sid: int) -> Violation | None:
         """Check one client frame header; sets ``self._c.kind`` when its payload must be parsed."""
@@ -542,6 +575,11 @@ class H2Guard:
                 if not d.remaining and self._insert_at_end:
                     insert = (i, self._end_server_settings())
                 continue
+            if not d.hbuf and n - i >= 9:
+                j = self._server_run(data, i, n)
+                if j != i:
+                    i = j
+                    continue
             if d.hbuf or n - i < 9:
                 i, header = d.split_header(data, i, n)
                 if header is None:
@@ -604,6 +642,44 @@ class H2Guard:
                         else:
                             self._end_server_settings()
         return insert
+
+    def _server_run(self, data: memoryview, i: int, n: int) -> int:
+        """Pass over the app's HEADERS and DATA frames from offset ``i`` (at a frame header), their counts kept
+        in locals: the usual chunk is whole responses. Returns the offset of the first other frame, or of
+        the chunk's end."""
+        unpack = _HDR.unpack_from
+        streams = self.streams
+        data_frames = 0
+        data_bytes = 0
+        while n - i >= 9:
+            lt, flags, sid = unpack(data, i)
+            ftype = lt & 0xFF
+            if ftype > HEADERS:
+                break
+            length = lt >> 8
+            if ftype == DATA:
+                data_frames += 1
+                data_bytes += length
+                if flags & FLAG_END_STREAM:
+                    self._end(sid & MAX_WINDOW, _SERVER_ENDED)
+            else:
+                sid &= MAX_WINDOW
+                state = streams.get(sid)
+                if state is not None:  # answered; _end inline when it also ends the stream
+                    if not flags & FLAG_END_STREAM:
+                        streams[sid] = state | _ANSWERED
+                    elif state & _CLIENT_ENDED:
+                        del streams[sid]
+                    else:
+                        streams[sid] = state | _ANSWERED | _SERVER_ENDED
+            i += 9 + length
+            if i > n:  # its payload goes on in the next chunk, passed over unread
+                self._s.remaining = i - n
+                self._s.kind = _SKIP
+                i = n
+        self._server_data_frames += data_frames
+        self.client_window -= data_bytes
+        return i
 
     def _server_settings(self, data: memoryview, i: int, n: int) -> int:
         d = self._s
