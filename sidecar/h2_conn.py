@@ -64,6 +64,7 @@ from sidecar.limits import DEFAULT as DEFAULT_LIMITS
 from sidecar.limits import Limits
 
 if TYPE_CHECKING:
+    from ca.identity import SpiffeId
     from sidecar.gate import ListenerGate
     from sidecar.seams import Direction, InboundDirection, UpstreamPool
     from sidecar.tap import CallRecord
@@ -349,8 +350,9 @@ class AppConn(Conn):
     is_context_free = staticmethod(context_free)
     proxy: FrameProxy
 
-    def __init__(self, proxy: FrameProxy) -> None:
+    def __init__(self, proxy: FrameProxy, caller: SpiffeId | None = None) -> None:
         super().__init__(proxy, proxy.limits, proxy.telemetry, client=False)
+        self.caller = caller  # on the inbound full path: the identity the caller's certificate proved
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gate = self.proxy.gate

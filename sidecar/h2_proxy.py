@@ -72,6 +72,7 @@ from sidecar.telemetry import Telemetry
 from sidecar.tls_conn import TlsProtocolClient
 
 if TYPE_CHECKING:
+    from ca.identity import SpiffeId
     from sidecar.gate import ListenerGate
     from sidecar.h2_conn import DeadlineGroup, Expiry
     from sidecar.seams import Direction, InboundDirection, UpstreamPool
@@ -556,8 +557,9 @@ class H2Inbound(H2Proxy):
     """The inbound full path for gRPC services, frame by frame: every stream is authorized with the
     caller's identity (PERMISSION_DENIED naming the rule, or on to the app over plaintext h2c).
 
-    It listens on loopback and receives the decrypted connections of callers that are not passed
-    through (see ``sidecar.inbound``), whose identity it finds by the connection's source port.
+    It does not listen: ``sidecar.inbound`` hands it the decrypted connection of each caller that is
+    not passed through, in this process, as an :class:`AppConn` made by :meth:`connection_for` with
+    the identity the caller's certificate proved.
     """
 
     _out: InboundDirection
@@ -565,12 +567,10 @@ class H2Inbound(H2Proxy):
     def __init__(self, inbound: InboundDirection, gate: ListenerGate | None = None) -> None:
         super().__init__(inbound, "the local app", gate)
         self.max_message = int(inbound.max_message_bytes)
-        self.port = 0
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        await super().start(host, port)
-        assert self._server is not None
-        self.port = int(self._server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+    def connection_for(self, caller: SpiffeId) -> AppConn:
+        """The protocol of one caller's decrypted connection (its transport is the TLS connection's writer)."""
+        return AppConn(self, caller)
 
     def open_stream(self, st: Stream, exclude: str = "") -> None:
         from sidecar import authz
@@ -580,9 +580,8 @@ class H2Inbound(H2Proxy):
             self.fail(st, UNAVAILABLE, "weft: the sidecar is shutting down")
             return
         app = st.app
-        peer = app.transport.get_extra_info("peername") if app.transport is not None else None
-        ident = inbound.identities.get(int(peer[1])) if peer else None
-        if ident is None:
+        ident = app.caller
+        if ident is None:  # not a connection the public port handed over: nobody to authorize
             self.fail(st, UNAUTHENTICATED, "weft: the caller's identity is unknown")
             return
         st.source = ident.service

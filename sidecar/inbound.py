@@ -10,11 +10,12 @@ Then the caller's identity is authorized for the connection (``policies.evaluate
 
 - an L4 allow in enforce mode ("pass-through"): every call on the connection would be allowed, so
   its bytes go straight to the app; per-call metrics come from the caller's outbound side;
-- otherwise, for gRPC and HTTP services ("full path"): the decrypted connection is spliced into an
-  internal server on loopback (for gRPC the frame-level HTTP/2 proxy of ``sidecar.h2_proxy``, for
-  HTTP an aiohttp server) that authorizes every call with the caller's identity and answers
-  PERMISSION_DENIED / 403 naming the deciding rule, or forwards the call to the app; the internal
-  server learns the caller's identity from the local port of the splice connection;
+- otherwise, for gRPC and HTTP services ("full path"): a server authorizes every call with the
+  caller's identity and answers PERMISSION_DENIED / 403 naming the deciding rule, or forwards the
+  call to the app. For gRPC it is the frame-level HTTP/2 proxy of ``sidecar.h2_proxy``, fed the
+  decrypted bytes in this process (``TlsServerConnection.attach_protocol``), the identity handed to
+  its connection; for HTTP an aiohttp server on loopback, into which the decrypted connection is
+  spliced and which learns the caller's identity from the local port of the splice connection;
 - for TCP services a denied connection is closed (and counted and logged with its rule).
 
 When the policy changes, open pass-through connections (and TCP connections) are re-decided and
@@ -151,16 +152,33 @@ class Inbound:
         if self.draining:
             conn.raw.abort()
             return
-        # decided before the first decrypted byte is read, so that a pass-through connection's guard sees them all;
-        # a gRPC app speaks nothing but HTTP/2, so the guard applies whatever the client's ALPN said (or omitted)
+        # decided before the first decrypted byte is read, so that a pass-through connection's guard sees them all,
+        # and the full path's HTTP/2 server every frame
         decision = authz.decide(snap.policy, ident.uri, authz.TCP)
-        if snap.registration.protocol == "grpc" and self._passthrough(decision, ident.service, snap):
+        protocol = snap.registration.protocol
+        passthrough = protocol != "tcp" and self._passthrough(decision, ident.service, snap) \
+            and not self.telemetry.tap.wants_calls_from(ident.service, snap.registration.service)
+        if protocol == "grpc":
+            if not passthrough:
+                self._h2_full_path(conn, ident)
+                return
+            # a gRPC app speaks nothing but HTTP/2, so the guard applies whatever the client's ALPN said (or omitted)
             conn.pipe.info["source"] = ident.service
             conn.pipe.watch(H2Guard(self.limits), self._violation)
-        self._spawn(self._route(conn, ident, snap, decision))
+        self._spawn(self._route(conn, ident, snap, decision, passthrough))
+
+    def _h2_full_path(self, conn: TlsServerConnection, ident: SpiffeId) -> None:
+        """A gRPC caller's decrypted connection goes to the frame-level HTTP/2 server in this process."""
+        if self._h2 is None:
+            from sidecar.h2_proxy import H2Inbound
+
+            self._h2 = H2Inbound(self)
+        conn.pipe.info.update(source=ident.service, mode="full")
+        conn.attach_protocol(self._h2.connection_for(ident))
+        self.telemetry.inbound_connections.labels("full").inc()
 
     async def _route(self, conn: TlsServerConnection, ident: SpiffeId, snap: Snapshot,
-                     decision: authz.Decision) -> None:
+                     decision: authz.Decision, passthrough: bool) -> None:
         pipe = conn.pipe
         protocol = snap.registration.protocol
         app = (snap.registration.local_service_address, snap.registration.local_service_port)
@@ -175,9 +193,7 @@ class Inbound:
                 self.connections[pipe] = (ident, "tcp")
                 await pipe.connect_b(*app)
                 self.telemetry.inbound_connections.labels("passthrough").inc()
-            elif self._passthrough(decision, ident.service, snap) \
-                    and not self.telemetry.tap.wants_calls_from(ident.service, snap.registration.service):
-                # pass-through, checked frame by frame when it is HTTP/2 (see _handshaken)
+            elif passthrough:  # checked frame by frame when it is HTTP/2 (see _handshaken)
                 self.authorizer.settle(decision, ident, snap.registration.service)
                 pipe.info.update(source=ident.service, mode="passthrough")
                 self.connections[pipe] = (ident, "passthrough")
@@ -210,16 +226,9 @@ class Inbound:
                 and not self.controls_for(snap).needs_call_path(caller))
 
     async def _internal(self, protocol: str) -> int:
-        """The port of the internal full-path server for ``protocol`` (started on first use)."""
+        """The port of the internal full-path server for ``protocol`` (started on first use): HTTP only,
+        gRPC's full path runs in process (see _h2_full_path)."""
         async with self._internal_lock:
-            if protocol == "grpc":
-                if self._h2 is None:
-                    from sidecar.h2_proxy import H2Inbound
-
-                    h2 = H2Inbound(self)
-                    await h2.start()
-                    self._h2 = h2
-                return int(self._h2.port)
             if protocol == "http":
                 if self._http is None:
                     from sidecar.http_proxy import InboundHttp

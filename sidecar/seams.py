@@ -70,7 +70,7 @@ class InboundDirection(Direction, Protocol):
 
     @property
     def identities(self) -> Mapping[int, SpiffeId]:
-        """The caller of each decrypted connection, by its source port on loopback."""
+        """The caller of each decrypted connection spliced to the HTTP full path, by its source port on loopback."""
     @property
     def authorizer(self) -> Authorizer: ...
     def controls_for(self, snap: Snapshot) -> InboundControls:

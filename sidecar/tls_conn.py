@@ -402,6 +402,26 @@ class TlsServerConnection(TlsConnection):
                  handshake_timeout: float = 10.0, admission: TlsAdmission | None = None) -> None:
         super().__init__(pipe.a, context, on_handshake, on_failure, handshake_timeout, admission)
         self.pipe = pipe
+        self._to_protocol = False
+
+    def attach_protocol(self, protocol: asyncio.Protocol) -> None:
+        """Hand the decrypted connection to ``protocol`` (the gRPC full path's HTTP/2 server, in this
+        process) instead of the pipe. Called from the handshake callback, before any plaintext is read:
+        ``protocol`` gets ``connection_made`` with a writer that encrypts, its bytes through the
+        process's one plaintext buffer (as :class:`TlsProtocolClient` does), and ``connection_lost``."""
+        self.half = protocol
+        self.writer = _TlsStreamWriter(self)
+        self._to_protocol = True
+        self.half.connection_made(self.writer)
+
+    def _plain_buffer(self) -> memoryview:
+        return _PLAIN_READ if self._to_protocol else super()._plain_buffer()
+
+    def _deliver(self, buf: memoryview, nbytes: int, eof: bool) -> None:
+        if not self._to_protocol:
+            super()._deliver(buf, nbytes, eof)
+        elif nbytes:
+            self.half.data_received(bytes(buf[:nbytes]))  # copied: the buffer is reused by the next read
 
 
 class TlsClient(TlsConnection):
