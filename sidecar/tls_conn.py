@@ -414,14 +414,20 @@ class TlsServerConnection(TlsConnection):
         self._to_protocol = True
         self.half.connection_made(self.writer)
 
+    # (written out rather than through super(): these run for every read of every connection)
     def _plain_buffer(self) -> memoryview:
-        return _PLAIN_READ if self._to_protocol else super()._plain_buffer()
+        return _PLAIN_READ if self._to_protocol else self.half.get_buffer(-1)  # type: ignore[no-any-return]
 
     def _deliver(self, buf: memoryview, nbytes: int, eof: bool) -> None:
-        if not self._to_protocol:
-            super()._deliver(buf, nbytes, eof)
-        elif nbytes:
-            self.half.data_received(bytes(buf[:nbytes]))  # copied: the buffer is reused by the next read
+        half = self.half
+        if self._to_protocol:
+            if nbytes:
+                half.data_received(bytes(buf[:nbytes]))  # copied: the buffer is reused by the next read
+            return
+        if nbytes:
+            half.buffer_updated(nbytes)
+        if eof:
+            half.eof_received()
 
 
 class TlsClient(TlsConnection):
