@@ -182,6 +182,8 @@ class Stack:
             self._sidecar(sid, python=interp.python)
         self._wait_ready([*names, "memclient"], timeout=180)
         targets = [f"127.0.0.1:{p}" for p in locals_]
+        for target in targets:  # ready sidecars may not know every upstream's healthy endpoints yet
+            wait_for(ready_grpc(target), timeout=60, interval=0.5, what=f"a call through {target}")
         pid = self.sidecars["memclient"][0].pid
         out: dict[str, Any] = {"interpreter": interp.note, "upstreams": MEM_UPSTREAMS,
                                "rss_mb_start": round(rss_mb(pid), 1)}
