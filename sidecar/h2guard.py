@@ -593,27 +593,10 @@ class H2Guard:
             length = lt >> 8
             ftype = lt & 0xFF
             sid &= MAX_WINDOW
-            if ftype <= HEADERS:  # DATA or HEADERS, most frames: checked and passed over here
-                if ftype == DATA:
-                    self._server_data_frames += 1
-                    self.client_window -= length
-                    if flags & FLAG_END_STREAM:
-                        self._end(sid, _SERVER_ENDED)
-                else:
-                    streams = self.streams
-                    state = streams.get(sid)
-                    if state is not None:  # answered; _end inline when it also ends the stream
-                        if not flags & FLAG_END_STREAM:
-                            streams[sid] = state | _ANSWERED
-                        elif state & _CLIENT_ENDED:
-                            del streams[sid]
-                        else:
-                            streams[sid] = state | _ANSWERED | _SERVER_ENDED
-                i += length
-                if i > n:
-                    d.remaining = i - n
-                    d.kind = _SKIP
-                    i = n
+            if ftype <= HEADERS:
+                # DATA or HEADERS whose header was split across reads (whole ones went through _server_run):
+                # the header alone through _server_run, which leaves its payload to pass over
+                self._server_run(memoryview(_HDR.pack(lt, flags, sid)), 0, 9)
                 continue
             d.remaining = length
             d.kind = _SKIP

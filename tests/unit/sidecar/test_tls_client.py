@@ -60,7 +60,7 @@ class Server:
         self.error: BaseException | None = None
 
 
-def feed(conn: TlsProtocolClient, data: bytes) -> None:
+def feed(conn: asyncio.BufferedProtocol, data: bytes) -> None:
     while data:
         buf = conn.get_buffer(len(data))
         n = min(len(buf), len(data))

@@ -12,16 +12,7 @@ from sidecar.pipe import Pipe
 from sidecar.tls import ALPN_GRPC, client_context, expected_server_name, server_context
 from sidecar.tls_conn import TLS_PLAIN_READ, TlsServerConnection
 from tests.unit.sidecar.pki import TD, Authority
-from tests.unit.sidecar.test_tls_client import Inner, Raw
-
-
-def feed(conn: TlsServerConnection, data: bytes) -> None:
-    while data:
-        buf = conn.get_buffer(len(data))
-        n = min(len(buf), len(data))
-        buf[:n] = data[:n]
-        conn.buffer_updated(n)
-        data = data[n:]
+from tests.unit.sidecar.test_tls_client import Inner, Raw, feed
 
 
 async def test_a_protocol_attached_at_the_handshake_gets_every_byte_and_writes_through_tls() -> None:
