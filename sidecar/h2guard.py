@@ -154,7 +154,6 @@ class H2Guard:
         self._s = _Direction()
         self._preface = 0  # bytes of the client preface matched so far
         self._first_frame = True  # the client's first frame must be SETTINGS
-        self._regular = False  # past the first frame and outside a header block: the inline checks apply
         self.failed: Violation | None = None
         # streams: id -> state bits; the limits below bound its size
         self.streams: dict[int, int] = {}
@@ -221,7 +220,7 @@ class H2Guard:
                 if v is not None:
                     return v
                 continue
-            if self._regular and not d.hbuf and n - i >= 9:
+            if not self._cont_sid and not self._first_frame and not d.hbuf and n - i >= 9:
                 j = self._client_run(data, i, n)
                 if j != i:
                     i = j
@@ -250,8 +249,8 @@ class H2Guard:
         return None
 
     def _client_run(self, data: memoryview, i: int, n: int) -> int:
-        """Pass over the frames every call sends, from offset ``i`` (at a frame header, the connection in a
-        regular state): a request's HEADERS opening a stream in one frame, and its last DATA frame. Returns
+        """Pass over the frames every call sends, from offset ``i`` (at a frame header, past the first frame and
+        outside a header block): a request's HEADERS opening a stream in one frame, and its last DATA frame. Returns
         the offset of the first frame that is anything else (for :meth:`_client_frame`), or of the chunk's
         end. Each frame taken here meets the checks :meth:`_client_frame` would make, which it would pass:
         its conditions are those checks, with the limits read once per chunk."""
@@ -307,7 +306,6 @@ class H2Guard:
             self._first_frame = False
             if ftype != SETTINGS or flags & FLAG_ACK:
                 return self._fail("preface", PROTOCOL_ERROR, "the client's first frame is not SETTINGS")
-            self._regular = True
         if self._cont_sid and (ftype != CONTINUATION or sid != self._cont_sid):
             return self._fail("continuation_expected", PROTOCOL_ERROR,
                               f"frame type {ftype} inside the header block of stream {self._cont_sid}")
@@ -363,7 +361,6 @@ class H2Guard:
                               f"header block over {self.limits.h2_max_header_block_size} bytes")
         if not flags & FLAG_END_HEADERS:
             self._cont_sid = sid
-            self._regular = False
             self._cont_frames = 0
             self._block = length
         if length == 0 and not flags & FLAG_END_STREAM:
@@ -390,7 +387,6 @@ class H2Guard:
                               f"header block over {self.limits.h2_max_header_block_size} bytes")
         if flags & FLAG_END_HEADERS:
             self._cont_sid = 0
-            self._regular = True
         if length == 0 and not flags & FLAG_END_HEADERS:
             return self._empty_frame()
         self._empty = 0

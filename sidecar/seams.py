@@ -123,9 +123,6 @@ class HttpListener(Protocol):
     def _session(self) -> aiohttp.ClientSession: ...
 
 
-__all__ = ["Direction", "HttpListener", "InboundDirection", "UpstreamPool"]
-
-
 class OutboundListener(Protocol):
     """An upstream's local listener as ``sidecar.outbound.Outbound`` starts, updates and stops it;
     implemented by ``sidecar.h2_proxy.H2Outbound``, ``sidecar.http_proxy.OutboundHttp`` and
@@ -138,3 +135,5 @@ class OutboundListener(Protocol):
 
     async def close(self, grace: float = 5.0) -> None: ...
 
+
+__all__ = ["Direction", "HttpListener", "InboundDirection", "OutboundListener", "UpstreamPool"]

@@ -197,25 +197,24 @@ class TlsConnection(asyncio.BufferedProtocol):
 
     def drop(self) -> None:
         """Abort a connection still in its handshake (evicted by the admission; counted there)."""
-        if self.closed:
-            return
-        self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-        if self.raw is not None:
-            self.raw.abort()
-        self._release()
+        self._abort(None)
 
     def _fail(self, exc: BaseException) -> None:
+        self._abort(exc)
+
+    def _abort(self, failure: BaseException | None) -> None:
+        """Close at once and free the TLS state; a ``failure`` is reported (admission, ``on_failure``) first."""
         if self.closed:
             return
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
-        if self._admission is not None:
-            self._admission.handshake_over(self)
-        self._on_failure(self, exc)
-        self.raw.abort()
+        if failure is not None:
+            if self._admission is not None:
+                self._admission.handshake_over(self)
+            self._on_failure(self, failure)
+        if self.raw is not None:
+            self.raw.abort()
         self._release()
 
     def _release(self) -> None:
@@ -285,9 +284,10 @@ class TlsConnection(asyncio.BufferedProtocol):
             total = 0
             eof = False
             while total < size:
-                if total and not inbio.pending and not sslobj.pending():
-                    # all ciphertext consumed and no plaintext left in OpenSSL: the next read could only
-                    # raise SSLWantReadError, which costs more than the whole rest of a small read
+                if total and not inbio.pending:
+                    # all ciphertext consumed, and the last read returned less than asked, so its record is
+                    # exhausted: the next read could only raise SSLWantReadError, which costs more than the
+                    # whole rest of a small read
                     break
                 try:
                     n = sslobj.read(size - total, buf[total:])

@@ -102,22 +102,18 @@ class Messages:
                 self.rest -= take
                 i += take
                 continue
-            if not self.head and n - i >= 5:  # a whole prefix in this frame: the common case, no copies kept
+            if not self.head and n - i >= 5:  # a whole prefix in this frame: the common case, no copy kept
                 length = int.from_bytes(data[i + 1:i + 5], "big")
-                if length > limit:
-                    return length
                 i += 5
-                take = min(length, n - i)
-                self.rest = length - take
-                i += take
-                continue
-            need = 5 - len(self.head)
-            self.head += data[i:i + need]
-            i += need
-            if len(self.head) == 5:
+            else:
+                need = 5 - len(self.head)
+                self.head += data[i:i + need]
+                i += need
+                if len(self.head) < 5:
+                    continue
                 length = int.from_bytes(self.head[1:5], "big")
                 self.head = b""
-                if length > limit:
-                    return length
-                self.rest = length
+            if length > limit:
+                return length
+            self.rest = length
         return 0
